@@ -1,0 +1,340 @@
+"""The organisation's store: configuration objects and the message-tracking index.
+
+One interface, two back ends chosen by URL: SQLite in the data directory
+(``sqlite:///…/mailgate.db``, the default) and PostgreSQL
+(``postgresql://…``) for a multi-server organisation. Both use the same
+SQLAlchemy Core tables, created and upgraded by the Alembic migrations in
+``config/migrations``.
+
+Configuration objects are stored as JSON documents (their pydantic dump with
+Exchange names), keyed by kind and a unique name key. Every write transaction
+bumps ``config_revision``; running servers poll that single row to notice a
+change and reload their snapshot. The bump is also the first statement of a
+write transaction, which serialises writers across processes and servers so
+that validation against other objects (binding clashes, duplicate names) is
+never raced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import threading
+from pathlib import Path
+from typing import Any, Iterator, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from mailgate.config.model import ALL_KINDS, ConfigObject
+
+T = TypeVar("T", bound=ConfigObject)
+
+metadata = sa.MetaData()
+
+config_object = sa.Table(
+    "config_object", metadata,
+    sa.Column("guid", sa.String(36), primary_key=True),
+    sa.Column("kind", sa.String(40), nullable=False),
+    sa.Column("name_key", sa.String(400), nullable=False),
+    sa.Column("server", sa.String(64), nullable=True),
+    sa.Column("data", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+    sa.UniqueConstraint("kind", "name_key", name="uq_config_object_kind_name"),
+)
+
+config_revision = sa.Table(
+    "config_revision", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+)
+
+TRACKING_FIELDS = [
+    "timestamp", "client_ip", "client_hostname", "server_ip", "server_hostname", "source_context",
+    "connector_id", "source", "event_id", "internal_message_id", "message_id", "network_message_id",
+    "recipients", "recipient_status", "total_bytes", "recipient_count", "related_recipient_address",
+    "reference", "message_subject", "sender", "return_path", "message_info", "directionality",
+    "tenant_id", "original_client_ip", "original_server_ip", "custom_data", "transport_traffic_type",
+    "server", "message_latency",
+]
+
+message_tracking = sa.Table(
+    "message_tracking", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("timestamp", sa.DateTime, nullable=False),
+    sa.Column("server", sa.String(64), nullable=False),
+    sa.Column("event_id", sa.String(32), nullable=False),
+    sa.Column("source", sa.String(32), nullable=False),
+    sa.Column("internal_message_id", sa.BigInteger, nullable=True),
+    sa.Column("message_id", sa.Text, nullable=True),
+    sa.Column("network_message_id", sa.String(36), nullable=True),
+    sa.Column("sender", sa.Text, nullable=True),
+    sa.Column("recipients", sa.Text, nullable=True),
+    sa.Column("recipient_status", sa.Text, nullable=True),
+    sa.Column("total_bytes", sa.BigInteger, nullable=True),
+    sa.Column("recipient_count", sa.Integer, nullable=True),
+    sa.Column("related_recipient_address", sa.Text, nullable=True),
+    sa.Column("reference", sa.Text, nullable=True),
+    sa.Column("message_subject", sa.Text, nullable=True),
+    sa.Column("return_path", sa.Text, nullable=True),
+    sa.Column("client_ip", sa.String(64), nullable=True),
+    sa.Column("client_hostname", sa.Text, nullable=True),
+    sa.Column("server_ip", sa.String(64), nullable=True),
+    sa.Column("server_hostname", sa.Text, nullable=True),
+    sa.Column("source_context", sa.Text, nullable=True),
+    sa.Column("connector_id", sa.Text, nullable=True),
+    sa.Column("message_info", sa.Text, nullable=True),
+    sa.Column("directionality", sa.String(16), nullable=True),
+    sa.Column("tenant_id", sa.String(64), nullable=True),
+    sa.Column("original_client_ip", sa.String(64), nullable=True),
+    sa.Column("original_server_ip", sa.String(64), nullable=True),
+    sa.Column("custom_data", sa.Text, nullable=True),
+    sa.Column("transport_traffic_type", sa.String(32), nullable=True),
+    sa.Column("message_latency", sa.Float, nullable=True),
+)
+
+message_tracking_recipient = sa.Table(
+    "message_tracking_recipient", metadata,
+    sa.Column("tracking_id", sa.BigInteger, nullable=False, index=True),
+    sa.Column("address", sa.String(320), nullable=False, index=True),
+)
+
+
+def default_sqlite_url(home: Path) -> str:
+    return f"sqlite:///{(home / 'mailgate.db').resolve()}"
+
+
+def _normalise_url(url: str) -> str:
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+class ConfigStore:
+    """Access to the organisation's store; safe to share between threads."""
+
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        self.url = url
+        self.engine = self._make_engine(_normalise_url(url))
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self._local = threading.local()
+        if migrate:
+            self.migrate()
+
+    @staticmethod
+    def _make_engine(url: str) -> sa.Engine:
+        if url.startswith("sqlite"):
+            engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                                      poolclass=sa.pool.QueuePool, pool_size=4, max_overflow=8)
+
+            @event.listens_for(engine, "connect")
+            def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+                # Manage transactions ourselves so BEGIN IMMEDIATE takes the write lock up front.
+                dbapi_conn.isolation_level = None
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.close()
+
+            @event.listens_for(engine, "begin")
+            def _sqlite_begin(conn: sa.Connection) -> None:
+                mode = conn.info.get("begin_mode", "DEFERRED")
+                conn.exec_driver_sql(f"BEGIN {mode}")
+
+            return engine
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=8)
+
+    # -- schema -------------------------------------------------------------
+    def migrate(self) -> None:
+        from mailgate.config.migrate import upgrade
+
+        upgrade(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- connections ----------------------------------------------------------
+    @contextlib.contextmanager
+    def _connect(self, write: bool) -> Iterator[sa.Connection]:
+        with self.engine.connect() as conn:
+            if self.is_sqlite:
+                conn.info["begin_mode"] = "IMMEDIATE" if write else "DEFERRED"
+            with conn.begin():
+                yield conn
+
+    # -- configuration --------------------------------------------------------
+    def revision(self) -> int:
+        with self._connect(write=False) as conn:
+            value = conn.execute(sa.select(config_revision.c.revision).where(config_revision.c.id == 1)).scalar()
+        return int(value or 0)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator["ConfigTransaction"]:
+        """A write transaction; commits on success, rolls back on any exception."""
+        with self._connect(write=True) as conn:
+            conn.execute(config_revision.update().where(config_revision.c.id == 1)
+                         .values(revision=config_revision.c.revision + 1))
+            yield ConfigTransaction(conn)
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator["ConfigTransaction"]:
+        with self._connect(write=False) as conn:
+            yield ConfigTransaction(conn, read_only=True)
+
+    def list(self, cls: type[T], server: str | None = None) -> list[T]:
+        with self.reader() as tx:
+            return tx.list(cls, server)
+
+    def snapshot(self) -> tuple[int, dict[str, list[ConfigObject]]]:
+        """Every object, grouped by kind, with the revision they belong to."""
+        with self.reader() as tx:
+            rev = tx.conn.execute(sa.select(config_revision.c.revision).where(config_revision.c.id == 1)).scalar()
+            rows = tx.conn.execute(sa.select(config_object.c.kind, config_object.c.data)).all()
+        out: dict[str, list[ConfigObject]] = {k: [] for k in ALL_KINDS}
+        for kind, data in rows:
+            cls = ALL_KINDS.get(kind)
+            if cls is not None:
+                out[kind].append(cls.model_validate(json.loads(data)))
+        return int(rev or 0), out
+
+    # -- tracking -------------------------------------------------------------
+    def insert_tracking(self, rows: list[dict[str, Any]]) -> None:
+        """Insert tracking events; each row's ``recipients`` is a list of addresses."""
+        if not rows:
+            return
+        with self._connect(write=True) as conn:
+            recipient_rows: list[dict[str, Any]] = []
+            if self.is_sqlite or self.engine.dialect.name == "postgresql":
+                result = conn.execute(
+                    message_tracking.insert().returning(message_tracking.c.id, sort_by_parameter_order=True),
+                    [_tracking_row(r) for r in rows],
+                )
+                ids = [row[0] for row in result.all()]
+            else:  # pragma: no cover - other dialects are not supported
+                ids = []
+                for r in rows:
+                    ids.append(conn.execute(message_tracking.insert().values(**_tracking_row(r))).inserted_primary_key[0])
+            for tracking_id, r in zip(ids, rows):
+                for address in r.get("recipients") or []:
+                    recipient_rows.append({"tracking_id": tracking_id, "address": address.lower()})
+            if recipient_rows:
+                conn.execute(message_tracking_recipient.insert(), recipient_rows)
+
+    def query_tracking(self, *, start: dt.datetime | None = None, end: dt.datetime | None = None,
+                       sender: str | None = None, recipients: list[str] | None = None,
+                       message_id: str | None = None, internal_message_id: int | None = None,
+                       network_message_id: str | None = None, subject: str | None = None,
+                       event_id: str | None = None, source: str | None = None, server: str | None = None,
+                       reference: str | None = None, limit: int | None = 1000,
+                       after_id: int | None = None) -> list[dict[str, Any]]:
+        t = message_tracking
+        q = sa.select(t)
+        if start is not None:
+            q = q.where(t.c.timestamp >= _naive_utc(start))
+        if end is not None:
+            q = q.where(t.c.timestamp < _naive_utc(end))
+        if sender:
+            q = q.where(sa.func.lower(t.c.sender) == sender.lower())
+        if recipients:
+            sub = sa.select(message_tracking_recipient.c.tracking_id).where(
+                message_tracking_recipient.c.address.in_([r.lower() for r in recipients]))
+            q = q.where(t.c.id.in_(sub))
+        if message_id:
+            q = q.where(t.c.message_id == message_id)
+        if internal_message_id is not None:
+            q = q.where(t.c.internal_message_id == internal_message_id)
+        if network_message_id:
+            q = q.where(t.c.network_message_id == network_message_id)
+        if subject:
+            q = q.where(sa.func.lower(t.c.message_subject).contains(subject.lower(), autoescape=True))
+        if event_id:
+            q = q.where(t.c.event_id == event_id.upper())
+        if source:
+            q = q.where(t.c.source == source.upper())
+        if server:
+            q = q.where(sa.func.lower(t.c.server) == server.lower())
+        if reference:
+            q = q.where(t.c.reference == reference)
+        if after_id is not None:
+            q = q.where(t.c.id > after_id)
+        q = q.order_by(t.c.timestamp, t.c.id)
+        if limit is not None:
+            q = q.limit(limit)
+        with self._connect(write=False) as conn:
+            rows = conn.execute(q).mappings().all()
+        out = []
+        for row in rows:
+            item = dict(row)
+            item["recipients"] = [a for a in (item.get("recipients") or "").split(";") if a]
+            item["recipient_status"] = [a for a in (item.get("recipient_status") or "").split(";") if a] \
+                if item.get("recipient_status") else []
+            item["timestamp"] = item["timestamp"].replace(tzinfo=dt.timezone.utc)
+            out.append(item)
+        return out
+
+    def purge_tracking(self, before: dt.datetime, server: str) -> int:
+        t = message_tracking
+        with self._connect(write=True) as conn:
+            ids = sa.select(t.c.id).where(t.c.timestamp < _naive_utc(before), t.c.server == server)
+            conn.execute(message_tracking_recipient.delete().where(message_tracking_recipient.c.tracking_id.in_(ids)))
+            result = conn.execute(t.delete().where(t.c.timestamp < _naive_utc(before), t.c.server == server))
+            return result.rowcount or 0
+
+
+def _naive_utc(value: dt.datetime) -> dt.datetime:
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return value
+
+
+def _tracking_row(r: dict[str, Any]) -> dict[str, Any]:
+    row = {k: r.get(k) for k in TRACKING_FIELDS if k in message_tracking.c}
+    row["timestamp"] = _naive_utc(r["timestamp"])
+    row["recipients"] = ";".join(r.get("recipients") or [])
+    status = r.get("recipient_status")
+    row["recipient_status"] = ";".join(status) if isinstance(status, list) else status
+    return row
+
+
+class ConfigTransaction:
+    """Reads and writes of configuration objects inside one database transaction."""
+
+    def __init__(self, conn: sa.Connection, read_only: bool = False) -> None:
+        self.conn = conn
+        self.read_only = read_only
+
+    def list(self, cls: type[T], server: str | None = None) -> list[T]:
+        q = sa.select(config_object.c.data).where(config_object.c.kind == cls.kind)
+        if server is not None:
+            q = q.where(sa.func.lower(config_object.c.server) == server.lower())
+        q = q.order_by(config_object.c.name_key)
+        return [cls.model_validate(json.loads(data)) for (data,) in self.conn.execute(q)]
+
+    def get(self, cls: type[T], key: str) -> T | None:
+        q = sa.select(config_object.c.data).where(config_object.c.kind == cls.kind,
+                                                  config_object.c.name_key == key.lower())
+        data = self.conn.execute(q).scalar()
+        return cls.model_validate(json.loads(data)) if data is not None else None
+
+    def get_by_guid(self, cls: type[T], guid: str) -> T | None:
+        q = sa.select(config_object.c.data).where(config_object.c.kind == cls.kind, config_object.c.guid == guid)
+        data = self.conn.execute(q).scalar()
+        return cls.model_validate(json.loads(data)) if data is not None else None
+
+    def put(self, obj: ConfigObject) -> None:
+        """Insert or replace ``obj`` (matched by guid)."""
+        assert not self.read_only
+        data = obj.model_dump_json(by_alias=True)
+        values = dict(kind=obj.kind, name_key=obj.store_key(), server=obj.store_server(), data=data,
+                      updated_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None))
+        exists = self.conn.execute(sa.select(config_object.c.guid).where(config_object.c.guid == obj.guid)).scalar()
+        if exists:
+            self.conn.execute(config_object.update().where(config_object.c.guid == obj.guid).values(**values))
+        else:
+            self.conn.execute(config_object.insert().values(guid=obj.guid, **values))
+
+    def delete(self, obj: ConfigObject) -> None:
+        assert not self.read_only
+        self.conn.execute(config_object.delete().where(config_object.c.guid == obj.guid))

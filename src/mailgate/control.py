@@ -1,0 +1,158 @@
+"""The control channel between management clients (the shell) and a running
+server: one JSON request and one JSON reply per connection over a Unix socket
+in the data directory. Only the operations that need the running transport
+(queues, messages, test submissions, listener state) go through it; the
+configuration is read and written in the store directly.
+
+The socket file is created with mode 0600, so file-system permissions decide
+who may manage the queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import socket
+from typing import Any, Awaitable, Callable
+
+from mailgate import errors
+from mailgate.errors import RuntimeUnavailableError, UserError
+from mailgate.home import Home
+from mailgate.manage.present import Record
+
+MAX_REQUEST = 16 * 1024 * 1024
+
+
+def encode(value: Any) -> Any:
+    if isinstance(value, Record):
+        return {"__record__": value.type_name, "props": {k: encode(v) for k, v in value.items()}}
+    if isinstance(value, dt.datetime):
+        return {"__dt__": value.isoformat()}
+    if isinstance(value, (list, tuple)):
+        return [encode(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): encode(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        import base64
+
+        return {"__bytes__": base64.b64encode(value).decode()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    if isinstance(value, dict):
+        if "__record__" in value:
+            return Record(value["__record__"], {k: decode(v) for k, v in value["props"].items()})
+        if "__dt__" in value:
+            return dt.datetime.fromisoformat(value["__dt__"])
+        if "__bytes__" in value:
+            import base64
+
+            return base64.b64decode(value["__bytes__"])
+        return {k: decode(v) for k, v in value.items()}
+    return value
+
+
+def _error_payload(exc: UserError) -> dict[str, Any]:
+    return {"type": type(exc).__name__, "message": exc.message, "parameter": exc.parameter, "target": exc.target}
+
+
+def _raise_error(payload: dict[str, Any]) -> None:
+    cls = getattr(errors, payload.get("type", ""), None)
+    if not (isinstance(cls, type) and issubclass(cls, UserError)):
+        cls = UserError
+    raise cls(payload.get("message", "error"), parameter=payload.get("parameter"), target=payload.get("target") or "")
+
+
+class RuntimeClient:
+    """Calls operations of the running server; each call is one connection."""
+
+    def __init__(self, home: Home, timeout: float = 300.0) -> None:
+        self.home = home
+        self.timeout = timeout
+
+    def call(self, op: str, **args: Any) -> Any:
+        path = str(self.home.control_socket)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            try:
+                sock.connect(path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise RuntimeUnavailableError(
+                    f"The transport service on server {self.home.server} isn't running, so queues and messages "
+                    f"can't be managed. Start it with: mailgate --home {self.home.path} serve") from None
+            sock.sendall(json.dumps({"op": op, "args": encode(args)}).encode() + b"\n")
+            chunks = []
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except socket.timeout:
+            raise UserError(f"The transport service did not answer '{op}' within {self.timeout:.0f} s.") from None
+        finally:
+            sock.close()
+        reply = json.loads(b"".join(chunks) or b"{}")
+        if not reply.get("ok"):
+            _raise_error(reply.get("error") or {"message": "the server closed the connection"})
+        return decode(reply.get("result"))
+
+
+Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+
+class ControlServer:
+    """Serves control requests on the data directory's Unix socket."""
+
+    def __init__(self, home: Home, handler: Handler, log: Any) -> None:
+        self.home = home
+        self.handler = handler
+        self.log = log
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        path = self.home.control_socket
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            path.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(path), limit=MAX_REQUEST)
+        finally:
+            os.umask(old_umask)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        try:
+            self.home.control_socket.unlink()
+        except FileNotFoundError:
+            pass
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            request = json.loads(line or b"{}")
+            op = request.get("op", "")
+            try:
+                result = await self.handler(op, decode(request.get("args") or {}))
+                reply = {"ok": True, "result": encode(result)}
+            except UserError as exc:
+                reply = {"ok": False, "error": _error_payload(exc)}
+            except Exception as exc:  # noqa: BLE001 - a bug: log it, answer the client
+                self.log.exception("control operation %s failed", op)
+                reply = {"ok": False, "error": {"type": "UserError", "message": f"internal error in {op}: {exc}"}}
+            writer.write(json.dumps(reply).encode())
+            await writer.drain()
+        except (ValueError, ConnectionError):
+            pass
+        finally:
+            writer.close()

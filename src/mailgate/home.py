@@ -1,0 +1,105 @@
+"""The data directory: where each part of a server keeps its files.
+
+    mailgate.toml        server name, store URL, admin endpoint
+    mailgate.db          configuration + tracking index (SQLite back end)
+    secret.key           key that encrypts stored secrets
+    queue/               the durable queue (queue.db + body segments)
+    mailboxes/           Maildir per mailbox
+    logs/MessageTracking, logs/ProtocolLog/SmtpReceive, logs/ProtocolLog/SmtpSend
+    run/                 control socket and pid file of a running server
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailgate.errors import UserError
+
+ENV_HOME = "MAILGATE_HOME"
+CONFIG_FILE = "mailgate.toml"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:8440"
+
+
+@dataclass
+class Home:
+    path: Path
+    server: str
+    store_url: str
+    admin_listen: str
+    admin_token: str
+
+    # -- locations --------------------------------------------------------------
+    @property
+    def queue_dir(self) -> Path:
+        return self.path / "queue"
+
+    @property
+    def mailbox_dir(self) -> Path:
+        return self.path / "mailboxes"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path / "run"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.run_dir / "control.sock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "serve.pid"
+
+    # -- loading ----------------------------------------------------------------
+    @classmethod
+    def resolve_path(cls, home: str | None) -> Path:
+        value = home or os.environ.get(ENV_HOME)
+        if not value:
+            raise UserError("No data directory: pass --home DIR or set MAILGATE_HOME.")
+        return Path(value).expanduser().resolve()
+
+    @classmethod
+    def load(cls, path: Path) -> "Home":
+        config = path / CONFIG_FILE
+        if not config.exists():
+            raise UserError(f"{path} is not a mailgate data directory (no {CONFIG_FILE}). "
+                            f"Create it with: mailgate --home {path} init")
+        with config.open("rb") as fh:
+            data = tomllib.load(fh)
+        try:
+            return cls(path=path, server=data["server"]["name"], store_url=data["store"]["url"],
+                       admin_listen=data.get("admin", {}).get("listen", DEFAULT_ADMIN_LISTEN),
+                       admin_token=data.get("admin", {}).get("token", ""))
+        except KeyError as exc:
+            raise UserError(f"{config} lacks the setting {exc}.") from None
+
+    @classmethod
+    def create(cls, path: Path, server: str, store_url: str, admin_listen: str = DEFAULT_ADMIN_LISTEN) -> "Home":
+        path.mkdir(parents=True, exist_ok=True)
+        home = cls(path=path, server=server, store_url=store_url, admin_listen=admin_listen,
+                   admin_token=secrets.token_urlsafe(24))
+        for d in (home.queue_dir, home.mailbox_dir, home.log_dir, home.run_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        text = (
+            "# mailgate data directory settings (the organisation's configuration is in the store)\n"
+            f"[server]\nname = {_toml_str(server)}\n\n"
+            f"[store]\nurl = {_toml_str(store_url)}\n\n"
+            "[admin]\n# REST API and web admin center; the token authenticates API clients\n"
+            f"listen = {_toml_str(admin_listen)}\ntoken = {_toml_str(home.admin_token)}\n"
+        )
+        config = path / CONFIG_FILE
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        return home
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,109 @@
+"""The management context: what every cmdlet handler works with."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Protocol
+
+from mailgate.config.model import TransportConfig, TransportServer
+from mailgate.config.secrets import SecretBox
+from mailgate.config.store import ConfigStore, ConfigTransaction
+from mailgate.errors import NotFoundError, RuntimeUnavailableError, UserError
+from mailgate.home import Home
+
+
+class Prompter(Protocol):
+    """Asks the user for input (Get-Credential); the REST API has none."""
+
+    def ask(self, prompt: str, *, secret: bool = False) -> str: ...
+
+    def notice(self, text: str) -> None: ...
+
+
+class WhatIf(Exception):
+    """Raised inside a transaction to roll back a -WhatIf run."""
+
+
+class ManagementContext:
+    def __init__(self, home: Home, store: ConfigStore, *, runtime: Any = None, prompter: Prompter | None = None,
+                 secrets: SecretBox | None = None) -> None:
+        self.home = home
+        self.store = store
+        self.server_name = home.server
+        self._runtime = runtime
+        self.prompter = prompter
+        self._secrets = secrets
+        self.warnings: list[str] = []
+        self.messages: list[str] = []
+        self.whatif = False
+        self.shell: Any = None  # the shell evaluator, for its built-in commands (Format-Table...)
+
+    # -- services -------------------------------------------------------------
+    @property
+    def secrets(self) -> SecretBox:
+        if self._secrets is None:
+            self._secrets = SecretBox.for_home(self.home.path)
+        return self._secrets
+
+    @property
+    def runtime(self) -> Any:
+        if self._runtime is None:
+            raise RuntimeUnavailableError(
+                f"The Microsoft Exchange Transport service on server {self.server_name} isn't running: this command "
+                f"needs the running server. Start it with: mailgate --home {self.home.path} serve")
+        return self._runtime
+
+    def has_runtime(self) -> bool:
+        return self._runtime is not None
+
+    def set_runtime(self, runtime: Any) -> None:
+        self._runtime = runtime
+
+    # -- output side channels -------------------------------------------------
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+    def say(self, message: str) -> None:
+        self.messages.append(message)
+
+    def should_process(self, action: str) -> bool:
+        """False (and a 'What if' line) under -WhatIf; the caller then changes nothing."""
+        if self.whatif:
+            self.say(f"What if: {action}")
+            return False
+        return True
+
+    # -- frequently read objects ---------------------------------------------
+    def local_server(self, tx: ConfigTransaction | None = None) -> TransportServer:
+        return self.transport_server(self.server_name, tx)
+
+    def transport_server(self, name: str, tx: ConfigTransaction | None = None) -> TransportServer:
+        def read(t: ConfigTransaction) -> TransportServer:
+            server = t.get(TransportServer, name)
+            if server is None:
+                raise NotFoundError(f"The operation couldn't be performed because object '{name}' couldn't be found "
+                                    "in the organisation's transport servers.", target=name)
+            return server
+
+        if tx is not None:
+            return read(tx)
+        with self.store.reader() as t:
+            return read(t)
+
+    def transport_config(self, tx: ConfigTransaction | None = None) -> TransportConfig:
+        def read(t: ConfigTransaction) -> TransportConfig:
+            return t.get(TransportConfig, "transport settings") or TransportConfig()
+
+        if tx is not None:
+            return read(tx)
+        with self.store.reader() as t:
+            return read(t)
+
+
+def now_utc() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def require(condition: bool, message: str, parameter: str | None = None) -> None:
+    if not condition:
+        raise UserError(message, parameter=parameter)

@@ -1,0 +1,191 @@
+"""Converting parameter values to what the model needs, with Exchange-style errors.
+
+Values arrive from the shell (strings, booleans, lists, hashtables) or from
+JSON (the REST API). Each converter raises ``ValueError`` with a message for
+the user; the binder turns it into an error naming the parameter.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pydantic import TypeAdapter
+from pydantic import ValidationError as PydanticValidationError
+
+from mailgate.config.model import ConfigObject
+from mailgate.config.values import ExchangeEnum, ExchangeFlag
+
+
+@dataclass
+class MultiValuedChange:
+    """``@{Add=...; Remove=...}`` applied to a multi-valued property."""
+
+    add: list[Any]
+    remove: list[Any]
+
+    def apply(self, current: list[Any]) -> list[Any]:
+        result = list(current)
+        for item in self.remove:
+            if item not in result:
+                raise ValueError(f'the value "{item}" is not present and can\'t be removed')
+            result.remove(item)
+        for item in self.add:
+            if item in result:
+                raise ValueError(f'the value "{item}" is already present')
+            result.append(item)
+        return result
+
+
+def as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        out: list[Any] = []
+        for v in value:
+            out.extend(as_list(v) if isinstance(v, (list, tuple)) else [v])
+        return out
+    return [value]
+
+
+def scalar(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1:
+            return scalar(value[0])
+        raise ValueError("a single value is required, not a list")
+    return value
+
+
+def to_bool(value: Any) -> bool:
+    value = scalar(value)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "$true", "1", "false", "$false", "0"):
+        return value.strip().lower() in ("true", "$true", "1")
+    raise ValueError(f'Cannot convert value "{value}" to type "System.Boolean". Boolean parameters accept only '
+                     "Boolean values and numbers, such as $True, $False, 1 or 0.")
+
+
+def to_str(value: Any) -> str:
+    value = scalar(value)
+    if value is None:
+        raise ValueError("a value is required")
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    return str(value)
+
+
+def to_optional_str(value: Any) -> str | None:
+    value = scalar(value)
+    if value is None:
+        return None
+    text = to_str(value)
+    return text or None
+
+
+def to_int(value: Any) -> int:
+    value = scalar(value)
+    if isinstance(value, bool):
+        raise ValueError(f'Cannot convert value "{value}" to type "System.Int32"')
+    try:
+        return int(str(value).replace(",", "").strip()) if not isinstance(value, int) else value
+    except ValueError:
+        raise ValueError(f'Cannot convert value "{value}" to type "System.Int32". Error: "Input string was not '
+                         'in a correct format."') from None
+
+
+def to_str_list(value: Any) -> list[str]:
+    return [to_str(v) for v in as_list(value)]
+
+
+def to_datetime(value: Any) -> dt.datetime:
+    value = scalar(value)
+    if isinstance(value, dt.datetime):
+        return value if value.tzinfo else value.astimezone()
+    text = str(value).strip()
+    for fmt in ("%m/%d/%Y %H:%M:%S", "%m/%d/%Y %I:%M:%S %p", "%m/%d/%Y %H:%M", "%m/%d/%Y", "%Y-%m-%d %H:%M:%S",
+                "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"):
+        try:
+            return dt.datetime.strptime(text, fmt).astimezone()
+        except ValueError:
+            continue
+    try:
+        parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parsed if parsed.tzinfo else parsed.astimezone()
+    except ValueError:
+        raise ValueError(f'Cannot convert value "{text}" to type "System.DateTime"; use "MM/dd/yyyy HH:mm:ss" '
+                         "or ISO 8601") from None
+
+
+def enum_converter(cls: type[ExchangeEnum] | type[ExchangeFlag]) -> Callable[[Any], Any]:
+    def convert(value: Any) -> Any:
+        if issubclass(cls, ExchangeFlag):
+            return cls.parse([to_str(v) for v in as_list(value)])
+        return cls.parse(to_str(value))
+
+    return convert
+
+
+def _pydantic_message(exc: PydanticValidationError) -> str:
+    err = exc.errors()[0]
+    msg = str(err.get("msg", ""))
+    return msg.removeprefix("Value error, ")
+
+
+class FieldConverter:
+    """Converts a value for one field of a model, using the field's own type rules."""
+
+    def __init__(self, model: type[ConfigObject], field_name: str) -> None:
+        info = model.model_fields[field_name]
+        self.field_name = field_name
+        self.annotation = info.annotation  # pydantic keeps a field's own validators in info.metadata
+        self.is_list = typing.get_origin(self.annotation) is list
+        if self.is_list:
+            element = typing.get_args(self.annotation)[0]
+            base = typing.get_args(element)[0] if typing.get_origin(element) is typing.Annotated else element
+        else:
+            element = info.rebuild_annotation()
+            base = self.annotation
+        self._element = TypeAdapter(element)
+        self._flag = isinstance(base, type) and issubclass(base, ExchangeFlag)
+
+    def element(self, value: Any) -> Any:
+        if isinstance(value, bool) and self.annotation is not bool and "bool" not in str(self.annotation):
+            raise ValueError(f'Cannot convert value "{value}" for this parameter')
+        if self.annotation is bool:
+            return to_bool(value)
+        if self.annotation in (int, int | None):
+            return to_int(value) if value is not None else None
+        try:
+            return self._element.validate_python(value)
+        except PydanticValidationError as exc:
+            raise ValueError(_pydantic_message(exc)) from None
+
+    def __call__(self, value: Any) -> Any:
+        if self.is_list:
+            if isinstance(value, dict):
+                keys = {k.lower(): v for k, v in value.items()}
+                unknown = set(keys) - {"add", "remove"}
+                if unknown:
+                    raise ValueError(f"only Add and Remove can change a multi-valued property, not {', '.join(sorted(unknown))}")
+                return MultiValuedChange([self.element(v) for v in as_list(keys.get("add"))],
+                                         [self.element(v) for v in as_list(keys.get("remove"))])
+            if value is None:
+                return []
+            return [self.element(v) for v in as_list(value)]
+        if self._flag:
+            return self.element([to_str(v) for v in as_list(value)])
+        value = scalar(value)
+        if value is None:
+            if "None" in str(self.annotation):
+                return None
+            raise ValueError("$null is not allowed for this parameter")
+        return self.element(value)
+
+
+def field_converter(model: type[ConfigObject], field_name: str) -> FieldConverter:
+    return FieldConverter(model, field_name)

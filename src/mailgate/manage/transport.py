@@ -1,0 +1,249 @@
+"""Get/Set-TransportService (per server), Get/Set-TransportConfig (organisation),
+and Add/Get/Remove-ADPermission on receive connectors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mailgate.config.model import ADPermissionEntry, Mailbox, TransportConfig, TransportServer
+from mailgate.config.values import PermissionGroups, is_domain, normalise_domain
+from mailgate.errors import InvalidValueError, UserError
+from mailgate.manage.cmdlets import Param, cmdlet
+from mailgate.manage.context import ManagementContext
+from mailgate.manage.objects import apply_changes, field_params, find_one
+from mailgate.manage.params import MultiValuedChange, as_list, to_str, to_str_list
+from mailgate.manage.present import Record, present
+from mailgate.manage.receive_connectors import resolve as resolve_receive_connector
+from mailgate.receive import rights as R
+
+# ---------------------------------------------------------------------------
+# Transport service
+
+
+def _dns_server(value: Any) -> str:
+    import ipaddress
+
+    text = to_str(value).strip()
+    try:
+        ipaddress.ip_address(text.split("#")[0])
+    except ValueError:
+        raise ValueError(f'"{text}" is not an IP address of a DNS server (an optional port follows "#", '
+                         "for example 127.0.0.53#5353)") from None
+    if "#" in text and not text.split("#", 1)[1].isdigit():
+        raise ValueError(f'"{text}": the port after "#" must be a number')
+    return text
+
+
+_SERVICE_PARAMS = field_params(TransportServer, exclude={"name", "fqdn", "server_role", "admin_display_version",
+                                                         "external_dns_servers", "internal_dns_servers"})
+def _dns_list(value: Any) -> Any:
+    if isinstance(value, dict):
+        keys = {k.lower(): v for k, v in value.items()}
+        return MultiValuedChange([_dns_server(v) for v in as_list(keys.get("add"))],
+                                 [_dns_server(v) for v in as_list(keys.get("remove"))])
+    return [_dns_server(v) for v in as_list(value)]
+
+
+_DNS_PARAMS = [Param(n, convert=_dns_list, multi=True, type_name="MultiValuedProperty",
+                     help="DNS servers as IP or IP#port.") for n in ("ExternalDNSServers", "InternalDNSServers")]
+
+
+def _resolve_server(ctx: ManagementContext, tx: Any, identity: Any) -> TransportServer:
+    if identity is None:
+        return ctx.local_server(tx)
+    return find_one(tx, TransportServer, identity, kind_text="transport servers",
+                    match=lambda o, k: k in (o.name.lower(), o.fqdn.lower()))
+
+
+@cmdlet("Get-TransportService", [Param("Identity", position=0, from_pipeline=True)],
+        synopsis="Show transport server settings.", default_view="TransportServer")
+def get_transport_service(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Show the transport settings of each server (retry, expiry, DNS, logs)."""
+    with ctx.store.reader() as tx:
+        items = tx.list(TransportServer) if args.get("Identity") is None else [_resolve_server(ctx, tx, args["Identity"])]
+    return [present(s) for s in items]
+
+
+@cmdlet("Set-TransportService", [Param("Identity", position=0, from_pipeline=True), *_SERVICE_PARAMS, *_DNS_PARAMS],
+        synopsis="Change transport server settings.", mutates=True,
+        examples=["Set-TransportService EX01 -TransientFailureRetryInterval 00:00:10 -MessageRetryInterval 00:00:10",
+                  "Set-TransportService EX01 -ExternalDNSServers 127.0.0.53"])
+def set_transport_service(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Change the transport settings of a server (default: this server)."""
+    with ctx.store.transaction() as tx:
+        server = _resolve_server(ctx, tx, args.get("Identity"))
+        changes = {k: v for k, v in args.items() if k not in ("Identity", "WhatIf", "Confirm", "DomainController")}
+        updated = apply_changes(server, changes)
+        if updated.delay_notification_timeout.seconds <= (updated.transient_failure_retry_count
+                                                          * updated.transient_failure_retry_interval.seconds):
+            ctx.warn("DelayNotificationTimeout is not greater than TransientFailureRetryCount × "
+                     "TransientFailureRetryInterval: delay notifications may go out before the quick retries end.")
+        if not ctx.should_process(f'Setting transport service "{server.name}".'):
+            return []
+        tx.put(updated)
+    return []
+
+
+# ---------------------------------------------------------------------------
+# Transport config (organisation)
+
+
+def _secure_domain(value: Any) -> str:
+    text = normalise_domain(to_str(value))
+    if "*" in text or not is_domain(text):
+        raise ValueError(f'"{value}" is not a valid domain for domain security (no wildcards)')
+    return text
+
+
+def _domain_list(value: Any) -> Any:
+    if isinstance(value, dict):
+        keys = {k.lower(): v for k, v in value.items()}
+        return MultiValuedChange([_secure_domain(v) for v in as_list(keys.get("add"))],
+                                 [_secure_domain(v) for v in as_list(keys.get("remove"))])
+    return [_secure_domain(v) for v in as_list(value)]
+
+
+_CONFIG_PARAMS = [p for p in field_params(TransportConfig, exclude={"name"})
+                  if p.name not in ("TLSSendDomainSecureList", "TLSReceiveDomainSecureList")]
+_CONFIG_PARAMS += [Param(n, convert=_domain_list, multi=True, type_name="MultiValuedProperty")
+                   for n in ("TLSSendDomainSecureList", "TLSReceiveDomainSecureList")]
+
+
+@cmdlet("Get-TransportConfig", [], synopsis="Show organisation-wide transport settings.", default_view="TransportConfig")
+def get_transport_config(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Show the organisation-wide transport settings."""
+    return [present(ctx.transport_config())]
+
+
+@cmdlet("Set-TransportConfig", _CONFIG_PARAMS, synopsis="Change organisation-wide transport settings.", mutates=True,
+        examples=["Set-TransportConfig -TLSSendDomainSecureList contoso.com -TLSReceiveDomainSecureList contoso.com"])
+def set_transport_config(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Change organisation-wide settings: domain security lists, DSN options, limits."""
+    with ctx.store.transaction() as tx:
+        current = ctx.transport_config(tx)
+        changes = {k: v for k, v in args.items() if k not in ("WhatIf", "Confirm", "DomainController")}
+        updated = apply_changes(current, changes)
+        if not ctx.should_process("Setting the organisation's transport configuration."):
+            return []
+        tx.put(updated)
+    return []
+
+
+# ---------------------------------------------------------------------------
+# AD permissions on receive connectors
+
+
+def _rights(value: Any) -> list[str]:
+    out = []
+    for item in as_list(value):
+        for part in to_str(item).split(","):
+            if part.strip():
+                out.append(R.canonical_right(part))
+    if not out:
+        raise ValueError("at least one extended right is required")
+    return out
+
+
+def _principal(ctx: ManagementContext, tx: Any, name: str) -> str:
+    canonical = R.canonical_principal(name)
+    if canonical in R.WELL_KNOWN_PRINCIPALS:
+        return canonical
+    key = name.lower().split("\\")[-1]
+    for mailbox in tx.list(Mailbox):
+        if key in (mailbox.name.lower(), mailbox.alias.lower()) or key in mailbox.addresses():
+            return mailbox.primary_smtp_address
+    raise InvalidValueError(f"The user '{name}' isn't a known principal: use a mailbox (name, alias or address) or "
+                            "one of " + ", ".join(f'"{p}"' for p in R.WELL_KNOWN_PRINCIPALS) + ".", parameter="User")
+
+
+_PERMISSION_PARAMS = [
+    Param("Identity", mandatory=True, position=0, from_pipeline=True, help="The receive connector."),
+    Param("User", convert=to_str, mandatory=True, help='A principal, e.g. "NT AUTHORITY\\ANONYMOUS LOGON", or a mailbox.'),
+    Param("ExtendedRights", convert=_rights, mandatory=True, multi=True, type_name="ExtendedRightIdParameter[]"),
+    Param("AccessRights", convert=to_str_list, help="Accepted for compatibility (ExtendedRight)."),
+    Param("Deny", switch=True),
+]
+
+
+@cmdlet("Add-ADPermission", _PERMISSION_PARAMS, synopsis="Grant rights on a receive connector.", mutates=True,
+        examples=['Get-ReceiveConnector "InternalRelay" | Add-ADPermission -User "NT AUTHORITY\\ANONYMOUS LOGON" '
+                  '-ExtendedRights "ms-Exch-SMTP-Accept-Any-Recipient"'])
+def add_ad_permission(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Grant (or with -Deny, deny) extended rights to a principal on a receive connector."""
+    with ctx.store.transaction() as tx:
+        connector = resolve_receive_connector(ctx, tx, args["Identity"])
+        user = _principal(ctx, tx, args["User"])
+        deny = bool(args.get("Deny"))
+        entries = list(connector.ad_permissions)
+        for entry in entries:
+            if entry.user.lower() == user.lower() and entry.deny == deny:
+                entry.extended_rights = list(dict.fromkeys(entry.extended_rights + args["ExtendedRights"]))
+                break
+        else:
+            entries.append(ADPermissionEntry(user=user, extended_rights=args["ExtendedRights"], deny=deny))
+        updated = apply_changes(connector, {"ADPermissions": entries,
+                                            "PermissionGroups": connector.permission_groups | PermissionGroups.Custom})
+        if not ctx.should_process(f'Adding Active Directory permission "{", ".join(args["ExtendedRights"])}" for '
+                                  f'"{user}" on "{connector.identity}".'):
+            return []
+        tx.put(updated)
+        granted = list(args["ExtendedRights"])
+    if not deny and "ms-Exch-SMTP-Accept-Any-Recipient" in granted and user == R.ANONYMOUS:
+        ranges = ", ".join(map(str, connector.remote_ip_ranges))
+        ctx.warn(f'Receive connector "{connector.identity}" now relays for anonymous clients from {ranges}. Keep '
+                 "RemoteIPRanges as small as possible.")
+    return [_permission_record(connector.identity, user, r, deny, False) for r in granted]
+
+
+@cmdlet("Remove-ADPermission", _PERMISSION_PARAMS, synopsis="Remove rights granted on a receive connector.", mutates=True)
+def remove_ad_permission(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Remove extended rights added with Add-ADPermission."""
+    with ctx.store.transaction() as tx:
+        connector = resolve_receive_connector(ctx, tx, args["Identity"])
+        user = _principal(ctx, tx, args["User"])
+        deny = bool(args.get("Deny"))
+        entries, removed = [], False
+        for entry in connector.ad_permissions:
+            if entry.user.lower() == user.lower() and entry.deny == deny:
+                left = [r for r in entry.extended_rights if r not in args["ExtendedRights"]]
+                removed = removed or len(left) != len(entry.extended_rights)
+                if left:
+                    entries.append(ADPermissionEntry(user=entry.user, extended_rights=left, deny=deny))
+            else:
+                entries.append(entry)
+        if not removed:
+            raise UserError(f'No such permission: "{user}" has no explicit {", ".join(args["ExtendedRights"])} entry on '
+                            f'"{connector.identity}". Rights that come from PermissionGroups are removed with '
+                            "Set-ReceiveConnector -PermissionGroups.", parameter="ExtendedRights")
+        groups = connector.permission_groups
+        if not entries:
+            groups &= ~PermissionGroups.Custom
+        updated = apply_changes(connector, {"ADPermissions": entries, "PermissionGroups": groups})
+        if not ctx.should_process(f'Removing Active Directory permission for "{user}" on "{connector.identity}".'):
+            return []
+        tx.put(updated)
+    return []
+
+
+def _permission_record(identity: str, user: str, right: str, deny: bool, inherited: bool) -> Record:
+    return Record("ADPermission", {"Identity": identity, "User": user, "Deny": deny, "Inherited": inherited,
+                                   "Rights": "ExtendedRight", "ExtendedRights": [right], "AccessRights": ["ExtendedRight"],
+                                   "IsInherited": inherited})
+
+
+@cmdlet("Get-ADPermission", [Param("Identity", mandatory=True, position=0, from_pipeline=True),
+                             Param("User", convert=to_str)],
+        synopsis="List the rights on a receive connector.", default_view="ADPermission",
+        examples=['Get-ADPermission "InternalRelay" | ft User,ExtendedRights'])
+def get_ad_permission(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """List every right on a receive connector, one row per principal and right."""
+    with ctx.store.reader() as tx:
+        connector = resolve_receive_connector(ctx, tx, args["Identity"])
+    wanted = args.get("User")
+    out = []
+    for principal, rights, deny in R.grants(connector):
+        if wanted and principal.lower() != R.canonical_principal(wanted).lower():
+            continue
+        for name in R.right_names(rights):
+            out.append(_permission_record(connector.identity, principal, name, deny, False))
+    return out

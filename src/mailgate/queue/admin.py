@@ -1,0 +1,268 @@
+"""Queue and message administration on the running server: what Get-Queue,
+Get-Message and the queue actions see and do. Identities are Exchange's:
+``EX01\\contoso.com`` or ``EX01\\12`` for queues, ``EX01\\contoso.com\\17``
+(any part but the number optional) for messages."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+from mailgate.config.values import ByteSize
+from mailgate.errors import NotFoundError, UserError
+from mailgate.manage.present import Record
+from mailgate.queue.manager import DeliveryQueue, QueueManager
+from mailgate.routing.table import POISON, SUBMISSION, UNREACHABLE
+from mailgate.send.smtp import Outcome
+
+ZEROS = "00000000-0000-0000-0000-000000000000"
+
+
+def _dt(ts: float | None) -> dt.datetime | None:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc) if ts else None
+
+
+class QueueAdmin:
+    def __init__(self, manager: QueueManager, server: str) -> None:
+        self.manager = manager
+        self.server = server
+
+    # -- queues --------------------------------------------------------------------------
+    def _counts(self) -> dict[str, int]:
+        db = self.manager.store.reader()
+        counts = {q: n for q, n in db.execute(
+            "SELECT r.queue, count(DISTINCT r.message) FROM recipient r JOIN message m ON m.id=r.message"
+            " WHERE r.status IN ('Ready','Retry') AND m.poison=0 GROUP BY r.queue")}
+        counts[POISON] = db.execute("SELECT count(*) FROM message WHERE poison=1").fetchone()[0]
+        return counts
+
+    def _name(self, q: DeliveryQueue) -> str:
+        return {SUBMISSION: "Submission", UNREACHABLE: "Unreachable", POISON: "Poison"}.get(q.key, q.next_hop)
+
+    def identity(self, q: DeliveryQueue) -> str:
+        return f"{self.server}\\{self._name(q)}"
+
+    def queue_record(self, q: DeliveryQueue, count: int) -> Record:
+        last_error = None
+        if q.last_error:
+            lrt = _dt(q.last_error_time)
+            when = f"{lrt.astimezone():%m/%d/%Y %I:%M:%S %p}" if lrt else ""
+            last_error = f"[{{LRT={when}}};{{LED={q.last_error}}};{{FQDN={q.last_error_host}}};{{IP={q.last_error_ip}}}]"
+        status = q.status
+        if q.key == POISON:
+            status = "Suspended" if count else "Ready"
+        velocity = round(q.outgoing.rate() - q.incoming.rate(), 2)
+        next_hop_domain = {SUBMISSION: "Submission", UNREACHABLE: "Unreachable Domain", POISON: "Poison Message"}.get(
+            q.key, q.next_hop)
+        return Record("Queue", {
+            "DeliveryType": q.delivery_type, "NextHopDomain": next_hop_domain, "TlsDomain": q.tls_domain,
+            "NextHopConnector": q.connector or ZEROS, "Status": status, "MessageCount": count,
+            "LastError": last_error, "RetryCount": q.retry_count, "LastRetryTime": _dt(q.last_retry),
+            "NextRetryTime": _dt(q.next_retry), "FirstRetryTime": _dt(q.first_retry), "DeferredMessageCount": 0,
+            "LockedMessageCount": 0, "MessageCountsPerPriority": [0, count, 0, 0],
+            "DeferredMessageCountsPerPriority": [0, 0, 0, 0], "RiskLevel": "Normal", "OutboundIPPool": 0,
+            "NextHopCategory": q.category, "IncomingRate": q.incoming.rate(), "OutgoingRate": q.outgoing.rate(),
+            "Velocity": velocity, "OverrideSource": "", "QueueIdentity": f"{self.server}\\{q.number}",
+            "PriorityDescriptions": ["High", "Normal", "Low", "None"], "Identity": self.identity(q),
+            "IsValid": True, "ObjectState": "New",
+        })
+
+    def queues(self) -> list[Record]:
+        counts = self._counts()
+        out = []
+        keys = list(self.manager.queues)
+        for key in counts:
+            if key not in keys and key != POISON:
+                keys.append(key)
+        if counts.get(POISON):
+            keys.append(POISON)
+        for key in keys:
+            q = self.manager.queue(key)
+            out.append(self.queue_record(q, counts.get(key, 0)))
+        out.sort(key=lambda r: r["QueueIdentity"])
+        return out
+
+    def resolve_queues(self, identities: list[str]) -> list[DeliveryQueue]:
+        found = []
+        for ident in identities:
+            text = ident.strip()
+            server, _, name = text.rpartition("\\")
+            if server and server.lower() not in (self.server.lower(), "*"):
+                raise NotFoundError(f"The queue '{ident}' is on server {server}; this server is {self.server}.")
+            matches = [q for q in list(self.manager.queues.values()) + [self.manager.queue(POISON)]
+                       if name.lower() in (self._name(q).lower(), str(q.number)) or name == "*"]
+            if not matches:
+                raise NotFoundError(f"The queue '{ident}' couldn't be found on server {self.server}.", target=ident)
+            found += [q for q in matches if q not in found]
+        return found
+
+    def queue_action(self, action: str, identities: list[str], resubmit: bool = False) -> int:
+        queues = self.resolve_queues(identities)
+        store = self.manager.store
+        for q in queues:
+            if action == "suspend":
+                if q.key == POISON:
+                    raise UserError("The Poison queue can't be suspended.")
+                q.suspended = True
+                store.execute("UPDATE queue_state SET suspended=1 WHERE queue=?", (q.key,)).result(timeout=30)
+            elif action == "resume":
+                q.suspended = False
+                store.execute("UPDATE queue_state SET suspended=0 WHERE queue=?", (q.key,)).result(timeout=30)
+            elif action == "retry":
+                if q.key == UNREACHABLE and not resubmit:
+                    raise UserError("The Unreachable queue can only be retried with -Resubmit $true.", parameter="Resubmit")
+                if resubmit:
+                    store.execute("UPDATE message SET in_submission=1 WHERE id IN (SELECT message FROM recipient WHERE"
+                                  " queue=? AND status IN ('Ready','Retry'))", (q.key,)).result(timeout=30)
+                    store.execute("UPDATE recipient SET queue='Submission', next_attempt=0 WHERE queue=? AND status IN"
+                                  " ('Ready','Retry')", (q.key,)).result(timeout=30)
+                    q.ready.clear()
+                    q.held.clear()
+                else:
+                    store.execute("UPDATE recipient SET next_attempt=? WHERE queue=? AND status IN ('Ready','Retry')",
+                                  (time.time(), q.key)).result(timeout=30)
+                q.next_retry = None
+        self.manager.wake()
+        return len(queues)
+
+    # -- messages ------------------------------------------------------------------------------
+    def messages(self, queue: str | None = None, include_recipients: bool = False, limit: int = 1000) -> list[Record]:
+        db = self.manager.store.reader()
+        if queue is not None:
+            keys = [q.key for q in self.resolve_queues([queue])]
+        else:
+            keys = None
+        out: list[Record] = []
+        if keys is None or POISON in keys:
+            rows = db.execute("SELECT * FROM message WHERE poison=1 ORDER BY id LIMIT ?", (limit,)).fetchall()
+            for m in rows:
+                rcpts = db.execute("SELECT * FROM recipient WHERE message=?", (m["id"],)).fetchall()
+                out.append(self._message_record(m, self.manager.queue(POISON), rcpts, include_recipients))
+        wanted = [k for k in (keys or []) if k != POISON]
+        sql = ("SELECT r.*, m.id AS mid FROM recipient r JOIN message m ON m.id=r.message WHERE m.poison=0 AND"
+               " r.status IN ('Ready','Retry')")
+        params: list[Any] = []
+        if keys is not None:
+            if not wanted:
+                return out
+            sql += f" AND r.queue IN ({','.join('?' * len(wanted))})"
+            params += wanted
+        sql += " ORDER BY r.message, r.queue, r.idx"
+        grouped: dict[tuple[int, str], list[Any]] = {}
+        for r in db.execute(sql, params):
+            grouped.setdefault((r["message"], r["queue"]), []).append(r)
+            if len(grouped) > limit:
+                break
+        for (message_id, key), rcpts in list(grouped.items())[:limit]:
+            m = db.execute("SELECT * FROM message WHERE id=?", (message_id,)).fetchone()
+            if m is not None:
+                out.append(self._message_record(m, self.manager.queue(key), rcpts, include_recipients))
+        return out
+
+    def _message_record(self, m: Any, q: DeliveryQueue, rcpts: list[Any], include: bool) -> Record:
+        statuses = {r["status"] for r in rcpts}
+        if q.key == POISON:
+            status = "Suspended"
+        elif rcpts and all(r["suspended"] for r in rcpts):
+            status = "Suspended"
+        elif m["id"] in q.held and q.active:
+            status = "Active"
+        elif "Retry" in statuses:
+            status = "Retry"
+        else:
+            status = "Ready"
+        errors = [r["last_error"] for r in rcpts if r["last_error"]]
+        recipients = [f"{r['address']};{r['status']};{r['retry_count']};{r['last_error'] or ''}" for r in rcpts] \
+            if include else []
+        return Record("Message", {
+            "Identity": f"{self.server}\\{self._name(q)}\\{m['id']}", "Subject": m["subject"],
+            "InternetMessageId": m["message_id"], "FromAddress": m["sender"] or "<>", "Status": status,
+            "Size": ByteSize(m["size"]), "MessageSourceName": m["source"] or "SMTP", "SourceIP": m["source_ip"],
+            "SCL": -1, "DateReceived": _dt(m["received_at"]), "ExpirationTime": _dt(m["expires_at"]),
+            "LastError": errors[-1] if errors else None, "RetryCount": max([r["retry_count"] for r in rcpts] or [0]),
+            "Recipients": recipients, "ComponentLatency": [], "MessageLatency": round(time.time() - m["received_at"], 2),
+            "DeferReason": "None", "Directionality": m["directionality"], "OriginalFromAddress": m["sender"] or "<>",
+            "Priority": m["priority"], "Queue": f"{self.server}\\{self._name(q)}", "IsValid": True,
+            "ObjectState": "New", "RecipientCount": len(rcpts),
+        })
+
+    def resolve_messages(self, identities: list[str]) -> list[tuple[DeliveryQueue, int]]:
+        out = []
+        for ident in identities:
+            parts = ident.strip().split("\\")
+            try:
+                message_id = int(parts[-1])
+            except ValueError:
+                raise NotFoundError(f"'{ident}' is not a message identity; use Server\\Queue\\Number, e.g. "
+                                    f"{self.server}\\Submission\\12.", target=ident) from None
+            queue_part = parts[-2] if len(parts) >= 2 else "*"
+            if len(parts) == 3 and parts[0].lower() not in (self.server.lower(), "*"):
+                raise NotFoundError(f"The message '{ident}' is on server {parts[0]}; this server is {self.server}.")
+            matches = [r for r in self.messages(None) if r["Identity"].split("\\")[-1] == str(message_id)
+                       and (queue_part == "*" or r["Queue"].split("\\")[-1].lower() == queue_part.lower())]
+            if not matches:
+                raise NotFoundError(f"The message '{ident}' couldn't be found in the queues of {self.server}.",
+                                    target=ident)
+            for rec in matches:
+                q = self.resolve_queues([rec["Queue"]])[0]
+                out.append((q, message_id))
+        return out
+
+    def message_action(self, action: str, identities: list[str], with_ndr: bool = True) -> int:
+        targets = self.resolve_messages(identities)
+        store = self.manager.store
+        manager = self.manager
+        for q, message_id in targets:
+            if action == "suspend":
+                if q.key == POISON:
+                    raise UserError("Messages in the Poison queue are already suspended.")
+                store.execute("UPDATE recipient SET suspended=1 WHERE message=? AND queue=?", (message_id, q.key)).result(30)
+                if message_id in q.ready:
+                    q.ready.remove(message_id)
+                    q.held.discard(message_id)
+            elif action == "resume":
+                if q.key == POISON:
+                    store.execute("UPDATE message SET poison=0, error_count=0 WHERE id=?", (message_id,)).result(30)
+                    manager.tracker.event("POISONMESSAGE", "ADMIN", internal_message_id=message_id,
+                                          source_context="released from the Poison queue by Resume-Message")
+                else:
+                    store.execute("UPDATE recipient SET suspended=0, next_attempt=? WHERE message=? AND queue=?",
+                                  (time.time(), message_id, q.key)).result(30)
+            elif action == "remove":
+                loaded = manager.store.reader().execute("SELECT * FROM message WHERE id=?", (message_id,)).fetchone()
+                if loaded is None:
+                    continue
+                rcpts = manager.store.reader().execute(
+                    "SELECT * FROM recipient WHERE message=? AND status IN ('Ready','Retry')" +
+                    ("" if q.key == POISON else " AND queue=?"),
+                    (message_id,) if q.key == POISON else (message_id, q.key)).fetchall()
+                if with_ndr:
+                    reply = "550 4.3.2 QUEUE.Admin; message deleted by administrative action"
+                    manager.record(q, loaded, rcpts, [Outcome(r["idx"], "permanent", reply) for r in rcpts]).result(30)
+                else:
+                    manager.tracker.event("DROP", "ADMIN", internal_message_id=message_id,
+                                          recipients=[r["address"] for r in rcpts], sender=loaded["sender"],
+                                          message_id=loaded["message_id"], network_message_id=loaded["network_id"],
+                                          message_subject=loaded["subject"],
+                                          source_context="Remove-Message -WithNDR $false")
+                    store.record(message_id, [(r["idx"], "Failed", "removed by administrative action", time.time(), 0)
+                                              for r in rcpts]).result(30)
+                if message_id in q.ready:
+                    q.ready.remove(message_id)
+                q.held.discard(message_id)
+        manager.wake()
+        return len(targets)
+
+    def export(self, identity: str) -> tuple[str, bytes]:
+        targets = self.resolve_messages([identity])
+        q, message_id = targets[0]
+        row = self.manager.store.reader().execute("SELECT * FROM message WHERE id=?", (message_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"The message '{identity}' no longer exists.", target=identity)
+        suspended = q.key == POISON or self.manager.store.reader().execute(
+            "SELECT min(suspended) FROM recipient WHERE message=? AND queue=?", (message_id, q.key)).fetchone()[0]
+        if not suspended:
+            raise UserError(f"The message '{identity}' must be suspended before it can be exported "
+                            f"(Suspend-Message -Identity \"{identity}\").")
+        return f"{self.server}\\{self._name(q)}\\{message_id}", self.manager.store.read_body(row)

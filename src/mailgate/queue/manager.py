@@ -1,0 +1,672 @@
+"""The queue manager: the only part that moves mail between queues.
+
+It categorises new messages into delivery queues (one per next hop, as
+Exchange does), runs delivery workers per queue within connection limits,
+records each recipient's outcome, retries on Exchange's schedule, sends DSNs,
+expires old mail and isolates poison messages.
+
+Memory does not grow with the number of deferred messages: each queue keeps
+only a bounded window of ready message ids in memory; everything else stays
+in the store, indexed by queue and due time, and is pulled in when due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from mailgate.config.model import TransportConfig, TransportServer
+from mailgate.queue.store import DELIVERED, FAILED, READY, RETRY, BodyRef, NewMessage, NewRecipient, QueueStore
+from mailgate.routing.table import POISON, SUBMISSION, UNREACHABLE, Failure, Route, RoutingTable, mailbox_database
+from mailgate.send import dsn as DSN
+from mailgate.tracking.tracker import MessageTracker
+
+log = logging.getLogger("mailgate.queue")
+
+WINDOW = 500                  # ready message ids kept in memory per queue
+MAILBOX_WORKERS = 4
+MAILBOX_BATCH = 32
+
+
+class RateCounter:
+    """Messages per second over the last minute (Get-Queue IncomingRate/OutgoingRate)."""
+
+    def __init__(self) -> None:
+        self._buckets: collections.deque[tuple[int, int]] = collections.deque()
+
+    def add(self, n: int = 1) -> None:
+        second = int(time.monotonic())
+        if self._buckets and self._buckets[-1][0] == second:
+            self._buckets[-1] = (second, self._buckets[-1][1] + n)
+        else:
+            self._buckets.append((second, n))
+        self._trim(second)
+
+    def _trim(self, now: int) -> None:
+        while self._buckets and self._buckets[0][0] < now - 60:
+            self._buckets.popleft()
+
+    def rate(self) -> float:
+        self._trim(int(time.monotonic()))
+        return round(sum(n for _, n in self._buckets) / 60.0, 2)
+
+
+@dataclass
+class DeliveryQueue:
+    key: str
+    number: int
+    delivery_type: str
+    next_hop: str
+    connector: str | None
+    category: str
+    suspended: bool = False
+    last_error: str | None = None
+    last_error_host: str = ""
+    last_error_ip: str = ""
+    last_error_time: float | None = None
+    retry_count: int = 0
+    first_retry: float | None = None
+    last_retry: float | None = None
+    next_retry: float | None = None
+    active: int = 0
+    ready: collections.deque[int] = field(default_factory=collections.deque)
+    held: set[int] = field(default_factory=set)       # ids in ``ready`` or being delivered
+    incoming: RateCounter = field(default_factory=RateCounter)
+    outgoing: RateCounter = field(default_factory=RateCounter)
+    last_used: float = field(default_factory=time.monotonic)
+    tls_domain: str | None = None
+
+    @property
+    def status(self) -> str:
+        if self.suspended:
+            return "Suspended"
+        if self.active:
+            return "Active"
+        if self.next_retry is not None and self.next_retry > time.time():
+            return "Retry"
+        return "Ready"
+
+    def in_retry(self, now: float) -> bool:
+        return self.next_retry is not None and self.next_retry > now
+
+    def offer(self, message_id: int) -> bool:
+        if message_id in self.held or len(self.ready) >= WINDOW:
+            return False
+        self.ready.append(message_id)
+        self.held.add(message_id)
+        return True
+
+
+@dataclass
+class RuntimeSettings:
+    server: TransportServer
+    org: TransportConfig
+    routing: RoutingTable
+    submission_suspended: bool = False
+
+
+class QueueManager:
+    def __init__(self, *, store: QueueStore, tracker: MessageTracker, server_name: str, mailbox_root: Any,
+                 deliver_smtp: Callable[..., Any], deliver_mailbox: Callable[..., Any]) -> None:
+        self.store = store
+        self.tracker = tracker
+        self.server_name = server_name
+        self.mailbox_root = mailbox_root
+        self._deliver_smtp = deliver_smtp        # async (manager, queue, settings) → None
+        self._deliver_mailbox = deliver_mailbox  # sync (settings, rows) → outcomes, run in a thread
+        self.queues: dict[str, DeliveryQueue] = {}
+        self.settings: RuntimeSettings | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+        self._last_scan = 0.0
+        self.outbound_connections = 0
+        self.delivered_total = 0
+        self.failed_total = 0
+        self.received_total = 0
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=MAILBOX_WORKERS, thread_name_prefix="mailbox")
+        self.on_event: Callable[[str, dict[str, Any]], None] | None = None   # metrics hook
+
+    # -- configuration ----------------------------------------------------------------
+    def apply(self, settings: RuntimeSettings) -> None:
+        first = self.settings is None
+        self.settings = settings
+        if first:
+            self._load_queues()
+        else:
+            self._resubmit_stale_routes()
+        self.wake()
+
+    def _load_queues(self) -> None:
+        numbers = self.store.queue_numbers()
+        rows = self.store.reader().execute(
+            "SELECT DISTINCT queue FROM recipient WHERE status IN (?, ?)", (READY, RETRY)).fetchall()
+        for key in [r[0] for r in rows] + [SUBMISSION, UNREACHABLE]:
+            q = self.queue(key)
+            if key in numbers:
+                q.suspended = numbers[key][1]
+
+    def queue(self, key: str) -> DeliveryQueue:
+        q = self.queues.get(key)
+        if q is None:
+            q = self._describe(key)
+            self.queues[key] = q
+        return q
+
+    def _describe(self, key: str) -> DeliveryQueue:
+        numbers = self.store.queue_numbers()
+        number = numbers.get(key, (0, False))[0]
+        if not number:
+            number = max([n for n, _ in numbers.values()] + [0]) + 1
+            self.store.execute("INSERT OR IGNORE INTO queue_state (queue, number, suspended) VALUES (?, ?, 0)",
+                               (key, number)).result(timeout=30)
+        routing = self.settings.routing if self.settings else None
+        if key == SUBMISSION:
+            return DeliveryQueue(key, number, "Undefined", "Submission", None, "Internal")
+        if key == UNREACHABLE:
+            return DeliveryQueue(key, number, "Unreachable", "Unreachable Domain", None, "Internal")
+        if key == "mailbox":
+            return DeliveryQueue(key, number, "SmtpDeliveryToMailbox", mailbox_database(self.server_name), None, "Internal")
+        kind, _, rest = key.partition(":")
+        if kind == "lmtp":
+            return DeliveryQueue(key, number, "SmtpDeliveryToMailbox", rest, None, "Internal")
+        if kind == "dns":
+            connector, _, domain = rest.partition(":")
+            return DeliveryQueue(key, number, "DnsConnectorDelivery", domain, connector, "External")
+        if kind == "smarthost":
+            c = routing.connector(rest) if routing else None
+            hop = ",".join(str(h) for h in c.smart_hosts) if c else rest
+            return DeliveryQueue(key, number, "SmartHostConnectorDelivery", hop, rest, "External")
+        if kind == "relay":
+            return DeliveryQueue(key, number, "SmtpRelayToConnectorSourceServers", rest, rest, "Internal")
+        return DeliveryQueue(key, number, "Undefined", key, None, "Internal")
+
+    def _resubmit_stale_routes(self) -> None:
+        """After a configuration change: Unreachable mail, and mail for connectors that are gone, is re-routed."""
+        assert self.settings is not None
+        routing = self.settings.routing
+        stale = [UNREACHABLE] if not self.queue(UNREACHABLE).suspended else []
+        for key, q in self.queues.items():
+            if q.connector and routing.connector(q.connector) is None:
+                stale.append(key)
+        if stale:
+            marks = ",".join("?" * len(stale))
+            self.store.execute(
+                f"UPDATE message SET in_submission=1 WHERE id IN (SELECT message FROM recipient WHERE queue IN ({marks})"
+                f" AND status IN ('Ready','Retry'))", stale)
+            self.store.execute(f"UPDATE recipient SET queue='Submission' WHERE queue IN ({marks}) AND status IN "
+                               f"('Ready','Retry')", stale,
+                               after=lambda: self.loop.call_soon_threadsafe(self.wake) if self.loop else None)
+            for key in stale:
+                q = self.queues.get(key)
+                if q is not None and not q.active:
+                    q.ready.clear()
+                    q.held.clear()
+
+    # -- intake -------------------------------------------------------------------------
+    def route(self, address: str, size: int) -> Route | Failure:
+        assert self.settings is not None
+        return self.settings.routing.route(address, size)
+
+    def categorise(self, recipients: list[tuple[str, str | None, str | None]], size: int,
+                   config: Any = None) -> list[NewRecipient]:
+        """Queue keys for new recipients; failures and a suspended Submission queue stay in Submission."""
+        assert self.settings is not None
+        routing = config.routing if config is not None else self.settings.routing
+        suspended = self.queue(SUBMISSION).suspended
+        out = []
+        for address, orcpt, notify in recipients:
+            route = None if suspended else routing.route(address, size)
+            key = route.queue if isinstance(route, Route) else SUBMISSION
+            out.append(NewRecipient(address=address, queue=key, orcpt=orcpt, notify=notify))
+        return out
+
+    def submit(self, new: NewMessage, receive_fields: dict[str, Any] | None = None, *,
+               source: str = "SMTP") -> concurrent.futures.Future[Any]:
+        """Make a new message durable; once it is, track it and hand it to its queues."""
+        new.in_submission = new.in_submission or any(r.queue == SUBMISSION for r in new.recipients)
+        fut = self.store.submit(new)
+        loop = self.loop
+
+        def committed(f: concurrent.futures.Future[Any]) -> None:
+            if f.exception() is None and loop is not None:
+                loop.call_soon_threadsafe(self._accepted, new, receive_fields or {}, source)
+
+        fut.add_done_callback(committed)
+        return fut
+
+    def _accepted(self, new: NewMessage, fields: dict[str, Any], source: str) -> None:
+        self.received_total += 1
+        recipients = [r.address for r in new.recipients]
+        common = dict(internal_message_id=new.id, message_id=new.message_id, network_message_id=new.network_id,
+                      sender=new.sender, return_path=new.sender, message_subject=new.subject, total_bytes=new.size,
+                      directionality=new.directionality)
+        self.tracker.event("RECEIVE", source, recipients=recipients, recipient_count=len(recipients), **common, **fields)
+        if source == "STOREDRIVER":
+            self.tracker.event("SUBMIT", "STOREDRIVER", recipients=recipients, recipient_count=len(recipients),
+                               source_context=f"MDB:{mailbox_database(self.server_name)}, ClientType:TestMailflow",
+                               **common)
+        if self.on_event:
+            self.on_event("received", {"connector": new.connector or source, "size": new.size})
+        keys = list(dict.fromkeys(r.queue for r in new.recipients))
+        if len(keys) > 1:
+            for key in keys[1:]:
+                related = [r.address for r in new.recipients if r.queue == key]
+                self.tracker.event("TRANSFER", "ROUTING", recipients=related, recipient_count=len(related),
+                                   reference=str(new.id), **common)
+        for key in keys:
+            q = self.queue(key)
+            q.incoming.add()
+            if key != SUBMISSION:
+                q.offer(new.id)
+        self.wake()
+
+    # -- the scheduler ---------------------------------------------------------------------
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            if self._stopping:
+                break
+            try:
+                self._tick()
+            except Exception:  # noqa: BLE001 - the scheduler must keep running
+                log.exception("queue scheduler tick failed")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._tasks:
+            done, pending = await asyncio.wait(self._tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        self.executor.shutdown(wait=True)
+
+    def _tick(self) -> None:
+        assert self.settings is not None
+        now = time.time()
+        sub = self.queue(SUBMISSION)
+        if not sub.suspended and not sub.active:
+            self._spawn(sub, self._categorise_submission(sub))
+        if now - self._last_scan >= 5:
+            self._last_scan = now
+            self._spawn(None, self._expire_and_delay())
+        server = self.settings.server
+        max_total = server.max_outbound_connections.value or 1_000_000
+        max_per_hop = server.max_per_domain_outbound_connections.value or 1_000_000
+        for key, q in list(self.queues.items()):
+            if key in (SUBMISSION, UNREACHABLE) or q.suspended:
+                continue
+            if q.in_retry(now):
+                continue
+            if not q.ready:
+                self._refill(q, now)
+            if not q.ready:
+                if not q.active and time.monotonic() - q.last_used > server.queue_max_idle_time.seconds \
+                        and q.next_retry is None:
+                    del self.queues[key]
+                continue
+            q.last_used = time.monotonic()
+            if q.delivery_type == "SmtpDeliveryToMailbox" and not key.startswith("lmtp:"):
+                wanted = min(MAILBOX_WORKERS, 1 + len(q.ready) // MAILBOX_BATCH)
+                while q.active < wanted:
+                    self._spawn(q, self._mailbox_worker(q))
+            else:
+                wanted = min(max_per_hop, 1 + len(q.ready) // 20)
+                while q.active < wanted and self.outbound_connections < max_total:
+                    self._spawn(q, self._smtp_worker(q))
+
+    def _spawn(self, q: DeliveryQueue | None, coro: Any) -> None:
+        if q is not None:
+            q.active += 1
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+
+        def finished(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if q is not None:
+                q.active -= 1
+            if not t.cancelled() and t.exception() is not None:
+                log.error("delivery worker for %s failed", q.key if q else "scan", exc_info=t.exception())
+            self.wake()
+
+        task.add_done_callback(finished)
+
+    def _refill(self, q: DeliveryQueue, now: float) -> None:
+        rows = self.store.reader().execute(
+            "SELECT DISTINCT r.message FROM recipient r JOIN message m ON m.id = r.message"
+            " WHERE r.queue=? AND r.status IN ('Ready','Retry') AND r.suspended=0 AND r.next_attempt<=?"
+            " AND m.poison=0 AND m.in_submission=0 ORDER BY r.next_attempt LIMIT ?",
+            (q.key, now, WINDOW)).fetchall()
+        for (message_id,) in rows:
+            q.offer(message_id)
+
+    def take(self, q: DeliveryQueue, n: int = 1) -> list[int]:
+        out = []
+        while q.ready and len(out) < n:
+            out.append(q.ready.popleft())
+        return out
+
+    def release(self, q: DeliveryQueue, ids: list[int]) -> None:
+        for i in ids:
+            q.held.discard(i)
+
+    # -- loading work ----------------------------------------------------------------------------
+    def load(self, message_id: int, queue: str) -> tuple[Any, list[Any]] | None:
+        """The message row and its pending, unsuspended recipients in ``queue``."""
+        db = self.store.reader()
+        msg = db.execute("SELECT * FROM message WHERE id=? AND poison=0", (message_id,)).fetchone()
+        if msg is None:
+            return None
+        rcpts = db.execute("SELECT * FROM recipient WHERE message=? AND queue=? AND status IN ('Ready','Retry')"
+                           " AND suspended=0 ORDER BY idx", (message_id, queue)).fetchall()
+        return msg, rcpts
+
+    # -- workers ----------------------------------------------------------------------------------
+    async def _mailbox_worker(self, q: DeliveryQueue) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            ids = self.take(q, MAILBOX_BATCH)
+            if not ids:
+                return
+            try:
+                work = [w for w in (self.load(i, q.key) for i in ids) if w is not None and w[1]]
+                bodies = [self.store.read_body(msg) for msg, _ in work]
+                results = await loop.run_in_executor(self.executor, self._deliver_mailbox, self.settings, work, bodies)
+                for (msg, rcpts), body, outcomes in zip(work, bodies, results):
+                    self.record(q, msg, rcpts, outcomes, body=body)
+            except Exception as exc:  # noqa: BLE001 - a message that breaks delivery goes towards Poison
+                log.exception("mailbox delivery failed")
+                for i in ids:
+                    self.processing_error(i, exc)
+            finally:
+                self.release(q, ids)
+
+    async def _smtp_worker(self, q: DeliveryQueue) -> None:
+        self.outbound_connections += 1
+        try:
+            await self._deliver_smtp(self, q)
+        finally:
+            self.outbound_connections -= 1
+
+    async def _categorise_submission(self, q: DeliveryQueue) -> None:
+        """Route messages waiting in Submission (suspended intake, failures, re-routing after config changes)."""
+        assert self.settings is not None
+        rows = self.store.reader().execute(
+            "SELECT id FROM message WHERE in_submission=1 AND poison=0 LIMIT 200").fetchall()
+        for (message_id,) in rows:
+            try:
+                self._categorise_one(message_id)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("categorising message %s failed", message_id)
+                self.processing_error(message_id, exc)
+            await asyncio.sleep(0)
+
+    def _categorise_one(self, message_id: int) -> None:
+        loaded = self.load(message_id, SUBMISSION)
+        if loaded is None:
+            return
+        msg, rcpts = loaded
+        updates, extra, failures, targets = [], [], [], set()
+        for r in rcpts:
+            route = self.route(r["address"], msg["size"])
+            if isinstance(route, Failure):
+                failures.append((r, route.reply))
+                continue
+            extra.append(("UPDATE recipient SET queue=? WHERE message=? AND idx=?", (route.queue, message_id, r["idx"])))
+            targets.add(route.queue)
+        extra.append(("UPDATE message SET in_submission=0 WHERE id=?", (message_id,)))
+        outcomes = {r["idx"]: ("permanent", reply) for r, reply in failures}
+        dsns, fail_updates = self._failure_effects(msg, [r for r, _ in failures], outcomes, source="ROUTING")
+        updates += fail_updates
+        fut = self.store.record(message_id, updates, dsns, extra)
+        fut.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._after_record, f, dsns, targets, message_id)
+                              if self.loop else None)
+
+    def _after_record(self, fut: concurrent.futures.Future[Any], dsns: list[NewMessage], targets: set[str],
+                      message_id: int) -> None:
+        if fut.exception() is not None:
+            log.error("recording outcomes of message %s failed: %s", message_id, fut.exception())
+            return
+        for d in dsns:
+            self._accepted(d, {"server_hostname": self.settings.server.fqdn if self.settings else ""}, "DSN")
+        for key in targets:
+            self.queue(key).offer(message_id)
+        self.wake()
+
+    # -- outcomes ---------------------------------------------------------------------------------
+    def record(self, q: DeliveryQueue, msg: Any, rcpts: list[Any], outcomes: list[Any], *, body: bytes | None = None,
+               remote: str | None = None, remote_ip: str | None = None) -> concurrent.futures.Future[Any]:
+        """Apply one delivery attempt's outcomes (``Outcome`` objects) for ``msg``."""
+        assert self.settings is not None
+        now = time.time()
+        by_idx = {r["idx"]: r for r in rcpts}
+        updates: list[tuple[Any, ...]] = []
+        failed_rows, delivered_rows, relayed_rows, deferred = [], [], [], []
+        results: dict[int, tuple[str, str]] = {}
+        for o in outcomes:
+            r = by_idx.get(o.idx)
+            if r is None:
+                continue
+            kind = o.kind
+            if kind == "transient" and now >= msg["expires_at"]:
+                kind, o_reply = "permanent", f"550 4.4.7 QUEUE.Expired; message expired, last error: {o.reply}"
+            else:
+                o_reply = o.reply
+            results[o.idx] = (kind, o_reply)
+            if kind == "delivered":
+                updates.append((o.idx, DELIVERED, o_reply, now, 0))
+                delivered_rows.append(r)
+                if getattr(o, "relayed", False):
+                    relayed_rows.append(r)
+            elif kind == "permanent":
+                failed_rows.append(r)
+            else:
+                retry_at = now + self.settings.server.message_retry_interval.seconds
+                updates.append((o.idx, RETRY, o_reply, retry_at, 1))
+                deferred.append(r)
+        common = dict(internal_message_id=msg["id"], message_id=msg["message_id"], network_message_id=msg["network_id"],
+                      sender=msg["sender"], return_path=msg["sender"], message_subject=msg["subject"],
+                      total_bytes=msg["size"], server_hostname=remote or self.settings.server.fqdn,
+                      server_ip=remote_ip, directionality=msg["directionality"],
+                      message_latency=round(now - msg["received_at"], 3))
+        mailbox = q.delivery_type == "SmtpDeliveryToMailbox" and not q.key.startswith("lmtp:")
+        if delivered_rows:
+            event, source = ("DELIVER", "STOREDRIVER") if mailbox else ("SEND", "SMTP")
+            self.tracker.event(event, source, recipients=[r["address"] for r in delivered_rows],
+                               recipient_status=[results[r["idx"]][1] for r in delivered_rows],
+                               recipient_count=len(delivered_rows), connector_id=q.connector or q.next_hop,
+                               source_context=f"{q.delivery_type};{q.next_hop}", **common)
+            q.outgoing.add()
+            self.delivered_total += len(delivered_rows)
+            if self.on_event:
+                self.on_event("delivered", {"queue": q, "count": len(delivered_rows),
+                                            "latency": now - msg["received_at"]})
+        if deferred:
+            self.tracker.event("DEFER", "SMTP" if not mailbox else "STOREDRIVER",
+                               recipients=[r["address"] for r in deferred],
+                               recipient_status=[results[r["idx"]][1] for r in deferred], recipient_count=len(deferred),
+                               connector_id=q.connector or q.next_hop, **common)
+        dsns: list[NewMessage] = []
+        if failed_rows:
+            fail_dsns, fail_updates = self._failure_effects(msg, failed_rows, results,
+                                                            source="STOREDRIVER" if mailbox else "SMTP",
+                                                            body=body, remote=remote, connector=q.connector)
+            dsns += fail_dsns
+            updates += fail_updates
+        success = [r for r in delivered_rows if DSN.wants(r["notify"], "SUCCESS")]
+        if success and msg["sender"]:
+            action = "relayed" if any(r in relayed_rows for r in success) else "delivered"
+            dsns.append(self._make_dsn(msg, body, action, [
+                DSN.DsnRecipient(r["address"], r["orcpt"], "2.0.0", results[r["idx"]][1], remote) for r in success]))
+        fut = self.store.record(msg["id"], updates, dsns)
+        fut.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._after_record, f, dsns, set(), msg["id"])
+                              if self.loop else None)
+        return fut
+
+    def _failure_effects(self, msg: Any, failed: list[Any], results: dict[int, tuple[str, str]], *, source: str,
+                         body: bytes | None = None, remote: str | None = None,
+                         connector: str | None = None) -> tuple[list[NewMessage], list[tuple[Any, ...]]]:
+        """Updates for failed recipients, FAIL events, and the NDR (one per attempt, never to <>)."""
+        now = time.time()
+        updates = [(r["idx"], FAILED, results[r["idx"]][1], now, 0) for r in failed]
+        if not failed:
+            return [], updates
+        self.failed_total += len(failed)
+        expired = any("QUEUE.Expired" in results[r["idx"]][1] for r in failed)
+        self.tracker.event("FAIL", "QUEUE" if expired else source, recipients=[r["address"] for r in failed],
+                           recipient_status=[results[r["idx"]][1] for r in failed], recipient_count=len(failed),
+                           internal_message_id=msg["id"], message_id=msg["message_id"],
+                           network_message_id=msg["network_id"], sender=msg["sender"], return_path=msg["sender"],
+                           message_subject=msg["subject"], total_bytes=msg["size"], connector_id=connector,
+                           server_hostname=remote or (self.settings.server.fqdn if self.settings else None))
+        if self.on_event:
+            self.on_event("failed", {"count": len(failed)})
+        notify = [r for r in failed if DSN.wants(r["notify"], "FAILURE")]
+        if not notify or not msg["sender"]:
+            return [], updates
+        if body is None:
+            body = self.store.read_body(msg)
+        recipients = [DSN.DsnRecipient(r["address"], r["orcpt"], DSN.status_of(results[r["idx"]][1], "5.0.0"),
+                                       results[r["idx"]][1], remote) for r in notify]
+        ndr = self._make_dsn(msg, body, "failed", recipients)
+        self.tracker.event("DSN", "DSN", recipients=[r["address"] for r in notify], recipient_count=len(notify),
+                           internal_message_id=msg["id"], message_id=msg["message_id"],
+                           network_message_id=msg["network_id"], sender=msg["sender"], reference=ndr.message_id,
+                           message_subject=msg["subject"], return_path=msg["sender"])
+        return [ndr], updates
+
+    def _make_dsn(self, msg: Any, body: bytes | None, action: str, recipients: list[DSN.DsnRecipient]) -> NewMessage:
+        assert self.settings is not None
+        if body is None:
+            body = self.store.read_body(msg)
+        routing = self.settings.routing
+        org = self.settings.org
+        postmaster = org.external_postmaster_address or f"postmaster@{routing.default_domain or self.settings.server.fqdn}"
+        limit = org.external_dsn_max_message_attach_size.bytes
+        content = DSN.build(action=action, reporting_mta=self.settings.server.fqdn, postmaster=postmaster,
+                            to=msg["sender"], original=body, subject=msg["subject"], recipients=recipients,
+                            arrival=msg["received_at"], envid=msg["envid"], ret=msg["ret"], max_attach=limit)
+        ref = self.store.append_body([content])
+        now = time.time()
+        prefix = {"failed": "Undeliverable", "delayed": "Delivery delayed", "delivered": "Delivered",
+                  "relayed": "Relayed"}[action]
+        target = self.categorise([(msg["sender"], None, "NEVER")], len(content))
+        message_id = content.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0].decode()
+        return NewMessage(network_id=str(uuid.uuid4()), message_id=message_id, sender="",
+                          subject=f"{prefix}: {msg['subject'] or ''}", size=len(content), received_at=now,
+                          expires_at=now + self.settings.server.message_expiration_timeout.seconds,
+                          recipients=target, body=BodyRef(ref.segment, ref.offset, ref.length), source="DSN",
+                          directionality="Originating", is_dsn=True,
+                          in_submission=any(r.queue == SUBMISSION for r in target))
+
+    def connection_failed(self, q: DeliveryQueue, error: str, host: str = "", ip: str = "") -> None:
+        """No host of the next hop could be reached: the queue goes to Retry on Exchange's schedule."""
+        assert self.settings is not None
+        server = self.settings.server
+        now = time.time()
+        q.retry_count += 1
+        q.first_retry = q.first_retry or now
+        q.last_retry = now
+        q.last_error, q.last_error_time, q.last_error_host, q.last_error_ip = error, now, host, ip
+        interval = server.transient_failure_retry_interval.seconds if q.retry_count <= \
+            server.transient_failure_retry_count else server.outbound_connection_failure_retry_interval.seconds
+        q.next_retry = now + interval
+        held = list(q.ready)
+        q.ready.clear()
+        for i in held:
+            q.held.discard(i)
+        self.store.execute("UPDATE recipient SET status='Retry', last_error=?, next_attempt=?, retry_count=retry_count+1"
+                           " WHERE queue=? AND status IN ('Ready','Retry') AND next_attempt<=?",
+                           (error, q.next_retry, q.key, now))
+        self.tracker.event("DEFER", "SMTP", connector_id=q.connector or q.next_hop,
+                           source_context=f"{q.delivery_type};{q.next_hop}", recipient_status=[error],
+                           server_hostname=host or None, server_ip=ip or None)
+
+    def connection_succeeded(self, q: DeliveryQueue) -> None:
+        q.retry_count = 0
+        q.first_retry = q.last_retry = q.next_retry = None
+        q.last_error = None
+
+    def processing_error(self, message_id: int, exc: BaseException) -> None:
+        """A message whose processing raised: count it; at PoisonThreshold it goes to the Poison queue."""
+        threshold = self.settings.server.poison_threshold if self.settings else 2
+        enabled = self.settings.server.poison_message_detection_enabled if self.settings else True
+        db = self.store.reader()
+        row = db.execute("SELECT error_count, message_id, network_id, sender, subject FROM message WHERE id=?",
+                         (message_id,)).fetchone()
+        if row is None:
+            return
+        count = row["error_count"] + 1
+        poison = enabled and count >= threshold
+        self.store.execute("UPDATE message SET error_count=?, poison=? WHERE id=?", (count, int(poison), message_id))
+        if poison:
+            self.queue(POISON)
+            self.tracker.event("POISONMESSAGE", "POISONMESSAGE", internal_message_id=message_id,
+                               message_id=row["message_id"], network_message_id=row["network_id"], sender=row["sender"],
+                               message_subject=row["subject"],
+                               source_context=f"processing failed {count} times: {type(exc).__name__}: {exc}")
+
+    # -- expiry and delay notifications --------------------------------------------------------------
+    async def _expire_and_delay(self) -> None:
+        assert self.settings is not None
+        server, org = self.settings.server, self.settings.org
+        now = time.time()
+        db = self.store.reader()
+        expired = db.execute("SELECT * FROM message WHERE expires_at<=? AND poison=0 LIMIT 200", (now,)).fetchall()
+        for msg in expired:
+            rcpts = db.execute("SELECT * FROM recipient WHERE message=? AND status IN ('Ready','Retry')",
+                               (msg["id"],)).fetchall()
+            if not rcpts:
+                continue
+            in_flight = any(msg["id"] in q.held for q in self.queues.values())
+            if in_flight:
+                continue
+            results = {r["idx"]: ("permanent", f"550 4.4.7 QUEUE.Expired; message expired"
+                                               + (f", last error: {r['last_error']}" if r["last_error"] else ""))
+                       for r in rcpts}
+            dsns, updates = self._failure_effects(msg, rcpts, results, source="QUEUE")
+            fut = self.store.record(msg["id"], updates, dsns)
+            fut.add_done_callback(lambda f, d=dsns, m=msg["id"]: self.loop.call_soon_threadsafe(
+                self._after_record, f, d, set(), m) if self.loop else None)
+            await asyncio.sleep(0)
+        if not (org.external_delay_dsn_enabled or org.internal_delay_dsn_enabled):
+            return
+        cutoff = now - server.delay_notification_timeout.seconds
+        delayed = db.execute("SELECT * FROM message WHERE received_at<=? AND delay_notified=0 AND poison=0 AND"
+                             " sender != '' AND is_dsn=0 LIMIT 200", (cutoff,)).fetchall()
+        for msg in delayed:
+            rcpts = db.execute("SELECT * FROM recipient WHERE message=? AND status IN ('Ready','Retry')",
+                               (msg["id"],)).fetchall()
+            wanted = [r for r in rcpts if DSN.wants(r["notify"], "DELAY")]
+            extra = [("UPDATE message SET delay_notified=1 WHERE id=?", (msg["id"],))]
+            dsns = []
+            if wanted:
+                dsns.append(self._make_dsn(msg, None, "delayed", [
+                    DSN.DsnRecipient(r["address"], r["orcpt"], "4.4.7",
+                                     r["last_error"] or "400 4.4.7 Message delayed") for r in wanted]))
+                self.tracker.event("DSN", "DSN", recipients=[r["address"] for r in wanted],
+                                   internal_message_id=msg["id"], message_id=msg["message_id"],
+                                   network_message_id=msg["network_id"], sender=msg["sender"],
+                                   reference=dsns[0].message_id, message_subject=msg["subject"],
+                                   source_context="delay notification")
+            fut = self.store.record(msg["id"], [], dsns, extra)
+            fut.add_done_callback(lambda f, d=dsns, m=msg["id"]: self.loop.call_soon_threadsafe(
+                self._after_record, f, d, set(), m) if self.loop else None)
+            await asyncio.sleep(0)

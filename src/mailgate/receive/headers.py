@@ -1,0 +1,99 @@
+"""The header block of a received message: parsed once, filtered by the header
+firewall, and read for the values tracking needs (Subject, Message-ID)."""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from dataclasses import dataclass, field
+
+from mailgate.receive.rights import Right
+
+_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+
+
+@dataclass
+class HeaderBlock:
+    fields: list[tuple[bytes, bytes]] = field(default_factory=list)   # (lower-case name, raw field incl. CRLF)
+    malformed: bool = False
+
+    @classmethod
+    def parse(cls, data: bytes) -> "HeaderBlock":
+        """Split a header block (without the blank line) into fields, keeping folded lines with their field."""
+        block = cls()
+        for line in data.split(b"\r\n"):
+            if not line:
+                continue
+            if line[:1] in (b" ", b"\t") and block.fields:
+                name, raw = block.fields[-1]
+                block.fields[-1] = (name, raw + line + b"\r\n")
+                continue
+            m = _FIELD_NAME.match(line)
+            if m is None:
+                block.malformed = True
+                name = b""
+            else:
+                name = m.group(1).lower()
+            block.fields.append((name, line + b"\r\n"))
+        return block
+
+    def get(self, name: str) -> str | None:
+        key = name.lower().encode()
+        for n, raw in self.fields:
+            if n == key:
+                value = raw.split(b":", 1)[1]
+                return re.sub(rb"\r\n[ \t]+", b" ", value).strip().decode("utf-8", "replace")
+        return None
+
+    def count(self, name: str) -> int:
+        key = name.lower().encode()
+        return sum(1 for n, _ in self.fields if n == key)
+
+    def strip(self, rights: Right) -> int:
+        """Remove headers the client may not set (Exchange's header firewall); returns how many."""
+        keep = []
+        removed = 0
+        for name, raw in self.fields:
+            if name.startswith(b"x-ms-exchange-organization-") and Right.AcceptOrganizationHeaders not in rights:
+                removed += 1
+            elif name.startswith(b"x-ms-exchange-forest-") and Right.AcceptForestHeaders not in rights:
+                removed += 1
+            elif name.startswith(b"x-source") and Right.AcceptOrganizationHeaders not in rights:
+                removed += 1  # our audit headers: only this server writes them
+            elif (name == b"received" or name.startswith(b"resent-")) and Right.AcceptRoutingHeaders not in rights:
+                removed += 1
+            else:
+                keep.append((name, raw))
+        self.fields = keep
+        return removed
+
+    def encode(self) -> bytes:
+        return b"".join(raw for _, raw in self.fields)
+
+
+def message_id_of(block: HeaderBlock) -> str | None:
+    value = block.get("Message-ID")
+    if not value:
+        return None
+    m = re.search(r"<[^<>\s]+>", value)
+    return m.group(0) if m else value.strip()
+
+
+def rfc5322_date() -> str:
+    return email.utils.formatdate(localtime=True)
+
+
+def fold(name: str, value: str) -> bytes:
+    """A header field, folded at spaces to stay under 78 characters per line where possible."""
+    line = f"{name}: {value}"
+    if len(line) <= 78:
+        return line.encode("utf-8") + b"\r\n"
+    out, current = [], ""
+    for word in line.split(" "):
+        if current and len(current) + 1 + len(word) > 78:
+            out.append(current)
+            current = "\t" + word
+        else:
+            current = f"{current} {word}" if current else word
+    out.append(current)
+    return "\r\n".join(out).encode("utf-8") + b"\r\n"

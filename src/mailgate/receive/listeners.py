@@ -1,0 +1,166 @@
+"""Listening sockets for every enabled binding of this server's receive
+connectors, kept in step with the configuration: bindings that appear are
+opened, bindings that disappear are closed, within one reload."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from mailgate.config.values import IPBinding
+from mailgate.receive.policy import ReceiveConfig
+from mailgate.receive.session import SmtpSession
+
+log = logging.getLogger("mailgate.receive")
+
+Endpoint = tuple[int, str, int]   # (family, address, port)
+
+
+@dataclass
+class BindError:
+    endpoint: str
+    connectors: list[str]
+    message: str
+
+
+def desired_endpoints(config: ReceiveConfig) -> dict[Endpoint, list[str]]:
+    """The sockets to open, with the connectors that use each; a wildcard binding covers its port."""
+    wanted: dict[Endpoint, list[str]] = {}
+    bindings: list[tuple[IPBinding, str]] = []
+    for c in config.connectors:
+        if c.enabled:
+            bindings += [(b, c.identity) for b in c.bindings]
+    wildcard_ports = {(b.version, b.port) for b, _ in bindings if b.is_wildcard}
+    for b, identity in bindings:
+        family = socket.AF_INET if b.version == 4 else socket.AF_INET6
+        if not b.is_wildcard and (b.version, b.port) in wildcard_ports:
+            address = "0.0.0.0" if b.version == 4 else "::"
+        else:
+            address = str(b.address)
+        wanted.setdefault((family, address, b.port), []).append(identity)
+    return wanted
+
+
+def _describe_bind_error(exc: OSError, endpoint: str, connectors: list[str], port: int) -> str:
+    who = ", ".join(f'"{c}"' for c in connectors)
+    example = connectors[0] if connectors else "<connector>"
+    fix = f'change the binding: Set-ReceiveConnector "{example}" -Bindings 0.0.0.0:{port + 2500 if port < 1024 else port + 1}'
+    if exc.errno == errno.EACCES:
+        return (f"Receive connector {who} can't listen on {endpoint}: permission denied. Ports below 1024 need root "
+                f"or the CAP_NET_BIND_SERVICE capability; run mailgate as root, grant the capability, or {fix}")
+    if exc.errno == errno.EADDRINUSE:
+        return (f"Receive connector {who} can't listen on {endpoint}: the address is already in use by another "
+                f"program (see: ss -ltnp 'sport = :{port}'). Stop that program or {fix}")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"Receive connector {who} can't listen on {endpoint}: that address isn't configured on this host. "
+                f"Use an address of this host or 0.0.0.0, e.g. {fix}")
+    if exc.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+        return f"Receive connector {who} can't listen on {endpoint}: this host has no IPv6 support."
+    return f"Receive connector {who} can't listen on {endpoint}: {exc.strerror or exc}"
+
+
+class ReceiveServer:
+    """Owns the listening sockets and the state every session shares."""
+
+    def __init__(self, *, store: Any, pipeline: Any, tracker: Any, protocol_log: Any,
+                 authenticate: Callable[[str, str], Awaitable[Any]], config: ReceiveConfig,
+                 reuse_port: bool = False) -> None:
+        self.store = store
+        self.pipeline = pipeline
+        self.tracker = tracker
+        self.protocol_log = protocol_log
+        self.authenticate = authenticate
+        self.config = config
+        self.reuse_port = reuse_port
+        self.sessions: set[SmtpSession] = set()
+        self.counts: dict[Any, int] = {}
+        self.refused = 0
+        self.listeners: dict[Endpoint, asyncio.AbstractServer] = {}
+        self.bind_errors: dict[Endpoint, BindError] = {}
+        self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
+        self.on_change: Callable[[str], None] | None = None   # reports opened/closed listeners and errors
+
+    def _make_socket(self, family: int, address: str, port: int) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port and hasattr(socket, "SO_REUSEPORT"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address, port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    async def apply(self, config: ReceiveConfig) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.config = config
+        wanted = desired_endpoints(config)
+        for endpoint in list(self.listeners):
+            if endpoint not in wanted:
+                server = self.listeners.pop(endpoint)
+                server.close()
+                self._report(f"Stopped listening on {_text(endpoint)}")
+        for endpoint, connectors in wanted.items():
+            if endpoint in self.listeners:
+                continue
+            family, address, port = endpoint
+            try:
+                sock = self._make_socket(family, address, port)
+            except OSError as exc:
+                message = _describe_bind_error(exc, _text(endpoint), connectors, port)
+                previous = self.bind_errors.get(endpoint)
+                self.bind_errors[endpoint] = BindError(_text(endpoint), connectors, message)
+                if previous is None or previous.message != message:
+                    self._report(message, error=True)
+                continue
+            server = await self.loop.create_server(lambda: SmtpSession(self), sock=sock)
+            self.listeners[endpoint] = server
+            self.bind_errors.pop(endpoint, None)
+            self._report(f"Listening on {_text(endpoint)} for {', '.join(connectors)}")
+        for endpoint in list(self.bind_errors):
+            if endpoint not in wanted:
+                del self.bind_errors[endpoint]
+
+    def _report(self, message: str, *, error: bool = False) -> None:
+        (log.error if error else log.info)(message)
+        if self.on_change:
+            self.on_change(message)
+
+    def status(self) -> list[dict[str, Any]]:
+        out = [{"endpoint": _text(e), "listening": True, "error": None} for e in self.listeners]
+        out += [{"endpoint": b.endpoint, "listening": False, "error": b.message} for b in self.bind_errors.values()]
+        return out
+
+    async def stop_listening(self) -> None:
+        for server in self.listeners.values():
+            server.close()
+        self.listeners.clear()
+
+    async def drain(self, grace: float) -> None:
+        """Let sessions finish what they are doing, then end the rest with 421."""
+        deadline = self.loop.time() + grace
+        for session in list(self.sessions):
+            if not session._blocked:
+                session.shutdown()
+        while self.sessions and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            for session in list(self.sessions):
+                if not session._blocked:
+                    session.shutdown()
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.abort()
+
+
+def _text(endpoint: Endpoint) -> str:
+    family, address, port = endpoint
+    return f"[{address}]:{port}" if family == socket.AF_INET6 else f"{address}:{port}"

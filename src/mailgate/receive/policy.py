@@ -1,0 +1,131 @@
+"""A receive connector compiled for sessions: what it advertises, whom it
+accepts, which certificate it presents. Rebuilt whenever the configuration
+changes; a session keeps the policy it started with."""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import functools
+import ssl
+from dataclasses import dataclass, field
+
+from mailgate.config.model import ReceiveConnector, TransportServer
+from mailgate.config.values import AuthMechanism, SizeMode
+from mailgate.receive import rights as R
+from mailgate.routing.table import RoutingTable
+from mailgate.smtp.replies import Reply
+from mailgate.smtp.server import Extensions
+
+
+@dataclass
+class ConnectorPolicy:
+    connector: ReceiveConnector
+    server: TransportServer
+    ssl_context: ssl.SSLContext | None = None
+    domain_secure_domains: frozenset[str] = frozenset()
+    _rights_cache: dict[tuple[str, ...], R.Right] = field(default_factory=dict)
+
+    @property
+    def identity(self) -> str:
+        return self.connector.identity
+
+    @property
+    def fqdn(self) -> str:
+        return self.connector.fqdn or self.server.fqdn
+
+    @property
+    def verbose_log(self) -> bool:
+        return self.connector.protocol_logging_level.value == "Verbose"
+
+    @property
+    def offers_tls(self) -> bool:
+        return AuthMechanism.Tls in self.connector.auth_mechanism and self.ssl_context is not None
+
+    @property
+    def externally_secured(self) -> bool:
+        return AuthMechanism.ExternalAuthoritative in self.connector.auth_mechanism
+
+    def auth_mechanisms(self, tls: bool) -> tuple[str, ...]:
+        am = self.connector.auth_mechanism
+        if AuthMechanism.BasicAuth not in am:
+            return ()
+        if AuthMechanism.BasicAuthRequireTLS in am and not tls:
+            return ()
+        return ("LOGIN", "PLAIN")
+
+    def auth_needs_tls(self, tls: bool) -> bool:
+        am = self.connector.auth_mechanism
+        return AuthMechanism.BasicAuth in am and AuthMechanism.BasicAuthRequireTLS in am and not tls
+
+    def extensions(self, tls: bool) -> Extensions:
+        c = self.connector
+        return Extensions(
+            pipelining=c.pipelining_enabled, eightbitmime=c.eight_bit_mime_enabled,
+            binarymime=c.binary_mime_enabled and c.chunking_enabled, chunking=c.chunking_enabled,
+            dsn=c.delivery_status_notification_enabled, smtputf8=c.smtp_utf8_enabled,
+            enhanced_status_codes=c.enhanced_status_codes_enabled, starttls=self.offers_tls and not tls,
+            auth=self.auth_mechanisms(tls), require_ehlo_domain=c.require_ehlo_domain,
+            reject_bare_linefeeds=c.bare_linefeed_rejection_enabled,
+        )
+
+    def banner(self) -> bytes:
+        if self.connector.banner:
+            text = self.connector.banner
+            return (text if text[3:4] in (" ", "-", "") else text[:3] + " " + text[3:]).encode() + b"\r\n"
+        date = email.utils.format_datetime(dt.datetime.now().astimezone())
+        return f"220 {self.fqdn} mailgate ESMTP MAIL Service ready at {date}\r\n".encode()
+
+    def ehlo_reply(self, verb: str, client_ip: str, tls: bool) -> Reply:
+        greeting = f"{self.fqdn} Hello [{client_ip}]"
+        if verb == "HELO":
+            return Reply(250, None, greeting)
+        c = self.connector
+        lines = [greeting]
+        if c.size_enabled is SizeMode.Enabled:
+            lines.append(f"SIZE {c.max_message_size.bytes}")
+        elif c.size_enabled is SizeMode.EnabledWithoutValue:
+            lines.append("SIZE")
+        if c.pipelining_enabled:
+            lines.append("PIPELINING")
+        if c.delivery_status_notification_enabled:
+            lines.append("DSN")
+        if c.enhanced_status_codes_enabled:
+            lines.append("ENHANCEDSTATUSCODES")
+        if self.offers_tls and not tls:
+            lines.append("STARTTLS")
+        mechanisms = self.auth_mechanisms(tls)
+        if mechanisms:
+            lines.append("AUTH " + " ".join(mechanisms))
+        if c.eight_bit_mime_enabled:
+            lines.append("8BITMIME")
+        if c.binary_mime_enabled and c.chunking_enabled:
+            lines.append("BINARYMIME")
+        if c.chunking_enabled:
+            lines.append("CHUNKING")
+        if c.smtp_utf8_enabled:
+            lines.append("SMTPUTF8")
+        return Reply(250, None, tuple(lines))
+
+    def rights(self, principals: tuple[str, ...]) -> R.Right:
+        cached = self._rights_cache.get(principals)
+        if cached is None:
+            cached = R.effective_rights(self.connector, list(principals))
+            self._rights_cache[principals] = cached
+        return cached
+
+
+@dataclass
+class ReceiveConfig:
+    """Everything sessions read, from one configuration revision."""
+
+    revision: int
+    server: TransportServer
+    connectors: list[ReceiveConnector]
+    policies: dict[str, ConnectorPolicy]
+    routing: RoutingTable
+    submission_suspended: bool = False
+
+    @functools.cached_property
+    def fqdn(self) -> str:
+        return self.server.fqdn

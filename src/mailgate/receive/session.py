@@ -1,0 +1,719 @@
+"""One SMTP session on a receive connector: an asyncio Protocol that drives the
+sans-I/O ``ServerProtocol`` and applies the connector's policy.
+
+Processing is synchronous for the common path (EHLO, MAIL, RCPT, body bytes)
+and pauses for the few things that wait: a durable commit, a password check,
+the TLS handshake, a tarpit delay. While paused the session stops reading, so
+its buffers stay bounded; replies to pipelined commands are sent together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from mailgate.queue.store import NewMessage
+from mailgate.receive import rights as R
+from mailgate.receive.headers import HeaderBlock, fold, message_id_of, rfc5322_date
+from mailgate.receive.message import IncomingMessage
+from mailgate.receive.policy import ConnectorPolicy, ReceiveConfig
+from mailgate.receive.selection import select_connector
+from mailgate.smtp import replies as RP
+from mailgate.smtp import server as S
+from mailgate.smtp.address import Address
+from mailgate.smtp.replies import Reply
+
+if TYPE_CHECKING:
+    from mailgate.receive.listeners import ReceiveServer
+
+log = logging.getLogger("mailgate.receive")
+
+_RESERVED_TLDS = {"test", "example", "invalid", "localhost"}
+_RESERVED_SLDS = {"example.com", "example.net", "example.org"}
+
+# X-MS-Exchange-Organization-AuthMechanism codes (reference §9.2)
+_AUTH_CODES = {"none": "00", "mutualtls": "02", "tlsauthlogin": "06", "login": "07", "secureexternal": "10"}
+
+
+class SmtpSession(asyncio.Protocol):
+    def __init__(self, server: "ReceiveServer") -> None:
+        self.server = server
+        self.transport: Any = None
+        self._out: list[bytes] = []
+        self._blocked = False
+        self._closing = False
+        self._reading_paused = False
+        self._write_paused = False
+        self.authenticated: str | None = None     # the mailbox's primary address
+        self.auth_mechanism = "none"
+        self._auth_state: dict[str, Any] | None = None
+        self.logon_failures = 0
+        self.protocol_errors = 0
+        self.tls_info: tuple[str, str] | None = None
+        self.helo = ""
+        self._reset_envelope()
+        self.messages = 0
+
+    # -- connection lifecycle --------------------------------------------------------
+    def connection_made(self, transport: Any) -> None:  # noqa: C901 - one place for the admission rules
+        self.transport = transport
+        self.started = self.last_activity = time.monotonic()
+        self.config: ReceiveConfig = self.server.config
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
+        self.remote_ip = ipaddress.ip_address(peer[0].split("%")[0])
+        self.remote = f"{peer[0]}:{peer[1]}" if self.remote_ip.version == 4 else f"[{peer[0]}]:{peer[1]}"
+        local_ip = ipaddress.ip_address(sock[0].split("%")[0])
+        self.local_ip = local_ip
+        self.local = f"{sock[0]}:{sock[1]}" if local_ip.version == 4 else f"[{sock[0]}]:{sock[1]}"
+        self.client_ip = str(self.remote_ip.ipv4_mapped or self.remote_ip) if isinstance(self.remote_ip, ipaddress.IPv6Address) \
+            else str(self.remote_ip)
+        connector = select_connector(self.config.connectors, local_ip, sock[1], self.remote_ip)
+        self.server.sessions.add(self)
+        if connector is None:
+            transport.write(f"554 5.7.1 {self.config.fqdn} No receive connector on this server accepts connections "
+                            f"from {self.client_ip} to {self.local}\r\n".encode())
+            self.server.refused += 1
+            self._close()
+            return
+        self.policy: ConnectorPolicy = self.config.policies[connector.guid]
+        self.connector = connector
+        self.machine = S.ServerProtocol(self.policy.extensions(tls=False))
+        self.plog = self.server.protocol_log.session(connector.identity, self.local, self.remote) \
+            if self.policy.verbose_log else None
+        if self.plog:
+            self.plog.write("+")
+        counts = self.server.counts
+        key, source_key = connector.guid, (connector.guid, self.client_ip)
+        total, per_source = counts.get(key, 0), counts.get(source_key, 0)
+        if connector.max_inbound_connection.exceeded_by(total + 1):
+            self._refuse(RP.CONCURRENT_CONNECTIONS)
+            return
+        limit = connector.max_inbound_connection_per_source
+        if limit.exceeded_by(per_source + 1):
+            self._refuse(RP.CONCURRENT_PER_SOURCE)
+            return
+        counts[key] = total + 1
+        counts[source_key] = per_source + 1
+        self._counted = (key, source_key)
+        self.rights = self._compute_rights()
+        if self.plog:
+            self.plog.write("*", R.log_tokens(self.rights), "Set Session Permissions")
+        self._write(self.policy.banner())
+        self._arm_timer()
+
+    def _refuse(self, reply: Reply) -> None:
+        self._write(reply.encode())
+        self._close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        counted = getattr(self, "_counted", None)
+        if counted:
+            for key in counted:
+                left = self.server.counts.get(key, 1) - 1
+                if left <= 0:
+                    self.server.counts.pop(key, None)
+                else:
+                    self.server.counts[key] = left
+            self._counted = None
+        timer = getattr(self, "_timer", None)
+        if timer is not None:
+            timer.cancel()
+        if self.message is not None:
+            self.message.abandon()
+            self.message = None
+        if getattr(self, "plog", None):
+            self.plog.write("-", "", "Remote" if not self._closing else "Local")
+        self.server.sessions.discard(self)
+        self._closing = True
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        want_pause = self._blocked or self._write_paused
+        if self.transport is None or self._closing:
+            return
+        if want_pause and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        elif not want_pause and self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """The server is stopping: end the session now unless a message is being committed."""
+        if self._closing:
+            return
+        if not self._blocked:
+            self._write(self.machine.reply(RP.SERVICE_NOT_AVAILABLE) if hasattr(self, "machine")
+                        else RP.SERVICE_NOT_AVAILABLE.encode())
+            self._close()
+
+    # -- timers ------------------------------------------------------------------------
+    def _arm_timer(self) -> None:
+        c = self.connector
+        now = time.monotonic()
+        deadline = min(self.last_activity + c.connection_inactivity_timeout.seconds,
+                       self.started + c.connection_timeout.seconds)
+        self._timer = asyncio.get_running_loop().call_later(max(0.05, deadline - now), self._on_timer)
+
+    def _on_timer(self) -> None:
+        if self._closing:
+            return
+        c = self.connector
+        now = time.monotonic()
+        if now - self.started >= c.connection_timeout.seconds:
+            self._write(self.machine.reply(RP.CONNECTION_TIMEOUT))
+            self._close()
+        elif now - self.last_activity >= c.connection_inactivity_timeout.seconds and not self._blocked:
+            self._write(self.machine.reply(RP.TIMEOUT))
+            self._close()
+        else:
+            self._arm_timer()
+
+    # -- input --------------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.last_activity = time.monotonic()
+        self.machine.feed(data)
+        if not self._blocked:
+            self._process()
+
+    def _process(self) -> None:
+        machine = self.machine
+        try:
+            while not self._blocked and not self._closing:
+                event = machine.next_event()
+                if event is S.NEED_DATA:
+                    break
+                self._dispatch(event)
+        except Exception:  # noqa: BLE001 - a bug must end this session, not the server
+            log.exception("session from %s on %s failed", self.client_ip, self.connector.identity)
+            self._out.append(RP.LOCAL_ERROR.encode())
+            self._flush()
+            self._close()
+            return
+        self._flush()
+        self._update_reading()
+
+    def _write(self, data: bytes) -> None:
+        self._out.append(data)
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            data = b"".join(self._out)
+            if self.plog:
+                for chunk in self._out:
+                    self.plog.sent(chunk)
+            self.transport.write(data)
+        self._out = []
+
+    def _reply(self, reply: Reply) -> None:
+        self._out.append(self.machine.reply(reply))
+        if reply.code == 421:
+            self._flush()
+            self._close()
+
+    def _block(self) -> None:
+        self._blocked = True
+        self._flush()
+        self._update_reading()
+
+    def _unblock(self) -> None:
+        self._blocked = False
+        if not self._closing:
+            self._process()
+
+    def _reply_later(self, reply: Reply, delay: float) -> None:
+        """Send a reply after ``delay`` seconds (tarpitting), holding back later commands."""
+        if delay <= 0:
+            self._reply(reply)
+            return
+        self._block()
+
+        def send() -> None:
+            if self._closing:
+                return
+            self._reply(reply)
+            self._unblock()
+
+        asyncio.get_running_loop().call_later(delay, send)
+
+    def _protocol_error(self, reply: Reply) -> None:
+        self.protocol_errors += 1
+        limit = self.connector.max_protocol_errors
+        if limit.value is not None and self.protocol_errors > limit.value:
+            self._reply(reply)
+            self._reply(RP.TOO_MANY_ERRORS)
+            return
+        self._reply(reply)
+
+    # -- dispatch -----------------------------------------------------------------------------
+    def _dispatch(self, ev: Any) -> None:
+        if self.plog and not isinstance(ev, (S.BodyChunk, S.AuthResponse)):
+            self._log_command(ev)
+        if isinstance(ev, S.BodyChunk):
+            if self.message is not None:
+                self.message.add(ev.data)
+        elif isinstance(ev, S.RcptTo):
+            self._on_rcpt(ev)
+        elif isinstance(ev, S.MailFrom):
+            self._on_mail(ev)
+        elif isinstance(ev, S.Hello):
+            self._on_hello(ev)
+        elif isinstance(ev, S.Data):
+            self._on_data()
+        elif isinstance(ev, S.Bdat):
+            self._on_bdat(ev)
+        elif isinstance(ev, S.BodyEnd):
+            self._on_body_end(ev)
+        elif isinstance(ev, S.Simple):
+            self._on_simple(ev)
+        elif isinstance(ev, S.Auth):
+            self._on_auth(ev)
+        elif isinstance(ev, S.AuthResponse):
+            if self.plog:
+                self.plog.received("***")
+            self._on_auth_response(ev)
+        elif isinstance(ev, S.BadCommand):
+            self._protocol_error(ev.reply)
+
+    def _log_command(self, ev: Any) -> None:
+        if isinstance(ev, S.Auth):
+            self.plog.received(f"AUTH {ev.mechanism}" + (" ***" if ev.initial else ""))
+        elif isinstance(ev, S.BodyEnd):
+            self.plog.write("*", "", f"{self.message.received if self.message else 0} bytes of message data received")
+        elif isinstance(ev, S.Hello):
+            self.plog.received(f"{ev.verb} {ev.domain}")
+        elif isinstance(ev, S.MailFrom):
+            self.plog.received(f"MAIL FROM:{ev.address.bracketed()}")
+        elif isinstance(ev, S.RcptTo):
+            self.plog.received(f"RCPT TO:{ev.raw}")
+        elif isinstance(ev, S.Data):
+            self.plog.received("DATA")
+        elif isinstance(ev, S.Bdat):
+            self.plog.received(f"BDAT {ev.size}" + (" LAST" if ev.last else ""))
+        elif isinstance(ev, S.Simple):
+            self.plog.received(f"{ev.verb} {ev.arg}".strip())
+        elif isinstance(ev, S.BadCommand):
+            self.plog.received(ev.line[:200])
+
+    # -- commands ---------------------------------------------------------------------------------
+    def _on_hello(self, ev: S.Hello) -> None:
+        self.helo = ev.domain
+        self._reset_envelope()
+        self.machine.ext = self.policy.extensions(tls=self.machine.tls)
+        self._reply(self.policy.ehlo_reply(ev.verb, self.client_ip, self.machine.tls))
+
+    def _on_simple(self, ev: S.Simple) -> None:
+        verb = ev.verb
+        if verb == "QUIT":
+            self._reply(RP.CLOSING)
+            self._flush()
+            self._close()
+        elif verb == "RSET":
+            self._reset_envelope()
+            self._reply(RP.RESETTING)
+        elif verb == "NOOP":
+            self._reply(RP.OK)
+        elif verb == "HELP":
+            self._reply(RP.HELP)
+        elif verb == "VRFY":
+            self._reply(RP.CANNOT_VRFY)
+        elif verb == "EXPN":
+            self._reply(RP.NOT_IMPLEMENTED)
+        elif verb == "STARTTLS":
+            self._on_starttls()
+
+    def _on_starttls(self) -> None:
+        ctx = self.policy.ssl_context
+        if ctx is None:
+            self._reply(RP.TLS_UNAVAILABLE)
+            return
+        self._reply(RP.TLS_READY)
+        self._block()
+        asyncio.ensure_future(self._start_tls(ctx))
+
+    async def _start_tls(self, ctx: Any) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(self.transport, self, ctx, server_side=True, ssl_handshake_timeout=30)
+        except (OSError, ConnectionError, asyncio.TimeoutError, ValueError) as exc:
+            if self.plog:
+                self.plog.write("*", "", f"TLS negotiation failed with error {type(exc).__name__}")
+            self._closing = True
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if transport is None:
+            self._closing = True
+            return
+        self.transport = transport
+        ssl_obj = transport.get_extra_info("ssl_object")
+        cipher = transport.get_extra_info("cipher") or ("", "", 0)
+        self.tls_info = (ssl_obj.version() if ssl_obj else "TLS", cipher[0])
+        self.machine.tls_started()
+        self.machine.ext = self.policy.extensions(tls=True)
+        self.peer_cert = transport.get_extra_info("peercert")
+        self.rights = self._compute_rights()
+        if self.plog:
+            self.plog.write("*", "", f"TLS protocol {self.tls_info[0]} negotiation succeeded using {self.tls_info[1]}")
+        self._unblock()
+
+    # -- authentication ------------------------------------------------------------------------
+    def _on_auth(self, ev: S.Auth) -> None:
+        if self.authenticated:
+            self._protocol_error(RP.AUTH_ALREADY)
+            return
+        if self.policy.auth_needs_tls(self.machine.tls):
+            self._reply(RP.AUTH_REQUIRES_TLS)
+            return
+        offered = self.policy.auth_mechanisms(self.machine.tls)
+        if ev.mechanism not in offered:
+            self._protocol_error(RP.AUTH_UNRECOGNIZED)
+            return
+        if ev.mechanism == "PLAIN":
+            if ev.initial is None:
+                self._auth_state = {"mech": "PLAIN"}
+                self._reply(RP.AUTH_CONTINUE)
+            else:
+                self._auth_plain(ev.initial)
+        else:  # LOGIN
+            if ev.initial is not None:
+                user = self._b64(ev.initial)
+                if user is None:
+                    return
+                self._auth_state = {"mech": "LOGIN", "user": user}
+                self._reply(RP.AUTH_PASSWORD)
+            else:
+                self._auth_state = {"mech": "LOGIN"}
+                self._reply(RP.AUTH_USERNAME)
+
+    def _b64(self, text: str) -> str | None:
+        try:
+            return base64.b64decode(text, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            self._auth_state = None
+            self._protocol_error(RP.AUTH_BAD_BASE64)
+            return None
+
+    def _on_auth_response(self, ev: S.AuthResponse) -> None:
+        state = self._auth_state
+        if state is None:
+            self._protocol_error(RP.BAD_SEQUENCE)
+            return
+        if ev.line.strip() == "*":
+            self._auth_state = None
+            self._reply(RP.AUTH_CANCELLED)
+            return
+        if state["mech"] == "PLAIN":
+            self._auth_plain(ev.line.strip())
+            return
+        value = self._b64(ev.line.strip())
+        if value is None:
+            return
+        if "user" not in state:
+            state["user"] = value
+            self._reply(RP.AUTH_PASSWORD)
+        else:
+            self._verify(state["user"], value, "LOGIN")
+
+    def _auth_plain(self, token: str) -> None:
+        value = self._b64(token)
+        if value is None:
+            return
+        parts = value.split("\0")
+        if len(parts) != 3:
+            self._auth_state = None
+            self._protocol_error(RP.AUTH_BAD_BASE64)
+            return
+        authzid, user, password = parts
+        if authzid and authzid.lower() != user.lower():
+            self._auth_state = None
+            self._fail_logon()
+            return
+        self._verify(user, password, "PLAIN")
+
+    def _verify(self, user: str, password: str, mechanism: str) -> None:
+        self._auth_state = None
+        self._block()
+        future = asyncio.ensure_future(self.server.authenticate(user, password))
+
+        def done(fut: asyncio.Future[Any]) -> None:
+            if self._closing:
+                return
+            mailbox = None if fut.cancelled() or fut.exception() else fut.result()
+            if mailbox is None:
+                self._fail_logon()
+                if self._blocked:
+                    return  # tarpitted: _fail_logon unblocks later
+                self._unblock()
+                return
+            self.authenticated = mailbox.primary_smtp_address
+            self._mailbox_addresses = tuple(mailbox.addresses())
+            self.auth_mechanism = "tlsauthlogin" if self.machine.tls else "login"
+            self.rights = self._compute_rights()
+            if self.plog:
+                self.plog.write("*", R.log_tokens(self.rights), f"Inbound AUTH {mechanism} succeeded for {user}")
+            self._reply(RP.AUTH_OK)
+            self._unblock()
+
+        future.add_done_callback(done)
+
+    def _fail_logon(self) -> None:
+        self.logon_failures += 1
+        if self.plog:
+            self.plog.write("*", "", "Inbound AUTH failed because of LogonDenied")
+        limit = self.connector.max_logon_failures
+        if limit and self.logon_failures >= limit:
+            self._reply(RP.AUTH_FAILED)
+            self._reply(RP.TOO_MANY_LOGON_FAILURES)
+            return
+        self._reply_later(RP.AUTH_FAILED, self.connector.auth_tarpit_interval.seconds)
+
+    # -- rights -------------------------------------------------------------------------------------
+    def _compute_rights(self) -> R.Right:
+        principals = R.session_principals(
+            authenticated_as=self.authenticated, mailbox_names=getattr(self, "_mailbox_addresses", ()),
+            externally_secured=self.policy.externally_secured)
+        return self.policy.rights(tuple(principals))
+
+    # -- the envelope ---------------------------------------------------------------------------------
+    def _reset_envelope(self) -> None:
+        self.sender: Address | None = None
+        self.mail_params: Any = None
+        self.recipients: list[tuple[Address, Any]] = []
+        msg = getattr(self, "message", None)
+        if msg is not None:
+            msg.abandon()
+        self.message: IncomingMessage | None = None
+        self.internal_id = 0
+
+    def _tarpit(self) -> float:
+        return 0.0 if self.authenticated else self.connector.tarpit_interval.seconds
+
+    def _on_mail(self, ev: S.MailFrom) -> None:
+        c = self.connector
+        if c.require_tls and not self.machine.tls:
+            self._reply(RP.MUST_STARTTLS)
+            return
+        if R.Right.Submit not in self.rights:
+            reply = RP.NOT_AUTHENTICATED if not self.authenticated and self.policy.auth_mechanisms(True) \
+                else RP.NO_SUBMIT_PERMISSION
+            self._reply(reply)
+            return
+        size = ev.params.size
+        if size is not None and not c.max_message_size.allows(size) and R.Right.BypassMessageSizeLimit not in self.rights:
+            self._reply(RP.MESSAGE_TOO_BIG)
+            return
+        sender = ev.address
+        if not sender.is_null and R.Right.AcceptAnySender not in self.rights:
+            if self.authenticated:
+                if sender.lower() not in getattr(self, "_mailbox_addresses", ()):
+                    self._reply(RP.NO_SEND_AS_PERMISSION)
+                    return
+            elif self.config.routing.is_authoritative(sender.domain) and \
+                    R.Right.AcceptAuthoritativeDomainSender not in self.rights:
+                self._reply(RP.NO_SEND_AS_PERMISSION)
+                return
+        self.sender = sender
+        self.mail_params = ev.params
+        self.recipients = []
+        self._reply(RP.SENDER_OK)
+
+    def _on_rcpt(self, ev: S.RcptTo) -> None:
+        c = self.connector
+        address = ev.address
+        if not address.domain:
+            if address.local.lower() == "postmaster":
+                address = Address(address.local, self.config.routing.default_domain or self.policy.fqdn)
+            elif c.default_domain:
+                address = Address(address.local, c.default_domain.lower())
+            else:
+                self._protocol_error(RP.INVALID_RECIPIENT)
+                return
+        if len(self.recipients) >= c.max_recipients_per_message and \
+                R.Right.BypassMessageSizeLimit not in self.rights:
+            self._reply(RP.TOO_MANY_RECIPIENTS)
+            return
+        domain = address.domain
+        labels = domain.strip("[]").split(".")
+        if not domain.startswith("["):
+            if c.reject_single_label_recipient_domains and len(labels) == 1:
+                self._reply(Reply(501, "5.1.6", "Recipient addresses in single label domains not accepted"))
+                return
+            if (c.reject_reserved_top_level_recipient_domains and labels[-1] in _RESERVED_TLDS) or \
+                    (c.reject_reserved_second_level_recipient_domains and ".".join(labels[-2:]) in _RESERVED_SLDS):
+                self._reply(Reply(501, "5.1.4", "Recipient address reserved by RFC 2606"))
+                return
+        resolution = self.config.routing.resolve(str(address))
+        if resolution.kind == "external" and R.Right.AcceptAnyRecipient not in self.rights:
+            self._reply_later(RP.RELAY_DENIED, self._tarpit())
+            return
+        if resolution.kind == "unknown":
+            self._reply_later(RP.RECIPIENT_NOT_FOUND, self._tarpit())
+            return
+        self.recipients.append((address, ev.params))
+        self._reply(RP.RECIPIENT_OK)
+
+    def _start_message(self) -> None:
+        c = self.connector
+        max_size = None if R.Right.BypassMessageSizeLimit in self.rights else c.max_message_size.bytes
+        self.internal_id = self.server.store.allocate_id()
+        self.network_id = str(uuid.uuid4())
+        self.message = IncomingMessage(self.server.store, max_size=max_size, max_header=c.max_header_size.bytes or 262144,
+                                       on_headers=self._stamp_headers)
+
+    def _on_data(self) -> None:
+        if self.connector.require_tls and not self.machine.tls:
+            self._reply(RP.MUST_STARTTLS)
+            return
+        if not self.recipients:
+            self._reply(RP.NEED_RCPT)
+            return
+        self._start_message()
+        self._reply(RP.START_MAIL_INPUT)
+
+    def _on_bdat(self, ev: S.Bdat) -> None:
+        if self.message is None and self.recipients and self.sender is not None:
+            if self.connector.require_tls and not self.machine.tls:
+                return  # refused at the end of the chunk (the chunk is read either way)
+            self._start_message()
+
+    def _on_body_end(self, ev: S.BodyEnd) -> None:
+        msg = self.message
+        if msg is None:
+            # BDAT after a refused RCPT list, or refused for TLS: the chunk was read and is dropped.
+            self._reply(RP.MUST_STARTTLS if self.connector.require_tls and not self.machine.tls else RP.NEED_RCPT)
+            self._reset_envelope()
+            return
+        if not ev.last:
+            if msg.error is None:
+                self._reply(Reply(250, "2.6.0", RP.CHUNK_OK.format(n=msg.received)))
+            else:
+                self._reply(msg.error)
+                self._reset_envelope()
+            return
+        error = msg.error
+        if error is None and ev.bare_linefeeds and self.connector.bare_linefeed_rejection_enabled:
+            error = RP.BARE_LINEFEEDS
+        if error is None and msg.headers is not None and msg.headers.count("Received") > self.connector.max_hop_count:
+            error = RP.HOP_COUNT_EXCEEDED
+        if error is not None:
+            self._reply(error)
+            self._reset_envelope()
+            return
+        self._commit(msg)
+
+    # -- headers ---------------------------------------------------------------------------------------
+    def _stamp_headers(self, block: HeaderBlock) -> bytes:
+        """Header firewall, then the trace and audit headers this server adds (prepended)."""
+        block.strip(self.rights)
+        self.subject = block.get("Subject")
+        self.message_id = message_id_of(block)
+        hops = block.count("Received")
+        self._hop_exceeded = hops > self.connector.max_hop_count
+        fqdn = self.policy.fqdn
+        tls = self.tls_info
+        if self.authenticated:
+            proto = "ESMTPSA" if tls else "ESMTPA"
+        else:
+            proto = "ESMTPS" if tls else ("ESMTP" if self.machine.esmtp else "SMTP")
+        with_clause = f"{proto} (version={tls[0]}, cipher={tls[1]})" if tls else proto
+        recipient = f" for <{self.recipients[0][0]}>" if len(self.recipients) == 1 else ""
+        lines = [fold("Received", f"from {self.helo or 'unknown'} ({self.client_ip}) by {fqdn} ({self.local_ip}) "
+                                  f"with {with_clause} id {self.internal_id}{recipient}; {rfc5322_date()}")]
+        auth_as = "Internal" if (self.authenticated or self.policy.externally_secured) else "Anonymous"
+        mech = _AUTH_CODES["secureexternal"] if self.policy.externally_secured else _AUTH_CODES[self.auth_mechanism]
+        org = [
+            ("X-MS-Exchange-Organization-AuthSource", fqdn),
+            ("X-MS-Exchange-Organization-AuthAs", auth_as),
+            ("X-MS-Exchange-Organization-AuthMechanism", mech),
+            ("X-MS-Exchange-Organization-Network-Message-Id", self.network_id),
+            ("X-MS-Exchange-Organization-MessageDirectionality", "Originating" if self.authenticated else "Incoming"),
+            ("X-MS-Exchange-Organization-OriginalClientIPAddress", self.client_ip),
+            ("X-Source", f"SMTP:{self.connector.identity}"),
+            ("X-Source-IP", self.client_ip),
+            ("X-Source-Auth", self.authenticated or "anonymous"),
+            ("X-Source-AuthMechanism", {"none": "None", "login": "Login", "tlsauthlogin": "TLSAuthLogin"}.get(
+                self.auth_mechanism, "None") if not self.policy.externally_secured else "ExternalAuthoritative"),
+            ("X-Source-TLS", f"{tls[0]} {tls[1]}" if tls else "none"),
+        ]
+        if self.authenticated:
+            org.append(("X-Originating-IP", f"[{self.client_ip}]"))
+        lines += [fold(name, value) for name, value in org]
+        if self.message_id is None:
+            self.message_id = f"<{self.network_id}@{fqdn}>"
+            lines.append(fold("Message-ID", self.message_id))
+        return b"".join(lines)
+
+    # -- commit ------------------------------------------------------------------------------------------
+    def _commit(self, msg: IncomingMessage) -> None:
+        try:
+            body = msg.finish()
+        except OSError:
+            log.exception("storing a message body failed")
+            self._reply(RP.INSUFFICIENT_RESOURCES)
+            self._reset_envelope()
+            return
+        sender = self.sender or Address.null()
+        params = self.mail_params
+        now = time.time()
+        pipeline = self.server.pipeline
+        recipients = pipeline.categorise([(str(a), p.orcpt, ",".join(p.notify) if p.notify else None)
+                                          for a, p in self.recipients], msg.stored_size, self.config)
+        new = NewMessage(
+            id=self.internal_id, network_id=self.network_id, message_id=self.message_id, sender=str(sender),
+            subject=self.subject, size=msg.stored_size, received_at=now,
+            expires_at=now + self.config.server.message_expiration_timeout.seconds, recipients=recipients, body=body,
+            source=f"SMTP:{self.connector.identity}", source_ip=self.client_ip, client_hostname=self.helo,
+            connector=self.connector.identity, auth_as=self.authenticated,
+            directionality="Originating" if self.authenticated else "Incoming",
+            envid=params.envid if params else None, ret=params.ret if params else None,
+            body_type=params.body if params else None, smtputf8=bool(params and params.smtputf8),
+            in_submission=any(r.queue == "Submission" for r in recipients))
+        self.message = None
+        self._block()
+        self.messages += 1
+        future = pipeline.submit(new, self._receive_event_fields(new))
+
+        def done(fut: Any) -> None:
+            if self._closing and self.transport is None:
+                return
+            if fut.exception() is not None:
+                log.error("committing message %s failed: %s", new.id, fut.exception())
+                reply = RP.LOCAL_ERROR
+            else:
+                reply = Reply(250, "2.6.0", RP.QUEUED.format(message_id=new.message_id, internal_id=new.id,
+                                                             host=self.policy.fqdn))
+            self._reset_envelope()
+            if not self._closing:
+                self._reply(reply)
+                self._unblock()
+
+        future.add_done_callback(lambda f: self.server.loop.call_soon_threadsafe(done, f))
+
+    def _receive_event_fields(self, new: NewMessage) -> dict[str, Any]:
+        return dict(client_ip=self.client_ip, client_hostname=self.helo, server_ip=str(self.local_ip),
+                    server_hostname=self.policy.fqdn, connector_id=self.connector.identity,
+                    source_context=f"{self.plog.session_id if self.plog else ''};{len(self.recipients)} recipients",
+                    original_client_ip=self.client_ip, message_info=f"{self.tls_info[0]}" if self.tls_info else None)

@@ -1,0 +1,156 @@
+"""The categoriser's rules, compiled from one configuration snapshot:
+recipient resolution against accepted domains and mailboxes, and the choice of
+send connector (reference §2.3, §3).
+
+A recipient resolves to one of:
+- a mailbox (authoritative or internal-relay domain with a matching address),
+- an unknown address in an authoritative domain (refused at RCPT, NDR later),
+- a relay domain (InternalRelay without mailbox, ExternalRelay) or an external
+  domain: routed through the best send connector, or Unreachable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mailgate.config.model import AcceptedDomain, Mailbox, SendConnector
+from mailgate.config.values import DomainType
+
+# Queue keys. Delivery queues are created per next hop, as Exchange does.
+SUBMISSION = "Submission"
+UNREACHABLE = "Unreachable"
+POISON = "Poison"
+
+NO_CONNECTOR = "A matching connector cannot be found to route the external recipient"
+RECIPIENT_NOT_FOUND = "550 5.1.1 RESOLVER.ADR.ExRecipNotFound; not found"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    queue: str                 # key of the delivery queue
+    delivery_type: str         # Exchange's DeliveryType
+    next_hop: str              # NextHopDomain as Get-Queue shows it
+    connector: str | None      # send connector name (None for mailbox delivery)
+    category: str              # Internal / External
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    kind: str                  # mailbox | unknown | relay | external
+    address: str               # the address as given (lower-cased domain)
+    mailbox: Mailbox | None = None
+    domain: AcceptedDomain | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A recipient that can never be delivered: NDR with this status."""
+
+    status: str                # "5.1.1"
+    reply: str                 # "550 5.1.1 ..."
+
+
+def mailbox_database(server: str) -> str:
+    return f"Mailbox Database {server}"
+
+
+class RoutingTable:
+    def __init__(self, snapshot: dict[str, list[Any]], server: str) -> None:
+        self.server = server
+        self.domains: list[AcceptedDomain] = list(snapshot.get("AcceptedDomain", []))
+        self.domains.sort(key=lambda d: -len(d.domain_name))  # most specific first
+        self.mailboxes: dict[str, Mailbox] = {}
+        for box in snapshot.get("Mailbox", []):
+            for address in box.addresses():
+                self.mailboxes[address] = box
+        self.connectors: list[SendConnector] = [c for c in snapshot.get("SendConnector", []) if c.enabled]
+        default = next((d for d in self.domains if d.default), None)
+        self.default_domain = default.domain_name.removeprefix("*.") if default else ""
+
+    # -- resolution ------------------------------------------------------------
+    def accepted_domain(self, domain: str) -> AcceptedDomain | None:
+        domain = domain.lower()
+        exact = [d for d in self.domains if not d.domain_name.startswith("*.") and d.matches(domain)]
+        if exact:
+            return exact[0]
+        for d in self.domains:
+            if d.matches(domain):
+                return d
+        return None
+
+    def resolve(self, address: str) -> Resolution:
+        local, _, domain = address.rpartition("@")
+        address = f"{local}@{domain.lower()}"
+        accepted = self.accepted_domain(domain)
+        box = self.mailboxes.get(address.lower())
+        if accepted is None:
+            return Resolution("external", address)
+        if box is not None and accepted.domain_type is not DomainType.ExternalRelay:
+            return Resolution("mailbox", address, box, accepted)
+        if accepted.domain_type is DomainType.Authoritative:
+            return Resolution("unknown", address, None, accepted)
+        return Resolution("relay", address, None, accepted)
+
+    def is_authoritative(self, domain: str) -> bool:
+        accepted = self.accepted_domain(domain)
+        return accepted is not None and accepted.domain_type is DomainType.Authoritative
+
+    # -- routing --------------------------------------------------------------------
+    def route(self, address: str, size: int = 0) -> Route | Failure:
+        res = self.resolve(address)
+        if res.kind == "mailbox":
+            domain = res.domain
+            if domain is not None and domain.lmtp_target:
+                return Route(f"lmtp:{domain.lmtp_target}", "SmtpDeliveryToMailbox", domain.lmtp_target, None, "Internal")
+            db = mailbox_database(self.server)
+            return Route("mailbox", "SmtpDeliveryToMailbox", db, None, "Internal")
+        if res.kind == "unknown":
+            return Failure("5.1.1", RECIPIENT_NOT_FOUND)
+        domain = address.rpartition("@")[2].lower()
+        return self.route_domain(domain, size)
+
+    def candidates(self, domain: str) -> list[tuple[int, int, str, SendConnector]]:
+        """Connectors matching ``domain``: (-specificity, cost, name, connector), best first."""
+        out = []
+        for c in self.connectors:
+            best: tuple[int, int] | None = None
+            for space in c.address_spaces:
+                length = space.match_length(domain)
+                if length < 0:
+                    continue
+                if best is None or (length, -space.cost) > (best[0], -best[1]):
+                    best = (length, space.cost)
+            if best is not None:
+                out.append((-best[0], best[1], c.name.lower(), c))
+        out.sort(key=lambda t: t[:3])
+        return out
+
+    def route_domain(self, domain: str, size: int = 0) -> Route | Failure:
+        matches = self.candidates(domain)
+        if not matches:
+            return Route(UNREACHABLE, "Unreachable", "Unreachable Domain", None, "Internal")
+        fitting = [m for m in matches if m[3].max_message_size.allows(size)]
+        if not fitting:
+            return Failure("5.3.4", "552 5.3.4 Message size exceeds fixed maximum size for route")
+        best_rank = fitting[0][:2]
+        tied = [m for m in fitting if m[:2] == best_rank]
+        local = [m for m in tied if self._is_source(m[3])]   # fewer hops: a connector this server sends for
+        chosen = (local or tied)[0][3]                      # then the lowest name (candidates are sorted)
+        if not self._is_source(chosen):
+            # Another server of the organisation sends for this connector (multi-server organisation).
+            return Route(f"relay:{chosen.name.lower()}", "SmtpRelayToConnectorSourceServers", chosen.name, chosen.name,
+                         "Internal")
+        if chosen.dns_routing_enabled:
+            return Route(f"dns:{chosen.name.lower()}:{domain}", "DnsConnectorDelivery", domain, chosen.name, "External")
+        hosts = ",".join(str(h) for h in chosen.smart_hosts)
+        return Route(f"smarthost:{chosen.name.lower()}", "SmartHostConnectorDelivery", hosts, chosen.name, "External")
+
+    def _is_source(self, connector: SendConnector) -> bool:
+        servers = connector.source_transport_servers
+        return not servers or any(s.lower() == self.server.lower() for s in servers)
+
+    def connector(self, name: str | None) -> SendConnector | None:
+        if name is None:
+            return None
+        return next((c for c in self.connectors if c.name.lower() == name.lower()), None)

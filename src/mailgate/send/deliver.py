@@ -1,0 +1,235 @@
+"""Delivery agents the queue manager runs: SMTP/LMTP through send connectors,
+and mailbox delivery into Maildir."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+from mailgate.config.model import SendConnector
+from mailgate.config.values import SmartHostAuthMechanism
+from mailgate.routing import dns as D
+from mailgate.send import maildir
+from mailgate.send.smtp import (
+    ConnectFailure,
+    ConnectionLost,
+    OutboundMessage,
+    Outcome,
+    OutRecipient,
+    SessionSettings,
+    SmtpConnection,
+    TlsPolicy,
+)
+from mailgate.smtp.client import ProtocolViolation
+
+log = logging.getLogger("mailgate.send")
+
+MAILBOX_REJECTED = "550 5.1.1 RESOLVER.ADR.ExRecipNotFound; not found"
+
+
+class Delivery:
+    """Holds what delivery needs besides the queue manager: secrets, logs, TLS material."""
+
+    def __init__(self, *, secrets: Any, protocol_log: Any, mailbox_root: Path, tls: Any = None) -> None:
+        self.secrets = secrets
+        self.protocol_log = protocol_log
+        self.mailbox_root = mailbox_root
+        self.tls = tls                       # tls.runtime.TlsMaterial or None
+        self._resolvers: dict[tuple[str, ...], Any] = {}
+
+    def resolver(self, servers: list[str]) -> Any:
+        key = tuple(servers)
+        r = self._resolvers.get(key)
+        if r is None:
+            r = D.make_resolver(list(servers))
+            self._resolvers[key] = r
+        return r
+
+    # -- SMTP ----------------------------------------------------------------------------------
+    def session_settings(self, manager: Any, connector: SendConnector | None, domain: str,
+                         lmtp: bool = False) -> SessionSettings:
+        server = manager.settings.server
+        if connector is None:
+            return SessionSettings(helo_name=server.fqdn, port=25, lmtp=lmtp)
+        secure = domain.lower() in {d.lower() for d in manager.settings.org.tls_send_domain_secure_list} \
+            and connector.domain_secure_enabled
+        level = connector.tls_auth_level.value if connector.tls_auth_level else "EncryptionOnly"
+        tls = TlsPolicy(require=connector.require_tls or secure, ignore_starttls=connector.ignore_starttls,
+                        level="DomainValidation" if secure else level,
+                        domain=connector.tls_domain or (domain if secure else None))
+        if self.tls is not None:
+            tls.ca_pem = self.tls.trusted_pem()
+            if connector.tls_certificate_name or secure:
+                tls.client_context = self.tls.client_loader(connector.tls_certificate_name)
+        auth = None
+        mech = connector.smart_host_auth_mechanism
+        if mech in (SmartHostAuthMechanism.BasicAuth, SmartHostAuthMechanism.BasicAuthRequireTLS) \
+                and connector.authentication_credential is not None:
+            cred = connector.authentication_credential
+            auth = (cred.user_name, self.secrets.decrypt(cred.encrypted_password).decode("utf-8"))
+        log_factory = None
+        if connector.protocol_logging_level.value == "Verbose":
+            def log_factory(local: str, remote: str, _name: str = connector.name) -> Any:
+                session = self.protocol_log.session(_name, local, remote)
+                session.write("+")
+                return session
+        return SessionSettings(helo_name=connector.fqdn or server.fqdn, port=connector.port or 25,
+                               force_helo=connector.force_helo, tls=tls, auth=auth,
+                               auth_require_tls=mech is SmartHostAuthMechanism.BasicAuthRequireTLS,
+                               timeout=connector.connection_inactivity_time_out.seconds, lmtp=lmtp, log=log_factory)
+
+    async def hosts_for(self, manager: Any, q: Any, connector: SendConnector | None) -> list[D.Host]:
+        server = manager.settings.server
+        use_external = connector is not None and connector.use_external_dns_servers_enabled
+        servers = server.external_dns_servers if use_external else server.internal_dns_servers
+        resolver = self.resolver(servers)
+        if q.delivery_type == "DnsConnectorDelivery":
+            return await D.mx_hosts(resolver, q.next_hop)
+        if q.delivery_type == "SmartHostConnectorDelivery" and connector is not None:
+            return await D.smart_hosts(resolver, connector.smart_hosts)
+        if q.key.startswith("lmtp:"):
+            host, _, _port = q.next_hop.rpartition(":")
+            return [D.Host(host, (host,))] if _is_ip(host) else [D.Host(host, (await D._addresses(resolver, host)))]
+        if q.delivery_type == "SmtpRelayToConnectorSourceServers" and connector is not None:
+            return await self._source_servers(manager, resolver, connector)
+        raise D.DnsFailure(f"451 4.4.0 No way to reach the next hop {q.next_hop}", permanent=False)
+
+    async def _source_servers(self, manager: Any, resolver: Any, connector: SendConnector) -> list[D.Host]:
+        hosts = []
+        for name in connector.source_transport_servers:
+            fqdn = manager.server_fqdns.get(name.lower()) if hasattr(manager, "server_fqdns") else None
+            fqdn = fqdn or name
+            try:
+                addresses = await D._addresses(resolver, fqdn) if not _is_ip(fqdn) else (fqdn,)
+            except D.DnsFailure:
+                continue
+            if addresses:
+                hosts.append(D.Host(fqdn, addresses))
+        if not hosts:
+            raise D.DnsFailure(f"451 4.4.0 None of the source servers of {connector.name} could be resolved",
+                               permanent=False)
+        return hosts
+
+    async def deliver_smtp(self, manager: Any, q: Any) -> None:
+        routing = manager.settings.routing
+        connector = routing.connector(q.connector) if q.connector else None
+        if q.connector and connector is None:
+            return  # the connector was removed or disabled: the manager re-routes this queue
+        lmtp = q.key.startswith("lmtp:")
+        try:
+            hosts = await self.hosts_for(manager, q, connector)
+        except D.DnsFailure as failure:
+            if failure.permanent:
+                self._fail_window(manager, q, failure.reply)
+            else:
+                manager.connection_failed(q, failure.reply)
+            return
+        settings = self.session_settings(manager, connector, q.next_hop, lmtp=lmtp)
+        if lmtp:
+            settings.port = int(q.next_hop.rpartition(":")[2] or 24)
+            settings.tls = TlsPolicy()
+        max_per_connection = connector.smtp_max_messages_per_connection if connector else 20
+        conn: SmtpConnection | None = None
+        try:
+            while not manager._stopping:
+                ids = manager.take(q, 1)
+                if not ids:
+                    manager._refill(q, time.time())
+                    ids = manager.take(q, 1)
+                    if not ids:
+                        return
+                message_id = ids[0]
+                try:
+                    loaded = manager.load(message_id, q.key)
+                    if loaded is None or not loaded[1]:
+                        continue
+                    msg, rcpts = loaded
+                    if conn is None or conn.messages_sent >= max_per_connection:
+                        if conn is not None:
+                            await conn.close()
+                            conn = None
+                        try:
+                            conn = await SmtpConnection.open(hosts, settings, domain=q.next_hop)
+                        except ConnectFailure as failure:
+                            if failure.permanent:
+                                self._fail_window(manager, q, failure.reply)
+                            manager.connection_failed(q, failure.reply, failure.host, failure.endpoint)
+                            return
+                        manager.connection_succeeded(q)
+                    body = manager.store.read_body(msg)
+                    out = OutboundMessage(
+                        id=msg["id"], sender=msg["sender"], size=len(body), body=body, body_type=msg["body_type"],
+                        smtputf8=bool(msg["smtputf8"]), envid=msg["envid"], ret=msg["ret"],
+                        recipients=[OutRecipient(r["idx"], r["address"], r["orcpt"], r["notify"]) for r in rcpts])
+                    try:
+                        outcomes = await conn.send(out)
+                    except (ConnectionLost, OSError, ProtocolViolation, ssl.SSLError, asyncio.TimeoutError) as exc:
+                        reply = f"421 4.4.2 Connection dropped due to {type(exc).__name__}: {exc}"
+                        manager.record(q, msg, rcpts, [Outcome(r["idx"], "transient", reply) for r in rcpts], body=body)
+                        manager.connection_failed(q, reply, conn.host.name, conn.endpoint)
+                        await conn.close(quit=False)
+                        conn = None
+                        return
+                    manager.record(q, msg, rcpts, outcomes, body=body, remote=conn.host.name or conn.address,
+                                   remote_ip=conn.address)
+                except Exception as exc:  # noqa: BLE001 - a message that breaks delivery heads for Poison
+                    log.exception("delivering message %s through %s failed", message_id, q.key)
+                    manager.processing_error(message_id, exc)
+                finally:
+                    manager.release(q, ids)
+        finally:
+            if conn is not None:
+                await conn.close()
+
+    def _fail_window(self, manager: Any, q: Any, reply: str) -> None:
+        """A permanent next-hop failure (null MX, nonexistent domain): every message here gets an NDR."""
+        manager._refill(q, time.time() + 10 * 365 * 86400)
+        while True:
+            ids = manager.take(q, 50)
+            if not ids:
+                return
+            for message_id in ids:
+                loaded = manager.load(message_id, q.key)
+                if loaded and loaded[1]:
+                    msg, rcpts = loaded
+                    manager.record(q, msg, rcpts, [Outcome(r["idx"], "permanent", reply) for r in rcpts])
+            manager.release(q, ids)
+
+    # -- mailboxes ----------------------------------------------------------------------------------
+    def deliver_mailbox(self, settings: Any, work: list[tuple[Any, list[Any]]], bodies: list[bytes]) -> list[list[Outcome]]:
+        """Runs in a worker thread: write each recipient's copy into its Maildir."""
+        routing = settings.routing
+        results = []
+        for (msg, rcpts), body in zip(work, bodies):
+            outcomes = []
+            for r in rcpts:
+                resolution = routing.resolve(r["address"])
+                if resolution.kind != "mailbox" or resolution.mailbox is None:
+                    outcomes.append(Outcome(r["idx"], "permanent", MAILBOX_REJECTED))
+                    continue
+                box = resolution.mailbox
+                path = maildir.mailbox_path(self.mailbox_root, box.primary_smtp_address)
+                name = maildir.unique_name(msg["received_at"], msg["network_id"], r["idx"])
+                trace = f"Return-Path: <{msg['sender']}>\r\nDelivered-To: {r['address']}\r\n".encode()
+                try:
+                    maildir.deliver(path, name, trace + body)
+                except OSError as exc:
+                    outcomes.append(Outcome(r["idx"], "transient", f"452 4.3.1 Mailbox delivery failed: {exc.strerror}"))
+                    continue
+                outcomes.append(Outcome(r["idx"], "delivered", f"250 2.0.0 Delivered to {box.primary_smtp_address}"))
+            results.append(outcomes)
+        return results
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False

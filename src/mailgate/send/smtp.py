@@ -1,0 +1,404 @@
+"""Outbound SMTP (and LMTP) sessions on the sans-I/O ``smtp.client`` helpers.
+
+A ``SmtpConnection`` is opened to the first reachable host of a next hop,
+negotiates STARTTLS and AUTH as the send connector's policy says, and then
+carries messages one transaction after another (pipelined when the peer
+offers PIPELINING), reporting each recipient's outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from mailgate.routing.dns import Host
+from mailgate.smtp import client as C
+from mailgate.smtp.replies import Reply
+
+FAILOVER = ("Attempted failover to alternate host, but that did not succeed. Either there are no alternate hosts, "
+            "or delivery failed to all alternate hosts. The last endpoint attempted was {endpoint}")
+
+
+@dataclass(slots=True)
+class OutRecipient:
+    idx: int
+    address: str
+    orcpt: str | None = None
+    notify: str | None = None
+
+
+@dataclass(slots=True)
+class OutboundMessage:
+    id: int
+    sender: str
+    size: int
+    recipients: list[OutRecipient]
+    body: bytes
+    body_type: str | None = None
+    smtputf8: bool = False
+    envid: str | None = None
+    ret: str | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    idx: int
+    kind: str          # delivered | transient | permanent
+    reply: str
+    relayed: bool = False  # accepted by a peer without DSN support (we owe a "relayed" DSN)
+
+
+@dataclass
+class TlsPolicy:
+    require: bool = False
+    ignore_starttls: bool = False
+    level: str = "EncryptionOnly"             # EncryptionOnly | CertificateValidation | DomainValidation
+    domain: str | None = None                 # name the certificate must carry (DomainValidation)
+    client_context: Callable[[ssl.SSLContext], None] | None = None   # loads our client certificate
+    ca_pem: str | None = None                 # extra trusted roots (imported certificates)
+
+
+@dataclass
+class SessionSettings:
+    helo_name: str
+    port: int = 25
+    force_helo: bool = False
+    tls: TlsPolicy = field(default_factory=TlsPolicy)
+    auth: tuple[str, str] | None = None
+    auth_require_tls: bool = False
+    timeout: float = 600.0
+    connect_timeout: float = 30.0
+    lmtp: bool = False
+    log: Any = None                           # a ProtocolSession factory (local, remote) → session, or None
+
+
+class ConnectFailure(Exception):
+    """No host of the next hop could be used; ``reply`` is the queue's LastError."""
+
+    def __init__(self, reply: str, endpoint: str = "", host: str = "", permanent: bool = False) -> None:
+        super().__init__(reply)
+        self.reply = reply
+        self.endpoint = endpoint
+        self.host = host
+        self.permanent = permanent
+
+
+class ConnectionLost(Exception):
+    pass
+
+
+def _verify_name(cert: dict[str, Any], wanted: str) -> bool:
+    names = [v for k, v in cert.get("subjectAltName", ()) if k == "DNS"]
+    if not names:
+        names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+    wanted = wanted.lower().rstrip(".")
+    for name in names:
+        name = name.lower().rstrip(".")
+        if wanted.startswith("*."):
+            if name == wanted or (name.startswith("*.") and name[2:] == wanted[2:]):
+                return True
+            if name.endswith(wanted[1:]) and name.count(".") == wanted.count("."):
+                return True
+        elif name == wanted:
+            return True
+        elif name.startswith("*.") and wanted.endswith(name[1:]) and wanted.count(".") == name.count("."):
+            return True
+    return False
+
+
+def client_context(policy: TlsPolicy) -> ssl.SSLContext:
+    from mailgate.tls.certs import harden
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    harden(ctx)
+    ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.check_hostname = False
+    if policy.level in ("CertificateValidation", "DomainValidation"):
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_default_certs()
+        if policy.ca_pem:
+            ctx.load_verify_locations(cadata=policy.ca_pem)
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    if policy.client_context is not None:
+        policy.client_context(ctx)
+    return ctx
+
+
+class SmtpConnection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, settings: SessionSettings,
+                 host: Host, address: str, log: Any) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.settings = settings
+        self.host = host
+        self.address = address
+        self.endpoint = f"{address}:{settings.port}" if ":" not in address else f"[{address}]:{settings.port}"
+        self.parser = C.ReplyParser()
+        self.pending: list[Reply] = []
+        self.extensions: dict[str, str] = {}
+        self.tls: tuple[str, str] | None = None
+        self.peer_certificate: dict[str, Any] | None = None
+        self.log = log
+        self.messages_sent = 0
+        self.banner = ""
+
+    # -- opening -----------------------------------------------------------------------
+    @classmethod
+    async def open(cls, hosts: list[Host], settings: SessionSettings, *, domain: str = "") -> "SmtpConnection":
+        last_error = "no hosts"
+        last_endpoint = ""
+        last_host = ""
+        for host in hosts:
+            for address in host.addresses:
+                endpoint = f"{address}:{settings.port}" if ":" not in address else f"[{address}]:{settings.port}"
+                last_endpoint, last_host = endpoint, host.name or address
+                try:
+                    reader, writer = await asyncio.wait_for(
+                        asyncio.open_connection(address, settings.port, limit=1 << 20), settings.connect_timeout)
+                except (OSError, asyncio.TimeoutError) as exc:
+                    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+                    last_error = (f'441 4.4.1 Error encountered while communicating with primary target IP address: '
+                                  f'"Failed to connect: {reason}."')
+                    continue
+                sock = writer.get_extra_info("sockname")
+                local = f"{sock[0]}:{sock[1]}" if sock else ""
+                log = settings.log(local, endpoint) if settings.log else None
+                conn = cls(reader, writer, settings, host, address, log)
+                try:
+                    await conn._handshake(domain)
+                    return conn
+                except _HostRefused as refusal:
+                    last_error = (f'451 4.4.0 Primary target IP address responded with: "{refusal.reply}." ')
+                    await conn.close(quit=False)
+                    if refusal.fatal:
+                        raise ConnectFailure(refusal.reply, endpoint, last_host) from None
+                except (ConnectionLost, OSError, asyncio.TimeoutError, ssl.SSLError, C.ProtocolViolation) as exc:
+                    last_error = f'421 4.4.2 Connection dropped: {type(exc).__name__}: {exc}'
+                    await conn.close(quit=False)
+        raise ConnectFailure(f"{last_error.rstrip()} {FAILOVER.format(endpoint=last_endpoint)}", last_endpoint, last_host)
+
+    async def _handshake(self, domain: str) -> None:
+        banner = await self._reply()
+        self.banner = str(banner)
+        if banner.code != 220:
+            raise _HostRefused(str(banner), fatal=False)
+        await self._hello()
+        policy = self.settings.tls
+        offered = "STARTTLS" in self.extensions
+        if offered and not policy.ignore_starttls:
+            reply = await self._command(b"STARTTLS\r\n")
+            if reply.code != 220:
+                if policy.require:
+                    raise _HostRefused(f"451 5.7.3 STARTTLS is required to send mail; the peer answered {reply}",
+                                       fatal=False)
+            else:
+                await self._start_tls(policy, domain)
+                await self._hello()
+        elif policy.require:
+            raise _HostRefused("451 5.7.3 STARTTLS is required to send mail", fatal=False)
+        if self.settings.auth is not None:
+            await self._authenticate()
+
+    async def _hello(self) -> None:
+        verb = "LHLO" if self.settings.lmtp else ("HELO" if self.settings.force_helo else "EHLO")
+        reply = await self._command(C.ehlo_command(self.settings.helo_name, verb))
+        if reply.code != 250 and verb == "EHLO":
+            reply = await self._command(C.ehlo_command(self.settings.helo_name, "HELO"))
+        if reply.code != 250:
+            raise _HostRefused(str(reply), fatal=False)
+        self.extensions = {}
+        if verb != "HELO":
+            for line in reply.lines[1:]:
+                key, _, value = line.partition(" ")
+                self.extensions[key.upper()] = value
+
+    async def _start_tls(self, policy: TlsPolicy, domain: str) -> None:
+        ctx = client_context(policy)
+        server_name = self.host.name or None
+        await self.writer.start_tls(ctx, server_hostname=server_name)
+        ssl_obj = self.writer.get_extra_info("ssl_object")
+        self.tls = (ssl_obj.version() or "TLS", (ssl_obj.cipher() or ("",))[0])
+        self.peer_certificate = ssl_obj.getpeercert() if policy.level != "EncryptionOnly" else None
+        if self.log:
+            self.log.write("*", "", f"TLS negotiation succeeded: {self.tls[0]} {self.tls[1]}")
+        if policy.level == "DomainValidation":
+            wanted = policy.domain or domain
+            if not self.peer_certificate or not _verify_name(self.peer_certificate, wanted):
+                raise _HostRefused(f"454 4.7.5 Certificate validation failure: the certificate of {self.host.name or self.address} "
+                                   f"is not valid for {wanted}", fatal=False)
+
+    async def _authenticate(self) -> None:
+        user, password = self.settings.auth  # type: ignore[misc]
+        if self.settings.auth_require_tls and self.tls is None:
+            raise _HostRefused("530 5.7.0 The smart host requires TLS before the credentials can be sent "
+                               "(SmartHostAuthMechanism BasicAuthRequireTLS)", fatal=False)
+        mechanisms = self.extensions.get("AUTH", "").upper().split()
+        if "PLAIN" in mechanisms:
+            reply = await self._command(C.auth_plain(user, password), secret=True)
+        elif "LOGIN" in mechanisms:
+            reply = await self._command(b"AUTH LOGIN\r\n")
+            if reply.code == 334:
+                reply = await self._command(base64.b64encode(user.encode()) + b"\r\n", secret=True)
+            if reply.code == 334:
+                reply = await self._command(base64.b64encode(password.encode()) + b"\r\n", secret=True)
+        else:
+            raise _HostRefused("530 5.7.0 The smart host doesn't offer AUTH PLAIN or LOGIN, so the connector's "
+                               "credentials can't be used", fatal=False)
+        if reply.code != 235:
+            raise _HostRefused(str(reply), fatal=False)
+
+    # -- I/O ------------------------------------------------------------------------------------
+    async def _reply(self) -> Reply:
+        while not self.pending:
+            try:
+                data = await asyncio.wait_for(self.reader.read(65536), self.settings.timeout)
+            except asyncio.TimeoutError:
+                raise ConnectionLost("timed out waiting for the peer") from None
+            if not data:
+                raise ConnectionLost("the peer closed the connection")
+            self.pending.extend(self.parser.feed(data))
+        reply = self.pending.pop(0)
+        if self.log:
+            self.log.write("<", str(reply))
+        return reply
+
+    async def _command(self, data: bytes, *, secret: bool = False) -> Reply:
+        self._send(data, secret=secret)
+        await self.writer.drain()
+        return await self._reply()
+
+    def _send(self, data: bytes, *, secret: bool = False) -> None:
+        if self.log:
+            self.log.write(">", "***" if secret else data.decode("utf-8", "replace").rstrip("\r\n"))
+        self.writer.write(data)
+
+    # -- a transaction -----------------------------------------------------------------------------
+    async def send(self, msg: OutboundMessage) -> list[Outcome]:
+        ext = self.extensions
+        size_limit = ext.get("SIZE", "")
+        if size_limit.isdigit() and int(size_limit) and msg.size > int(size_limit):
+            return [Outcome(r.idx, "permanent", f"552 5.3.4 Message size exceeds fixed maximum message size of the "
+                                                f"peer ({int(size_limit):,} bytes)") for r in msg.recipients]
+        needs_utf8 = not msg.sender.isascii() or any(not r.address.isascii() for r in msg.recipients)
+        if needs_utf8 and "SMTPUTF8" not in ext:
+            return [Outcome(r.idx, "permanent", "553 5.6.7 The peer doesn't support SMTPUTF8, which the addresses "
+                                                "of this message need") for r in msg.recipients]
+        binary = msg.body_type == "BINARYMIME"
+        if binary and not ("BINARYMIME" in ext and "CHUNKING" in ext):
+            return [Outcome(r.idx, "permanent", "554 5.6.3 The message is BINARYMIME and the peer doesn't support "
+                                                "it; conversion isn't possible") for r in msg.recipients]
+        dsn = "DSN" in ext
+        body = msg.body_type if msg.body_type in ("8BITMIME", "BINARYMIME") and msg.body_type in ext else None
+        try:
+            mail = C.mail_command(msg.sender, size=msg.size if "SIZE" in ext else None, body=body,
+                                  smtputf8=needs_utf8 and msg.smtputf8, ret=msg.ret if dsn else None,
+                                  envid=msg.envid if dsn else None)
+            rcpts = [C.rcpt_command(r.address, notify=tuple(r.notify.split(",")) if dsn and r.notify else None,
+                                    orcpt=r.orcpt if dsn else None) for r in msg.recipients]
+        except ValueError as exc:
+            return [Outcome(r.idx, "permanent", f"550 5.1.3 {exc}") for r in msg.recipients]
+        use_bdat = binary and "CHUNKING" in ext
+        pipelining = "PIPELINING" in ext
+        if pipelining:
+            for line in [mail, *rcpts]:
+                self._send(line)
+            if not use_bdat:
+                self._send(b"DATA\r\n")
+            await self.writer.drain()
+            mail_reply = await self._reply()
+            rcpt_replies = [await self._reply() for _ in rcpts]
+            data_reply = await self._reply() if not use_bdat else None
+        else:
+            mail_reply = await self._command(mail)
+            if mail_reply.code != 250:
+                return self._all(msg, mail_reply)
+            rcpt_replies = [await self._command(r) for r in rcpts]
+            data_reply = None
+            if not use_bdat and any(r.code in (250, 251) for r in rcpt_replies):
+                data_reply = await self._command(b"DATA\r\n")
+        if mail_reply.code != 250:
+            if data_reply is not None and data_reply.code == 354:
+                await self._abort_data()
+            return self._all(msg, mail_reply)
+        accepted = [r for r, reply in zip(msg.recipients, rcpt_replies) if reply.code in (250, 251)]
+        outcomes = [Outcome(r.idx, _kind(reply), str(reply)) for r, reply in zip(msg.recipients, rcpt_replies)
+                    if reply.code not in (250, 251)]
+        if not accepted:
+            if data_reply is not None and data_reply.code == 354:
+                await self._abort_data()
+            return outcomes
+        if use_bdat:
+            final = [await self._command(f"BDAT {len(msg.body)} LAST\r\n".encode() + msg.body)]
+        else:
+            if data_reply is None or data_reply.code != 354:
+                reply = data_reply or Reply(451, "4.4.0", "DATA was not accepted")
+                return outcomes + [Outcome(r.idx, _kind(reply), str(reply)) for r in accepted]
+            self.writer.write(C.dot_stuff(msg.body))
+            if self.log:
+                self.log.write("*", "", f"sending message with RecordId {msg.id}")
+            await self.writer.drain()
+            if self.settings.lmtp:
+                final = [await self._reply() for _ in accepted]
+            else:
+                final = [await self._reply()]
+        self.messages_sent += 1
+        for i, r in enumerate(accepted):
+            reply = final[i] if self.settings.lmtp else final[0]
+            kind = "delivered" if reply.code == 250 else _kind(reply)
+            outcomes.append(Outcome(r.idx, kind, str(reply), relayed=kind == "delivered" and not dsn))
+        return outcomes
+
+    async def _abort_data(self) -> None:
+        """DATA was accepted but no recipient was: send an empty body so the session stays in step."""
+        self.writer.write(b".\r\n")
+        await self.writer.drain()
+        await self._reply()
+
+    @staticmethod
+    def _all(msg: OutboundMessage, reply: Reply) -> list[Outcome]:
+        return [Outcome(r.idx, _kind(reply), str(reply)) for r in msg.recipients]
+
+    async def reset(self) -> bool:
+        try:
+            return (await self._command(b"RSET\r\n")).code == 250
+        except (ConnectionLost, OSError):
+            return False
+
+    async def close(self, *, quit: bool = True) -> None:
+        try:
+            if quit and not self.writer.is_closing():
+                self._send(b"QUIT\r\n")
+                await asyncio.wait_for(self.writer.drain(), 5)
+                try:
+                    await asyncio.wait_for(self._reply(), 5)
+                except (ConnectionLost, asyncio.TimeoutError, C.ProtocolViolation):
+                    pass
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            self.writer.close()
+            try:
+                await asyncio.wait_for(self.writer.wait_closed(), 5)
+            except (OSError, asyncio.TimeoutError, ssl.SSLError):
+                pass
+            if self.log:
+                self.log.write("-", "", "Local")
+
+
+class _HostRefused(Exception):
+    def __init__(self, reply: str, *, fatal: bool) -> None:
+        super().__init__(reply)
+        self.reply = reply
+        self.fatal = fatal
+
+
+def _kind(reply: Reply) -> str:
+    if reply.code >= 500:
+        return "permanent"
+    return "transient"
+

@@ -1,0 +1,312 @@
+"""The composition root: builds the parts of a transport server, keeps them in
+step with the organisation's configuration, and stops them gracefully.
+
+    receive connectors ─▶ queue (durable) ─▶ queue manager ─▶ send connectors / mailboxes
+                                   │                │
+                                tracking ◀──────────┘
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from mailgate.config.model import Certificate, Mailbox, ReceiveConnector, TransportConfig, TransportServer
+from mailgate.config.secrets import SecretBox, verify_password
+from mailgate.config.store import ConfigStore
+from mailgate.control import ControlServer
+from mailgate.errors import UserError
+from mailgate.home import Home
+from mailgate.manage.organisation import smtp_certificate
+from mailgate.queue.admin import QueueAdmin
+from mailgate.queue.manager import QueueManager, RuntimeSettings
+from mailgate.queue.store import BodyRef, NewMessage, QueueStore
+from mailgate.receive.listeners import ReceiveServer
+from mailgate.receive.policy import ConnectorPolicy, ReceiveConfig
+from mailgate.routing.table import SUBMISSION, RoutingTable
+from mailgate.send.deliver import Delivery
+from mailgate.tls import certs
+from mailgate.tracking.tracker import MessageTracker, ProtocolLog
+
+log = logging.getLogger("mailgate")
+
+CONFIG_POLL_SECONDS = 1.0
+
+
+class TransportService:
+    """One running transport server."""
+
+    def __init__(self, home: Home, *, admin_listen: str | None = None, announce: Any = print) -> None:
+        self.home = home
+        self.admin_listen = admin_listen if admin_listen is not None else home.admin_listen
+        self.announce = announce
+        self.store = ConfigStore(home.store_url)
+        self.secrets = SecretBox.for_home(home.path)
+        self.revision = -1
+        self.snapshot: dict[str, list[Any]] = {}
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._ssl_cache: dict[tuple[str, bool], Any] = {}
+        self.started = time.time()
+
+    # -- configuration ----------------------------------------------------------------
+    def _server_object(self, snapshot: dict[str, list[Any]]) -> TransportServer:
+        for s in snapshot.get("TransportServer", []):
+            if s.name.lower() == self.home.server.lower():
+                return s
+        raise UserError(f"The organisation has no transport server named {self.home.server}; "
+                        f"this data directory belongs to a server that was removed.")
+
+    def _ssl_context(self, connector: ReceiveConnector, server: TransportServer, certificates: list[Certificate],
+                     org: TransportConfig) -> Any:
+        try:
+            cert = smtp_certificate(certificates, server.name, connector.fqdn or server.fqdn,
+                                    connector.tls_certificate_name)
+        except ValueError:
+            cert = None
+        if cert is None:
+            return None
+        secure = connector.domain_secure_enabled and bool(org.tls_receive_domain_secure_list)
+        key = (cert.thumbprint, secure)
+        ctx = self._ssl_cache.get(key)
+        if ctx is None:
+            trusted = "".join(c.certificate_pem + c.chain_pem for c in certificates if not c.has_private_key) or None
+            ctx = certs.server_context(cert, self.secrets, client_ca_pem=trusted, request_client_cert=secure)
+            self._ssl_cache[key] = ctx
+        return ctx
+
+    def build_receive_config(self, revision: int, snapshot: dict[str, list[Any]]) -> tuple[ReceiveConfig, RuntimeSettings]:
+        server = self._server_object(snapshot)
+        org = next(iter(snapshot.get("TransportConfig", [])), None) or TransportConfig()
+        routing = RoutingTable(snapshot, server.name)
+        mine = [c for c in snapshot.get("ReceiveConnector", []) if c.server.lower() == server.name.lower()]
+        certificates = snapshot.get("ExchangeCertificate", [])
+        policies = {}
+        for c in mine:
+            ctx = self._ssl_context(c, server, certificates, org)
+            policies[c.guid] = ConnectorPolicy(c, server, ctx,
+                                               frozenset(d.lower() for d in org.tls_receive_domain_secure_list))
+        config = ReceiveConfig(revision, server, mine, policies, routing)
+        return config, RuntimeSettings(server, org, routing)
+
+    async def reload(self, force: bool = False) -> bool:
+        revision = await asyncio.to_thread(self.store.revision)
+        if revision == self.revision and not force:
+            return False
+        revision, snapshot = await asyncio.to_thread(self.store.snapshot)
+        config, settings = self.build_receive_config(revision, snapshot)
+        self.snapshot = snapshot
+        self.revision = revision
+        self.server_object = config.server
+        self.manager.server_fqdns = {s.name.lower(): s.fqdn for s in snapshot.get("TransportServer", [])}
+        self.manager.apply(settings)
+        self.tracker.configure(config.server, self.home.log_dir / "MessageTracking")
+        s = config.server
+        self.receive_log.configure(Path(s.receive_protocol_log_path) if s.receive_protocol_log_path
+                                   else self.home.log_dir / "ProtocolLog" / "SmtpReceive",
+                                   max_age=s.receive_protocol_log_max_age.seconds,
+                                   max_directory_size=s.receive_protocol_log_max_directory_size.bytes,
+                                   max_file_size=s.receive_protocol_log_max_file_size.bytes)
+        self.send_log.configure(Path(s.send_protocol_log_path) if s.send_protocol_log_path
+                                else self.home.log_dir / "ProtocolLog" / "SmtpSend",
+                                max_age=s.send_protocol_log_max_age.seconds,
+                                max_directory_size=s.send_protocol_log_max_directory_size.bytes,
+                                max_file_size=s.send_protocol_log_max_file_size.bytes)
+        await self.receive.apply(config)
+        return True
+
+    async def _watch_config(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), CONFIG_POLL_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+            if self._stop.is_set():
+                return
+            try:
+                await self.reload()
+            except UserError as exc:
+                log.error("%s", exc.message)
+            except Exception:  # noqa: BLE001 - keep serving with the last good configuration
+                log.exception("reloading the configuration failed")
+
+    async def _maintenance(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), 3600)
+            except asyncio.TimeoutError:
+                pass
+            for job in (self.tracker.prune, self.receive_log.files.prune, self.send_log.files.prune):
+                try:
+                    await asyncio.to_thread(job)
+                except Exception:  # noqa: BLE001
+                    log.exception("log retention failed")
+
+    # -- authentication ---------------------------------------------------------------------
+    async def authenticate(self, user: str, password: str) -> Mailbox | None:
+        key = user.strip().lower()
+        if "\\" in key:
+            key = key.split("\\", 1)[1]
+        candidates = [m for m in self.snapshot.get("Mailbox", [])
+                      if key in (m.name.lower(), m.alias.lower()) or key in m.addresses()]
+        if len(candidates) != 1 or not candidates[0].password_hash:
+            await asyncio.to_thread(verify_password, password, _DUMMY_HASH)  # same cost for unknown users
+            return None
+        box = candidates[0]
+        ok = await asyncio.to_thread(verify_password, password, box.password_hash)
+        return box if ok else None
+
+    # -- runtime operations (control socket and REST API) ---------------------------------------
+    async def handle(self, op: str, args: dict[str, Any]) -> Any:
+        admin = self.admin
+        if op == "queues":
+            return admin.queues()
+        if op == "queue_action":
+            return admin.queue_action(args["action"], args["identities"], bool(args.get("resubmit")))
+        if op == "messages":
+            return admin.messages(args.get("queue"), bool(args.get("include_recipients")), int(args.get("limit", 1000)))
+        if op == "message_action":
+            return admin.message_action(args["action"], args["identities"], bool(args.get("with_ndr", True)))
+        if op == "export":
+            identity, body = admin.export(args["identity"])
+            return {"identity": identity, "body": body}
+        if op == "submit":
+            return await self.submit_local(args["sender"], args["recipients"], args["body"],
+                                           source=args.get("source", "STOREDRIVER"))
+        if op == "status":
+            return self.status()
+        if op == "reload":
+            return await self.reload(force=True)
+        raise UserError(f"Unknown runtime operation '{op}'.")
+
+    def status(self) -> dict[str, Any]:
+        return {"server": self.home.server, "fqdn": self.server_object.fqdn, "revision": self.revision,
+                "listeners": self.receive.status(), "sessions": len(self.receive.sessions),
+                "uptime": time.time() - self.started, "received": self.manager.received_total,
+                "delivered": self.manager.delivered_total, "failed": self.manager.failed_total,
+                "commits": self.queue_store.commits, "admin": self.admin_url}
+
+    async def submit_local(self, sender: str, recipients: list[str], body: bytes, *, source: str) -> dict[str, Any]:
+        """Submit a message generated on this server (Test-Mailflow's probe) as mailbox submission does."""
+        size = len(body)
+        now = time.time()
+        routed = self.manager.categorise([(r, None, None) for r in recipients], size)
+        ref = self.queue_store.append_body([body])
+        from mailgate.receive.headers import HeaderBlock, message_id_of
+
+        head = body.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+        block = HeaderBlock.parse(head)
+        new = NewMessage(network_id=str(uuid.uuid4()), message_id=message_id_of(block), sender=sender,
+                         subject=block.get("Subject"), size=size, received_at=now,
+                         expires_at=now + self.server_object.message_expiration_timeout.seconds, recipients=routed,
+                         body=BodyRef(ref.segment, ref.offset, ref.length), source=source, directionality="Originating",
+                         in_submission=any(r.queue == SUBMISSION for r in routed))
+        fields = {"client_hostname": self.server_object.fqdn, "server_hostname": self.server_object.fqdn,
+                  "connector_id": f"{self.home.server}\\Submission"}
+        await asyncio.wrap_future(self.manager.submit(new, fields, source=source))
+        return {"internal_id": new.id, "message_id": new.message_id, "network_id": new.network_id}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        home = self.home
+        self.queue_store = QueueStore(home.queue_dir)
+        await asyncio.to_thread(self.queue_store.open)
+        self.tracker = MessageTracker(self.store, home.server, home.log_dir / "MessageTracking")
+        self.receive_log = ProtocolLog(home.log_dir / "ProtocolLog" / "SmtpReceive", "receive")
+        self.send_log = ProtocolLog(home.log_dir / "ProtocolLog" / "SmtpSend", "send")
+        from mailgate.tls.runtime import TlsMaterial
+
+        self.tls = TlsMaterial(self)
+        self.delivery = Delivery(secrets=self.secrets, protocol_log=self.send_log, mailbox_root=home.mailbox_dir,
+                                 tls=self.tls)
+        self.manager = QueueManager(store=self.queue_store, tracker=self.tracker, server_name=home.server,
+                                    mailbox_root=home.mailbox_dir, deliver_smtp=self.delivery.deliver_smtp,
+                                    deliver_mailbox=self.delivery.deliver_mailbox)
+        self.manager.loop = loop
+        self.admin = QueueAdmin(self.manager, home.server)
+        revision, snapshot = await asyncio.to_thread(self.store.snapshot)
+        config, settings = self.build_receive_config(revision, snapshot)
+        self.receive = ReceiveServer(store=self.queue_store, pipeline=self.manager, tracker=self.tracker,
+                                     protocol_log=self.receive_log, authenticate=self.authenticate, config=config)
+        self.receive.on_change = self.announce
+        self.control = ControlServer(home, self.handle, log)
+        await self.control.start()
+        self.admin_url = None
+        if self.admin_listen and self.admin_listen.lower() != "off":
+            from mailgate.api.app import start_api
+
+            self.api = await start_api(self, self.admin_listen)
+            self.admin_url = f"http://{self.admin_listen}/"
+        await self.reload(force=True)
+        self._tasks = [asyncio.ensure_future(self.manager.run()), asyncio.ensure_future(self._watch_config()),
+                       asyncio.ensure_future(self._maintenance())]
+        home.pid_file.write_text(f"{os.getpid()}\n")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        self._stop.set()
+        await self.receive.stop_listening()
+        await self.receive.drain(grace)
+        await self.manager.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if getattr(self, "api", None) is not None:
+            await self.api.stop()
+        await self.control.stop()
+        await asyncio.to_thread(self.queue_store.close)
+        self.tracker.close()
+        self.receive_log.close()
+        self.send_log.close()
+        self.store.dispose()
+        try:
+            self.home.pid_file.unlink()
+        except FileNotFoundError:
+            pass
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self.start()
+        listening = self.receive.status()
+        if not any(item["listening"] for item in listening):
+            self.announce("No receive connector could listen; fix the errors above (the server keeps retrying "
+                          "every second and picks up configuration changes).")
+        if self.admin_url:
+            self.announce(f"Admin center and REST API: {self.admin_url} (token in {self.home.path / 'mailgate.toml'})")
+        self.announce(f"mailgate {self.home.server} is running; stop it with Ctrl-C or SIGTERM.")
+        await self._stop.wait()
+        self.announce("Stopping: finishing sessions and deliveries in progress...")
+        await self.stop()
+        self.announce("Stopped.")
+
+
+_DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+
+
+def run_server(home: Home, admin_listen: str | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("MAILGATE_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    def announce(message: str) -> None:
+        print(message, file=sys.stdout, flush=True)
+
+    service = TransportService(home, admin_listen=admin_listen, announce=announce)
+    try:
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
+            asyncio.run(service.run_until_signalled())
+        else:
+            uvloop.run(service.run_until_signalled())
+    except UserError as exc:
+        print(f"mailgate: {exc.message}", file=sys.stderr)
+        return 2
+    return 0

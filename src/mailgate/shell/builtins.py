@@ -1,0 +1,378 @@
+"""PowerShell's utility commands that Exchange administrators pipe into:
+Format-Table/List, Select/Where/Sort/Measure/ForEach-Object, Get-Command,
+Get-Help, Get-Date, Write-Host/Output, Out-Null/String/File, Export-Csv,
+Start-Sleep."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import fnmatch
+import io
+import shutil
+import sys
+import time
+from typing import Any
+
+from mailgate.errors import UserError
+from mailgate.manage.cmdlets import Param, cmdlet, registry
+from mailgate.manage.context import ManagementContext
+from mailgate.manage.params import as_list, to_int, to_str
+from mailgate.manage.present import Record
+from mailgate.shell import format as fmt
+from mailgate.shell.evaluator import ScriptBlock, compare, to_text, truthy
+
+_INPUT = Param("InputObject", from_pipeline=True, raw=True, help="The objects to process (from the pipeline).")
+
+
+def _limit(ctx: ManagementContext) -> int:
+    value = ctx.shell.get_variable("FormatEnumerationLimit") if ctx.shell else 4
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 4
+
+
+def _width() -> int | None:
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+
+
+def _inputs(args: dict[str, Any]) -> list[Any]:
+    return as_list(args.get("InputObject"))
+
+
+def _props(args: dict[str, Any]) -> list[Any]:
+    return as_list(args.get("Property"))
+
+
+@cmdlet("Format-Table", [Param("Property", position=0, raw=True), Param("AutoSize", switch=True),
+                         Param("Wrap", switch=True), Param("HideTableHeaders", switch=True), _INPUT],
+        synopsis="Show objects as a table (alias ft).", builtin=True)
+def format_table(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Show the given properties (wildcards allowed) as table columns sized to their content."""
+    items = _inputs(args)
+    if not items:
+        return []
+    cols = fmt.expand_columns(items, _props(args))
+    if not cols:
+        first = items[0]
+        view = fmt.DEFAULT_VIEWS.get(first.type_name) if isinstance(first, Record) else None
+        cols = list(view[1]) if view and view[0] == "table" and view[1] else fmt.column_names(items)
+    if not cols:
+        return [fmt.Formatted([to_text(i) for i in items])]
+    return [fmt.Formatted(fmt.render_table(items, cols, limit=_limit(ctx), width=None if args.get("Wrap") else _width(),
+                                           hide_headers=bool(args.get("HideTableHeaders"))))]
+
+
+@cmdlet("Format-List", [Param("Property", position=0, raw=True), _INPUT],
+        synopsis="Show objects as property lists (alias fl).", builtin=True)
+def format_list(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Show each object as 'Name : Value' lines; -Property picks and orders the properties (wildcards allowed)."""
+    items = _inputs(args)
+    if not items:
+        return []
+    cols = fmt.expand_columns(items, _props(args))
+    return [fmt.Formatted(fmt.render_list(items, cols or None, limit=_limit(ctx)))]
+
+
+def _select_props(items: list[Any], props: list[Any]) -> list[Any]:
+    cols = fmt.expand_columns(items, props)
+    out = []
+    for item in items:
+        values = {}
+        for col in cols:
+            title = fmt._column_title(col)
+            values[title] = fmt._column_value(item, col, None)
+        out.append(Record(item.type_name if isinstance(item, Record) else "Selected", values))
+    return out
+
+
+@cmdlet("Select-Object", [Param("Property", position=0, raw=True), Param("First", convert=to_int),
+                          Param("Last", convert=to_int), Param("Skip", convert=to_int),
+                          Param("ExpandProperty", convert=to_str), Param("Unique", switch=True),
+                          Param("ExcludeProperty", raw=True), _INPUT],
+        synopsis="Pick properties or objects (alias select).", builtin=True)
+def select_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Keep some properties (calculated ones with @{Name=...;Expression={...}}), or the first/last objects."""
+    items = _inputs(args)
+    if args.get("Skip"):
+        items = items[args["Skip"]:]
+    if args.get("First") is not None:
+        items = items[: args["First"]]
+    if args.get("Last") is not None:
+        items = items[-args["Last"]:] if args["Last"] else []
+    if args.get("ExpandProperty"):
+        out: list[Any] = []
+        for item in items:
+            value = fmt.get_property(item, args["ExpandProperty"])
+            out.extend(value if isinstance(value, list) else ([] if value is None else [value]))
+        items = out
+    elif args.get("Property") is not None or args.get("ExcludeProperty") is not None:
+        props = _props(args) or ["*"]
+        items = _select_props(items, props)
+        excluded = {str(p).lower() for p in as_list(args.get("ExcludeProperty"))}
+        if excluded:
+            items = [Record(i.type_name, {k: v for k, v in i.items() if k.lower() not in excluded}) for i in items]
+        items = [Record("Selected", dict(i.items())) if len(i.keys()) <= 4 else i for i in items]
+    if args.get("Unique"):
+        seen, unique = set(), []
+        for item in items:
+            key = fmt.format_value(list(item.items()) if isinstance(item, Record) else item, -1)
+            if key not in seen:
+                seen.add(key)
+                unique.append(item)
+        items = unique
+    return items
+
+
+_OPERATOR_SWITCHES = ["EQ", "NE", "GT", "GE", "LT", "LE", "Like", "NotLike", "Match", "NotMatch", "Contains",
+                      "NotContains", "In", "NotIn", "CEQ", "CNE", "CLike", "CMatch"]
+
+
+@cmdlet("Where-Object", [Param("FilterScript", position=0, raw=True, aliases=("Property",)),
+                         Param("Value", position=1, raw=True),
+                         *[Param(op, switch=True) for op in _OPERATOR_SWITCHES], _INPUT],
+        synopsis="Keep the objects that match (alias where, ?).", builtin=True)
+def where_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Keep objects for which {script block} is true, or 'Property -op Value' holds."""
+    items = _inputs(args)
+    test = args.get("FilterScript")
+    if isinstance(test, ScriptBlock):
+        return [item for item in items if truthy(test.invoke(item))]
+    if test is None:
+        raise UserError("Where-Object needs a filter: {$_.Property -eq 'value'} or Property -EQ Value.",
+                        parameter="FilterScript")
+    ops = [op for op in _OPERATOR_SWITCHES if args.get(op)]
+    if len(ops) > 1:
+        raise UserError("Where-Object takes one comparison operator.", parameter=ops[1])
+    prop = to_text(test)
+    if not ops:
+        return [item for item in items if truthy(fmt.get_property(item, prop))]
+    op = "-" + ops[0].lower()
+    value = args.get("Value")
+    variables = ctx.shell.variables if ctx.shell else {}
+    return [item for item in items if truthy(compare(op, fmt.get_property(item, prop), value, variables))]
+
+
+@cmdlet("Sort-Object", [Param("Property", position=0, raw=True), Param("Descending", switch=True),
+                        Param("Unique", switch=True), _INPUT],
+        synopsis="Sort objects by properties (alias sort).", builtin=True)
+def sort_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Sort by one or more properties (or by value)."""
+    items = _inputs(args)
+    props = _props(args)
+
+    def key(item: Any) -> tuple:
+        values = [fmt._column_value(item, p, None) for p in props] if props else [item]
+        return tuple(_sort_key(v) for v in values)
+
+    result = sorted(items, key=key, reverse=bool(args.get("Descending")))
+    if args.get("Unique"):
+        seen: set[Any] = set()
+        result = [i for i in result if not (key(i) in seen or seen.add(key(i)))]  # type: ignore[func-returns-value]
+    return result
+
+
+def _sort_key(value: Any) -> tuple:
+    from mailgate.shell.evaluator import _comparable
+
+    v = _comparable(value)
+    if v is None:
+        return (0, "")
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (1, v)
+    if isinstance(v, dt.datetime):
+        return (2, v.timestamp())
+    return (3, str(v))
+
+
+@cmdlet("Measure-Object", [Param("Property", position=0, raw=True), Param("Sum", switch=True),
+                           Param("Average", switch=True), Param("Maximum", switch=True), Param("Minimum", switch=True),
+                           _INPUT],
+        synopsis="Count objects, or sum/average a property (alias measure).", builtin=True)
+def measure_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Count the objects; with -Property and -Sum/-Average/-Maximum/-Minimum, compute those."""
+    items = _inputs(args)
+    props = _props(args)
+    prop = to_text(props[0]) if props else None
+    values = [fmt.get_property(i, prop) for i in items] if prop else items
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    result: dict[str, Any] = {"Count": len(values), "Average": None, "Sum": None, "Maximum": None, "Minimum": None,
+                              "Property": prop}
+    if args.get("Sum"):
+        result["Sum"] = sum(numbers)
+    if args.get("Average"):
+        result["Average"] = sum(numbers) / len(numbers) if numbers else None
+    if args.get("Maximum"):
+        result["Maximum"] = max(numbers) if numbers else None
+    if args.get("Minimum"):
+        result["Minimum"] = min(numbers) if numbers else None
+    return [Record("MeasureInfo", result)]
+
+
+@cmdlet("ForEach-Object", [Param("Process", position=0, raw=True), Param("MemberName", convert=to_str), _INPUT],
+        synopsis="Run a script block for each object (alias %, foreach).", builtin=True)
+def foreach_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Run {script block} for each input object with $_ set to it."""
+    items = _inputs(args)
+    block = args.get("Process")
+    out: list[Any] = []
+    for item in items:
+        if isinstance(block, ScriptBlock):
+            out.extend(block.invoke(item))
+        elif args.get("MemberName") or block is not None:
+            value = fmt.get_property(item, args.get("MemberName") or to_text(block))
+            out.extend(value if isinstance(value, list) else [value])
+    return out
+
+
+@cmdlet("Get-Command", [Param("Name", position=0, convert=to_str), Param("Noun", convert=to_str),
+                        Param("Verb", convert=to_str)],
+        synopsis="List the cmdlets this shell knows.", builtin=True, default_view="Command")
+def get_command(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """List cmdlets, filtered by name (wildcards), -Verb or -Noun."""
+    out = []
+    for c in registry.all():
+        verb, _, noun = c.name.partition("-")
+        if args.get("Name") and not fnmatch.fnmatchcase(c.name.lower(), args["Name"].lower()):
+            continue
+        if args.get("Verb") and not fnmatch.fnmatchcase(verb.lower(), args["Verb"].lower()):
+            continue
+        if args.get("Noun") and not fnmatch.fnmatchcase(noun.lower(), args["Noun"].lower()):
+            continue
+        out.append(Record("Command", {"CommandType": "Cmdlet", "Name": c.name, "Verb": verb, "Noun": noun,
+                                      "Synopsis": c.synopsis, "Source": "mailgate"}))
+    if args.get("Name") and not out and not any(ch in args["Name"] for ch in "*?"):
+        registry.get(args["Name"])  # raises the PowerShell "not recognized" error
+    return out
+
+
+@cmdlet("Get-Help", [Param("Name", position=0, convert=to_str), Param("Full", switch=True),
+                     Param("Examples", switch=True), Param("Detailed", switch=True), Param("Parameter", convert=to_str)],
+        synopsis="Show help for a cmdlet.", builtin=True)
+def get_help(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Show a cmdlet's syntax, description, parameters and examples."""
+    if not args.get("Name"):
+        return [fmt.Formatted(["", "mailgate management shell", "",
+                               "Get-Command lists the cmdlets; Get-Help <cmdlet> [-Full|-Examples] describes one.",
+                               "Multi-valued properties take lists (a,b) or @{Add=...; Remove=...}.", ""])]
+    c = registry.get(args["Name"])
+    lines = ["", "NAME", f"    {c.name}", "", "SYNOPSIS", f"    {c.synopsis}", "", "SYNTAX"]
+    parts = [c.name]
+    for p in c.params:
+        if p.name in ("DomainController",):
+            continue
+        name = f"-{p.name}" if p.switch else f"-{p.name} <{p.type_name}>"
+        if p.position is not None:
+            name = f"[-{p.name}] <{p.type_name}>"
+        parts.append(name if p.mandatory else f"[{name}]")
+    lines += ["    " + " ".join(parts), ""]
+    if args.get("Examples"):
+        lines = ["", "NAME", f"    {c.name}", ""]
+    else:
+        lines += ["DESCRIPTION", *["    " + line for line in c.description.splitlines()], ""]
+    if args.get("Full") or args.get("Detailed") or args.get("Parameter"):
+        lines.append("PARAMETERS")
+        for p in c.params:
+            if args.get("Parameter") and not fnmatch.fnmatchcase(p.name.lower(), args["Parameter"].lower()):
+                continue
+            lines.append(f"    -{p.name} <{p.type_name}>")
+            if p.help:
+                lines.append(f"        {p.help}")
+            lines.append(f"        Required? {str(p.mandatory).lower()}    Position? "
+                         f"{p.position if p.position is not None else 'named'}")
+            lines.append("")
+    if c.examples and (args.get("Full") or args.get("Examples") or not args.get("Parameter")):
+        lines.append("EXAMPLES")
+        for i, ex in enumerate(c.examples, 1):
+            lines += [f"    -------------------------- Example {i} --------------------------", f"    {ex}", ""]
+    return [fmt.Formatted(lines)]
+
+
+@cmdlet("Get-Date", [Param("Date", position=0, raw=True), Param("Format", convert=to_str)],
+        synopsis="The current date and time.", builtin=True)
+def get_date(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """The current local date and time (or -Date parsed); .AddMinutes(-5) and friends work on it."""
+    from mailgate.manage.params import to_datetime
+
+    value = to_datetime(args["Date"]) if args.get("Date") is not None else dt.datetime.now().astimezone()
+    if args.get("Format"):
+        from mailgate.shell.evaluator import _dotnet_strftime
+
+        return [_dotnet_strftime(value, args["Format"])]
+    return [value]
+
+
+@cmdlet("Write-Host", [Param("Object", position=0, raw=True), Param("ForegroundColor", convert=to_str),
+                       Param("NoNewline", switch=True)],
+        synopsis="Print text.", builtin=True)
+def write_host(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Print the text."""
+    return [fmt.Formatted([to_text(args.get("Object"))])]
+
+
+@cmdlet("Write-Output", [Param("InputObject", position=0, raw=True)], synopsis="Output objects.", builtin=True)
+def write_output(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Pass the objects on."""
+    return as_list(args.get("InputObject"))
+
+
+@cmdlet("Out-Null", [_INPUT], synopsis="Discard output.", builtin=True)
+def out_null(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Discard the input."""
+    return []
+
+
+@cmdlet("Out-String", [_INPUT], synopsis="Render objects as text.", builtin=True)
+def out_string(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """The text the objects would print as."""
+    return ["\n".join(fmt.default_render(_inputs(args), limit=_limit(ctx)))]
+
+
+@cmdlet("Out-File", [Param("FilePath", position=0, mandatory=True, convert=to_str), Param("Append", switch=True), _INPUT],
+        synopsis="Write output to a file.", builtin=True)
+def out_file(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Write what the objects print as to a file."""
+    text = "\n".join(fmt.default_render(_inputs(args), limit=_limit(ctx))) + "\n"
+    with open(args["FilePath"], "a" if args.get("Append") else "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return []
+
+
+@cmdlet("Export-Csv", [Param("Path", position=0, mandatory=True, convert=to_str), Param("NoTypeInformation", switch=True),
+                       _INPUT],
+        synopsis="Write objects to a CSV file.", builtin=True)
+def export_csv(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Write the objects' properties as CSV (multi-valued properties joined with ';')."""
+    items = _inputs(args)
+    cols = fmt.column_names(items)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(cols)
+    for item in items:
+        row = []
+        for c in cols:
+            v = fmt.get_property(item, c)
+            row.append(";".join(to_text(x) for x in v) if isinstance(v, list) else to_text(v))
+        writer.writerow(row)
+    with open(args["Path"], "w", encoding="utf-8", newline="") as fh:
+        fh.write(buf.getvalue())
+    return []
+
+
+@cmdlet("Start-Sleep", [Param("Seconds", position=0, convert=lambda v: float(to_str(v))),
+                        Param("Milliseconds", convert=to_int)],
+        synopsis="Wait.", builtin=True)
+def start_sleep(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Wait for the given time (at most one hour)."""
+    seconds = args.get("Seconds") or (args.get("Milliseconds") or 0) / 1000
+    time.sleep(max(0.0, min(float(seconds), 3600.0)))
+    return []
+
+
+for _alias, _name in [("ft", "Format-Table"), ("fl", "Format-List"), ("select", "Select-Object"),
+                      ("where", "Where-Object"), ("?", "Where-Object"), ("sort", "Sort-Object"),
+                      ("measure", "Measure-Object"), ("%", "ForEach-Object"), ("foreach", "ForEach-Object"),
+                      ("gcm", "Get-Command"), ("help", "Get-Help"), ("echo", "Write-Output"),
+                      ("sleep", "Start-Sleep")]:
+    registry.alias(_alias, _name)

@@ -1,0 +1,858 @@
+"""Evaluating parsed shell text: statements, pipelines, expressions, strings.
+
+Values are plain Python values: str, int, float, bool, None, list (arrays),
+``CIDict`` (hashtables), ``ScriptBlock``, ``Record`` (cmdlet output) and a
+few objects such as PSCredential. Cmdlets come from the management registry;
+errors a user caused are reported in Exchange's style and the script goes
+on, as PowerShell does with non-terminating errors.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import math
+import os
+import re
+from typing import Any, Callable, Iterable
+
+from lark import Token, Tree
+
+from mailgate.config.values import ByteSize, ExchangeEnum, ExchangeFlag, TimeSpan, UnlimitedInt
+from mailgate.errors import ParseError, UserError
+from mailgate.manage.cmdlets import Cmdlet, registry
+from mailgate.manage.context import ManagementContext
+from mailgate.manage.credentials import PSCredential, SecureString
+from mailgate.manage.present import Record
+from mailgate.shell import binder
+from mailgate.shell.format import Formatted, get_property
+from mailgate.shell.parser import parse
+
+_MISSING = object()
+
+
+class ShellError(UserError):
+    """A runtime error of the shell language itself (bad operator use, unknown member...)."""
+
+    category = "InvalidOperation"
+    exception_name = "RuntimeException"
+
+
+class CIDict(dict):
+    """A PowerShell hashtable: keys compare case-insensitively, order is kept."""
+
+    def _key(self, key: Any) -> Any:
+        if isinstance(key, str):
+            for k in self.keys():
+                if isinstance(k, str) and k.lower() == key.lower():
+                    return k
+        return key
+
+    def __getitem__(self, key: Any) -> Any:
+        return super().__getitem__(self._key(key))
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(self._key(key), value)
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(self._key(key))
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return super().get(self._key(key), default)
+
+
+class TypeRef:
+    def __init__(self, name: str) -> None:
+        self.name = name.strip("[]")
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ScriptBlock:
+    def __init__(self, statements: list[Tree], evaluator: "Evaluator", text: str) -> None:
+        self.statements = statements
+        self.evaluator = evaluator
+        self.text = text
+
+    def invoke(self, dollar_: Any = _MISSING) -> list[Any]:
+        return self.evaluator.invoke_block(self.statements, dollar_)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def truthy(value: Any) -> bool:
+    if isinstance(value, list):
+        if not value:
+            return False
+        if len(value) == 1:
+            return truthy(value[0])
+        return True
+    if isinstance(value, str):
+        return bool(value)
+    if value is None:
+        return False
+    if isinstance(value, (bool, int, float)):
+        return bool(value)
+    return True
+
+
+def to_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, list):
+        return " ".join(to_text(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, dt.datetime):
+        from mailgate.shell.format import format_datetime
+
+        return format_datetime(value)
+    if isinstance(value, ExchangeEnum):
+        return value.value
+    return str(value)
+
+
+def unwrap(values: list[Any]) -> Any:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return list(values)
+
+
+_NUMBER_SUFFIX = {"kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40, "pb": 1 << 50}
+
+
+def parse_number(text: str) -> int | float:
+    if text.lower().startswith("0x"):
+        return int(text, 16)
+    mult = 1
+    if text[-2:].lower() in _NUMBER_SUFFIX:
+        mult = _NUMBER_SUFFIX[text[-2:].lower()]
+        text = text[:-2]
+    value: int | float = float(text) if any(c in text for c in ".eE") else int(text)
+    value = value * mult
+    if isinstance(value, float) and value.is_integer() and mult > 1:
+        return int(value)
+    return value
+
+
+class Evaluator:
+    def __init__(self, ctx: ManagementContext, *, emit: Callable[[list[Any]], None],
+                 report: Callable[[UserError, str | None, Any], None]) -> None:
+        self.ctx = ctx
+        self.emit = emit
+        self.report = report
+        self.variables: dict[str, Any] = {"formatenumerationlimit": 4, "erroractionpreference": "Continue",
+                                          "confirmpreference": "High", "ofs": " "}
+        self.failed = False
+        self._source = ""
+
+    # -- entry points ------------------------------------------------------------
+    def run(self, text: str) -> bool:
+        """Run a script; False when any statement failed."""
+        ok = True
+        try:
+            tree = parse(text)
+        except ParseError as exc:
+            self.failed = True
+            self.report(exc, None, None)
+            return False
+        previous, self._source = self._source, text
+        try:
+            for stmt in tree.children:
+                if not self.run_statement(stmt):
+                    ok = False
+        finally:
+            self._source = previous
+        return ok
+
+    def run_statement(self, stmt: Tree) -> bool:
+        self._statement_failed = False
+        try:
+            if stmt.data == "assignment":
+                self.assign(stmt)
+            else:
+                self.emit(self.eval_pipeline(stmt))
+        except UserError as exc:
+            self._fail(exc, stmt)
+        self.variables["?"] = not self._statement_failed
+        return not self._statement_failed
+
+    def _fail(self, exc: UserError, node: Any, cmdlet: str | None = None) -> None:
+        self.failed = True
+        self._statement_failed = True
+        self.report(exc, cmdlet, self._position(node))
+
+    def _position(self, node: Any) -> tuple[int, int, str] | None:
+        meta = getattr(node, "meta", None)
+        if meta is None or getattr(meta, "empty", True):
+            return None
+        lines = self._source.splitlines()
+        line = lines[meta.line - 1] if 0 < meta.line <= len(lines) else ""
+        return meta.line, meta.column, line
+
+    # -- variables ------------------------------------------------------------------
+    def get_variable(self, name: str) -> Any:
+        key = name.lower()
+        if key in ("true",):
+            return True
+        if key == "false":
+            return False
+        if key == "null":
+            return None
+        if key.startswith("env:"):
+            return os.environ.get(name[4:])
+        return self.variables.get(key)
+
+    def set_variable(self, name: str, value: Any) -> None:
+        key = name.lower()
+        if key in ("true", "false", "null"):
+            raise ShellError(f"Cannot overwrite variable {name} because it is read-only or constant.")
+        if key.startswith("env:"):
+            os.environ[name[4:]] = to_text(value)
+            return
+        self.variables[key] = value
+
+    @staticmethod
+    def _var_name(token: str) -> str:
+        name = token[1:]
+        if name.startswith("{") and name.endswith("}"):
+            name = name[1:-1]
+        return name
+
+    def assign(self, stmt: Tree) -> None:
+        var_token, pipeline = stmt.children[0], stmt.children[1]
+        values = self.eval_pipeline(pipeline)
+        value = unwrap(values) if not (len(values) > 1) else list(values)
+        self.set_variable(self._var_name(str(var_token)), value)
+
+    def invoke_block(self, statements: list[Tree], dollar_: Any = _MISSING) -> list[Any]:
+        saved = self.variables.get("_", _MISSING)
+        if dollar_ is not _MISSING:
+            self.variables["_"] = dollar_
+        out: list[Any] = []
+        try:
+            for stmt in statements:
+                if stmt.data == "assignment":
+                    self.assign(stmt)
+                else:
+                    out.extend(self.eval_pipeline(stmt))
+        finally:
+            if saved is _MISSING:
+                self.variables.pop("_", None)
+            else:
+                self.variables["_"] = saved
+        return out
+
+    # -- pipelines ----------------------------------------------------------------------
+    def eval_pipeline(self, node: Tree) -> list[Any]:
+        if node.data != "pipeline":
+            return self._as_items(self.eval(node))
+        elements = node.children
+        head = elements[0]
+        if isinstance(head, Tree) and head.data == "command":
+            items = self.invoke_command(head, None)
+        else:
+            items = self._as_items(self.eval(head))
+        for cmd in elements[1:]:
+            items = self.invoke_command(cmd, items)
+        return items
+
+    @staticmethod
+    def _as_items(value: Any) -> list[Any]:
+        if value is None:
+            return []
+        if isinstance(value, list):
+            return value
+        return [value]
+
+    def command_elements(self, node: Tree) -> list[binder.NamedArg | binder.PositionalArg]:
+        out: list[binder.NamedArg | binder.PositionalArg] = []
+        for child in node.children[1:]:
+            if child.data == "switch_or_param":
+                out.append(binder.NamedArg(str(child.children[0])[1:]))
+            elif child.data == "param_with_value":
+                name = str(child.children[0])[1:-1]
+                out.append(binder.NamedArg(name, self.eval_argument(child.children[1])))
+            else:  # argument: one value or a comma list
+                values = [self.eval_argument(v) for v in child.children]
+                out.append(binder.PositionalArg(values[0] if len(values) == 1 else values))
+        return out
+
+    def eval_argument(self, node: Any) -> Any:
+        if isinstance(node, Tree) and node.data == "bareword":
+            return str(node.children[0])
+        return self.eval(node)
+
+    def invoke_command(self, node: Tree, input_items: list[Any] | None) -> list[Any]:
+        name = str(node.children[0])
+        try:
+            cmd = registry.get(name)
+        except UserError as exc:
+            self._fail(exc, node)
+            return []
+        try:
+            bound = binder.bind(cmd, self.command_elements(node))
+        except UserError as exc:
+            self._fail(exc, node, cmd.name)
+            return []
+        pipe = binder.pipeline_param(cmd)
+        calls: list[dict[str, Any]]
+        if input_items is None:
+            calls = [bound]
+        elif pipe is not None and cmd.builtin:
+            calls = [{**bound, pipe.name: input_items}] if pipe.name not in bound else [bound]
+        elif pipe is not None and pipe.name not in bound:
+            calls = [{**bound, pipe.name: item} for item in input_items]
+        elif not input_items:
+            calls = []
+        else:
+            self._fail(ShellError(f"The input object cannot be bound to any parameters for the command "
+                                  f"'{cmd.name}': it takes no pipeline input, or the parameter that would take it "
+                                  "was already given."), node, cmd.name)
+            return []
+        out: list[Any] = []
+        for raw in calls:
+            try:
+                args = binder.convert(cmd, raw)
+                out.extend(self.call(cmd, args))
+            except UserError as exc:
+                self._fail(exc, node, cmd.name)
+        return out
+
+    def call(self, cmd: Cmdlet, args: dict[str, Any]) -> list[Any]:
+        ctx = self.ctx
+        ctx.whatif = bool(args.get("WhatIf"))
+        ctx.shell = self
+        try:
+            result = cmd.handler(ctx, args)
+        finally:
+            ctx.whatif = False
+            self._flush_side_channels()
+        if result is None:
+            return []
+        return list(result) if isinstance(result, (list, tuple)) else [result]
+
+    def _flush_side_channels(self) -> None:
+        if self.ctx.messages or self.ctx.warnings:
+            lines = list(self.ctx.messages) + [f"WARNING: {w}" for w in self.ctx.warnings]
+            self.ctx.messages.clear()
+            self.ctx.warnings.clear()
+            self.emit([Formatted(lines)])
+
+    # -- expressions -----------------------------------------------------------------------
+    def eval(self, node: Any) -> Any:
+        if isinstance(node, Token):
+            return str(node)
+        method = getattr(self, "_e_" + node.data, None)
+        if method is None:
+            raise ShellError(f"Unsupported syntax: {node.data}")
+        return method(node)
+
+    def _e_pipeline(self, node: Tree) -> Any:
+        return unwrap(self.eval_pipeline(node))
+
+    def _e_command(self, node: Tree) -> Any:
+        return unwrap(self.invoke_command(node, None))
+
+    def _e_number(self, node: Tree) -> Any:
+        return parse_number(str(node.children[0]))
+
+    def _e_bareword(self, node: Tree) -> Any:
+        return str(node.children[0])
+
+    def _e_sq_string(self, node: Tree) -> Any:
+        text = str(node.children[0])[1:-1]
+        return text.replace("''", "'").replace("\u2018\u2018", "\u2018").replace("\u2019\u2019", "\u2019")
+
+    def _e_dq_string(self, node: Tree) -> Any:
+        return self.expand_string(str(node.children[0])[1:-1])
+
+    def _e_variable(self, node: Tree) -> Any:
+        return self.get_variable(self._var_name(str(node.children[0])))
+
+    def _e_type_literal(self, node: Tree) -> Any:
+        return TypeRef(str(node.children[0]))
+
+    def _e_paren(self, node: Tree) -> Any:
+        return unwrap(self.eval_pipeline(node.children[0]))
+
+    def _e_subexpression(self, node: Tree) -> Any:
+        return unwrap(self.invoke_block(node.children))
+
+    def _e_array_subexpression(self, node: Tree) -> Any:
+        return list(self.invoke_block(node.children))
+
+    def _e_array(self, node: Tree) -> Any:
+        return [self.eval(c) for c in node.children]
+
+    def _e_hashtable(self, node: Tree) -> Any:
+        table = CIDict()
+        for entry in node.children:
+            key_node, value_node = entry.children[0], entry.children[1]
+            key = self.eval(key_node)
+            values = self.eval_pipeline(value_node) if value_node.data == "pipeline" else self._as_items(self.eval(value_node))
+            table[key] = unwrap(values) if len(values) <= 1 else values
+        return table
+
+    def _e_scriptblock(self, node: Tree) -> Any:
+        text = ""
+        meta = getattr(node, "meta", None)
+        if meta is not None and not getattr(meta, "empty", True):
+            text = self._source[meta.start_pos:meta.end_pos]
+        return ScriptBlock(list(node.children), self, text)
+
+    def _e_unary(self, node: Tree) -> Any:
+        op, operand = str(node.children[0]).lower(), self.eval(node.children[1])
+        if op in ("-not", "!"):
+            return not truthy(operand)
+        if op == "-":
+            if isinstance(operand, str):
+                operand = parse_number(operand)
+            if not isinstance(operand, (int, float)):
+                raise ShellError(f'Cannot negate "{to_text(operand)}".')
+            return -operand
+        raise ShellError(f"Unknown operator {op}")
+
+    def _e_cast(self, node: Tree) -> Any:
+        return cast(TypeRef(str(node.children[0])).name, self.eval(node.children[1]))
+
+    def _e_binary(self, node: Tree) -> Any:
+        left_node, op_token, right_node = node.children
+        op = str(op_token).lower()
+        if op == "-and":
+            return truthy(self.eval(left_node)) and truthy(self.eval(right_node))
+        if op == "-or":
+            return truthy(self.eval(left_node)) or truthy(self.eval(right_node))
+        left, right = self.eval(left_node), self.eval(right_node)
+        if op == "-xor":
+            return truthy(left) != truthy(right)
+        if op in ("+", "-", "*", "/", "%"):
+            return arithmetic(op, left, right)
+        return compare(op, left, right, self.variables)
+
+    def _e_member(self, node: Tree) -> Any:
+        target = self.eval(node.children[0])
+        return member(target, str(node.children[1])[1:])
+
+    def _e_method_call(self, node: Tree) -> Any:
+        target = self.eval(node.children[0])
+        name = str(node.children[1])[1:]
+        args = [self.eval(a) for a in node.children[2].children] if len(node.children) > 2 else []
+        return call_method(target, name, args)
+
+    def _e_static_member(self, node: Tree) -> Any:
+        target = self.eval(node.children[0])
+        return static(target, str(node.children[1]), None)
+
+    def _e_static_call(self, node: Tree) -> Any:
+        target = self.eval(node.children[0])
+        args = [self.eval(a) for a in node.children[2].children] if len(node.children) > 2 else []
+        return static(target, str(node.children[1]), args)
+
+    def _e_index(self, node: Tree) -> Any:
+        target, index = self.eval(node.children[0]), self.eval(node.children[1])
+        if isinstance(target, (list, str)):
+            try:
+                return target[int(index)]
+            except (IndexError, ValueError, TypeError):
+                return None
+        if isinstance(target, dict):
+            return target.get(index)
+        return get_property(target, to_text(index))
+
+    # -- double-quoted strings -------------------------------------------------------------
+    _ESCAPES = {"0": "\0", "a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "e": "\x1b"}
+
+    def expand_string(self, text: str) -> str:
+        out: list[str] = []
+        i, n = 0, len(text)
+        while i < n:
+            ch = text[i]
+            if ch == "`" and i + 1 < n:
+                out.append(self._ESCAPES.get(text[i + 1], text[i + 1]))
+                i += 2
+                continue
+            if ch in "\"\u201c\u201d" and i + 1 < n and text[i + 1] == ch:
+                out.append(ch)
+                i += 2
+                continue
+            if ch == "$" and i + 1 < n:
+                nxt = text[i + 1]
+                if nxt == "(":
+                    end = _matching_paren(text, i + 1)
+                    inner = text[i + 2:end]
+                    previous = self._source
+                    try:
+                        tree = parse(inner)
+                        self._source = inner
+                        out.append(to_text(unwrap(self.invoke_block(tree.children))))
+                    finally:
+                        self._source = previous
+                    i = end + 1
+                    continue
+                if nxt == "{":
+                    end = text.find("}", i)
+                    if end > 0:
+                        out.append(to_text(self.get_variable(text[i + 2:end])))
+                        i = end + 1
+                        continue
+                m = re.match(r"[A-Za-z_][A-Za-z0-9_]*(?::[A-Za-z_][A-Za-z0-9_]*)?", text[i + 1:])
+                if m:
+                    out.append(to_text(self.get_variable(m.group(0))))
+                    i += 1 + len(m.group(0))
+                    continue
+            out.append(ch)
+            i += 1
+        return "".join(out)
+
+
+def _matching_paren(text: str, start: int) -> int:
+    depth, i, quote = 0, start, ""
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    raise ParseError("Missing closing ')' in subexpression of a string.")
+
+
+# ---------------------------------------------------------------------------
+# Operators
+
+
+def _coerce_like(left: Any, right: Any) -> Any:
+    """Convert ``right`` to the type of ``left``, as PowerShell does for comparisons."""
+    if right is None or left is None:
+        return right
+    try:
+        if isinstance(left, bool):
+            return truthy(right) if not isinstance(right, str) else right.strip().lower() in ("true", "$true", "1")
+        if isinstance(left, int) and not isinstance(right, (int, float)):
+            return parse_number(str(right).strip())
+        if isinstance(left, float) and not isinstance(right, (int, float)):
+            return float(str(right))
+        if isinstance(left, (ByteSize, TimeSpan, UnlimitedInt)) and not isinstance(right, type(left)):
+            return type(left).parse(right)
+        if isinstance(left, dt.datetime) and isinstance(right, str):
+            from mailgate.manage.params import to_datetime
+
+            return to_datetime(right)
+    except (ValueError, TypeError):
+        raise ShellError(f'Cannot compare "{to_text(left)}" with "{to_text(right)}": "{to_text(right)}" can\'t be '
+                         f"converted to the type of the left operand.") from None
+    return right
+
+
+def _comparable(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.lower()
+    if isinstance(value, (ExchangeEnum, ExchangeFlag)):
+        return str(value).lower()
+    if isinstance(value, ByteSize):
+        return math.inf if value.bytes is None else value.bytes
+    if isinstance(value, UnlimitedInt):
+        return math.inf if value.value is None else value.value
+    if isinstance(value, TimeSpan):
+        return value.seconds
+    if isinstance(value, dt.datetime) and value.tzinfo is None:
+        return value.astimezone()
+    if isinstance(value, (int, float, bool, dt.datetime)) or value is None:
+        return value
+    return str(value).lower()
+
+
+def _scalar_compare(op: str, left: Any, right: Any, variables: dict[str, Any]) -> bool:
+    base = op.lstrip("-")
+    case_sensitive = base.startswith("c") and base not in ("contains",)
+    if base[0] in "ci" and base[1:] in ("eq", "ne", "gt", "ge", "lt", "le", "like", "notlike", "match", "notmatch"):
+        base = base[1:]
+    if base in ("like", "notlike"):
+        text, pattern = to_text(left), to_text(right)
+        ok = fnmatch.fnmatchcase(text, pattern) if case_sensitive else fnmatch.fnmatchcase(text.lower(), pattern.lower())
+        return ok if base == "like" else not ok
+    if base in ("match", "notmatch"):
+        try:
+            m = re.search(to_text(right), to_text(left), 0 if case_sensitive else re.IGNORECASE)
+        except re.error as exc:
+            raise ShellError(f'The regular expression "{right}" is not valid: {exc}') from None
+        if m and base == "match":
+            variables["matches"] = CIDict({i: g for i, g in enumerate([m.group(0), *m.groups()])})
+        return bool(m) if base == "match" else not m
+    right = _coerce_like(left, right)
+    if case_sensitive and isinstance(left, str) and isinstance(right, str):
+        a, b = left, right
+    else:
+        a, b = _comparable(left), _comparable(right)
+    if base == "eq":
+        return a == b
+    if base == "ne":
+        return a != b
+    try:
+        if base == "gt":
+            return a > b
+        if base == "ge":
+            return a >= b
+        if base == "lt":
+            return a < b
+        if base == "le":
+            return a <= b
+    except TypeError:
+        raise ShellError(f'Cannot compare "{to_text(left)}" and "{to_text(right)}".') from None
+    raise ShellError(f"Unknown comparison operator {op}")
+
+
+def compare(op: str, left: Any, right: Any, variables: dict[str, Any]) -> Any:
+    base = op.lstrip("-").lower()
+    if base in ("contains", "notcontains", "ccontains", "icontains"):
+        items = left if isinstance(left, list) else [left]
+        found = any(_scalar_compare("-eq", i, right, variables) for i in items)
+        return found if "not" not in base else not found
+    if base in ("in", "notin"):
+        items = right if isinstance(right, list) else [right]
+        found = any(_scalar_compare("-eq", i, left, variables) for i in items)
+        return found if base == "in" else not found
+    if isinstance(left, list):
+        return [item for item in left if _scalar_compare(op, item, right, variables)]
+    return _scalar_compare(op, left, right, variables)
+
+
+def arithmetic(op: str, left: Any, right: Any) -> Any:
+    if op == "+":
+        if isinstance(left, list):
+            return left + (right if isinstance(right, list) else [right])
+        if isinstance(left, str):
+            return left + to_text(right)
+        if isinstance(left, dt.datetime) and isinstance(right, TimeSpan):
+            return left + right.timedelta
+        if isinstance(left, dict) and isinstance(right, dict):
+            merged = CIDict(left)
+            merged.update(right)
+            return merged
+    if isinstance(left, dt.datetime) and op == "-":
+        if isinstance(right, dt.datetime):
+            return TimeSpan((left - right).total_seconds())
+        if isinstance(right, TimeSpan):
+            return left - right.timedelta
+    try:
+        a = left if isinstance(left, (int, float)) else parse_number(to_text(left).strip())
+        b = right if isinstance(right, (int, float)) else parse_number(to_text(right).strip())
+    except (ValueError, TypeError):
+        raise ShellError(f'Operator "{op}" can\'t be applied to "{to_text(left)}" and "{to_text(right)}".') from None
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if b == 0:
+        raise ShellError("Attempted to divide by zero.")
+    if op == "/":
+        result = a / b
+        return int(result) if result.is_integer() else result
+    return a % b
+
+
+def cast(type_name: str, value: Any) -> Any:
+    name = type_name.lower().split(".")[-1]
+    try:
+        if name in ("int", "int32", "long", "int64"):
+            return int(value) if isinstance(value, (int, float)) else int(parse_number(to_text(value).strip()))
+        if name in ("double", "float", "decimal"):
+            return float(value)
+        if name == "string":
+            return to_text(value)
+        if name == "bool" or name == "boolean":
+            return truthy(value)
+        if name == "datetime":
+            from mailgate.manage.params import to_datetime
+
+            return to_datetime(value)
+        if name == "timespan":
+            return TimeSpan.parse(value)
+        if name in ("array", "object[]"):
+            return value if isinstance(value, list) else [value]
+        if name == "pscredential":
+            return PSCredential(*value) if isinstance(value, list) and len(value) == 2 else value
+    except (ValueError, TypeError) as exc:
+        raise ShellError(f'Cannot convert value "{to_text(value)}" to type "{type_name}": {exc}') from None
+    raise ShellError(f"Unable to find type [{type_name}].")
+
+
+# ---------------------------------------------------------------------------
+# Members and methods
+
+
+def member(target: Any, name: str) -> Any:
+    key = name.lower()
+    if isinstance(target, list):
+        if key in ("count", "length"):
+            return len(target)
+        values = [member(item, name) for item in target]
+        flat: list[Any] = []
+        for v in values:
+            if isinstance(v, list):
+                flat.extend(v)
+            elif v is not None:
+                flat.append(v)
+        return flat
+    if target is None:
+        return None
+    if isinstance(target, str):
+        if key == "length":
+            return len(target)
+        return None
+    if isinstance(target, dt.datetime):
+        local = target.astimezone() if target.tzinfo else target
+        attrs = {"year": local.year, "month": local.month, "day": local.day, "hour": local.hour,
+                 "minute": local.minute, "second": local.second, "date": local.replace(hour=0, minute=0, second=0, microsecond=0),
+                 "dayofweek": local.strftime("%A"), "ticks": int(local.timestamp() * 1e7)}
+        return attrs.get(key)
+    if isinstance(target, TimeSpan):
+        s = target.seconds
+        attrs = {"totalseconds": s, "totalminutes": s / 60, "totalhours": s / 3600, "totaldays": s / 86400,
+                 "totalmilliseconds": s * 1000, "days": int(s // 86400), "hours": int(s % 86400 // 3600),
+                 "minutes": int(s % 3600 // 60), "seconds": int(s % 60)}
+        return attrs.get(key)
+    if isinstance(target, ByteSize):
+        if key in ("value", "isunlimited"):
+            return target if key == "value" else target.bytes is None
+        return None
+    if isinstance(target, PSCredential):
+        return {"username": target.user_name, "password": target.password}.get(key)
+    if isinstance(target, dict):
+        if key == "count":
+            return len(target)
+        if key == "keys":
+            return list(target.keys())
+        if key == "values":
+            return list(target.values())
+        return target.get(name) if isinstance(target, CIDict) else get_property(target, name)
+    if isinstance(target, Record):
+        return target.get(name)
+    value = get_property(target, name)
+    if value is not None:
+        return value
+    return getattr(target, name, None) if not name.startswith("_") else None
+
+
+def call_method(target: Any, name: str, args: list[Any]) -> Any:
+    key = name.lower()
+    if key == "tostring":
+        if isinstance(target, dt.datetime) and args:
+            return _dotnet_strftime(target, to_text(args[0]))
+        return to_text(target)
+    if key == "gettype":
+        return type(target).__name__
+    if isinstance(target, str):
+        return _string_method(target, key, args)
+    if isinstance(target, dt.datetime):
+        units = {"addseconds": 1, "addminutes": 60, "addhours": 3600, "adddays": 86400, "addmilliseconds": 0.001}
+        if key in units and len(args) == 1:
+            return target + dt.timedelta(seconds=float(args[0]) * units[key])
+        if key == "touniversaltime":
+            return target.astimezone(dt.timezone.utc)
+        if key == "tolocaltime":
+            return target.astimezone()
+    if isinstance(target, list):
+        if key == "contains" and len(args) == 1:
+            return args[0] in target
+    if isinstance(target, ByteSize):
+        units = {"tobytes": 1, "tokb": 1 << 10, "tomb": 1 << 20, "togb": 1 << 30, "totb": 1 << 40}
+        if key in units:
+            if target.bytes is None:
+                raise ShellError("The size is Unlimited.")
+            return target.bytes // units[key]
+    if isinstance(target, PSCredential) and key == "getnetworkcredential":
+        return CIDict({"UserName": target.user_name, "Password": target.password.reveal()})
+    if isinstance(target, ScriptBlock) and key == "invoke":
+        return unwrap(target.invoke(args[0] if args else _MISSING))
+    raise ShellError(f"Method invocation failed because [{type(target).__name__}] does not contain a method named "
+                     f"'{name}'.")
+
+
+def _string_method(s: str, key: str, args: list[Any]) -> Any:
+    a = [to_text(x) for x in args]
+    table: dict[str, Callable[[], Any]] = {
+        "toupper": lambda: s.upper(), "tolower": lambda: s.lower(), "trim": lambda: s.strip(*a[:1]),
+        "trimstart": lambda: s.lstrip(*a[:1]), "trimend": lambda: s.rstrip(*a[:1]),
+        "split": lambda: [p for p in re.split("[" + re.escape("".join(a) or " ") + "]", s)],
+        "replace": lambda: s.replace(a[0], a[1]), "contains": lambda: a[0] in s,
+        "startswith": lambda: s.startswith(a[0]), "endswith": lambda: s.endswith(a[0]),
+        "substring": lambda: s[int(args[0]):] if len(args) == 1 else s[int(args[0]):int(args[0]) + int(args[1])],
+        "indexof": lambda: s.find(a[0]), "padleft": lambda: s.rjust(int(args[0])), "padright": lambda: s.ljust(int(args[0])),
+    }
+    if key not in table:
+        raise ShellError(f"Method invocation failed because [System.String] does not contain a method named '{key}'.")
+    try:
+        return table[key]()
+    except (IndexError, ValueError) as exc:
+        raise ShellError(f"Method invocation failed: {exc}") from None
+
+
+def _dotnet_strftime(value: dt.datetime, fmt: str) -> str:
+    mapping = [("yyyy", "%Y"), ("MM", "%m"), ("dd", "%d"), ("HH", "%H"), ("mm", "%M"), ("ss", "%S"), ("fff", "%f")]
+    for a, b in mapping:
+        fmt = fmt.replace(a, b)
+    return value.strftime(fmt)
+
+
+def static(target: Any, name: str, args: list[Any] | None) -> Any:
+    if not isinstance(target, TypeRef):
+        raise ShellError(f"'::' needs a type, e.g. [datetime]::Now, not '{to_text(target)}'.")
+    type_name = target.name.lower().split(".")[-1]
+    key = name.lower()
+    if type_name == "datetime":
+        if key == "now":
+            return dt.datetime.now().astimezone()
+        if key == "utcnow":
+            return dt.datetime.now(dt.timezone.utc)
+        if key == "today":
+            return dt.datetime.now().astimezone().replace(hour=0, minute=0, second=0, microsecond=0)
+        if key == "parse" and args:
+            return cast("datetime", args[0])
+    if type_name == "timespan" and args:
+        units = {"fromseconds": 1, "fromminutes": 60, "fromhours": 3600, "fromdays": 86400}
+        if key in units:
+            return TimeSpan(float(args[0]) * units[key])
+    if type_name == "pscredential" and key == "new" and args and len(args) == 2:
+        if not isinstance(args[1], SecureString):
+            raise ShellError("The password of a PSCredential must be a SecureString (ConvertTo-SecureString).")
+        return PSCredential(to_text(args[0]), args[1])
+    if type_name == "math" and args:
+        fns = {"round": lambda: round(float(args[0]), int(args[1]) if len(args) > 1 else 0),
+               "floor": lambda: math.floor(float(args[0])), "ceiling": lambda: math.ceil(float(args[0])),
+               "max": lambda: max(args[0], args[1]), "min": lambda: min(args[0], args[1]),
+               "abs": lambda: abs(args[0])}
+        if key in fns:
+            return fns[key]()
+    if type_name == "string":
+        if key == "join" and args and len(args) == 2:
+            return to_text(args[0]).join(to_text(x) for x in (args[1] if isinstance(args[1], list) else [args[1]]))
+        if key == "isnullorempty" and args:
+            return args[0] is None or args[0] == ""
+    raise ShellError(f"[{target.name}]::{name} is not available in this shell.")
+
+
+def flatten(values: Iterable[Any]) -> list[Any]:
+    out: list[Any] = []
+    for v in values:
+        if isinstance(v, list):
+            out.extend(v)
+        else:
+            out.append(v)
+    return out

@@ -1,0 +1,251 @@
+"""Rendering output as Exchange's management shell does: Format-Table,
+Format-List, the default view of each object type, and value formatting."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from mailgate.manage.present import Record
+
+# Default view of each output type: ("table", columns) or ("list", properties or None = all).
+DEFAULT_VIEWS: dict[str, tuple[str, list[str] | None]] = {
+    "ReceiveConnector": ("table", ["Identity", "Bindings", "Enabled"]),
+    "SendConnector": ("table", ["Identity", "AddressSpaces", "Enabled"]),
+    "AcceptedDomain": ("table", ["Name", "DomainName", "DomainType", "Default"]),
+    "Mailbox": ("table", ["Name", "Alias", "PrimarySmtpAddress"]),
+    "TransportServer": ("table", ["Name", "Fqdn", "MessageExpirationTimeout", "ExternalDNSServers"]),
+    "TransportConfig": ("list", None),
+    "Queue": ("table", ["Identity", "DeliveryType", "Status", "MessageCount", "Velocity", "RiskLevel",
+                        "OutboundIPPool", "NextHopDomain"]),
+    "QueueDigest": ("table", ["GroupByValue", "MessageCount", "DeferredMessageCount", "LockedMessageCount",
+                              "StaleMessageCount", "Details"]),
+    "Message": ("table", ["Identity", "FromAddress", "Status", "Queue", "Subject"]),
+    "MessageTrackingLog": ("table", ["EventId", "Source", "Sender", "Recipients", "MessageSubject"]),
+    "TestMailflowResult": ("table", ["TestMailflowResult", "MessageLatencyTime", "IsRemoteTest"]),
+    "SmtpConnectivityStatus": ("table", ["Server", "ReceiveConnector", "Binding", "EndPoint", "StatusCode", "Details"]),
+    "ExchangeCertificate": ("table", ["Thumbprint", "Services", "Subject"]),
+    "ADPermission": ("table", ["Identity", "User", "Deny", "Inherited", "Rights"]),
+    "BestPracticeFinding": ("table", ["Severity", "Object", "Rule", "Detail"]),
+    "Command": ("table", ["CommandType", "Name", "Synopsis"]),
+    "ExportedMessage": ("table", ["Identity", "Path", "Size"]),
+}
+
+
+@dataclass
+class Formatted:
+    """Text made by Format-Table/Format-List; printed as is at the end of the pipeline."""
+
+    lines: list[str]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
+
+def format_value(value: Any, limit: int = 4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, (list, tuple, set)):
+        items = list(value)
+        shown = items if limit < 0 else items[:limit]
+        text = ", ".join(format_value(v, limit) for v in shown)
+        if 0 <= limit < len(items):
+            text += "..."
+        return "{" + text + "}"
+    if isinstance(value, dt.datetime):
+        return format_datetime(value)
+    if isinstance(value, float):
+        return f"{value:.15g}"
+    if isinstance(value, enum.Enum) and not isinstance(value, int):
+        return str(value.value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"[{k}, {format_value(v, limit)}]" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def format_datetime(value: dt.datetime) -> str:
+    local = value.astimezone() if value.tzinfo else value
+    hour = local.hour % 12 or 12
+    return f"{local.month}/{local.day}/{local.year} {hour}:{local.minute:02d}:{local.second:02d} " \
+           f"{'AM' if local.hour < 12 else 'PM'}"
+
+
+def properties_of(obj: Any) -> list[str]:
+    if isinstance(obj, Record):
+        return obj.keys()
+    if isinstance(obj, dict):
+        return [str(k) for k in obj]
+    return []
+
+
+def get_property(obj: Any, name: str) -> Any:
+    if isinstance(obj, Record):
+        return obj.get(name)
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if str(k).lower() == name.lower():
+                return v
+        return None
+    getter = getattr(obj, "get", None)
+    if callable(getter):
+        try:
+            return getter(name)
+        except TypeError:
+            return None
+    return None
+
+
+def expand_columns(objects: list[Any], patterns: list[Any] | None) -> list[Any]:
+    """Property patterns (wildcards allowed) → the concrete names present on the objects."""
+    if not patterns:
+        return []
+    available: list[str] = []
+    for obj in objects:
+        for p in properties_of(obj):
+            if p not in available:
+                available.append(p)
+    out: list[Any] = []
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            out.append(pattern)  # a calculated property (hashtable)
+            continue
+        if any(ch in pattern for ch in "*?["):
+            out += [a for a in available if fnmatch.fnmatchcase(a.lower(), pattern.lower()) and a not in out]
+        else:
+            match = next((a for a in available if a.lower() == pattern.lower()), pattern)
+            out.append(match)
+    return out
+
+
+def _column_title(col: Any) -> str:
+    if isinstance(col, dict):
+        for key in ("Label", "Name", "N", "L"):
+            for k, v in col.items():
+                if str(k).lower() == key.lower():
+                    return str(v)
+        return "Expression"
+    return str(col)
+
+
+def _column_value(obj: Any, col: Any, evaluate: Any) -> Any:
+    if isinstance(col, dict):
+        expr = next((v for k, v in col.items() if str(k).lower() in ("expression", "e")), None)
+        if expr is None:
+            return None
+        if hasattr(expr, "invoke"):
+            result = expr.invoke(obj)
+            return result[0] if len(result) == 1 else (result or None)
+        return get_property(obj, str(expr))
+    return get_property(obj, col)
+
+
+def render_table(objects: list[Any], columns: list[Any], *, limit: int = 4, width: int | None = None,
+                 evaluate: Any = None, hide_headers: bool = False, wrap: bool = False) -> list[str]:
+    titles = [_column_title(c) for c in columns]
+    rows: list[list[str]] = []
+    numeric = [True] * len(columns)
+    for obj in objects:
+        row = []
+        for i, col in enumerate(columns):
+            value = _column_value(obj, col, evaluate)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool)) and value is not None:
+                numeric[i] = False
+            row.append(format_value(value, limit).replace("\r", " ").replace("\n", " "))
+        rows.append(row)
+    widths = [max([len(t)] + [len(r[i]) for r in rows]) for i, t in enumerate(titles)]
+    if width:
+        _shrink(widths, [len(t) for t in titles], width)
+
+    def cell(text: str, i: int) -> str:
+        w = widths[i]
+        if len(text) > w:
+            text = text[: max(w - 3, 0)] + "..." if w > 3 else text[:w]
+        return text.rjust(w) if numeric[i] and text else text.ljust(w)
+
+    lines = [""]
+    if not hide_headers:
+        lines.append(" ".join(cell(t, i) if not numeric[i] else t.rjust(widths[i]) for i, t in enumerate(titles)).rstrip())
+        lines.append(" ".join(("-" * len(t)).rjust(widths[i]) if numeric[i] else ("-" * len(t)).ljust(widths[i])
+                              for i, t in enumerate(titles)).rstrip())
+    for r in rows:
+        lines.append(" ".join(cell(v, i) for i, v in enumerate(r)).rstrip())
+    lines.append("")
+    return lines
+
+
+def _shrink(widths: list[int], minimums: list[int], total: int) -> None:
+    """Narrow the widest columns until the table fits ``total`` characters."""
+    while sum(widths) + len(widths) - 1 > total:
+        i = max(range(len(widths)), key=lambda k: widths[k])
+        floor = max(min(minimums[i], 10), 4)
+        if widths[i] <= floor:
+            break
+        widths[i] -= 1
+
+
+def render_list(objects: list[Any], properties: list[Any] | None, *, limit: int = 4, evaluate: Any = None) -> list[str]:
+    lines = [""]
+    for obj in objects:
+        cols = properties if properties else properties_of(obj)
+        titles = [_column_title(c) for c in cols]
+        pad = max((len(t) for t in titles), default=0)
+        for col, title in zip(cols, titles):
+            text = format_value(_column_value(obj, col, evaluate), limit)
+            parts = text.split("\n") if text else [""]
+            lines.append(f"{title.ljust(pad)} : {parts[0]}".rstrip())
+            for extra in parts[1:]:
+                lines.append(" " * (pad + 3) + extra)
+        lines.append("")
+    return lines
+
+
+def default_render(objects: list[Any], *, limit: int = 4, width: int | None = None) -> list[str]:
+    """What PowerShell's Out-Default prints for a batch of pipeline output."""
+    lines: list[str] = []
+    group: list[Any] = []
+    group_type: str | None = None
+
+    def flush() -> None:
+        nonlocal group
+        if not group:
+            return
+        first = group[0]
+        if isinstance(first, Record):
+            view = DEFAULT_VIEWS.get(first.type_name)
+            if view is None:
+                view = ("table", first.keys()) if len(first.keys()) <= 4 else ("list", None)
+            kind, cols = view
+            if kind == "table":
+                lines.extend(render_table(group, list(cols or first.keys()), limit=limit, width=width))
+            else:
+                lines.extend(render_list(group, cols, limit=limit))
+        elif isinstance(first, dict):
+            lines.extend(render_table([{"Name": k, "Value": v} for obj in group for k, v in obj.items()],
+                                      ["Name", "Value"], limit=limit, width=width))
+        else:
+            for obj in group:
+                lines.extend(str(obj).split("\n") if isinstance(obj, Formatted) else [format_value(obj, limit)])
+        group = []
+
+    for obj in objects:
+        kind = obj.type_name if isinstance(obj, Record) else ("dict" if isinstance(obj, dict) else "scalar")
+        if kind != group_type:
+            flush()
+            group_type = kind
+        group.append(obj)
+    flush()
+    return lines
+
+
+def column_names(objects: Iterable[Any]) -> list[str]:
+    names: list[str] = []
+    for obj in objects:
+        for p in properties_of(obj):
+            if p not in names:
+                names.append(p)
+    return names

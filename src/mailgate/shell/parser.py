@@ -1,0 +1,62 @@
+"""Parsing shell text with the Lark grammar in ``grammar.lark``."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import lark
+from lark import Tree
+
+from mailgate.errors import ParseError
+
+GRAMMAR = Path(__file__).with_name("grammar.lark")
+
+
+@functools.cache
+def _parser() -> lark.Lark:
+    return lark.Lark(GRAMMAR.read_text(encoding="utf-8"), parser="lalr", lexer="contextual",
+                     propagate_positions=True, maybe_placeholders=False)
+
+
+def parse(text: str) -> Tree:
+    """Parse a script; raises ParseError with PowerShell's position format on bad input."""
+    try:
+        return _parser().parse(text)
+    except lark.exceptions.UnexpectedInput as exc:
+        line = getattr(exc, "line", 1) or 1
+        column = getattr(exc, "column", 1) or 1
+        src_line = text.splitlines()[line - 1] if text.splitlines() and line - 1 < len(text.splitlines()) else ""
+        if isinstance(exc, lark.exceptions.UnexpectedToken):
+            token = exc.token
+            what = "end of input" if token.type == "$END" else f"token '{token}'"
+            reason = f"Unexpected {what} in expression or statement."
+            if token.type == "$END":
+                reason = "Missing closing ')', '}' or quote, or an incomplete statement."
+        elif isinstance(exc, lark.exceptions.UnexpectedCharacters):
+            char = text[exc.pos_in_stream] if exc.pos_in_stream < len(text) else ""
+            reason = f"Unexpected character '{char}'; check for a missing quote or a stray symbol."
+            if char in "\"'\u201c\u201d\u2018\u2019":
+                reason = "The string is missing the terminator: " + char
+        else:
+            reason = "The statement is incomplete."
+        pointer = " " * (column - 1) + "~"
+        raise ParseError(f"At line:{line} char:{column}\n+ {src_line}\n+ {pointer}\n{reason}") from None
+    except lark.exceptions.LarkError as exc:  # pragma: no cover - defensive: never crash on input
+        raise ParseError(f"The input could not be parsed: {exc}") from None
+
+
+def is_incomplete(text: str) -> bool:
+    """True when more lines could complete the statement (for the interactive prompt)."""
+    if text.rstrip().endswith("`") or text.rstrip().endswith("|"):
+        return True
+    try:
+        _parser().parse(text)
+    except lark.exceptions.UnexpectedToken as exc:
+        return exc.token.type == "$END"
+    except lark.exceptions.UnexpectedCharacters as exc:
+        rest = text[exc.pos_in_stream:]
+        return rest[:1] in "\"'" and rest.count(rest[0]) % 2 == 1
+    except lark.exceptions.LarkError:
+        return False
+    return False

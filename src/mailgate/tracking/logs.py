@@ -1,0 +1,158 @@
+"""Exchange-format CSV logs: message tracking (MSGTRK) and SMTP protocol logs
+(RECV/SEND), plus the tracking index in the store.
+
+Writers buffer in memory and a background thread flushes every quarter
+second, so logging costs the receive path one list append per event. Files
+are hourly (``PREFIXyyyymmddhh-n.LOG``, UTC) as real Exchange servers write
+them, roll over at the maximum file size, and are pruned by age and by the
+directory's total size.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("mailgate.tracking")
+
+TRACKING_FIELDS = [
+    "date-time", "client-ip", "client-hostname", "server-ip", "server-hostname", "source-context", "connector-id",
+    "source", "event-id", "internal-message-id", "message-id", "network-message-id", "recipient-address",
+    "recipient-status", "total-bytes", "recipient-count", "related-recipient-address", "reference",
+    "message-subject", "sender-address", "return-path", "message-info", "directionality", "tenant-id",
+    "original-client-ip", "original-server-ip", "custom-data", "transport-traffic-type", "log-id", "schema-version",
+]
+PROTOCOL_FIELDS = ["date-time", "connector-id", "session-id", "sequence-number", "local-endpoint", "remote-endpoint",
+                   "event", "data", "context"]
+SCHEMA_VERSION = "15.02.0000.000"
+
+
+def iso(ts: dt.datetime) -> str:
+    return ts.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+
+
+class CsvLogWriter:
+    """Appends CSV rows to hourly files with Exchange's header lines."""
+
+    def __init__(self, directory: Path, prefix: str, log_type: str, fields: list[str]) -> None:
+        self.directory = directory
+        self.prefix = prefix
+        self.log_type = log_type
+        self.fields = fields
+        self.max_file_size = 10 * 1024 * 1024
+        self.max_age: float | None = 30 * 86400
+        self.max_directory_size: int | None = 1000 * 1024 * 1024
+        self._hour = ""
+        self._seq = 1
+        self._fh: io.TextIOWrapper | None = None
+
+    def configure(self, directory: Path, *, max_file_size: int | None, max_age: float | None,
+                  max_directory_size: int | None) -> None:
+        if directory != self.directory:
+            self.close()
+            self.directory = directory
+        self.max_file_size = max_file_size or 10 * 1024 * 1024
+        self.max_age = max_age if max_age else None
+        self.max_directory_size = max_directory_size
+
+    def _file_for(self, now: dt.datetime) -> io.TextIOWrapper:
+        hour = now.strftime("%Y%m%d%H")
+        if self._fh is not None and hour == self._hour and self._fh.tell() < self.max_file_size:
+            return self._fh
+        self.close()
+        if hour != self._hour:
+            self._hour, self._seq = hour, 1
+        self.directory.mkdir(parents=True, exist_ok=True)
+        while True:
+            path = self.directory / f"{self.prefix}{hour}-{self._seq}.LOG"
+            if not path.exists() or path.stat().st_size < self.max_file_size:
+                break
+            self._seq += 1
+        new = not path.exists() or path.stat().st_size == 0
+        fh = open(path, "a", encoding="utf-8", newline="")
+        if new:
+            fh.write(f"#Software: mailgate\r\n#Version: {SCHEMA_VERSION}\r\n#Log-type: {self.log_type}\r\n"
+                     f"#Date: {iso(now)}\r\n#Fields: {','.join(self.fields)}\r\n")
+        self._fh = fh
+        return fh
+
+    def write_rows(self, rows: list[list[Any]], now: dt.datetime) -> None:
+        if not rows:
+            return
+        fh = self._file_for(now)
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\r\n")
+        writer.writerows(rows)
+        fh.write(buf.getvalue())
+        fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete files older than the maximum age, then the oldest until under the size limit."""
+        if not self.directory.exists():
+            return 0
+        now = now or time.time()
+        files = sorted(self.directory.glob(f"{self.prefix}*.LOG"), key=lambda p: p.stat().st_mtime)
+        current = Path(self._fh.name) if self._fh is not None else None
+        removed = 0
+        if self.max_age:
+            for path in list(files):
+                if path != current and now - path.stat().st_mtime > self.max_age:
+                    path.unlink(missing_ok=True)
+                    files.remove(path)
+                    removed += 1
+        if self.max_directory_size:
+            total = sum(p.stat().st_size for p in files)
+            for path in list(files):
+                if total <= self.max_directory_size or path == current:
+                    break
+                total -= path.stat().st_size
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+class BufferedLog:
+    """A thread that flushes buffered rows to a writer (and an optional sink) every ``interval``."""
+
+    def __init__(self, name: str, flush: Callable[[list[Any]], None], interval: float = 0.25) -> None:
+        self._rows: list[Any] = []
+        self._lock = threading.Lock()
+        self._flush = flush
+        self._interval = interval
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def add(self, row: Any) -> None:
+        with self._lock:
+            self._rows.append(row)
+
+    def flush_now(self) -> None:
+        with self._lock:
+            rows, self._rows = self._rows, []
+        if rows:
+            try:
+                self._flush(rows)
+            except Exception:  # noqa: BLE001 - logging must never take the server down
+                log.exception("writing %d log rows failed", len(rows))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.flush_now()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.flush_now()

@@ -1,0 +1,156 @@
+"""Message tracking (every state change of a message) and SMTP protocol logging."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from mailgate.config.model import TransportServer
+from mailgate.tracking.logs import PROTOCOL_FIELDS, SCHEMA_VERSION, TRACKING_FIELDS, BufferedLog, CsvLogWriter, iso
+
+log = logging.getLogger("mailgate.tracking")
+
+# Exchange's tracking file field → the key this module uses for it.
+_FIELD_KEYS = {f: f.replace("-", "_") for f in TRACKING_FIELDS}
+_FIELD_KEYS.update({"date-time": "timestamp", "recipient-address": "recipients", "sender-address": "sender"})
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class MessageTracker:
+    """Writes tracking events to MSGTRK CSV files and to the store's index, in batches."""
+
+    def __init__(self, store: Any, server: str, log_dir: Path) -> None:
+        self.store = store
+        self.server = server
+        self.enabled = True
+        self.subject_logging = True
+        self.files = CsvLogWriter(log_dir, "MSGTRK", "Message Tracking Log", TRACKING_FIELDS)
+        self._buffer = BufferedLog("tracking-writer", self._flush)
+        self._log_ids = itertools.count(1)
+
+    def configure(self, server: TransportServer, default_dir: Path) -> None:
+        self.enabled = server.message_tracking_log_enabled
+        self.subject_logging = server.message_tracking_log_subject_logging_enabled
+        directory = Path(server.message_tracking_log_path) if server.message_tracking_log_path else default_dir
+        self.files.configure(directory, max_file_size=server.message_tracking_log_max_file_size.bytes,
+                             max_age=server.message_tracking_log_max_age.seconds,
+                             max_directory_size=server.message_tracking_log_max_directory_size.bytes)
+        self.max_age = server.message_tracking_log_max_age.seconds
+
+    def event(self, event_id: str, source: str, **fields: Any) -> None:
+        """Record one event; ``fields`` use the store's names (recipients, sender, message_subject...)."""
+        if not self.enabled:
+            return
+        fields["event_id"] = event_id
+        fields["source"] = source
+        fields.setdefault("timestamp", _now())
+        fields["server"] = self.server
+        fields.setdefault("server_hostname", self.server)
+        if not self.subject_logging:
+            fields["message_subject"] = None
+        self._buffer.add(fields)
+
+    def flush(self) -> None:
+        self._buffer.flush_now()
+
+    def close(self) -> None:
+        self._buffer.close()
+        self.files.close()
+
+    def _flush(self, rows: list[dict[str, Any]]) -> None:
+        now = _now()
+        csv_rows = []
+        for r in rows:
+            row = []
+            for f in TRACKING_FIELDS:
+                key = _FIELD_KEYS[f]
+                value = r.get(key)
+                if f == "date-time":
+                    value = iso(value)
+                elif f == "log-id":
+                    value = f"{os.getpid():x}-{next(self._log_ids)}"
+                elif f == "schema-version":
+                    value = SCHEMA_VERSION
+                elif f == "transport-traffic-type":
+                    value = value or "Email"
+                elif isinstance(value, list):
+                    value = ";".join(str(v) for v in value)
+                row.append("" if value is None else value)
+            csv_rows.append(row)
+        try:
+            self.files.write_rows(csv_rows, now)
+        except OSError:
+            log.exception("writing the message tracking log failed")
+        self.store.insert_tracking(rows)
+
+    def prune(self) -> None:
+        self.files.prune()
+        if getattr(self, "max_age", None):
+            self.store.purge_tracking(_now() - dt.timedelta(seconds=self.max_age), self.server)
+
+
+class ProtocolLog:
+    """SmtpReceive or SmtpSend protocol log shared by every connector of one server."""
+
+    def __init__(self, directory: Path, direction: str) -> None:
+        prefix, log_type = ("RECV", "SMTP Receive Protocol Log") if direction == "receive" else \
+            ("SEND", "SMTP Send Protocol Log")
+        self.files = CsvLogWriter(directory, prefix, log_type, PROTOCOL_FIELDS)
+        self._buffer = BufferedLog(f"protocol-log-{direction}", self._flush)
+        self._ids = itertools.count(int(time.time() * 1000) << 12)
+
+    def configure(self, directory: Path, *, max_age: float, max_directory_size: int | None, max_file_size: int | None) -> None:
+        self.files.configure(directory, max_file_size=max_file_size, max_age=max_age, max_directory_size=max_directory_size)
+
+    def session(self, connector_id: str, local: str, remote: str) -> "ProtocolSession":
+        return ProtocolSession(self, connector_id, f"{next(self._ids) & 0xFFFFFFFFFFFFFFFF:016X}", local, remote)
+
+    def add(self, row: list[Any]) -> None:
+        self._buffer.add(row)
+
+    def _flush(self, rows: list[list[Any]]) -> None:
+        self.files.write_rows(rows, _now())
+
+    def flush(self) -> None:
+        self._buffer.flush_now()
+
+    def close(self) -> None:
+        self._buffer.close()
+        self.files.close()
+
+
+class ProtocolSession:
+    """The log lines of one SMTP session: ``+`` connect, ``<`` in, ``>`` out, ``*`` information, ``-`` end."""
+
+    __slots__ = ("log", "connector_id", "session_id", "local", "remote", "seq")
+
+    def __init__(self, log: ProtocolLog, connector_id: str, session_id: str, local: str, remote: str) -> None:
+        self.log = log
+        self.connector_id = connector_id
+        self.session_id = session_id
+        self.local = local
+        self.remote = remote
+        self.seq = 0
+
+    def write(self, event: str, data: str = "", context: str = "") -> None:
+        self.log.add([iso(_now()), self.connector_id, self.session_id, self.seq, self.local, self.remote, event,
+                      data, context])
+        self.seq += 1
+
+    def received(self, line: str) -> None:
+        self.write("<", line)
+
+    def sent(self, data: bytes) -> None:
+        text = data.decode("utf-8", "replace").rstrip("\r\n")
+        if "\r\n" in text:  # multi-line replies are logged on one line, as Exchange does
+            lines = text.split("\r\n")
+            text = lines[0][:3] + " " + " ".join(line[4:] for line in lines)
+        self.write(">", text)
