@@ -231,12 +231,17 @@ class TransportService:
                                     mailbox_root=home.mailbox_dir, deliver_smtp=self.delivery.deliver_smtp,
                                     deliver_mailbox=self.delivery.deliver_mailbox)
         self.manager.loop = loop
+        from mailgate.api.metrics import Metrics
+
+        self.metrics = Metrics()
+        self.manager.on_event = self.metrics.on_event
         self.admin = QueueAdmin(self.manager, home.server)
         revision, snapshot = await asyncio.to_thread(self.store.snapshot)
         config, settings = self.build_receive_config(revision, snapshot)
         self.receive = ReceiveServer(store=self.queue_store, pipeline=self.manager, tracker=self.tracker,
                                      protocol_log=self.receive_log, authenticate=self.authenticate, config=config)
         self.receive.on_change = self.announce
+        self.receive.on_event = self.metrics.on_event
         self.control = ControlServer(home, self.handle, log)
         await self.control.start()
         self.admin_url = None

@@ -1,9 +1,171 @@
-"""REST API and web admin center (placeholder until the API work lands)."""
+"""The REST API and the web admin center, served by the running server.
+
+Every cmdlet of the management core is an endpoint ``POST /api/cmdlets/<Name>``
+whose JSON body holds the cmdlet's parameters by their Exchange names; the
+OpenAPI document lists each with its parameters. Requests carry the admin
+token from ``mailgate.toml`` as ``Authorization: Bearer <token>``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+import hmac
+import inspect
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import uvicorn
+from fastapi import Body, Depends, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import ConfigDict, create_model
+
+from mailgate.api.metrics import CONTENT_TYPE, Metrics
+from mailgate.errors import UserError
+from mailgate.manage import load_cmdlets
+from mailgate.manage.cmdlets import Cmdlet, registry
+from mailgate.manage.context import ManagementContext
+from mailgate.manage.present import to_json
+
+STATIC = Path(__file__).with_name("static")
 
 
-async def start_api(service: Any, listen: str) -> Any:
-    raise NotImplementedError
+class InProcessRuntime:
+    """The runtime operations of the server this API runs in, callable from worker threads."""
+
+    def __init__(self, service: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.service = service
+        self.loop = loop
+
+    def call(self, op: str, **args: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(self.service.handle(op, args), self.loop).result(timeout=300)
+
+
+def _invoke(service: Any, runtime: InProcessRuntime, cmd: Cmdlet, params: dict[str, Any]) -> dict[str, Any]:
+    """Run one cmdlet as the shell would (conversion, validation, -WhatIf), returning JSON."""
+    from mailgate.shell.binder import NamedArg, bind, convert
+
+    ctx = ManagementContext(service.home, service.store, runtime=runtime, secrets=service.secrets)
+    elements = [NamedArg(name, value) for name, value in params.items() if value is not None]
+    for name, value in params.items():
+        if value is True and cmd.param(name).switch:
+            elements = [e for e in elements if e.name != name] + [NamedArg(name)]
+    args = convert(cmd, bind(cmd, elements))
+    ctx.whatif = bool(args.get("WhatIf"))
+    result = cmd.handler(ctx, args) or []
+    return {"output": to_json(list(result)), "warnings": ctx.warnings, "messages": ctx.messages, "errors": ctx.errors}
+
+
+def build_app(service: Any, loop: asyncio.AbstractEventLoop) -> FastAPI:
+    load_cmdlets(shell=False)
+    app = FastAPI(title="mailgate", version="0.1.0",
+                  description="Every management cmdlet of mailgate over HTTP. Send the admin token from "
+                              "mailgate.toml as 'Authorization: Bearer <token>'.")
+    runtime = InProcessRuntime(service, loop)
+    metrics: Metrics = service.metrics
+
+    def authorise(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("token", "")
+        if not service.home.admin_token or not hmac.compare_digest(token.encode(), service.home.admin_token.encode()):
+            raise HTTPException(status_code=401, detail="missing or wrong admin token",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, exc: UserError) -> JSONResponse:
+        return JSONResponse(status_code=400, content={"error": exc.message, "parameter": exc.parameter,
+                                                      "category": exc.category, "exception": exc.exception_name})
+
+    @app.get("/api/health")
+    async def health() -> dict[str, Any]:
+        """Liveness: the server name and whether its listeners are up."""
+        status = service.status()
+        return {"server": status["server"], "listening": sum(1 for item in status["listeners"] if item["listening"]),
+                "bindErrors": [item["error"] for item in status["listeners"] if item["error"]]}
+
+    @app.get("/api/status", dependencies=[Depends(authorise)])
+    async def status() -> Any:
+        return to_json(service.status())
+
+    @app.get("/api/cmdlets", dependencies=[Depends(authorise)])
+    async def cmdlets() -> list[dict[str, Any]]:
+        """Every cmdlet with its parameters."""
+        return [{"name": c.name, "synopsis": c.synopsis, "needsRuntime": c.needs_runtime,
+                 "parameters": [{"name": p.name, "type": p.type_name, "mandatory": p.mandatory, "switch": p.switch,
+                                 "help": p.help} for p in c.params]} for c in registry.all() if not c.builtin]
+
+    for cmd in registry.all():
+        if cmd.builtin:
+            continue
+        _add_cmdlet_route(app, service, runtime, cmd, authorise)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(content=metrics.render(service), media_type=CONTENT_TYPE)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _add_cmdlet_route(app: FastAPI, service: Any, runtime: InProcessRuntime, cmd: Cmdlet, authorise: Any) -> None:
+    fields: dict[str, Any] = {p.name: (Optional[Any], None) for p in cmd.params if p.name != "DomainController"}
+    model = create_model(f"{cmd.name.replace('-', '')}Parameters", __config__=ConfigDict(extra="forbid"), **fields)
+
+    async def endpoint(params: Any = None) -> Any:
+        values = params.model_dump(exclude_none=True) if params is not None else {}
+        return await run_in_threadpool(_invoke, service, runtime, cmd, values)
+
+    # The body model is made at run time, so FastAPI is given it through the signature.
+    endpoint.__signature__ = inspect.Signature([inspect.Parameter(  # type: ignore[attr-defined]
+        "params", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=Body(default=None), annotation=Optional[model])])
+    endpoint.__name__ = cmd.name.replace("-", "_").lower()
+    endpoint.__doc__ = cmd.description
+    app.add_api_route(f"/api/cmdlets/{cmd.name}", endpoint, methods=["POST"], summary=cmd.synopsis,
+                      dependencies=[Depends(authorise)], tags=[cmd.name.split("-", 1)[-1]])
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the transport server owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class ApiServer:
+    def __init__(self, server: uvicorn.Server, task: asyncio.Task[Any]) -> None:
+        self.server = server
+        self.task = task
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        try:
+            await asyncio.wait_for(self.task, 10)
+        except asyncio.TimeoutError:
+            self.task.cancel()
+
+
+async def start_api(service: Any, listen: str) -> ApiServer:
+    host, _, port = listen.rpartition(":")
+    app = build_app(service, asyncio.get_running_loop())
+    config = uvicorn.Config(app, host=host.strip("[]") or "127.0.0.1", port=int(port), log_level="warning",
+                            lifespan="off", access_log=False)
+    server = _QuietServer(config)
+    task = asyncio.ensure_future(server.serve())
+    for _ in range(100):
+        if server.started or task.done():
+            break
+        await asyncio.sleep(0.05)
+    if task.done() and task.exception() is not None:
+        raise UserError(f"The admin API can't listen on {listen}: {task.exception()}. Change [admin] listen in "
+                        "mailgate.toml or pass --admin-listen.")
+    if not server.started:
+        raise UserError(f"The admin API can't listen on {listen}; change [admin] listen in mailgate.toml or pass "
+                        "--admin-listen off.")
+    return ApiServer(server, task)

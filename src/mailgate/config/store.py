@@ -274,6 +274,10 @@ class ConfigStore:
             out.append(item)
         return out
 
+    def last_tracking_id(self) -> int:
+        with self._connect(write=False) as conn:
+            return int(conn.execute(sa.select(sa.func.max(message_tracking.c.id))).scalar() or 0)
+
     def purge_tracking(self, before: dt.datetime, server: str) -> int:
         t = message_tracking
         with self._connect(write=True) as conn:

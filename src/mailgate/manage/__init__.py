@@ -11,6 +11,9 @@ CMDLET_MODULES = [
     "mailgate.manage.domains_mailboxes",
     "mailgate.manage.transport",
     "mailgate.manage.credentials",
+    "mailgate.manage.queues",
+    "mailgate.manage.tracking",
+    "mailgate.manage.testing",
 ]
 
 

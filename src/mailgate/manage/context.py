@@ -35,6 +35,7 @@ class ManagementContext:
         self._secrets = secrets
         self.warnings: list[str] = []
         self.messages: list[str] = []
+        self.errors: list[str] = []     # non-terminating errors: output stands, the command still failed
         self.whatif = False
         self.shell: Any = None  # the shell evaluator, for its built-in commands (Format-Table...)
 
@@ -65,6 +66,10 @@ class ManagementContext:
 
     def say(self, message: str) -> None:
         self.messages.append(message)
+
+    def fail(self, message: str) -> None:
+        """Report an error after the output (e.g. Test-Mailflow's Failure) so scripts see a failed command."""
+        self.errors.append(message)
 
     def should_process(self, action: str) -> bool:
         """False (and a 'What if' line) under -WhatIf; the caller then changes nothing."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -50,6 +51,10 @@ def initialise(path: Path, *, server: str | None, domain: str | None, store_url:
             tx.put(server_obj)
             created.append(f"Transport server {name} ({fqdn})")
             new_org = not existing
+            if not new_org and not os.environ.get("MAILGATE_SECRET_KEY"):
+                others = ", ".join(s.name for s in existing)
+                created.append(f"Joined the organisation of {others}: copy secret.key from their data directory "
+                               f"to {path} (or set MAILGATE_SECRET_KEY) so this server can read stored credentials")
             if new_org:
                 tx.put(TransportConfig())
                 tx.put(validate(AcceptedDomain, dict(name=domain_name, domain_name=domain_name, default=True)))

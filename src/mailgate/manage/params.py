@@ -98,6 +98,12 @@ def to_int(value: Any) -> int:
                          'in a correct format."') from None
 
 
+def smtp_address(value: Any) -> str:
+    from mailgate.config.values import parse_smtp_address
+
+    return parse_smtp_address(to_str(value))
+
+
 def to_str_list(value: Any) -> list[str]:
     return [to_str(v) for v in as_list(value)]
 

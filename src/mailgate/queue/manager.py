@@ -22,7 +22,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from mailgate.config.model import TransportConfig, TransportServer
-from mailgate.queue.store import DELIVERED, FAILED, READY, RETRY, BodyRef, NewMessage, NewRecipient, QueueStore
+from mailgate.queue.store import (
+    DELIVERED,
+    FAILED,
+    READY,
+    RETRY,
+    BodyRef,
+    NewMessage,
+    NewRecipient,
+    QueueStore,
+    StoredBody,
+)
 from mailgate.routing.table import POISON, SUBMISSION, UNREACHABLE, Failure, Route, RoutingTable, mailbox_database
 from mailgate.send import dsn as DSN
 from mailgate.tracking.tracker import MessageTracker
@@ -302,7 +312,8 @@ class QueueManager:
         assert self.settings is not None
         now = time.time()
         sub = self.queue(SUBMISSION)
-        if not sub.suspended and not sub.active:
+        if not sub.suspended and not sub.active and self.store.reader().execute(
+                "SELECT 1 FROM message WHERE in_submission=1 AND poison=0 LIMIT 1").fetchone():
             self._spawn(sub, self._categorise_submission(sub))
         if now - self._last_scan >= 5:
             self._last_scan = now
@@ -363,9 +374,11 @@ class QueueManager:
             out.append(q.ready.popleft())
         return out
 
-    def release(self, q: DeliveryQueue, ids: list[int]) -> None:
+    def release(self, q: DeliveryQueue, ids: list[int], recorded: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+        """Give back ids taken from the window; recorded ones are given back when their outcome commits."""
         for i in ids:
-            q.held.discard(i)
+            if i not in recorded:
+                q.held.discard(i)
 
     # -- loading work ----------------------------------------------------------------------------
     def load(self, message_id: int, queue: str) -> tuple[Any, list[Any]] | None:
@@ -385,18 +398,21 @@ class QueueManager:
             ids = self.take(q, MAILBOX_BATCH)
             if not ids:
                 return
+            recorded: set[int] = set()
             try:
                 work = [w for w in (self.load(i, q.key) for i in ids) if w is not None and w[1]]
-                bodies = [self.store.read_body(msg) for msg, _ in work]
+                bodies = [self.store.body(msg) for msg, _ in work]
                 results = await loop.run_in_executor(self.executor, self._deliver_mailbox, self.settings, work, bodies)
                 for (msg, rcpts), body, outcomes in zip(work, bodies, results):
                     self.record(q, msg, rcpts, outcomes, body=body)
+                    recorded.add(msg["id"])
             except Exception as exc:  # noqa: BLE001 - a message that breaks delivery goes towards Poison
                 log.exception("mailbox delivery failed")
                 for i in ids:
-                    self.processing_error(i, exc)
+                    if i not in recorded:
+                        self.processing_error(i, exc)
             finally:
-                self.release(q, ids)
+                self.release(q, ids, recorded)
 
     async def _smtp_worker(self, q: DeliveryQueue) -> None:
         self.outbound_connections += 1
@@ -440,7 +456,9 @@ class QueueManager:
                               if self.loop else None)
 
     def _after_record(self, fut: concurrent.futures.Future[Any], dsns: list[NewMessage], targets: set[str],
-                      message_id: int) -> None:
+                      message_id: int, holder: DeliveryQueue | None = None) -> None:
+        if holder is not None:
+            holder.held.discard(message_id)
         if fut.exception() is not None:
             log.error("recording outcomes of message %s failed: %s", message_id, fut.exception())
             return
@@ -451,7 +469,8 @@ class QueueManager:
         self.wake()
 
     # -- outcomes ---------------------------------------------------------------------------------
-    def record(self, q: DeliveryQueue, msg: Any, rcpts: list[Any], outcomes: list[Any], *, body: bytes | None = None,
+    def record(self, q: DeliveryQueue, msg: Any, rcpts: list[Any], outcomes: list[Any], *,
+               body: StoredBody | None = None,
                remote: str | None = None, remote_ip: str | None = None) -> concurrent.futures.Future[Any]:
         """Apply one delivery attempt's outcomes (``Outcome`` objects) for ``msg``."""
         assert self.settings is not None
@@ -516,12 +535,14 @@ class QueueManager:
             dsns.append(self._make_dsn(msg, body, action, [
                 DSN.DsnRecipient(r["address"], r["orcpt"], "2.0.0", results[r["idx"]][1], remote) for r in success]))
         fut = self.store.record(msg["id"], updates, dsns)
-        fut.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._after_record, f, dsns, set(), msg["id"])
+        # The message stays held by this queue until its new state is committed, so a refill can't pick it again.
+        q.held.add(msg["id"])
+        fut.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._after_record, f, dsns, set(), msg["id"], q)
                               if self.loop else None)
         return fut
 
     def _failure_effects(self, msg: Any, failed: list[Any], results: dict[int, tuple[str, str]], *, source: str,
-                         body: bytes | None = None, remote: str | None = None,
+                         body: StoredBody | None = None, remote: str | None = None,
                          connector: str | None = None) -> tuple[list[NewMessage], list[tuple[Any, ...]]]:
         """Updates for failed recipients, FAIL events, and the NDR (one per attempt, never to <>)."""
         now = time.time()
@@ -541,8 +562,6 @@ class QueueManager:
         notify = [r for r in failed if DSN.wants(r["notify"], "FAILURE")]
         if not notify or not msg["sender"]:
             return [], updates
-        if body is None:
-            body = self.store.read_body(msg)
         recipients = [DSN.DsnRecipient(r["address"], r["orcpt"], DSN.status_of(results[r["idx"]][1], "5.0.0"),
                                        results[r["idx"]][1], remote) for r in notify]
         ndr = self._make_dsn(msg, body, "failed", recipients)
@@ -552,17 +571,19 @@ class QueueManager:
                            message_subject=msg["subject"], return_path=msg["sender"])
         return [ndr], updates
 
-    def _make_dsn(self, msg: Any, body: bytes | None, action: str, recipients: list[DSN.DsnRecipient]) -> NewMessage:
+    def _make_dsn(self, msg: Any, body: StoredBody | None, action: str, recipients: list[DSN.DsnRecipient]) -> NewMessage:
         assert self.settings is not None
-        if body is None:
-            body = self.store.read_body(msg)
+        original = body if body is not None else self.store.body(msg)
         routing = self.settings.routing
         org = self.settings.org
         postmaster = org.external_postmaster_address or f"postmaster@{routing.default_domain or self.settings.server.fqdn}"
         limit = org.external_dsn_max_message_attach_size.bytes
+        attach_full = action == "failed" and (msg["ret"] or "FULL").upper() == "FULL" and \
+            (limit is None or original.size <= limit)
         content = DSN.build(action=action, reporting_mta=self.settings.server.fqdn, postmaster=postmaster,
-                            to=msg["sender"], original=body, subject=msg["subject"], recipients=recipients,
-                            arrival=msg["received_at"], envid=msg["envid"], ret=msg["ret"], max_attach=limit)
+                            to=msg["sender"], original_head=original.head(),
+                            original=original.read() if attach_full else None, subject=msg["subject"],
+                            recipients=recipients, arrival=msg["received_at"], envid=msg["envid"])
         ref = self.store.append_body([content])
         now = time.time()
         prefix = {"failed": "Undeliverable", "delayed": "Delivery delayed", "delivered": "Delivered",
@@ -638,7 +659,7 @@ class QueueManager:
             in_flight = any(msg["id"] in q.held for q in self.queues.values())
             if in_flight:
                 continue
-            results = {r["idx"]: ("permanent", f"550 4.4.7 QUEUE.Expired; message expired"
+            results = {r["idx"]: ("permanent", "550 4.4.7 QUEUE.Expired; message expired"
                                                + (f", last error: {r['last_error']}" if r["last_error"] else ""))
                        for r in rcpts}
             dsns, updates = self._failure_effects(msg, rcpts, results, source="QUEUE")

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable
 
 SEGMENT_BYTES = 64 * 1024 * 1024
 SPILL_BYTES = 1024 * 1024
+ID_BLOCK = 10_000
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS message (
@@ -80,6 +81,11 @@ CREATE TABLE IF NOT EXISTS recipient (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS recipient_due ON recipient(queue, status, next_attempt);
 CREATE INDEX IF NOT EXISTS message_expiry ON message(expires_at);
+CREATE INDEX IF NOT EXISTS message_submission ON message(in_submission) WHERE in_submission=1;
+CREATE TABLE IF NOT EXISTS counter (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS queue_state (
     queue TEXT PRIMARY KEY,
     number INTEGER NOT NULL,
@@ -170,7 +176,12 @@ class QueueStore:
             d.mkdir(parents=True, exist_ok=True)
         conn = self._connect()
         conn.executescript(SCHEMA)
-        self._next_id = (conn.execute("SELECT max(id) FROM message").fetchone()[0] or 0) + 1
+        # Internal message ids never repeat (tracking refers to them): continue above the stored high-water mark.
+        used = conn.execute("SELECT max(id) FROM message").fetchone()[0] or 0
+        mark = conn.execute("SELECT value FROM counter WHERE name='message_id'").fetchone()
+        self._next_id = max(used, mark[0] if mark else 0) + 1
+        self._id_mark = self._next_id + ID_BLOCK
+        conn.execute("INSERT OR REPLACE INTO counter (name, value) VALUES ('message_id', ?)", (self._id_mark,))
         self._live = {seg: n for seg, n in conn.execute(
             "SELECT segment, count(*) FROM message WHERE segment IS NOT NULL GROUP BY segment")}
         spooled = {row[0] for row in conn.execute("SELECT spool_path FROM message WHERE spool_path IS NOT NULL")}
@@ -251,23 +262,30 @@ class QueueStore:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         return path, fd
 
+    def body(self, msg: Any) -> "StoredBody":
+        """The content of a queued message (``msg`` has segment/offset/length/spool_path)."""
+        return StoredBody(self, msg["segment"], msg["offset"], msg["length"], msg["spool_path"])
+
     def read_body(self, msg: Any) -> bytes:
-        """The whole body of a queued message (``msg`` has segment/offset/length/spool_path)."""
-        if msg["spool_path"]:
-            with open(msg["spool_path"], "rb") as fh:
-                return fh.read()
-        seg = msg["segment"]
-        fd = self._read_fds.get(seg)
-        if fd is None:
-            fd = os.open(self._segment_path(seg), os.O_RDONLY)
-            self._read_fds[seg] = fd
-        return os.pread(fd, msg["length"], msg["offset"])
+        return self.body(msg).read()
+
+    def _pread(self, segment: int, length: int, offset: int) -> bytes:
+        with self._lock:
+            fd = self._read_fds.get(segment)
+            if fd is None:
+                fd = os.open(self._segment_path(segment), os.O_RDONLY)
+                self._read_fds[segment] = fd
+        return os.pread(fd, length, offset)
 
     # -- writes -------------------------------------------------------------------------------
     def allocate_id(self) -> int:
         with self._lock:
             value = self._next_id
             self._next_id += 1
+            if self._next_id >= self._id_mark:
+                self._id_mark += ID_BLOCK
+                self._jobs.put(_Job("sql", ("INSERT OR REPLACE INTO counter (name, value) VALUES ('message_id', ?)",
+                                            (self._id_mark,), False, None), None))
             return value
 
     def submit(self, msg: NewMessage) -> concurrent.futures.Future[Any]:
@@ -470,3 +488,53 @@ class QueueStore:
         rows = self.reader().execute("SELECT queue, number, suspended FROM queue_state").fetchall()
         return {r["queue"]: (r["number"], bool(r["suspended"])) for r in rows}
 
+
+
+class StoredBody:
+    """A queued message's content. Small bodies live in a segment and are read whole; large ones
+    (spooled) are read in chunks, so delivering a 30 MB message doesn't hold 30 MB in memory."""
+
+    CHUNK = 256 * 1024
+
+    def __init__(self, store: QueueStore, segment: int | None, offset: int, length: int, spool_path: str | None) -> None:
+        self.store = store
+        self.segment = segment
+        self.offset = offset
+        self.size = length
+        self.spool_path = spool_path
+        self._cache: bytes | None = None
+
+    @property
+    def large(self) -> bool:
+        return self.spool_path is not None
+
+    def read(self) -> bytes:
+        if self._cache is not None:
+            return self._cache
+        if self.spool_path:
+            with open(self.spool_path, "rb") as fh:
+                return fh.read()
+        assert self.segment is not None
+        self._cache = self.store._pread(self.segment, self.size, self.offset)
+        return self._cache
+
+    def chunks(self) -> Iterable[bytes]:
+        if not self.spool_path:
+            yield self.read()
+            return
+        with open(self.spool_path, "rb") as fh:
+            while True:
+                chunk = fh.read(self.CHUNK)
+                if not chunk:
+                    return
+                yield chunk
+
+    def head(self, limit: int = 512 * 1024) -> bytes:
+        """The start of the message up to and including the blank line after the headers."""
+        if not self.spool_path:
+            data = self.read()
+        else:
+            with open(self.spool_path, "rb") as fh:
+                data = fh.read(limit)
+        end = data.find(b"\r\n\r\n")
+        return data[: end + 4] if end >= 0 else data[:limit]

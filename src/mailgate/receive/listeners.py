@@ -83,6 +83,7 @@ class ReceiveServer:
         self.bind_errors: dict[Endpoint, BindError] = {}
         self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
         self.on_change: Callable[[str], None] | None = None   # reports opened/closed listeners and errors
+        self.on_event: Callable[[str, dict[str, Any]], None] = lambda kind, data: None   # metrics
 
     def _make_socket(self, family: int, address: str, port: int) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)

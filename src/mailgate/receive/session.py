@@ -130,6 +130,8 @@ class SmtpSession(asyncio.Protocol):
             self.message = None
         if getattr(self, "plog", None):
             self.plog.write("-", "", "Remote" if not self._closing else "Local")
+        if getattr(self, "machine", None) is not None:
+            self.server.on_event("session_end", {"tls": self.machine.tls})
         self.server.sessions.discard(self)
         self._closing = True
 
@@ -229,6 +231,8 @@ class SmtpSession(asyncio.Protocol):
 
     def _reply(self, reply: Reply) -> None:
         self._out.append(self.machine.reply(reply))
+        if reply.code >= 400:
+            self.server.on_event("reject", {"code": reply.enhanced or str(reply.code)})
         if reply.code == 421:
             self._flush()
             self._close()
@@ -463,10 +467,10 @@ class SmtpSession(asyncio.Protocol):
                 return
             mailbox = None if fut.cancelled() or fut.exception() else fut.result()
             if mailbox is None:
-                self._fail_logon()
-                if self._blocked:
-                    return  # tarpitted: _fail_logon unblocks later
-                self._unblock()
+                self._blocked = False
+                self._fail_logon()  # may block again for AuthTarpitInterval
+                if not self._blocked:
+                    self._unblock()
                 return
             self.authenticated = mailbox.primary_smtp_address
             self._mailbox_addresses = tuple(mailbox.addresses())

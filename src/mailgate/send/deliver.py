@@ -143,6 +143,7 @@ class Delivery:
                     if not ids:
                         return
                 message_id = ids[0]
+                recorded: set[int] = set()
                 try:
                     loaded = manager.load(message_id, q.key)
                     if loaded is None or not loaded[1]:
@@ -160,9 +161,9 @@ class Delivery:
                             manager.connection_failed(q, failure.reply, failure.host, failure.endpoint)
                             return
                         manager.connection_succeeded(q)
-                    body = manager.store.read_body(msg)
+                    body = manager.store.body(msg)
                     out = OutboundMessage(
-                        id=msg["id"], sender=msg["sender"], size=len(body), body=body, body_type=msg["body_type"],
+                        id=msg["id"], sender=msg["sender"], size=body.size, body=body, body_type=msg["body_type"],
                         smtputf8=bool(msg["smtputf8"]), envid=msg["envid"], ret=msg["ret"],
                         recipients=[OutRecipient(r["idx"], r["address"], r["orcpt"], r["notify"]) for r in rcpts])
                     try:
@@ -170,17 +171,19 @@ class Delivery:
                     except (ConnectionLost, OSError, ProtocolViolation, ssl.SSLError, asyncio.TimeoutError) as exc:
                         reply = f"421 4.4.2 Connection dropped due to {type(exc).__name__}: {exc}"
                         manager.record(q, msg, rcpts, [Outcome(r["idx"], "transient", reply) for r in rcpts], body=body)
+                        recorded.add(message_id)
                         manager.connection_failed(q, reply, conn.host.name, conn.endpoint)
                         await conn.close(quit=False)
                         conn = None
                         return
                     manager.record(q, msg, rcpts, outcomes, body=body, remote=conn.host.name or conn.address,
                                    remote_ip=conn.address)
+                    recorded.add(message_id)
                 except Exception as exc:  # noqa: BLE001 - a message that breaks delivery heads for Poison
                     log.exception("delivering message %s through %s failed", message_id, q.key)
                     manager.processing_error(message_id, exc)
                 finally:
-                    manager.release(q, ids)
+                    manager.release(q, ids, recorded)
         finally:
             if conn is not None:
                 await conn.close()
@@ -197,10 +200,11 @@ class Delivery:
                 if loaded and loaded[1]:
                     msg, rcpts = loaded
                     manager.record(q, msg, rcpts, [Outcome(r["idx"], "permanent", reply) for r in rcpts])
-            manager.release(q, ids)
+                else:
+                    manager.release(q, [message_id])
 
     # -- mailboxes ----------------------------------------------------------------------------------
-    def deliver_mailbox(self, settings: Any, work: list[tuple[Any, list[Any]]], bodies: list[bytes]) -> list[list[Outcome]]:
+    def deliver_mailbox(self, settings: Any, work: list[tuple[Any, list[Any]]], bodies: list[Any]) -> list[list[Outcome]]:
         """Runs in a worker thread: write each recipient's copy into its Maildir."""
         routing = settings.routing
         results = []
@@ -216,7 +220,7 @@ class Delivery:
                 name = maildir.unique_name(msg["received_at"], msg["network_id"], r["idx"])
                 trace = f"Return-Path: <{msg['sender']}>\r\nDelivered-To: {r['address']}\r\n".encode()
                 try:
-                    maildir.deliver(path, name, trace + body)
+                    maildir.deliver(path, name, [trace, *body.chunks()])
                 except OSError as exc:
                     outcomes.append(Outcome(r["idx"], "transient", f"452 4.3.1 Mailbox delivery failed: {exc.strerror}"))
                     continue

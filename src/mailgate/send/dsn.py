@@ -36,14 +36,14 @@ def status_of(reply: str, default: str) -> str:
     return default
 
 
-def build(*, action: str, reporting_mta: str, postmaster: str, to: str, original: bytes, subject: str | None,
-          recipients: list[DsnRecipient], arrival: float, envid: str | None, ret: str | None,
-          max_attach: int | None) -> bytes:
-    """The DSN message (headers and body, CRLF line endings)."""
+def build(*, action: str, reporting_mta: str, postmaster: str, to: str, original_head: bytes, original: bytes | None,
+          subject: str | None, recipients: list[DsnRecipient], arrival: float, envid: str | None) -> bytes:
+    """The DSN message (headers and body, CRLF line endings). ``original`` (the whole message) is attached
+    when given; otherwise only its headers are (RET=HDRS, or too large to return)."""
     boundary = f"mailgate-dsn-{uuid.uuid4().hex}"
     prefix, intro = _TEXT[action]
-    head_end = original.find(b"\r\n\r\n")
-    original_headers = original[: head_end + 2] if head_end >= 0 else original
+    head_end = original_head.find(b"\r\n\r\n")
+    original_headers = original_head[: head_end + 2] if head_end >= 0 else original_head
     block = HeaderBlock.parse(original_headers)
     subj = subject if subject is not None else (block.get("Subject") or "")
     lines = [
@@ -89,8 +89,6 @@ def build(*, action: str, reporting_mta: str, postmaster: str, to: str, original
             status.append(f"Remote-MTA: dns;{r.remote_mta}")
         if r.diagnostic:
             status.append(f"Diagnostic-Code: smtp;{r.diagnostic}")
-    attach_full = (ret or "FULL").upper() == "FULL" and action == "failed" and \
-        (max_attach is None or len(original) <= max_attach)
     parts = [
         "\r\n".join(lines), "", "This is a MIME-formatted delivery status notification.", "",
         f"--{boundary}", 'Content-Type: text/plain; charset="utf-8"', "Content-Transfer-Encoding: 8bit", "",
@@ -100,7 +98,7 @@ def build(*, action: str, reporting_mta: str, postmaster: str, to: str, original
         f"--{boundary}",
     ]
     head = "\r\n".join(parts).encode("utf-8")
-    if attach_full:
+    if original is not None:
         body = b"Content-Type: message/rfc822\r\n\r\n" + original.rstrip(b"\r\n") + b"\r\n"
     else:
         body = b"Content-Type: text/rfc822-headers\r\n\r\n" + original_headers.rstrip(b"\r\n") + b"\r\n"

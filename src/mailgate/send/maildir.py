@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Iterable
 
 HOSTNAME = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
@@ -39,17 +40,18 @@ def already_delivered(path: Path, name: str) -> bool:
         return False
 
 
-def deliver(path: Path, name: str, content: bytes) -> Path:
-    """Write ``content`` into the Maildir at ``path`` under ``name``; returns the final path."""
+def deliver(path: Path, name: str, content: Iterable[bytes]) -> Path:
+    """Write ``content`` (pieces) into the Maildir at ``path`` under ``name``; returns the final path."""
     ensure_maildir(path)
     if already_delivered(path, name):
         return path / "new" / name
     tmp = path / "tmp" / name
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(content)
-        while view:
-            view = view[os.write(fd, view):]
+        for piece in content:
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)

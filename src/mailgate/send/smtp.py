@@ -36,7 +36,7 @@ class OutboundMessage:
     sender: str
     size: int
     recipients: list[OutRecipient]
-    body: bytes
+    body: Any                  # bytes, or a queue StoredBody read in chunks
     body_type: str | None = None
     smtputf8: bool = False
     envid: str | None = None
@@ -333,14 +333,18 @@ class SmtpConnection:
                 await self._abort_data()
             return outcomes
         if use_bdat:
-            final = [await self._command(f"BDAT {len(msg.body)} LAST\r\n".encode() + msg.body)]
+            final = [await self._send_bdat(msg)]
         else:
             if data_reply is None or data_reply.code != 354:
                 reply = data_reply or Reply(451, "4.4.0", "DATA was not accepted")
                 return outcomes + [Outcome(r.idx, _kind(reply), str(reply)) for r in accepted]
-            self.writer.write(C.dot_stuff(msg.body))
             if self.log:
                 self.log.write("*", "", f"sending message with RecordId {msg.id}")
+            stuffer = C.DotStuffer()
+            for chunk in _chunks(msg.body):
+                self.writer.write(stuffer.feed(chunk))
+                await self.writer.drain()
+            self.writer.write(stuffer.finish())
             await self.writer.drain()
             if self.settings.lmtp:
                 final = [await self._reply() for _ in accepted]
@@ -352,6 +356,18 @@ class SmtpConnection:
             kind = "delivered" if reply.code == 250 else _kind(reply)
             outcomes.append(Outcome(r.idx, kind, str(reply), relayed=kind == "delivered" and not dsn))
         return outcomes
+
+    async def _send_bdat(self, msg: OutboundMessage) -> Reply:
+        """The body as BDAT chunks; every chunk but the last is answered before the next goes out."""
+        previous: bytes | None = None
+        for chunk in _chunks(msg.body):
+            if previous is not None:
+                reply = await self._command(f"BDAT {len(previous)}\r\n".encode() + previous)
+                if reply.code != 250:
+                    return reply
+            previous = chunk
+        previous = previous or b""
+        return await self._command(f"BDAT {len(previous)} LAST\r\n".encode() + previous)
 
     async def _abort_data(self) -> None:
         """DATA was accepted but no recipient was: send an empty body so the session stays in step."""
@@ -395,6 +411,10 @@ class _HostRefused(Exception):
         super().__init__(reply)
         self.reply = reply
         self.fatal = fatal
+
+
+def _chunks(body: Any) -> Any:
+    return [body] if isinstance(body, bytes) else body.chunks()
 
 
 def _kind(reply: Reply) -> str:

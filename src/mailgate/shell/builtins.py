@@ -20,7 +20,8 @@ from mailgate.manage.context import ManagementContext
 from mailgate.manage.params import as_list, to_int, to_str
 from mailgate.manage.present import Record
 from mailgate.shell import format as fmt
-from mailgate.shell.evaluator import ScriptBlock, compare, to_text, truthy
+from mailgate.manage.psvalues import comparable, compare, to_text, truthy
+from mailgate.shell.evaluator import ScriptBlock
 
 _INPUT = Param("InputObject", from_pipeline=True, raw=True, help="The objects to process (from the pipeline).")
 
@@ -174,9 +175,7 @@ def sort_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
 
 
 def _sort_key(value: Any) -> tuple:
-    from mailgate.shell.evaluator import _comparable
-
-    v = _comparable(value)
+    v = comparable(value)
     if v is None:
         return (0, "")
     if isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -10,55 +10,32 @@ on, as PowerShell does with non-terminating errors.
 from __future__ import annotations
 
 import datetime as dt
-import fnmatch
 import math
 import os
 import re
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from lark import Token, Tree
 
-from mailgate.config.values import ByteSize, ExchangeEnum, ExchangeFlag, TimeSpan, UnlimitedInt
+from mailgate.config.values import ByteSize, TimeSpan
 from mailgate.errors import ParseError, UserError
 from mailgate.manage.cmdlets import Cmdlet, registry
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.credentials import PSCredential, SecureString
 from mailgate.manage.present import Record
+from mailgate.manage.psvalues import (
+    CIDict,
+    ShellError,
+    compare,
+    parse_number,
+    to_text,
+    truthy,
+)
 from mailgate.shell import binder
 from mailgate.shell.format import Formatted, get_property
 from mailgate.shell.parser import parse
 
 _MISSING = object()
-
-
-class ShellError(UserError):
-    """A runtime error of the shell language itself (bad operator use, unknown member...)."""
-
-    category = "InvalidOperation"
-    exception_name = "RuntimeException"
-
-
-class CIDict(dict):
-    """A PowerShell hashtable: keys compare case-insensitively, order is kept."""
-
-    def _key(self, key: Any) -> Any:
-        if isinstance(key, str):
-            for k in self.keys():
-                if isinstance(k, str) and k.lower() == key.lower():
-                    return k
-        return key
-
-    def __getitem__(self, key: Any) -> Any:
-        return super().__getitem__(self._key(key))
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        super().__setitem__(self._key(key), value)
-
-    def __contains__(self, key: object) -> bool:
-        return super().__contains__(self._key(key))
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        return super().get(self._key(key), default)
 
 
 class TypeRef:
@@ -82,63 +59,12 @@ class ScriptBlock:
         return self.text
 
 
-def truthy(value: Any) -> bool:
-    if isinstance(value, list):
-        if not value:
-            return False
-        if len(value) == 1:
-            return truthy(value[0])
-        return True
-    if isinstance(value, str):
-        return bool(value)
-    if value is None:
-        return False
-    if isinstance(value, (bool, int, float)):
-        return bool(value)
-    return True
-
-
-def to_text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "True" if value else "False"
-    if isinstance(value, list):
-        return " ".join(to_text(v) for v in value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, dt.datetime):
-        from mailgate.shell.format import format_datetime
-
-        return format_datetime(value)
-    if isinstance(value, ExchangeEnum):
-        return value.value
-    return str(value)
-
-
 def unwrap(values: list[Any]) -> Any:
     if not values:
         return None
     if len(values) == 1:
         return values[0]
     return list(values)
-
-
-_NUMBER_SUFFIX = {"kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40, "pb": 1 << 50}
-
-
-def parse_number(text: str) -> int | float:
-    if text.lower().startswith("0x"):
-        return int(text, 16)
-    mult = 1
-    if text[-2:].lower() in _NUMBER_SUFFIX:
-        mult = _NUMBER_SUFFIX[text[-2:].lower()]
-        text = text[:-2]
-    value: int | float = float(text) if any(c in text for c in ".eE") else int(text)
-    value = value * mult
-    if isinstance(value, float) and value.is_integer() and mult > 1:
-        return int(value)
-    return value
 
 
 class Evaluator:
@@ -151,6 +77,7 @@ class Evaluator:
                                           "confirmpreference": "High", "ofs": " "}
         self.failed = False
         self._source = ""
+        self._deferred_errors: list[tuple[str, str]] = []
 
     # -- entry points ------------------------------------------------------------
     def run(self, text: str) -> bool:
@@ -173,6 +100,7 @@ class Evaluator:
 
     def run_statement(self, stmt: Tree) -> bool:
         self._statement_failed = False
+        self._deferred_errors = []
         try:
             if stmt.data == "assignment":
                 self.assign(stmt)
@@ -180,6 +108,9 @@ class Evaluator:
                 self.emit(self.eval_pipeline(stmt))
         except UserError as exc:
             self._fail(exc, stmt)
+        for cmdlet_name, message in self._deferred_errors:
+            self._fail(UserError(message), stmt, cmdlet_name)
+        self._deferred_errors = []
         self.variables["?"] = not self._statement_failed
         return not self._statement_failed
 
@@ -188,13 +119,14 @@ class Evaluator:
         self._statement_failed = True
         self.report(exc, cmdlet, self._position(node))
 
-    def _position(self, node: Any) -> tuple[int, int, str] | None:
+    def _position(self, node: Any) -> tuple[int, int, str, int] | None:
         meta = getattr(node, "meta", None)
         if meta is None or getattr(meta, "empty", True):
             return None
         lines = self._source.splitlines()
         line = lines[meta.line - 1] if 0 < meta.line <= len(lines) else ""
-        return meta.line, meta.column, line
+        end = meta.end_column if meta.end_line == meta.line else len(line) + 1
+        return meta.line, meta.column, line, end
 
     # -- variables ------------------------------------------------------------------
     def get_variable(self, name: str) -> Any:
@@ -334,9 +266,10 @@ class Evaluator:
         finally:
             ctx.whatif = False
             self._flush_side_channels()
-        if result is None:
-            return []
-        return list(result) if isinstance(result, (list, tuple)) else [result]
+        if ctx.errors:  # reported once the statement's output is out (see run_statement)
+            self._deferred_errors += [(cmd.name, message) for message in ctx.errors]
+            ctx.errors = []
+        return [] if result is None else list(result) if isinstance(result, (list, tuple)) else [result]
 
     def _flush_side_channels(self) -> None:
         if self.ctx.messages or self.ctx.warnings:
@@ -533,102 +466,6 @@ def _matching_paren(text: str, start: int) -> int:
 
 # ---------------------------------------------------------------------------
 # Operators
-
-
-def _coerce_like(left: Any, right: Any) -> Any:
-    """Convert ``right`` to the type of ``left``, as PowerShell does for comparisons."""
-    if right is None or left is None:
-        return right
-    try:
-        if isinstance(left, bool):
-            return truthy(right) if not isinstance(right, str) else right.strip().lower() in ("true", "$true", "1")
-        if isinstance(left, int) and not isinstance(right, (int, float)):
-            return parse_number(str(right).strip())
-        if isinstance(left, float) and not isinstance(right, (int, float)):
-            return float(str(right))
-        if isinstance(left, (ByteSize, TimeSpan, UnlimitedInt)) and not isinstance(right, type(left)):
-            return type(left).parse(right)
-        if isinstance(left, dt.datetime) and isinstance(right, str):
-            from mailgate.manage.params import to_datetime
-
-            return to_datetime(right)
-    except (ValueError, TypeError):
-        raise ShellError(f'Cannot compare "{to_text(left)}" with "{to_text(right)}": "{to_text(right)}" can\'t be '
-                         f"converted to the type of the left operand.") from None
-    return right
-
-
-def _comparable(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.lower()
-    if isinstance(value, (ExchangeEnum, ExchangeFlag)):
-        return str(value).lower()
-    if isinstance(value, ByteSize):
-        return math.inf if value.bytes is None else value.bytes
-    if isinstance(value, UnlimitedInt):
-        return math.inf if value.value is None else value.value
-    if isinstance(value, TimeSpan):
-        return value.seconds
-    if isinstance(value, dt.datetime) and value.tzinfo is None:
-        return value.astimezone()
-    if isinstance(value, (int, float, bool, dt.datetime)) or value is None:
-        return value
-    return str(value).lower()
-
-
-def _scalar_compare(op: str, left: Any, right: Any, variables: dict[str, Any]) -> bool:
-    base = op.lstrip("-")
-    case_sensitive = base.startswith("c") and base not in ("contains",)
-    if base[0] in "ci" and base[1:] in ("eq", "ne", "gt", "ge", "lt", "le", "like", "notlike", "match", "notmatch"):
-        base = base[1:]
-    if base in ("like", "notlike"):
-        text, pattern = to_text(left), to_text(right)
-        ok = fnmatch.fnmatchcase(text, pattern) if case_sensitive else fnmatch.fnmatchcase(text.lower(), pattern.lower())
-        return ok if base == "like" else not ok
-    if base in ("match", "notmatch"):
-        try:
-            m = re.search(to_text(right), to_text(left), 0 if case_sensitive else re.IGNORECASE)
-        except re.error as exc:
-            raise ShellError(f'The regular expression "{right}" is not valid: {exc}') from None
-        if m and base == "match":
-            variables["matches"] = CIDict({i: g for i, g in enumerate([m.group(0), *m.groups()])})
-        return bool(m) if base == "match" else not m
-    right = _coerce_like(left, right)
-    if case_sensitive and isinstance(left, str) and isinstance(right, str):
-        a, b = left, right
-    else:
-        a, b = _comparable(left), _comparable(right)
-    if base == "eq":
-        return a == b
-    if base == "ne":
-        return a != b
-    try:
-        if base == "gt":
-            return a > b
-        if base == "ge":
-            return a >= b
-        if base == "lt":
-            return a < b
-        if base == "le":
-            return a <= b
-    except TypeError:
-        raise ShellError(f'Cannot compare "{to_text(left)}" and "{to_text(right)}".') from None
-    raise ShellError(f"Unknown comparison operator {op}")
-
-
-def compare(op: str, left: Any, right: Any, variables: dict[str, Any]) -> Any:
-    base = op.lstrip("-").lower()
-    if base in ("contains", "notcontains", "ccontains", "icontains"):
-        items = left if isinstance(left, list) else [left]
-        found = any(_scalar_compare("-eq", i, right, variables) for i in items)
-        return found if "not" not in base else not found
-    if base in ("in", "notin"):
-        items = right if isinstance(right, list) else [right]
-        found = any(_scalar_compare("-eq", i, left, variables) for i in items)
-        return found if base == "in" else not found
-    if isinstance(left, list):
-        return [item for item in left if _scalar_compare(op, item, right, variables)]
-    return _scalar_compare(op, left, right, variables)
 
 
 def arithmetic(op: str, left: Any, right: Any) -> Any:
@@ -848,11 +685,3 @@ def static(target: Any, name: str, args: list[Any] | None) -> Any:
     raise ShellError(f"[{target.name}]::{name} is not available in this shell.")
 
 
-def flatten(values: Iterable[Any]) -> list[Any]:
-    out: list[Any] = []
-    for v in values:
-        if isinstance(v, list):
-            out.extend(v)
-        else:
-            out.append(v)
-    return out

@@ -71,12 +71,12 @@ class Shell:
             self.out.write(line + "\n")
         self.out.flush()
 
-    def _report(self, exc: UserError, cmdlet: str | None, position: tuple[int, int, str] | None) -> None:
+    def _report(self, exc: UserError, cmdlet: str | None, position: tuple[int, int, str, int] | None) -> None:
         self.out.flush()
         lines = [f"{cmdlet} : {exc.message}" if cmdlet else exc.message]
         if position:
-            line, col, text = position
-            underline = "~" * max(1, len(text.rstrip()) - (col - 1))
+            line, col, text, end = position
+            underline = "~" * max(1, min(end, len(text.rstrip()) + 1) - col)
             lines += [f"At line:{line} char:{col}", f"+ {text}", "+ " + " " * (col - 1) + underline]
         target = f"{exc.target}:String" if exc.target else ":"
         where = f"[{cmdlet}], " if cmdlet else ""

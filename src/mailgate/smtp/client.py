@@ -99,14 +99,40 @@ def auth_plain(user: str, password: str) -> bytes:
     return f"AUTH PLAIN {token}\r\n".encode()
 
 
+class DotStuffer:
+    """Turns message content into a DATA body piece by piece: CRLF line endings, leading dots doubled.
+
+    Bare CR and LF become CRLF, so no byte sequence of the content can end DATA early at the
+    next hop (SMTP smuggling)."""
+
+    def __init__(self) -> None:
+        self._last = b"\n"        # the last byte sent; "\n" means at the start of a line
+        self._held = b""           # a trailing CR that may be the first half of CRLF
+
+    def feed(self, data: bytes, *, final: bool = False) -> bytes:
+        data = self._held + data
+        self._held = b""
+        if data.endswith(b"\r") and not final:
+            data, self._held = data[:-1], b"\r"
+        if not data:
+            return b""
+        n = data.count(b"\n")
+        if n != data.count(b"\r\n") or data.count(b"\r") != n:
+            data = _LINE_ENDINGS.sub(b"\r\n", data)
+        if self._last == b"\n" and data.startswith(b"."):
+            data = b"." + data
+        data = data.replace(b"\n.", b"\n..")
+        self._last = data[-1:]
+        return data
+
+    def finish(self) -> bytes:
+        tail = self.feed(b"", final=True)
+        if self._last != b"\n":
+            tail += b"\r\n"
+        return tail + b".\r\n"
+
+
 def dot_stuff(message: bytes) -> bytes:
-    """The message as a DATA body with its terminator: CRLF line endings, leading dots doubled."""
-    n = message.count(b"\n")
-    if n != message.count(b"\r\n") or message.count(b"\r") != n:
-        message = _LINE_ENDINGS.sub(b"\r\n", message)
-    if message.startswith(b"."):
-        message = b"." + message
-    message = message.replace(b"\r\n.", b"\r\n..")
-    if not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    return message + b".\r\n"
+    """The whole message as a DATA body with its terminator."""
+    stuffer = DotStuffer()
+    return stuffer.feed(message) + stuffer.finish()

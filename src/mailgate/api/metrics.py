@@ -1,0 +1,51 @@
+"""Prometheus metrics of a running server: messages in and out, queue depths,
+delivery latency, TLS share of sessions, SMTP rejects by reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.received = Counter("mailgate_messages_received", "Messages accepted, by receive connector or source",
+                                ["connector"], registry=r)
+        self.delivered = Counter("mailgate_messages_delivered", "Recipients delivered, by delivery type",
+                                 ["delivery_type"], registry=r)
+        self.failed = Counter("mailgate_recipients_failed", "Recipients that failed permanently", registry=r)
+        self.latency = Histogram("mailgate_delivery_latency_seconds", "Receipt-to-delivery latency", registry=r,
+                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 86400))
+        self.queue_depth = Gauge("mailgate_queue_messages", "Messages in each queue", ["queue", "delivery_type"],
+                                 registry=r)
+        self.sessions = Gauge("mailgate_smtp_sessions_open", "Open inbound SMTP sessions", registry=r)
+        self.tls_sessions = Counter("mailgate_smtp_sessions", "Inbound SMTP sessions ended, by TLS use", ["tls"],
+                                    registry=r)
+        self.rejects = Counter("mailgate_smtp_rejects", "Inbound SMTP replies 4xx/5xx, by enhanced status code",
+                               ["code"], registry=r)
+
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "received":
+            self.received.labels(data.get("connector") or "unknown").inc()
+        elif kind == "delivered":
+            q = data["queue"]
+            self.delivered.labels(q.delivery_type).inc(data.get("count", 1))
+            self.latency.observe(max(0.0, data.get("latency", 0.0)))
+        elif kind == "failed":
+            self.failed.inc(data.get("count", 1))
+        elif kind == "session_end":
+            self.tls_sessions.labels("yes" if data.get("tls") else "no").inc()
+        elif kind == "reject":
+            self.rejects.labels(data.get("code") or "unknown").inc()
+
+    def render(self, service: Any) -> bytes:
+        self.queue_depth.clear()
+        for record in service.admin.queues():
+            self.queue_depth.labels(record["Identity"], record["DeliveryType"]).set(record["MessageCount"])
+        self.sessions.set(len(service.receive.sessions))
+        return generate_latest(self.registry)

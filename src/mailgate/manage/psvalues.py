@@ -1,0 +1,193 @@
+"""PowerShell's value semantics that the shell and the management core share:
+truthiness, conversion to text, number literals, hashtables, and comparison
+operators (-eq, -like, -match ... with PowerShell's type coercion)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import math
+import re
+from typing import Any
+
+from mailgate.config.values import ByteSize, ExchangeEnum, ExchangeFlag, TimeSpan, UnlimitedInt
+from mailgate.errors import UserError
+
+
+class ShellError(UserError):
+    """A runtime error of the shell language itself (bad operator use, unknown member...)."""
+
+    category = "InvalidOperation"
+    exception_name = "RuntimeException"
+
+
+class CIDict(dict):
+    """A PowerShell hashtable: keys compare case-insensitively, order is kept."""
+
+    def _key(self, key: Any) -> Any:
+        if isinstance(key, str):
+            for k in self.keys():
+                if isinstance(k, str) and k.lower() == key.lower():
+                    return k
+        return key
+
+    def __getitem__(self, key: Any) -> Any:
+        return super().__getitem__(self._key(key))
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(self._key(key), value)
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(self._key(key))
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return super().get(self._key(key), default)
+
+
+def truthy(value: Any) -> bool:
+    if isinstance(value, list):
+        if not value:
+            return False
+        if len(value) == 1:
+            return truthy(value[0])
+        return True
+    if isinstance(value, str):
+        return bool(value)
+    if value is None:
+        return False
+    if isinstance(value, (bool, int, float)):
+        return bool(value)
+    return True
+
+
+def to_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, list):
+        return " ".join(to_text(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, dt.datetime):
+        from mailgate.shell.format import format_datetime
+
+        return format_datetime(value)
+    if isinstance(value, ExchangeEnum):
+        return value.value
+    return str(value)
+
+
+_NUMBER_SUFFIX = {"kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40, "pb": 1 << 50}
+
+
+def parse_number(text: str) -> int | float:
+    if text.lower().startswith("0x"):
+        return int(text, 16)
+    mult = 1
+    if text[-2:].lower() in _NUMBER_SUFFIX:
+        mult = _NUMBER_SUFFIX[text[-2:].lower()]
+        text = text[:-2]
+    value: int | float = float(text) if any(c in text for c in ".eE") else int(text)
+    value = value * mult
+    if isinstance(value, float) and value.is_integer() and mult > 1:
+        return int(value)
+    return value
+
+
+def _coerce_like(left: Any, right: Any) -> Any:
+    """Convert ``right`` to the type of ``left``, as PowerShell does for comparisons."""
+    if right is None or left is None:
+        return right
+    try:
+        if isinstance(left, bool):
+            return truthy(right) if not isinstance(right, str) else right.strip().lower() in ("true", "$true", "1")
+        if isinstance(left, int) and not isinstance(right, (int, float)):
+            return parse_number(str(right).strip())
+        if isinstance(left, float) and not isinstance(right, (int, float)):
+            return float(str(right))
+        if isinstance(left, (ByteSize, TimeSpan, UnlimitedInt)) and not isinstance(right, type(left)):
+            return type(left).parse(right)
+        if isinstance(left, dt.datetime) and isinstance(right, str):
+            from mailgate.manage.params import to_datetime
+
+            return to_datetime(right)
+    except (ValueError, TypeError):
+        raise ShellError(f'Cannot compare "{to_text(left)}" with "{to_text(right)}": "{to_text(right)}" can\'t be '
+                         f"converted to the type of the left operand.") from None
+    return right
+
+
+def comparable(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.lower()
+    if isinstance(value, (ExchangeEnum, ExchangeFlag)):
+        return str(value).lower()
+    if isinstance(value, ByteSize):
+        return math.inf if value.bytes is None else value.bytes
+    if isinstance(value, UnlimitedInt):
+        return math.inf if value.value is None else value.value
+    if isinstance(value, TimeSpan):
+        return value.seconds
+    if isinstance(value, dt.datetime) and value.tzinfo is None:
+        return value.astimezone()
+    if isinstance(value, (int, float, bool, dt.datetime)) or value is None:
+        return value
+    return str(value).lower()
+
+
+def _scalar_compare(op: str, left: Any, right: Any, variables: dict[str, Any] | None) -> bool:
+    base = op.lstrip("-")
+    case_sensitive = base.startswith("c") and base not in ("contains",)
+    if base[0] in "ci" and base[1:] in ("eq", "ne", "gt", "ge", "lt", "le", "like", "notlike", "match", "notmatch"):
+        base = base[1:]
+    if base in ("like", "notlike"):
+        text, pattern = to_text(left), to_text(right)
+        ok = fnmatch.fnmatchcase(text, pattern) if case_sensitive else fnmatch.fnmatchcase(text.lower(), pattern.lower())
+        return ok if base == "like" else not ok
+    if base in ("match", "notmatch"):
+        try:
+            m = re.search(to_text(right), to_text(left), 0 if case_sensitive else re.IGNORECASE)
+        except re.error as exc:
+            raise ShellError(f'The regular expression "{right}" is not valid: {exc}') from None
+        if m and base == "match" and variables is not None:
+            variables["matches"] = CIDict({i: g for i, g in enumerate([m.group(0), *m.groups()])})
+        return bool(m) if base == "match" else not m
+    right = _coerce_like(left, right)
+    if case_sensitive and isinstance(left, str) and isinstance(right, str):
+        a, b = left, right
+    else:
+        a, b = comparable(left), comparable(right)
+    if base == "eq":
+        return a == b
+    if base == "ne":
+        return a != b
+    try:
+        if base == "gt":
+            return a > b
+        if base == "ge":
+            return a >= b
+        if base == "lt":
+            return a < b
+        if base == "le":
+            return a <= b
+    except TypeError:
+        raise ShellError(f'Cannot compare "{to_text(left)}" and "{to_text(right)}".') from None
+    raise ShellError(f"Unknown comparison operator {op}")
+
+
+def compare(op: str, left: Any, right: Any, variables: dict[str, Any] | None = None) -> Any:
+    base = op.lstrip("-").lower()
+    if base in ("contains", "notcontains", "ccontains", "icontains"):
+        items = left if isinstance(left, list) else [left]
+        found = any(_scalar_compare("-eq", i, right, variables) for i in items)
+        return found if "not" not in base else not found
+    if base in ("in", "notin"):
+        items = right if isinstance(right, list) else [right]
+        found = any(_scalar_compare("-eq", i, left, variables) for i in items)
+        return found if base == "in" else not found
+    if isinstance(left, list):
+        return [item for item in left if _scalar_compare(op, item, right, variables)]
+    return _scalar_compare(op, left, right, variables)
+
+

@@ -1,0 +1,319 @@
+"""Queue and message cmdlets: Get-Queue, Get-QueueDigest, Get-Message and the
+actions on them. They work on the running server through ``ctx.runtime``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from mailgate.errors import ParameterError, UserError
+from mailgate.manage.cmdlets import Param, cmdlet
+from mailgate.manage.context import ManagementContext
+from mailgate.manage.filters import parse_filter
+from mailgate.manage.params import as_list, to_bool, to_str
+from mailgate.manage.present import Record
+from mailgate.manage.psvalues import compare
+
+_INTERNAL_TYPES = {"SmtpDeliveryToMailbox", "SmtpRelayToConnectorSourceServers", "Undefined", "Unreachable",
+                   "SmtpRelayToServers", "ShadowRedundancy"}
+
+
+def _identity(value: Any) -> str:
+    if isinstance(value, Record):
+        return str(value.get("Identity"))
+    return to_str(value)
+
+
+def _check_server(ctx: ManagementContext, server: str | None) -> None:
+    if server and server.lower() != ctx.server_name.lower():
+        raise UserError(f"Server {server} isn't reachable from here: this shell manages {ctx.server_name}'s queues. "
+                        f"Run the command on {server}'s shell.", parameter="Server")
+
+
+def _filter(records: list[Record], text: str | None) -> list[Record]:
+    if not text:
+        return records
+    predicate = parse_filter(text, lambda op, left, right: compare(op, left, right), lambda r, p: r.get(p))
+    return [r for r in records if predicate(r)]
+
+
+def _result_size(value: Any) -> int | None:
+    text = to_str(value)
+    if text.lower() == "unlimited":
+        return None
+    size = int(text)
+    if size < 1:
+        raise ValueError("ResultSize must be a positive number or Unlimited")
+    return size
+
+
+def _include(record: Record, kinds: list[str]) -> bool:
+    for kind in kinds:
+        k = kind.lower()
+        if k == "empty" and record["MessageCount"] == 0:
+            return True
+        if k == "internal" and record["DeliveryType"] in _INTERNAL_TYPES:
+            return True
+        if k == "external" and record["DeliveryType"] not in _INTERNAL_TYPES:
+            return True
+        if k == str(record["DeliveryType"]).lower():
+            return True
+    return False
+
+
+def queues(ctx: ManagementContext, args: dict[str, Any]) -> list[Record]:
+    _check_server(ctx, args.get("Server"))
+    records: list[Record] = ctx.runtime.call("queues")
+    ident = args.get("Identity")
+    if ident is not None:
+        if args.get("Filter") or args.get("Server"):
+            raise ParameterError("Parameter set cannot be resolved: -Identity can't be combined with -Filter or "
+                                 "-Server.", parameter="Identity")
+        wanted = _identity(ident)
+        name = wanted.rpartition("\\")[2].lower()
+        if name not in ("*", ""):
+            records = [r for r in records if name in (r["Identity"].rpartition("\\")[2].lower(),
+                                                      r["QueueIdentity"].rpartition("\\")[2],
+                                                      str(r["NextHopDomain"]).lower())]
+            if not records:
+                raise UserError(f"The queue '{wanted}' couldn't be found on server {ctx.server_name}.", target=wanted)
+    records = _filter(records, args.get("Filter"))
+    if args.get("Include"):
+        records = [r for r in records if _include(r, args["Include"])]
+    if args.get("Exclude"):
+        records = [r for r in records if not _include(r, args["Exclude"])]
+    limit = args.get("ResultSize", 1000)
+    return records[:limit] if limit else records
+
+
+_QUEUE_PARAMS = [
+    Param("Identity", position=0, from_pipeline=True, help="Server\\NextHopDomain, Server\\Number or * ."),
+    Param("Server", convert=to_str), Param("Filter", convert=to_str, help="e.g. \"MessageCount -gt 10\"."),
+]
+
+
+@cmdlet("Get-Queue", [*_QUEUE_PARAMS, Param("Include", convert=lambda v: [to_str(x) for x in as_list(v)]),
+                      Param("Exclude", convert=lambda v: [to_str(x) for x in as_list(v)]),
+                      Param("ResultSize", convert=_result_size), Param("SortOrder", convert=to_str)],
+        synopsis="Show the queues of the transport server.", needs_runtime=True, default_view="Queue",
+        examples=["Get-Queue", 'Get-Queue -Filter "MessageCount -gt 10"', "Get-Queue -Exclude Empty",
+                  "Get-Queue EX01\\Unreachable | fl"])
+def get_queue(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Show Submission, the delivery queues (one per next hop), Unreachable and Poison."""
+    records = queues(ctx, args)
+    if args.get("SortOrder"):
+        for part in reversed(args["SortOrder"].split(",")):
+            part = part.strip()
+            desc = part.startswith("-")
+            prop = part.lstrip("+-")
+            records.sort(key=lambda r: (r.get(prop) is None, str(r.get(prop)) if not isinstance(r.get(prop), (int, float))
+                                        else r.get(prop)), reverse=desc)
+    return records
+
+
+@cmdlet("Get-QueueDigest", [Param("Server", convert=lambda v: [to_str(x) for x in as_list(v)]),
+                            Param("Forest", switch=True), Param("Filter", convert=to_str),
+                            Param("GroupBy", convert=to_str), Param("DetailsLevel", convert=to_str),
+                            Param("ResultSize", convert=_result_size), Param("Timeout", convert=to_str),
+                            Param("IncludeLowMessageCount", switch=True,
+                                  help="Also show groups with fewer than 10 messages.")],
+        synopsis="Summarise the delivery queues, grouped.", needs_runtime=True, default_view="QueueDigest")
+def get_queue_digest(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Aggregate delivery queues by NextHopDomain (or -GroupBy); by default groups with at least 10 messages."""
+    for server in args.get("Server") or []:
+        _check_server(ctx, server)
+    records = [r for r in ctx.runtime.call("queues") if r["DeliveryType"] not in ("Undefined",)]
+    records = _filter(records, args.get("Filter"))
+    group_by = args.get("GroupBy") or "NextHopDomain"
+    valid = {"DeliveryType", "LastError", "NextHopCategory", "NextHopDomain", "NextHopKey", "Status", "ServerName"}
+    if group_by not in valid:
+        raise ParameterError(f"GroupBy must be one of {', '.join(sorted(valid))}.", parameter="GroupBy")
+    groups: dict[str, list[Record]] = {}
+    for r in records:
+        key = ctx.server_name if group_by == "ServerName" else str(
+            r.get("Identity") if group_by == "NextHopKey" else r.get(group_by))
+        groups.setdefault(key, []).append(r)
+    out = []
+    level = (args.get("DetailsLevel") or "Normal").lower()
+    for key, items in groups.items():
+        total = sum(i["MessageCount"] for i in items)
+        if total < 10 and not args.get("IncludeLowMessageCount") and not args.get("Filter"):
+            continue
+        details = [] if level == "none" else [
+            f"{i['Identity']}" + (f" {i['Status']} {i['MessageCount']}" if level == "verbose" else "") for i in items]
+        out.append(Record("QueueDigest", {"GroupByValue": key, "MessageCount": total, "DeferredMessageCount": 0,
+                                          "LockedMessageCount": 0, "StaleMessageCount": 0, "Details": details}))
+    out.sort(key=lambda r: -r["MessageCount"])
+    limit = args.get("ResultSize", 1000)
+    return out[:limit] if limit else out
+
+
+def _queue_action(ctx: ManagementContext, args: dict[str, Any], action: str, verb: str) -> list[Any]:
+    if args.get("Identity") is None and not args.get("Filter"):
+        raise ParameterError(f"{verb}-Queue needs -Identity or -Filter.", parameter="Identity")
+    if args.get("Identity") is not None:
+        targets = [_identity(args["Identity"])]
+    else:
+        targets = [r["Identity"] for r in queues(ctx, {"Filter": args["Filter"], "Server": args.get("Server")})]
+        if not targets:
+            return []
+    if not ctx.should_process(f"{verb} queue(s) {', '.join(targets)}."):
+        return []
+    ctx.runtime.call("queue_action", action=action, identities=targets, resubmit=bool(args.get("Resubmit")))
+    return []
+
+
+@cmdlet("Suspend-Queue", _QUEUE_PARAMS, synopsis="Stop delivery from a queue.", needs_runtime=True, mutates=True)
+def suspend_queue(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Stop delivery from a queue (new mail still enters it). Suspending Submission stops the categoriser."""
+    return _queue_action(ctx, args, "suspend", "Suspend")
+
+
+@cmdlet("Resume-Queue", _QUEUE_PARAMS, synopsis="Resume delivery from a queue.", needs_runtime=True, mutates=True)
+def resume_queue(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Resume delivery from a suspended queue."""
+    return _queue_action(ctx, args, "resume", "Resume")
+
+
+@cmdlet("Retry-Queue", [*_QUEUE_PARAMS, Param("Resubmit", convert=to_bool, type_name="Boolean",
+                                              help="$true re-runs the categoriser (needed for Unreachable).")],
+        synopsis="Try a queue now.", needs_runtime=True, mutates=True,
+        examples=["Retry-Queue EX01\\contoso.com", "Retry-Queue EX01\\Unreachable -Resubmit $true"])
+def retry_queue(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Connect to the next hop now instead of waiting for the retry interval; -Resubmit re-routes the messages."""
+    return _queue_action(ctx, args, "retry", "Retry")
+
+
+# ---------------------------------------------------------------------------
+# Messages
+
+
+def messages(ctx: ManagementContext, args: dict[str, Any]) -> list[Record]:
+    _check_server(ctx, args.get("Server"))
+    queue = args.get("Queue")
+    records: list[Record] = ctx.runtime.call("messages", queue=_identity(queue) if queue else None,
+                                             include_recipients=bool(args.get("IncludeRecipientInfo")),
+                                             limit=args.get("ResultSize") or 250000)
+    ident = args.get("Identity")
+    if ident is not None:
+        wanted = _identity(ident)
+        parts = wanted.split("\\")
+        number = parts[-1]
+        queue_part = parts[-2].lower() if len(parts) >= 2 else "*"
+        records = [r for r in records if r["Identity"].split("\\")[-1] == number and
+                   (queue_part == "*" or r["Queue"].split("\\")[-1].lower() == queue_part)]
+        if not records:
+            raise UserError(f"The message '{wanted}' couldn't be found on server {ctx.server_name}.", target=wanted)
+    return _filter(records, args.get("Filter"))
+
+
+_MESSAGE_PARAMS = [
+    Param("Identity", position=0, from_pipeline=True, help="Server\\Queue\\Number, Queue\\Number or Number."),
+    Param("Filter", convert=to_str, help="e.g. \"FromAddress -like '*@contoso.com'\"."),
+    Param("Server", convert=to_str),
+]
+
+
+@cmdlet("Get-Message", [*_MESSAGE_PARAMS, Param("Queue", convert=to_str, help="e.g. EX01\\Submission."),
+                        Param("IncludeRecipientInfo", switch=True), Param("ResultSize", convert=_result_size),
+                        Param("SortOrder", convert=to_str), Param("IncludeComponentLatencyInfo", switch=True)],
+        synopsis="Show messages in the queues.", needs_runtime=True, default_view="Message",
+        examples=['Get-Message -Queue "EX01\\Submission"', 'Get-Message -Filter "Status -eq \'Retry\'" | fl'])
+def get_message(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Show the messages waiting in a queue (or all queues), with -IncludeRecipientInfo for each recipient."""
+    if args.get("Queue") and args.get("Identity") is not None:
+        raise ParameterError("-Queue and -Identity can't be used together.", parameter="Queue")
+    return messages(ctx, args)
+
+
+def _message_action(ctx: ManagementContext, args: dict[str, Any], action: str, verb: str) -> list[Any]:
+    if args.get("Identity") is None and not args.get("Filter"):
+        raise ParameterError(f"{verb}-Message needs -Identity or -Filter.", parameter="Identity")
+    if args.get("Identity") is not None and args.get("Filter"):
+        raise ParameterError("-Identity and -Filter can't be used together.", parameter="Filter")
+    if args.get("Identity") is not None:
+        found = messages(ctx, {"Identity": args["Identity"], "Server": args.get("Server")})
+        if len(found) > 1:
+            raise UserError(f"The identity '{_identity(args['Identity'])}' matches {len(found)} copies of the message "
+                            "in different queues; give the queue (Server\\Queue\\Number) or use -Filter.",
+                            target=_identity(args["Identity"]))
+    else:
+        found = messages(ctx, {"Filter": args["Filter"], "Server": args.get("Server")})
+    targets = [r["Identity"] for r in found]
+    if not targets:
+        return []
+    if not ctx.should_process(f"{verb} message(s) {', '.join(targets)}."):
+        return []
+    ctx.runtime.call("message_action", action=action, identities=targets, with_ndr=args.get("WithNDR", True))
+    return []
+
+
+@cmdlet("Suspend-Message", _MESSAGE_PARAMS, synopsis="Hold messages in their queue.", needs_runtime=True, mutates=True)
+def suspend_message(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Hold a message (or those matching -Filter) so it isn't delivered until resumed."""
+    return _message_action(ctx, args, "suspend", "Suspend")
+
+
+@cmdlet("Resume-Message", _MESSAGE_PARAMS, synopsis="Release held messages.", needs_runtime=True, mutates=True)
+def resume_message(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Release a suspended message; a message in Poison is released for another delivery attempt."""
+    return _message_action(ctx, args, "resume", "Resume")
+
+
+@cmdlet("Remove-Message", [*_MESSAGE_PARAMS, Param("WithNDR", convert=to_bool, type_name="Boolean",
+                                                   help="$true (default) sends the sender an NDR.")],
+        synopsis="Delete messages from the queues.", needs_runtime=True, mutates=True,
+        examples=['Remove-Message -Filter "FromAddress -eq \'spam@example.com\'" -WithNDR $false'])
+def remove_message(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Delete a message (or those matching -Filter); -WithNDR $false deletes silently."""
+    return _message_action(ctx, args, "remove", "Remove")
+
+
+class BinaryData(bytes):
+    """Exported message bytes (``FileData``)."""
+
+    def __str__(self) -> str:
+        return f"System.Byte[] ({len(self):,} bytes)"
+
+
+@cmdlet("Export-Message", [Param("Identity", position=0, from_pipeline=True, mandatory=True),
+                           Param("Path", convert=to_str, help="A .eml file or a folder to write the message to.")],
+        synopsis="Copy a suspended message out as an .eml file.", needs_runtime=True,
+        default_view="ExportedMessage",
+        examples=['Export-Message EX01\\contoso.com\\12 -Path C:\\Temp\\message.eml',
+                  'Get-Message -Queue EX01\\contoso.com | Suspend-Message; Get-Message -Queue EX01\\contoso.com | '
+                  'Export-Message -Path .\\export'])
+def export_message(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Export a suspended message: with -Path to a file, else as FileData for AssembleMessage -Path."""
+    reply = ctx.runtime.call("export", identity=_identity(args["Identity"]))
+    data = BinaryData(reply["body"])
+    identity = reply["identity"]
+    path = args.get("Path")
+    written = None
+    if path:
+        target = Path(path)
+        if target.is_dir() or path.endswith(("/", "\\")):
+            target.mkdir(parents=True, exist_ok=True)
+            target = target / (identity.replace("\\", "_") + ".eml")
+        target.write_bytes(data)
+        written = str(target)
+    return [Record("ExportedMessage", {"Identity": identity, "Path": written, "Size": len(data), "FileData": data})]
+
+
+@cmdlet("AssembleMessage", [Param("InputObject", from_pipeline=True, raw=True), Param("Path", convert=to_str, mandatory=True)],
+        synopsis="Write exported message data (Export-Message output) to a file.", builtin=True)
+def assemble_message(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Write the FileData of Export-Message's output to -Path (one file; a folder for several)."""
+    items = [i for i in as_list(args.get("InputObject")) if isinstance(i, Record) and i.get("FileData") is not None]
+    if not items:
+        raise UserError("AssembleMessage needs the output of Export-Message on its input.")
+    path = Path(args["Path"])
+    if len(items) > 1 or path.is_dir():
+        path.mkdir(parents=True, exist_ok=True)
+        for item in items:
+            (path / (item["Identity"].replace("\\", "_") + ".eml")).write_bytes(item["FileData"])
+    else:
+        os.makedirs(path.parent, exist_ok=True)
+        path.write_bytes(items[0]["FileData"])
+    return []

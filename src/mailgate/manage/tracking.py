@@ -1,0 +1,95 @@
+"""Get-MessageTrackingLog: the tracking index in the store, filtered as Exchange filters it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from mailgate.manage.cmdlets import Param, cmdlet
+from mailgate.manage.context import ManagementContext
+from mailgate.manage.params import as_list, to_datetime, to_int, to_str
+from mailgate.manage.present import Record
+
+_ORDER = [
+    ("Timestamp", "timestamp"), ("ClientIp", "client_ip"), ("ClientHostname", "client_hostname"),
+    ("ServerIp", "server_ip"), ("ServerHostname", "server_hostname"), ("SourceContext", "source_context"),
+    ("ConnectorId", "connector_id"), ("Source", "source"), ("EventId", "event_id"),
+    ("InternalMessageId", "internal_message_id"), ("MessageId", "message_id"),
+    ("NetworkMessageId", "network_message_id"), ("Recipients", "recipients"), ("RecipientStatus", "recipient_status"),
+    ("TotalBytes", "total_bytes"), ("RecipientCount", "recipient_count"),
+    ("RelatedRecipientAddress", "related_recipient_address"), ("Reference", "reference"),
+    ("MessageSubject", "message_subject"), ("Sender", "sender"), ("ReturnPath", "return_path"),
+    ("Directionality", "directionality"), ("TenantId", "tenant_id"), ("OriginalClientIp", "original_client_ip"),
+    ("MessageInfo", "message_info"), ("MessageLatency", "message_latency"),
+]
+
+
+def tracking_record(row: dict[str, Any]) -> Record:
+    props = {name: row.get(key) for name, key in _ORDER}
+    props["Timestamp"] = row["timestamp"].astimezone()
+    props["MessageLatencyType"] = "None" if row.get("message_latency") is None else "EndToEnd"
+    props["EventData"] = []
+    props["TransportTrafficType"] = row.get("transport_traffic_type") or "Email"
+    props["Server"] = row.get("server")
+    props["SchemaVersion"] = "15.02.0000.000"
+    return Record("MessageTrackingLog", props)
+
+
+def _result_size(value: Any) -> int | None:
+    text = to_str(value)
+    return None if text.lower() == "unlimited" else max(1, to_int(text))
+
+
+_PARAMS = [
+    Param("Start", convert=to_datetime, type_name="DateTime", help='e.g. "03/13/2026 09:00:00" or (Get-Date).AddHours(-1)'),
+    Param("End", convert=to_datetime, type_name="DateTime"),
+    Param("Sender", convert=to_str), Param("Recipients", convert=lambda v: [to_str(x) for x in as_list(v)], multi=True),
+    Param("MessageId", convert=to_str), Param("InternalMessageId", convert=to_int),
+    Param("NetworkMessageId", convert=to_str), Param("MessageSubject", convert=to_str), Param("EventId", convert=to_str),
+    Param("Source", convert=to_str), Param("Reference", convert=to_str), Param("Server", convert=to_str),
+    Param("ResultSize", convert=_result_size, help="Default 1000; Unlimited for all."),
+    Param("Follow", switch=True, help="Keep printing new events as they happen (mailgate extension)."),
+    Param("FollowSeconds", convert=to_int, help="With -Follow: stop after this many seconds."),
+]
+
+
+def query(ctx: ManagementContext, args: dict[str, Any], *, after_id: int | None = None,
+          limit: int | None = 1000) -> list[dict[str, Any]]:
+    server = args.get("Server") or ctx.server_name
+    return ctx.store.query_tracking(start=args.get("Start"), end=args.get("End"), sender=args.get("Sender"),
+                                    recipients=args.get("Recipients"), message_id=args.get("MessageId"),
+                                    internal_message_id=args.get("InternalMessageId"),
+                                    network_message_id=args.get("NetworkMessageId"), subject=args.get("MessageSubject"),
+                                    event_id=args.get("EventId"), source=args.get("Source"), server=server,
+                                    reference=args.get("Reference"), limit=limit, after_id=after_id)
+
+
+@cmdlet("Get-MessageTrackingLog", _PARAMS, synopsis="Search the message tracking log.",
+        default_view="MessageTrackingLog",
+        examples=['Get-MessageTrackingLog -Recipients "admin@domain.com"',
+                  "Get-MessageTrackingLog -Start (Get-Date).AddMinutes(-5) | ft",
+                  'Get-MessageTrackingLog -EventId FAIL -ResultSize Unlimited | fl',
+                  "Get-MessageTrackingLog -Follow"])
+def get_message_tracking_log(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Events of messages on this server (or -Server), oldest first; filters combine with AND, -Recipients with OR."""
+    limit = args.get("ResultSize", 1000)
+    rows = query(ctx, args, limit=limit)
+    records = [tracking_record(r) for r in rows]
+    if not args.get("Follow"):
+        return records
+    shell = ctx.shell
+    if shell is not None:
+        shell.emit(records)
+    last = rows[-1]["id"] if rows else ctx.store.last_tracking_id()
+    deadline = time.monotonic() + args["FollowSeconds"] if args.get("FollowSeconds") else None
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(1.0)
+            new = query(ctx, {**args, "Start": None}, after_id=last, limit=None)
+            if new:
+                last = new[-1]["id"]
+                if shell is not None:
+                    shell.emit([tracking_record(r) for r in new])
+    except KeyboardInterrupt:
+        pass
+    return []

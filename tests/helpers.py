@@ -1,0 +1,172 @@
+"""Shared test helpers: data directories, the shell in-process, a real `mailgate serve`
+process on loopback, and small SMTP utilities."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from mailgate.config.store import ConfigStore
+from mailgate.home import Home
+from mailgate.manage.context import ManagementContext
+from mailgate.manage.organisation import initialise
+from mailgate.shell.session import LinePrompter, Shell
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def make_home(path: Path, *, server: str = "EX01", domain: str = "domain.com", store: str | None = None) -> Home:
+    home, _ = initialise(path, server=server, domain=domain, store_url=store)
+    return home
+
+
+class ShellRun:
+    def __init__(self, ok: bool, out: str, err: str) -> None:
+        self.ok, self.out, self.err = ok, out, err
+
+    def __repr__(self) -> str:
+        return f"ShellRun(ok={self.ok}, out={self.out!r}, err={self.err!r})"
+
+
+def shell(home: Home, text: str, *, answers: Iterable[str] = (), runtime: Any = "client") -> ShellRun:
+    """Run shell text in-process (as `mailgate shell -c`), answering prompts from ``answers``."""
+    from mailgate.control import RuntimeClient
+
+    store = ConfigStore(home.store_url)
+    rt = RuntimeClient(home, timeout=120) if runtime == "client" else runtime
+    ctx = ManagementContext(home, store, runtime=rt)
+    out, err = io.StringIO(), io.StringIO()
+    sh = Shell(ctx, out=out, err=err)
+    ctx.prompter = LinePrompter(iter([a + "\n" for a in answers]), err)
+    try:
+        ok = sh.run_text(text)
+    finally:
+        store.dispose()
+    return ShellRun(ok, out.getvalue(), err.getvalue())
+
+
+def cli(home: Home | Path | None, *args: str, stdin: str | None = None, timeout: float = 120,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `mailgate` command line."""
+    cmd = [PYTHON, "-m", "mailgate.cli"]
+    if home is not None:
+        cmd += ["--home", str(home.path if isinstance(home, Home) else home)]
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(cmd + list(args), input=stdin, capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=ROOT)
+
+
+class Server:
+    """`mailgate serve` in a child process."""
+
+    def __init__(self, home: Home, *, admin: bool = False) -> None:
+        self.home = home
+        self.admin_port = free_port() if admin else None
+        self.proc: subprocess.Popen[str] | None = None
+        self.log = home.path / "serve.log"
+
+    def start(self, timeout: float = 30) -> "Server":
+        admin = f"127.0.0.1:{self.admin_port}" if self.admin_port else "off"
+        self._fh = open(self.log, "a")
+        self.proc = subprocess.Popen([PYTHON, "-m", "mailgate.cli", "--home", str(self.home.path), "serve",
+                                      "--admin-listen", admin], stdout=self._fh, stderr=subprocess.STDOUT, text=True,
+                                     cwd=ROOT, env={**os.environ, "MAILGATE_LOG_LEVEL": "WARNING"})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mailgate serve exited with {self.proc.returncode}:\n{self.output()}")
+            if "is running" in self.output():
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"mailgate serve did not start:\n{self.output()}")
+
+    def output(self) -> str:
+        try:
+            return self.log.read_text()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._fh.close()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._fh.close()
+        self.proc = None
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.05, message: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {message} (last value: {last!r})")
+
+
+def synced(home: Home, timeout: float = 10.0) -> None:
+    """Wait until the running server has loaded the store's current configuration revision."""
+    from mailgate.control import RuntimeClient
+
+    store = ConfigStore(home.store_url)
+    try:
+        wanted = store.revision()
+    finally:
+        store.dispose()
+    client = RuntimeClient(home, timeout=10)
+    wait_for(lambda: client.call("status")["revision"] >= wanted, timeout=timeout, message="the configuration reload")
+
+
+def maildir_messages(home: Home, address: str) -> list[bytes]:
+    new = home.mailbox_dir / address.lower() / "Maildir" / "new"
+    if not new.exists():
+        return []
+    return [p.read_bytes() for p in sorted(new.iterdir())]
+
+
+def bind_ports(home: Home, **extra: str) -> dict[str, int]:
+    """Move the default connectors to free loopback ports (tests may not use 25/587); no tarpit."""
+    ports = {"frontend": free_port(), "client": free_port()}
+    r = shell(home, f'Set-ReceiveConnector "Default Frontend {home.server}" -Bindings 127.0.0.1:{ports["frontend"]} '
+                    f'-TarpitInterval 00:00:00\n'
+                    f'Set-ReceiveConnector "Client Frontend {home.server}" -Bindings 127.0.0.1:{ports["client"]} '
+                    f'-TarpitInterval 00:00:00 -AuthTarpitInterval 00:00:00', runtime=None)
+    assert r.ok, r
+    return ports

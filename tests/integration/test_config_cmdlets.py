@@ -1,0 +1,183 @@
+"""Configuration cmdlets: the seed's commands verbatim, Exchange's validation, nothing half-applied."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import cli, shell
+
+from mailgate.config.store import ConfigStore
+
+SEED = Path(__file__).resolve().parents[1] / "scenarios" / "seed_config.ps1"
+
+
+def store_dump(home) -> str:
+    store = ConfigStore(home.store_url)
+    try:
+        with store.reader() as tx:
+            rows = tx.conn.exec_driver_sql("SELECT kind, name_key, data FROM config_object ORDER BY kind, name_key").all()
+    finally:
+        store.dispose()
+    return "\n".join(f"{k}|{n}|{d}" for k, n, d in rows)
+
+
+def test_seed_configuration_runs_verbatim_from_a_script(home):
+    result = cli(home, "shell", "-f", str(SEED), stdin="relayuser\nrelay-secret\n")
+    assert result.returncode == 0, result.stderr
+    assert "User:" in result.stderr and "Password for user relayuser:" in result.stderr
+    shown = cli(home, "shell", "-c", "Get-ReceiveConnector | ft Name,Bindings,RemoteIPRanges")
+    assert shown.returncode == 0
+    assert shown.stdout == (
+        "\n"
+        "Name                  Bindings                RemoteIPRanges\n"
+        "----                  --------                --------------\n"
+        "Client Frontend EX01  {[::]:587, 0.0.0.0:587} {::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff, 0.0.0.0-255.255.255.255}\n"
+        "Default Frontend EX01 {[::]:25, 0.0.0.0:25}   {::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff, 0.0.0.0-255.255.255.255}\n"
+        "InternalRelay         {0.0.0.0:25}            {192.168.0.0/24}\n"
+        "\n")
+    shown = cli(home, "shell", "-c", "Get-SendConnector | fl Name,AddressSpaces,SmartHosts")
+    assert shown.stdout == (
+        "\n"
+        "Name          : OutboundInternet\n"
+        "AddressSpaces : {SMTP:*;1}\n"
+        "SmartHosts    : {}\n"
+        "\n"
+        "Name          : SmartHost Connector\n"
+        "AddressSpaces : {SMTP:*;1}\n"
+        "SmartHosts    : {smtp.relay.com}\n"
+        "\n")
+    detail = shell(home, 'Get-ReceiveConnector InternalRelay | fl PermissionGroups,AuthMechanism,RequireTLS,TransportRole')
+    assert "PermissionGroups : AnonymousUsers" in detail.out
+    assert "AuthMechanism    : Tls" in detail.out and "RequireTLS       : True" in detail.out
+    send = shell(home, 'Get-SendConnector "SmartHost Connector" | fl DNSRoutingEnabled,SmartHostAuthMechanism,'
+                       'AuthenticationCredential,SourceTransportServers,Usage,RequireTLS')
+    assert "DNSRoutingEnabled        : False" in send.out  # -SmartHosts without -DNSRoutingEnabled means $false
+    assert "SmartHostAuthMechanism   : BasicAuth" in send.out
+    assert "SourceTransportServers   : {EX01}" in send.out
+    out = shell(home, 'Get-SendConnector OutboundInternet | fl RequireTLS,FrontendProxyEnabled,DNSRoutingEnabled')
+    assert "RequireTLS           : True" in out.out and "FrontendProxyEnabled : True" in out.out
+    # The password is stored encrypted: neither the database nor its dump contains it.
+    assert "relay-secret" not in store_dump(home)
+    assert b"relay-secret" not in (home.path / "mailgate.db").read_bytes()
+
+
+def test_duplicate_usage_that_agrees_is_accepted_and_a_conflict_is_refused(home):
+    ok = shell(home, 'New-SendConnector -Name A -AddressSpaces "*" -Usage Internet -Internet')
+    assert ok.ok, ok.err
+    bad = shell(home, 'New-SendConnector -Name B -AddressSpaces "*" -Usage Internet -Partner')
+    assert not bad.ok and "Internet" in bad.err and "Partner" in bad.err
+
+
+def test_enum_values_are_case_insensitive(home):
+    r = shell(home, 'New-ReceiveConnector x -Bindings 0.0.0.0:2600 -RemoteIPRanges 10.0.0.1 -Usage custom '
+                    '-PermissionGroups anonymoususers\nSet-ReceiveConnector x -AuthMechanism "TLS"')
+    assert r.ok, r.err
+    shown = shell(home, "Get-ReceiveConnector x | fl AuthMechanism,PermissionGroups")
+    assert "AuthMechanism    : Tls" in shown.out and "PermissionGroups : AnonymousUsers" in shown.out
+
+
+INVALID = [
+    ('New-ReceiveConnector R -Bindings 0.0.0.0:2600 -RemoteIPRanges 300.1.1.0/24 -Usage Custom', "RemoteIPRanges",
+     "not a valid IP range"),
+    ('Set-ReceiveConnector "Default Frontend EX01" -Frobnicate 1', "Frobnicate", "cannot be found"),
+    ('Set-ReceiveConnector "Default Frontend EX01" -Re $true', "Re", "ambiguous"),
+    ('Set-ReceiveConnector "No Such Connector" -RequireTLS $true', "No Such Connector", "couldn't be found"),
+    ('New-ReceiveConnector Clash -Bindings 0.0.0.0:25 -RemoteIPRanges 0.0.0.0-255.255.255.255 -Usage Custom',
+     "Default Frontend EX01", "conflict"),
+    ('New-ReceiveConnector Partial -Bindings 0.0.0.0:2600 -RemoteIPRanges 10.0.0.0/24 -Usage Custom\n'
+     'New-ReceiveConnector Partial2 -Bindings 0.0.0.0:2600 -RemoteIPRanges 10.0.0.128-10.0.1.5 -Usage Custom',
+     "EX01\\Partial", "conflict"),
+    ('Set-ReceiveConnector "Default Frontend EX01" -AuthMechanism None -RequireTLS $true', "RequireTLS", "Tls"),
+    ('Set-ReceiveConnector "Client Frontend EX01" -AuthMechanism Tls,BasicAuthRequireTLS', "AuthMechanism",
+     "BasicAuthRequireTLS requires both BasicAuth and Tls"),
+    ('Set-ReceiveConnector "Client Frontend EX01" -MaxRecipientsPerMessage 0', "MaxRecipientsPerMessage", "between"),
+    ('Set-ReceiveConnector "Client Frontend EX01" -MaxMessageSize 1KB', "MaxMessageSize", "between"),
+    ('Set-ReceiveConnector "Client Frontend EX01" -Bindings 1.2.3.4:99999', "Bindings", "port"),
+    ('New-SendConnector S -AddressSpaces "*contoso.com"', "AddressSpaces", "not a valid SMTP address space"),
+    ('New-SendConnector S -AddressSpaces "*" -DNSRoutingEnabled $false', "SmartHosts", "required"),
+    ('New-SendConnector S -AddressSpaces "*" -SmartHosts relay.example.com -SmartHostAuthMechanism BasicAuth',
+     "AuthenticationCredential", "requires -AuthenticationCredential"),
+    ('New-SendConnector S -AddressSpaces "*" -SourceTransportServers EX99', "SourceTransportServers", "EX99"),
+    ('New-AcceptedDomain -Name x -DomainName "bad domain"', "DomainName", "not a valid domain"),
+    ('Set-TransportService -TransientFailureRetryCount 16', "TransientFailureRetryCount", "between 0 and 15"),
+    ('Set-ReceiveConnector "Client Frontend EX01" -RequireTLS maybe', "RequireTLS", "Boolean"),
+]
+
+
+@pytest.mark.parametrize("command,named,reason", INVALID, ids=[c[0][:60] for c in INVALID])
+def test_invalid_input_is_an_exchange_style_error_and_changes_nothing(home, command, named, reason):
+    *setup, refused = command.split("\n")
+    if setup:
+        assert shell(home, "\n".join(setup)).ok
+    before = store_dump(home)
+    result = cli(home, "shell", "-c", refused)
+    assert result.returncode != 0
+    assert named in result.stderr and reason in result.stderr, result.stderr
+    assert "CategoryInfo" in result.stderr and "FullyQualifiedErrorId" in result.stderr
+    assert store_dump(home) == before
+
+
+def test_whatif_changes_nothing(home):
+    before = store_dump(home)
+    r = shell(home, 'New-ReceiveConnector W -Bindings 0.0.0.0:2700 -RemoteIPRanges 10.1.1.1 -Usage Custom -WhatIf\n'
+                    'Set-ReceiveConnector "Client Frontend EX01" -MaxRecipientsPerMessage 50 -WhatIf')
+    assert r.ok and "What if: Creating Receive connector" in r.out and "What if: Setting Receive connector" in r.out
+    assert store_dump(home) == before
+
+
+def test_add_remove_hashtables_on_multivalued_properties(home):
+    r = shell(home, 'New-ReceiveConnector Relay -Bindings 0.0.0.0:2600 -RemoteIPRanges 10.0.0.1 -Usage Custom\n'
+                    'Set-ReceiveConnector Relay -RemoteIPRanges @{Add="10.0.0.2","10.0.0.3"}\n'
+                    'Set-ReceiveConnector Relay -RemoteIPRanges @{Remove="10.0.0.1"}\n'
+                    'Get-ReceiveConnector Relay | fl RemoteIPRanges')
+    assert r.ok, r.err
+    assert "RemoteIPRanges : {10.0.0.2, 10.0.0.3}" in r.out
+    bad = shell(home, 'Set-ReceiveConnector Relay -RemoteIPRanges @{Remove="10.9.9.9"}')
+    assert not bad.ok and "not present" in bad.err
+
+
+def test_pipeline_get_then_set(home):
+    r = shell(home, 'Get-ReceiveConnector | Where-Object { $_.Name -like "Client*" } | '
+                    'Set-ReceiveConnector -MaxRecipientsPerMessage 42\n'
+                    'Get-ReceiveConnector | ft Name,MaxRecipientsPerMessage')
+    assert r.ok, r.err
+    lines = {line.split()[0] + " " + line.split()[1]: line.split()[-1] for line in r.out.splitlines()[3:] if line.strip()}
+    assert lines["Client Frontend"] == "42" and lines["Default Frontend"] == "200"
+
+
+def test_ad_permission_grants_relay_and_shows_custom(home):
+    r = shell(home, 'New-ReceiveConnector "Anonymous Relay" -Bindings 0.0.0.0:2600 -RemoteIPRanges 10.0.0.5 -Custom '
+                    '-PermissionGroups AnonymousUsers\n'
+                    'Get-ReceiveConnector "Anonymous Relay" | Add-ADPermission -User "NT AUTHORITY\\ANONYMOUS LOGON" '
+                    '-ExtendedRights "Ms-Exch-SMTP-Accept-Any-Recipient"\n'
+                    'Get-ADPermission "Anonymous Relay" | ft User,ExtendedRights\n'
+                    'Get-ReceiveConnector "Anonymous Relay" | fl PermissionGroups')
+    assert r.ok, r.err
+    assert "NT AUTHORITY\\ANONYMOUS LOGON {ms-Exch-SMTP-Accept-Any-Recipient}" in r.out
+    assert "NT AUTHORITY\\ANONYMOUS LOGON {ms-Exch-SMTP-Submit}" in r.out
+    assert "PermissionGroups : AnonymousUsers, Custom" in r.out
+    assert "relays for anonymous clients" in r.out
+    bad = shell(home, 'Add-ADPermission "Anonymous Relay" -User "NT AUTHORITY\\ANONYMOUS LOGON" -ExtendedRights '
+                      '"ms-Exch-Do-Anything"')
+    assert not bad.ok and "not an extended right" in bad.err
+
+
+def test_mailboxes_accepted_domains_and_transport_settings(home):
+    r = shell(home, 'New-AcceptedDomain -Name Contoso -DomainName contoso.com\n'
+                    'New-Mailbox -Name Kate -PrimarySmtpAddress kate@contoso.com '
+                    '-Password (ConvertTo-SecureString "S3cret!" -AsPlainText -Force)\n'
+                    'Set-Mailbox Kate -EmailAddresses @{Add="k@domain.com"}\n'
+                    'Get-Mailbox Kate | fl EmailAddresses,PrimarySmtpAddress\n'
+                    'Set-TransportService EX01 -MessageRetryInterval 00:00:10 -ExternalDNSServers 127.0.0.53#5353\n'
+                    'Get-TransportService | fl MessageRetryInterval,ExternalDNSServers\n'
+                    'Set-TransportConfig -TLSSendDomainSecureList @{Add="partner.example"}\n'
+                    'Get-TransportConfig | fl TLSSendDomainSecureList')
+    assert r.ok, r.err
+    assert "EmailAddresses     : {SMTP:kate@contoso.com, smtp:k@domain.com}" in r.out
+    assert "MessageRetryInterval : 00:00:10" in r.out and "{127.0.0.53#5353}" in r.out
+    assert "TLSSendDomainSecureList : {partner.example}" in r.out
+    bad = shell(home, 'New-Mailbox -Name Out -PrimarySmtpAddress out@elsewhere.example')
+    assert not bad.ok and "isn't an Authoritative" in bad.err
+    dup = shell(home, 'New-Mailbox -Name Kate2 -PrimarySmtpAddress k@domain.com')
+    assert not dup.ok and "already used" in dup.err

@@ -1,0 +1,328 @@
+"""Receive connectors on loopback with real clients (smtplib, aiosmtplib, swaks)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+import time
+
+import aiosmtplib
+import pytest
+from helpers import free_port, maildir_messages, shell, synced, wait_for
+
+
+def unverified() -> ssl.SSLContext:
+    return ssl._create_unverified_context()
+
+
+def smtp(port: int, source: str = "127.0.0.1", timeout: float = 20) -> smtplib.SMTP:
+    return smtplib.SMTP("127.0.0.1", port, source_address=(source, 0), timeout=timeout)
+
+
+def test_two_connectors_on_one_port_chosen_by_source_address(home, server):
+    port = server.ports["frontend"]
+    r = shell(home, f'New-ReceiveConnector -Name InternalRelay -Bindings 127.0.0.1:{port} -RemoteIPRanges 127.0.0.0/29 '
+                    f'-Usage Custom -PermissionGroups AnonymousUsers -TarpitInterval 00:00:00 -Banner "220 relay ready"\n'
+                    'Get-ReceiveConnector InternalRelay | Add-ADPermission -User "NT AUTHORITY\\ANONYMOUS LOGON" '
+                    '-ExtendedRights ms-Exch-SMTP-Accept-Any-Recipient')
+    assert r.ok, r.err
+
+    def banner_from(source: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as s:
+            return s.recv(200)
+
+    wait_for(lambda: banner_from("127.0.0.2").startswith(b"220 relay ready"), message="the new connector")
+    # Inside 127.0.0.0/29: the relay connector, which may relay.
+    with smtp(port, "127.0.0.2") as c:
+        c.ehlo("printer.local")
+        assert c.sendmail("printer@domain.com", ["someone@remote.example"], b"Subject: scan\r\n\r\nscan\r\n") == {}
+    # Outside it: Default Frontend, which refuses to relay but takes mail for the organisation.
+    assert banner_from("127.0.0.9").startswith(b"220 ex01.domain.com")
+    with smtp(port, "127.0.0.9") as c:
+        c.ehlo("laptop.local")
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            c.sendmail("x@remote.example", ["someone@remote.example"], b"Subject: relay\r\n\r\nno\r\n")
+        code, text = refused.value.recipients["someone@remote.example"]
+        assert code == 550 and text.startswith(b"5.7.54 SMTP; Unable to relay recipient in non-accepted domain")
+        c.rset()
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as unknown:
+            c.sendmail("x@remote.example", ["nobody@domain.com"], b"x")
+        assert unknown.value.recipients["nobody@domain.com"][1].startswith(b"5.1.10 RESOLVER.ADR.RecipientNotFound")
+    queued = shell(home, "Get-Message | fl FromAddress,Queue,Subject")
+    assert "printer@domain.com" in queued.out and "EX01\\Unreachable" in queued.out
+
+
+def test_anonymous_mail_to_a_mailbox_is_delivered_with_audit_headers(home, server):
+    shell(home, 'New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com')
+    synced(home)
+    forged = (b"X-MS-Exchange-Organization-AuthAs: Internal\r\nX-Source-Auth: ceo@domain.com\r\n"
+              b"Subject: hello\r\nFrom: a@b.example\r\n\r\nbody\r\n")
+    with smtp(server.ports["frontend"], "127.0.0.3") as c:
+        c.ehlo("client.example")
+        assert c.sendmail("a@b.example", ["ADMIN@domain.com"], forged) == {}
+    msg = wait_for(lambda: maildir_messages(home, "admin@domain.com"), message="delivery to the Maildir")[0]
+    head = msg.split(b"\r\n\r\n", 1)[0].decode()
+    assert "X-MS-Exchange-Organization-AuthAs: Anonymous" in head and "AuthAs: Internal" not in head
+    assert "X-Source-Auth: anonymous" in head and "ceo@domain.com" not in head
+    assert "X-Source: SMTP:EX01\\Default Frontend EX01" in head and "X-Source-IP: 127.0.0.3" in head
+    assert head.startswith("Return-Path: <a@b.example>\r\nDelivered-To: ADMIN@domain.com\r\nReceived: from client.example")
+    assert "Message-ID: <" in head  # added when the client sent none
+
+
+def test_require_tls_refuses_mail_before_starttls(home, server):
+    shell(home, 'New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com\n'
+                'Set-ReceiveConnector "Default Frontend EX01" -RequireTLS $true')
+    synced(home)
+    with smtp(server.ports["frontend"]) as c:
+        c.ehlo("x")
+        code, text = c.mail("a@b.example")
+        assert (code, text) == (530, b"5.7.0 Must issue a STARTTLS command first")
+        c.starttls(context=unverified())
+        c.ehlo("x")
+        assert c.mail("a@b.example")[0] == 250
+        assert c.rcpt("admin@domain.com")[0] == 250
+        code, text = c.data(b"Subject: over tls\r\n\r\nok\r\n")
+        assert code == 250 and b"Queued mail for delivery" in text
+    msg = wait_for(lambda: maildir_messages(home, "admin@domain.com"))[0].replace(b"\r\n\t", b" ")
+    assert b"with ESMTPS (version=TLSv1." in msg and b"X-Source-TLS: TLSv1." in msg
+
+
+def test_client_frontend_offers_auth_only_after_starttls(home, server):
+    shell(home, 'New-Mailbox -Name Kate -PrimarySmtpAddress kate@domain.com '
+                '-Password (ConvertTo-SecureString "Corr3ct-Horse" -AsPlainText -Force)')
+    synced(home)
+    with smtp(server.ports["client"]) as c:
+        c.ehlo("laptop")
+        assert not c.has_extn("auth") and c.has_extn("starttls")
+        assert c.docmd("AUTH PLAIN AGthdGUAQ29ycjNjdC1Ib3JzZQ==")[0] == 451
+        assert c.mail("kate@domain.com")[0] == 530  # ExchangeUsers: not authenticated, no Submit right
+        c.rset()
+        c.starttls(context=unverified())
+        c.ehlo("laptop")
+        assert set(c.esmtp_features["auth"].split()) == {"LOGIN", "PLAIN"}
+        with pytest.raises(smtplib.SMTPAuthenticationError) as bad:
+            c.login("kate", "wrong")
+        assert bad.value.smtp_code == 535
+        c.login("kate@domain.com", "Corr3ct-Horse")
+        # Authenticated users relay (ExchangeUsers) but may only send as themselves.
+        assert c.mail("boss@domain.com")[0] == 550
+        c.rset()
+        assert c.sendmail("kate@domain.com", ["friend@remote.example"], b"Subject: out\r\n\r\nhi\r\n") == {}
+    got = shell(home, "Get-Message | fl FromAddress,Queue")
+    assert "kate@domain.com" in got.out
+
+
+def test_logon_failures_end_the_session(home, server):
+    shell(home, 'Set-ReceiveConnector "Client Frontend EX01" -MaxLogonFailures 2')
+    synced(home)
+    with smtp(server.ports["client"]) as c:
+        c.starttls(context=unverified())
+        c.ehlo("x")
+        assert c.docmd("AUTH PLAIN", "AHUAcA==")[0] in (334, 535)
+        code, _ = c.docmd("AUTH PLAIN AHUAcA==")
+        assert code in (535, 421)
+        with pytest.raises((smtplib.SMTPServerDisconnected, ConnectionError)):
+            for _ in range(3):
+                c.docmd("AUTH PLAIN AHUAcA==")
+                c.noop()
+
+
+def test_limits_are_enforced_with_exchange_replies(home, server):
+    port = server.ports["frontend"]
+    shell(home, 'New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com\n'
+                'Set-ReceiveConnector "Default Frontend EX01" -MaxMessageSize 64KB -MaxRecipientsPerMessage 2 '
+                '-MaxProtocolErrors 2 -MaxHeaderSize 2KB')
+    synced(home)
+    with smtp(port) as c:
+        c.ehlo("x")
+        assert c.esmtp_features["size"] == "65536"
+        assert c.mail("a@b.example", ["SIZE=1000000"])[0] == 552
+        c.mail("a@b.example")
+        assert c.rcpt("admin@domain.com")[0] == 250
+        assert c.rcpt("admin@domain.com")[0] == 250
+        assert c.rcpt("admin@domain.com") == (452, b"4.5.3 Too many recipients")
+        code, text = c.data(b"Subject: big\r\n\r\n" + b"x" * 70000 + b"\r\n")
+        assert (code, text) == (552, b"5.3.4 Message size exceeds fixed maximum message size")
+        c.mail("a@b.example")
+        c.rcpt("admin@domain.com")
+        code, text = c.data(b"X-Long: " + b"y" * 3000 + b"\r\n\r\nbody\r\n")
+        assert (code, text) == (552, b"5.3.4 Header size exceeds fixed maximum size")
+    with smtp(port) as c:
+        c.ehlo("x")
+        assert c.docmd("BOGUS")[0] == 500
+        assert c.docmd("BOGUS")[0] == 500
+        code, text = c.docmd("BOGUS")
+        assert code == 500
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            c.noop()
+            c.noop()
+
+
+def test_connection_limits_and_timeouts(home, server):
+    port = server.ports["frontend"]
+    shell(home, 'Set-ReceiveConnector "Default Frontend EX01" -MaxInboundConnectionPerSource 2 '
+                '-ConnectionInactivityTimeout 00:00:02 -ConnectionTimeout 00:00:04')
+    synced(home)
+    held = [socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.5", 0)) for _ in range(2)]
+    for s in held:
+        assert s.recv(100).startswith(b"220")
+    third = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.5", 0))
+    assert third.recv(200).startswith(b"421 4.3.2 The maximum number of concurrent connections has exceeded a limit")
+    other = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.6", 0))
+    assert other.recv(100).startswith(b"220")
+    # Idle sessions are closed after ConnectionInactivityTimeout with Exchange's reply.
+    held[0].settimeout(10)
+    assert held[0].recv(200) == b"451 4.7.0 Timeout waiting for client input\r\n"
+    # A session that keeps talking still ends at ConnectionTimeout.
+    other.close()
+    other = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.6", 0))
+    other.settimeout(1)
+    deadline = time.monotonic() + 10
+    got = b""
+    while time.monotonic() < deadline and b"421" not in got:
+        other.sendall(b"NOOP\r\n")
+        try:
+            got += other.recv(200)
+        except socket.timeout:
+            pass
+        time.sleep(0.5)
+    assert b"421 4.4.1 Connection timed out" in got
+    for s in held + [third, other]:
+        s.close()
+
+
+def test_tarpit_delays_refusals_of_anonymous_recipients(home, server):
+    shell(home, 'Set-ReceiveConnector "Default Frontend EX01" -TarpitInterval 00:00:02')
+    synced(home)
+    with smtp(server.ports["frontend"]) as c:
+        c.ehlo("x")
+        c.mail("a@b.example")
+        started = time.monotonic()
+        assert c.rcpt("x@remote.example")[0] == 550
+        assert time.monotonic() - started >= 1.9
+
+
+def test_config_changes_reach_new_sessions_without_restart(home, server):
+    port = free_port()
+    r = shell(home, f'New-ReceiveConnector Later -Bindings 127.0.0.1:{port} -RemoteIPRanges 127.0.0.1 -Usage Custom '
+                    '-PermissionGroups AnonymousUsers -Banner "220 later"')
+    assert r.ok, r.err
+    started = time.monotonic()
+
+    def answers() -> bytes:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                return s.recv(100)
+        except OSError:
+            return b""
+
+    assert wait_for(answers, timeout=5).startswith(b"220 later")
+    assert time.monotonic() - started < 5
+    shell(home, 'Set-ReceiveConnector Later -Banner "220 changed"')
+    wait_for(lambda: answers().startswith(b"220 changed"), timeout=5)
+    shell(home, "Remove-ReceiveConnector Later")
+    wait_for(lambda: answers() == b"", timeout=5, message="the listener to close")
+
+
+def test_no_matching_connector_refuses_the_connection(home, server):
+    shell(home, 'Set-ReceiveConnector "Default Frontend EX01" -RemoteIPRanges 127.0.0.1')
+    synced(home)
+    with socket.create_connection(("127.0.0.1", server.ports["frontend"]), source_address=("127.0.0.7", 0)) as s:
+        assert s.recv(300).startswith(b"554 5.7.1 ex01.domain.com No receive connector on this server accepts "
+                                      b"connections from 127.0.0.7")
+
+
+def test_aiosmtplib_pipelined_and_chunked_submission(home, server):
+    shell(home, 'New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com')
+    synced(home)
+
+    async def send() -> None:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.ports["frontend"], start_tls=False)
+        await client.connect()
+        await client.ehlo()
+        assert client.supports_extension("pipelining") and client.supports_extension("chunking")
+        errors, response = await client.sendmail("a@b.example", ["admin@domain.com"],
+                                                 b"Subject: aiosmtplib\r\n\r\n.leading dot\r\nend\r\n")
+        assert not errors and "Queued mail for delivery" in response
+        await client.quit()
+
+    asyncio.run(send())
+    msg = wait_for(lambda: maildir_messages(home, "admin@domain.com"))[0]
+    assert msg.endswith(b"\r\n\r\n.leading dot\r\nend\r\n")
+
+
+def test_bdat_from_a_raw_client(home, server):
+    shell(home, 'New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com')
+    synced(home)
+    body = b"Subject: chunked\r\n\r\nline one\r\nline two\r\n"
+    with socket.create_connection(("127.0.0.1", server.ports["frontend"]), timeout=10) as s:
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b"EHLO raw\r\n")
+        while not f.readline().startswith(b"250 "):
+            pass
+        s.sendall(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<admin@domain.com>\r\n"
+                  + f"BDAT {len(body[:10])}\r\n".encode() + body[:10]
+                  + f"BDAT {len(body[10:])} LAST\r\n".encode() + body[10:])
+        replies = [f.readline() for _ in range(4)]
+        assert replies[2].startswith(b"250 2.6.0 CHUNK received OK, 10 octets")
+        assert b"Queued mail for delivery" in replies[3]
+    msg = wait_for(lambda: maildir_messages(home, "admin@domain.com"))[0]
+    assert msg.endswith(body.split(b"\r\n\r\n", 1)[1])
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is installed by `make test`")
+def test_swaks_plain_and_starttls(home, server):
+    shell(home, 'New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com')
+    synced(home)
+    port = str(server.ports["frontend"])
+    for extra in ([], ["--tls"]):
+        out = subprocess.run(["swaks", "--server", "127.0.0.1", "--port", port, "--from", "s@client.example",
+                              "--to", "admin@domain.com", "--helo", "client.example", *extra], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        marker = r"<~\s+250 2\.6\.0" if extra else r"<-\s+250 2\.6\.0"
+        assert re.search(marker, out.stdout), out.stdout
+        if extra:
+            assert "=== TLS started with cipher TLSv1." in out.stdout
+    wait_for(lambda: len(maildir_messages(home, "admin@domain.com")) == 2)
+
+
+def _rss_kb(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_stays_bounded_for_idle_sessions_and_a_30mb_message(home, server):
+    shell(home, 'New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com\n'
+                'Set-ReceiveConnector "Default Frontend EX01" -MaxInboundConnectionPerSource unlimited '
+                '-MaxInboundConnection unlimited -MaxMessageSize 64MB')
+    synced(home)
+    pid = server.proc.pid
+    base = _rss_kb(pid)
+    sockets = []
+    for i in range(400):
+        s = socket.create_connection(("127.0.0.1", server.ports["frontend"]), source_address=(f"127.0.1.{i % 200 + 1}", 0))
+        sockets.append(s)
+    for s in sockets:
+        s.recv(100)
+    idle_growth = _rss_kb(pid) - base
+    assert idle_growth / len(sockets) < 64, f"{idle_growth / len(sockets):.1f} KB per idle session"
+    for s in sockets:
+        s.close()
+    before = _rss_kb(pid)
+    with smtp(server.ports["frontend"], timeout=120) as c:
+        c.ehlo("x")
+        line = b"x" * 998 + b"\r\n"
+        body = b"Subject: big\r\n\r\n" + line * (30 * 1024 * 1024 // len(line))
+        assert c.sendmail("a@b.example", ["admin@domain.com"], body) == {}
+    growth_mb = (_rss_kb(pid) - before) / 1024
+    assert growth_mb < 20, f"RSS grew {growth_mb:.1f} MB while receiving a 30 MB message"
+    assert wait_for(lambda: maildir_messages(home, "admin@domain.com"), timeout=60)[0].endswith(line)

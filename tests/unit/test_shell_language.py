@@ -1,0 +1,181 @@
+"""The shell language: grammar coverage, evaluation, output formatting, and parser robustness."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailgate.errors import ParseError
+from mailgate.manage.cmdlets import Param, cmdlet, registry
+from mailgate.manage.context import ManagementContext
+from mailgate.manage.params import to_str
+from mailgate.manage.present import Record
+from mailgate.shell.parser import is_incomplete, parse
+from mailgate.shell.session import Shell
+
+# A probe cmdlet that echoes how its parameters were bound, so syntax can be checked without a store.
+if "Test-Binding" not in registry:
+    @cmdlet("Test-Binding", [Param("Identity", position=0, from_pipeline=True, raw=True), Param("Name", convert=to_str),
+                             Param("RemoteIPRanges", raw=True, multi=True), Param("Bindings", raw=True),
+                             Param("Enabled", raw=True), Param("Switchy", switch=True), Param("Value", raw=True),
+                             Param("RequireTLS", raw=True)],
+            mutates=True)
+    def _test_binding(ctx, args):
+        return [Record("Bound", {k: v for k, v in args.items()})]
+
+
+class _Home:
+    server = "EX01"
+    path = "/nonexistent"
+
+
+def run(text: str) -> tuple[bool, str, str]:
+    ctx = ManagementContext(_Home(), store=None, runtime=None)  # type: ignore[arg-type]
+    out, err = io.StringIO(), io.StringIO()
+    shell = Shell(ctx, out=out, err=err)
+    ok = shell.run_text(text)
+    return ok, out.getvalue(), err.getvalue()
+
+
+def bound(text: str) -> Record:
+    ctx = ManagementContext(_Home(), store=None, runtime=None)  # type: ignore[arg-type]
+    captured: list = []
+    shell = Shell(ctx, out=io.StringIO(), err=io.StringIO())
+    shell.evaluator.emit = captured.extend
+    assert shell.run_text(text), shell.err.getvalue()
+    records = [r for r in captured if isinstance(r, Record)]
+    return records[-1]
+
+
+def test_backtick_continuation_quotes_and_switches():
+    r = bound('Test-Binding "Internal Relay" `\n  -Bindings 0.0.0.0:25 `\n  -RemoteIPRanges 192.168.0.0/24,10.0.0.1 `\n'
+              "  -Switchy -Enabled $true -Name 'it''s'")
+    assert r["Identity"] == "Internal Relay" and r["Bindings"] == "0.0.0.0:25"
+    assert r["RemoteIPRanges"] == ["192.168.0.0/24", "10.0.0.1"]
+    assert r["Switchy"] is True and r["Enabled"] is True and r["Name"] == "it's"
+
+
+def test_parameter_prefixes_colon_values_and_arrays():
+    r = bound('Test-Binding -Rem @("a", "b") -Swi:$false -Val $null -Ident x')
+    assert r["Identity"] == "x"
+    assert r["RemoteIPRanges"] == ["a", "b"] and r["Switchy"] is False and r["Value"] is None
+
+
+def test_hashtable_for_multivalued_changes():
+    r = bound('Test-Binding x -RemoteIPRanges @{Add="10.0.0.1","10.0.0.2"; Remove="192.168.0.1"}')
+    change = r["RemoteIPRanges"]
+    assert change["Add"] == ["10.0.0.1", "10.0.0.2"] and change["remove"] == "192.168.0.1"
+
+
+def test_variables_subexpressions_and_string_expansion():
+    r = bound('$c = @{Issuer="CN=CA"; Subject="CN=mail"}\nTest-Binding x -Name "<I>$($c.Issuer)<S>$($c.Subject)"')
+    assert r["Name"] == "<I>CN=CA<S>CN=mail"
+    r = bound('$n = 5; Test-Binding x -Value ($n * 2 + 1) -Name "n=$n`t!"')
+    assert r["Value"] == 11 and r["Name"] == "n=5\t!"
+
+
+def test_smart_quotes_from_copied_documents():
+    r = bound("Test-Binding \u201cInternal Relay\u201d -Name \u2018x\u2019")
+    assert r["Identity"] == "Internal Relay" and r["Name"] == "x"
+
+
+def test_positional_pipeline_and_where_sort_select_measure():
+    ok, out, err = run('1,5,3 | Sort-Object -Descending | Select-Object -First 2')
+    assert ok and out.split() == ["5", "3"]
+    ok, out, _ = run('"a","bb","ccc" | Where-Object { $_.Length -gt 1 } | Measure-Object | fl Count')
+    assert ok and "Count : 2" in out
+    ok, out, _ = run('"x","y" | ForEach-Object { $_.ToUpper() }')
+    assert out.split() == ["X", "Y"]
+
+
+def test_where_object_simplified_syntax_on_records():
+    ok, out, _ = run('@(@{Severity="Error"; Rule="a"}, @{Severity="Info"; Rule="b"}) | Where-Object Severity -eq Error '
+                     '| ForEach-Object { $_.Rule }')
+    assert ok and out.split() == ["a"]
+
+
+def test_comparisons_follow_powershell():
+    ok, out, _ = run('"ABC" -eq "abc"; "abc" -ceq "ABC"; 10 -gt "9"; "mail.contoso.com" -like "*.CONTOSO.com";'
+                     ' @(1,2,3) -contains 2; 2 -in @(1,2); -not $false; "x" -match "^X$"')
+    assert out.split() == ["True", "False", "True", "True", "True", "True", "True", "True"]
+
+
+def test_get_date_methods_and_static_members():
+    ok, out, err = run("(Get-Date).AddMinutes(-5) -lt (Get-Date); [datetime]::Now -gt (Get-Date).AddDays(-1)")
+    assert ok, err
+    assert out.split() == ["True", "True"]
+
+
+def test_whatif_reports_and_changes_nothing():
+    ok, out, _ = run("Test-Binding x -WhatIf")
+    assert ok
+
+
+def test_format_table_and_list_output():
+    ok, out, _ = run('@{Name="Default Frontend EX01"; Bindings=@("[::]:25","0.0.0.0:25")} | ft Name,Bindings')
+    lines = out.strip("\n").splitlines()
+    assert lines[0].split() == ["Name", "Bindings"] and lines[1].split() == ["----", "--------"]
+    assert lines[2] == "Default Frontend EX01 {[::]:25, 0.0.0.0:25}"
+    ok, out, _ = run('@{Name="x"; RemoteIPRanges=@("a","b","c","d","e")} | fl Name,RemoteIPRanges')
+    assert "Name           : x" in out and "RemoteIPRanges : {a, b, c, d...}" in out
+    ok, out, _ = run('$FormatEnumerationLimit = -1; @{R=@("a","b","c","d","e")} | fl R')
+    assert "R : {a, b, c, d, e}" in out
+
+
+def test_errors_name_the_problem_and_fail_the_script():
+    ok, _, err = run("Test-Binding x -Nope 1")
+    assert not ok and "A parameter cannot be found that matches parameter name 'Nope'" in err
+    ok, _, err = run("Test-Binding x -Re 1")
+    assert not ok and "ambiguous" in err and "-RemoteIPRanges -RequireTLS" in err
+    ok, _, err = run("Get-Nothing")
+    assert not ok and "is not recognized as the name of a cmdlet" in err
+    ok, _, err = run("Test-Binding x y")
+    assert not ok and "positional parameter cannot be found" in err
+    ok, _, err = run("Test-Binding -Name")
+    assert not ok and "Missing an argument for parameter 'Name'" in err
+    ok, _, err = run('Test-Binding x -Name "unterminated')
+    assert not ok and "At line:1" in err
+
+
+def test_script_continues_after_an_error_but_reports_failure():
+    ok, out, err = run('Write-Output "before"\nGet-Nothing\nWrite-Output "after"')
+    assert not ok and out.split() == ["before", "after"]
+
+
+def test_incomplete_input_detection():
+    assert is_incomplete("Get-Queue |")
+    assert is_incomplete("New-ReceiveConnector -Name x `")
+    assert is_incomplete('Set-X "open')
+    assert is_incomplete("Get-X | Where-Object {")
+    assert not is_incomplete("Get-Queue")
+
+
+def test_get_command_and_help():
+    ok, out, _ = run("Get-Command *-ReceiveConnector")
+    assert ok and "New-ReceiveConnector" in out and "Set-ReceiveConnector" in out
+    ok, out, _ = run("Get-Help New-ReceiveConnector -Full")
+    assert ok and "-RemoteIPRanges" in out and "EXAMPLES" in out
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("$@(){}[]|;,`'\"-=.:*?%!#<>+/ \n\tabcXYZ019\u201c\u201d")), max_size=60))
+def test_parser_never_crashes(text):
+    try:
+        parse(text)
+    except ParseError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80))
+def test_shell_never_crashes_on_any_text(text):
+    run(text)  # errors are reported, never raised
+
+
+def test_parse_error_message_points_at_the_column():
+    with pytest.raises(ParseError) as info:
+        parse("Get-Queue | | ft")
+    assert "char:" in info.value.message
