@@ -82,6 +82,7 @@ class Server:
 
     def start(self, timeout: float = 30) -> "Server":
         admin = f"127.0.0.1:{self.admin_port}" if self.admin_port else "off"
+        offset = len(self.output())
         self._fh = open(self.log, "a")
         self.proc = subprocess.Popen([PYTHON, "-m", "mailgate.cli", "--home", str(self.home.path), "serve",
                                       "--admin-listen", admin], stdout=self._fh, stderr=subprocess.STDOUT, text=True,
@@ -89,8 +90,8 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mailgate serve exited with {self.proc.returncode}:\n{self.output()}")
-            if "is running" in self.output():
+                raise RuntimeError(f"mailgate serve exited with {self.proc.returncode}:\n{self.output()[offset:]}")
+            if "is running" in self.output()[offset:]:
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"mailgate serve did not start:\n{self.output()}")
@@ -152,6 +153,20 @@ def synced(home: Home, timeout: float = 10.0) -> None:
         store.dispose()
     client = RuntimeClient(home, timeout=10)
     wait_for(lambda: client.call("status")["revision"] >= wanted, timeout=timeout, message="the configuration reload")
+
+
+def tracking_events(home: Home, *args: str, until: Iterable[str] = (), timeout: float = 20.0) -> list[str]:
+    """EventIds of Get-MessageTrackingLog with ``args``, waiting until ``until`` appears in order within them."""
+    wanted = list(until)
+    command = "Get-MessageTrackingLog " + " ".join(args) + " | ForEach-Object { $_.EventId }"
+
+    def events() -> list[str]:
+        got = shell(home, command).out.split()
+        it = iter(got)
+        return got if all(w in it for w in wanted) else []
+
+    return wait_for(events, timeout=timeout, message=f"tracking events {wanted}") if wanted else \
+        shell(home, command).out.split()
 
 
 def maildir_messages(home: Home, address: str) -> list[bytes]:

@@ -1,0 +1,129 @@
+"""`kill -9` under load: every message answered 250 survives, and is delivered (at most twice, never zero)."""
+
+from __future__ import annotations
+
+import collections
+import smtplib
+import threading
+import time
+
+from helpers import Server, free_port, shell, synced, wait_for
+from peers import DnsServer, SmtpPeer
+
+SOURCE = "127.0.0.2"
+
+
+class Load:
+    """Client threads sending uniquely numbered messages until stopped; records which got 250."""
+
+    def __init__(self, port: int, recipient: str, threads: int = 4, limit: int = 3000) -> None:
+        self.port, self.recipient, self.limit = port, recipient, limit
+        self.acked: set[str] = set()
+        self.counter = 0
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.workers = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def start(self) -> "Load":
+        for w in self.workers:
+            w.start()
+        return self
+
+    def _next(self) -> str | None:
+        with self.lock:
+            if self.counter >= self.limit:
+                return None
+            self.counter += 1
+            return f"m{self.counter:05d}"
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                with smtplib.SMTP("127.0.0.1", self.port, source_address=(SOURCE, 0), timeout=10) as c:
+                    while not self.stop.is_set():
+                        tag = self._next()
+                        if tag is None:
+                            return
+                        body = f"Subject: {tag}\r\nX-Tag: {tag}\r\n\r\nload test {tag}\r\n".encode()
+                        if c.sendmail("load@domain.com", [self.recipient], body) == {}:
+                            with self.lock:
+                                self.acked.add(tag)
+            except (smtplib.SMTPException, OSError):
+                time.sleep(0.05)  # the server is down: reconnect (the message in flight was not acknowledged)
+
+    def finish(self) -> None:
+        self.stop.set()
+        for w in self.workers:
+            w.join(30)
+
+
+def _relay_setup(home, ports) -> None:
+    r = shell(home, f'''
+New-ReceiveConnector Relay -Bindings 127.0.0.1:{ports["frontend"]} -RemoteIPRanges {SOURCE} -Usage Custom `
+    -PermissionGroups AnonymousUsers -TarpitInterval 00:00:00 -MaxInboundConnectionPerSource unlimited
+Add-ADPermission Relay -User "NT AUTHORITY\\ANONYMOUS LOGON" -ExtendedRights ms-Exch-SMTP-Accept-Any-Recipient
+''', runtime=None)
+    assert r.ok, r.err
+
+
+def test_kill_9_while_receiving_loses_no_acknowledged_message(home, ports):
+    _relay_setup(home, ports)
+    server = Server(home).start()
+    try:
+        assert shell(home, "Suspend-Queue EX01\\Submission").ok   # keep everything in the queue to count it
+        load = Load(ports["frontend"], "someone@remote.example").start()
+        wait_for(lambda: len(load.acked) >= 100, timeout=60, message="some acknowledged messages")
+        server.kill()
+        load.finish()
+        acked = set(load.acked)
+        server.start()
+        listing = shell(home, 'Get-Message -Queue "EX01\\Submission" -ResultSize Unlimited | ForEach-Object { $_.Subject }')
+        assert listing.ok, listing.err
+        queued = collections.Counter(listing.out.split())
+        missing = acked - set(queued)
+        assert not missing, f"{len(missing)} acknowledged messages lost, e.g. {sorted(missing)[:5]}"
+        assert all(n == 1 for n in queued.values()), "a message is in the queue twice"
+        unacked = set(queued) - acked
+        assert len(unacked) <= len(load.workers), f"{len(unacked)} unacknowledged messages were queued"
+    finally:
+        server.stop()
+
+
+def test_kill_9_twice_during_relay_every_acknowledged_message_is_delivered(home, ports):
+    dns = DnsServer()
+    peer_port = free_port("127.0.0.30")
+    sink = SmtpPeer("127.0.0.30", peer_port)
+    try:
+        _relay_setup(home, ports)
+        dns.add("remote.example", "A", "127.0.0.30")
+        r = shell(home, f'Set-TransportService EX01 -InternalDNSServers {dns.address} -MessageRetryInterval 00:00:01 '
+                        f'-TransientFailureRetryInterval 00:00:01\n'
+                        f'New-SendConnector Out -AddressSpaces remote.example -Port {peer_port}', runtime=None)
+        assert r.ok, r.err
+        server = Server(home).start()
+        load = Load(ports["frontend"], "someone@remote.example", limit=1500).start()
+        for _ in range(2):
+            wait_for(lambda: len(load.acked) >= 150 + len(sink.received) // 4, timeout=60)
+            time.sleep(0.3)
+            server.kill()
+            time.sleep(0.3)
+            server.start()
+        wait_for(lambda: load.counter >= load.limit or len(load.acked) >= 600, timeout=120)
+        load.finish()
+        acked = set(load.acked)
+        synced(home)
+
+        def drained() -> bool:
+            tags = {m.message["X-Tag"] for m in sink.received}
+            return acked <= tags
+
+        wait_for(drained, timeout=120, message="every acknowledged message at the sink")
+        delivered = collections.Counter(m.message["X-Tag"] for m in sink.received)
+        duplicates = {t: n for t, n in delivered.items() if n > 1}
+        assert all(n <= 2 for n in delivered.values()), f"delivered more than twice: {duplicates}"
+        assert all(delivered[t] >= 1 for t in acked)
+        print(f"acknowledged {len(acked)}, delivered {sum(delivered.values())}, duplicates {len(duplicates)}")
+        server.stop()
+    finally:
+        sink.stop()
+        dns.close()

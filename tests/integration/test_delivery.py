@@ -1,0 +1,271 @@
+"""Routing and delivery: DNS MX to real peers, smart hosts with AUTH, TLS policy,
+retries, NDRs, expiry, and the queue cmdlets on a running server."""
+
+from __future__ import annotations
+
+import email
+import smtplib
+import time
+
+import pytest
+import trustme
+from helpers import Server, free_port, maildir_messages, shell, synced, tracking_events, wait_for
+from peers import DnsServer, SmtpPeer
+
+RELAY_SOURCE = "127.0.0.2"
+
+
+@pytest.fixture
+def dns_server():
+    server = DnsServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def peer_port():
+    return free_port("127.0.0.20")
+
+
+@pytest.fixture
+def org(home, ports, dns_server, peer_port):
+    """EX01 with a relay connector for 127.0.0.2, a sender mailbox, fast retries, the test DNS server,
+    and a DNS send connector whose next hops listen on ``peer_port``."""
+    r = shell(home, f'''
+New-ReceiveConnector Relay -Bindings 127.0.0.1:{ports["frontend"]} -RemoteIPRanges {RELAY_SOURCE} -Usage Custom `
+    -PermissionGroups AnonymousUsers -TarpitInterval 00:00:00
+Add-ADPermission Relay -User "NT AUTHORITY\\ANONYMOUS LOGON" -ExtendedRights ms-Exch-SMTP-Accept-Any-Recipient
+New-Mailbox -Name Sender -PrimarySmtpAddress sender@domain.com
+Set-TransportService EX01 -InternalDNSServers {dns_server.address} -TransientFailureRetryInterval 00:00:01 `
+    -MessageRetryInterval 00:00:01 -OutboundConnectionFailureRetryInterval 00:00:02 -TransientFailureRetryCount 2
+New-SendConnector Outbound -AddressSpaces "*" -Port {peer_port} -Internet
+''', runtime=None)
+    assert r.ok, r.err
+    srv = Server(home)
+    srv.ports = ports
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def submit(server: Server, sender: str, recipients: list[str], body: bytes, options: tuple = ()) -> None:
+    with smtplib.SMTP("127.0.0.1", server.ports["frontend"], source_address=(RELAY_SOURCE, 0), timeout=30) as c:
+        c.ehlo("app.local")
+        refused = c.sendmail(sender, recipients, body, rcpt_options=list(options))
+        assert refused == {}
+
+
+def ndrs(home) -> list[email.message.Message]:
+    return [email.message_from_bytes(m) for m in maildir_messages(home, "sender@domain.com")]
+
+
+def test_mail_for_a_remote_domain_goes_by_mx(home, org, dns_server, peer_port):
+    dns_server.add("remote.example", "MX", "10 mx1.remote.example.")
+    dns_server.add("mx1.remote.example", "A", "127.0.0.20")
+    peer = SmtpPeer("127.0.0.20", peer_port)
+    try:
+        submit(org, "sender@domain.com", ["kate@remote.example"], b"Subject: by mx\r\n\r\nhello\r\n")
+        got = wait_for(lambda: peer.received, message="delivery to the MX")[0]
+        assert got.rcpt_tos == ["kate@remote.example"] and got.mail_from == "sender@domain.com"
+        assert b"Subject: by mx" in got.data and b"Received: from app.local" in got.data
+        assert tracking_events(home, "-Recipients kate@remote.example", until=["RECEIVE", "SEND"]) == ["RECEIVE", "SEND"]
+    finally:
+        peer.stop()
+
+
+def test_the_next_mx_is_used_when_the_first_refuses_connections(home, org, dns_server, peer_port):
+    dns_server.add("remote.example", "MX", "10 mx1.remote.example.", "20 mx2.remote.example.")
+    dns_server.add("mx1.remote.example", "A", "127.0.0.21")   # nothing listens there
+    dns_server.add("mx2.remote.example", "A", "127.0.0.20")
+    peer = SmtpPeer("127.0.0.20", peer_port)
+    try:
+        submit(org, "sender@domain.com", ["kate@remote.example"], b"Subject: second mx\r\n\r\nx\r\n")
+        assert wait_for(lambda: peer.received)[0].rcpt_tos == ["kate@remote.example"]
+    finally:
+        peer.stop()
+
+
+def test_a_domain_without_mx_is_reached_at_its_address_and_null_mx_is_refused(home, org, dns_server, peer_port):
+    dns_server.add("plain.example", "A", "127.0.0.20")
+    dns_server.add("nomail.example", "MX", "0 .")
+    peer = SmtpPeer("127.0.0.20", peer_port)
+    try:
+        submit(org, "sender@domain.com", ["a@plain.example"], b"Subject: a record\r\n\r\nx\r\n")
+        wait_for(lambda: peer.received)
+        submit(org, "sender@domain.com", ["b@nomail.example"], b"Subject: null mx\r\n\r\nx\r\n")
+        ndr = wait_for(lambda: ndrs(home), message="the NDR")[0]
+        assert ndr["Subject"] == "Undeliverable: null mx"
+        status = ndr.get_payload()[1].get_payload()
+        assert "Status: 5.1.10" in str(status[1]) and "b@nomail.example" in str(status[1])
+    finally:
+        peer.stop()
+
+
+def test_smart_host_with_basic_auth_uses_the_stored_credentials(home, org, peer_port):
+    peer = SmtpPeer("127.0.0.22", peer_port, auth={"relayuser": "relay-secret"})
+    try:
+        r = shell(home, f'''
+$pw = ConvertTo-SecureString "relay-secret" -AsPlainText -Force
+$cred = New-Object System.Management.Automation.PSCredential("relayuser", $pw)
+New-SendConnector -Name "SmartHost Connector" -Usage Internet -AddressSpaces "partner.example" `
+    -SmartHosts 127.0.0.22 -SmartHostAuthMechanism BasicAuth -AuthenticationCredential $cred -Port {peer_port}
+''')
+        assert r.ok, r.err
+        synced(home)
+        submit(org, "sender@domain.com", ["x@partner.example"], b"Subject: via smart host\r\n\r\nx\r\n")
+        got = wait_for(lambda: peer.received)[0]
+        assert got.auth == "relayuser" and got.rcpt_tos == ["x@partner.example"]
+        queues = shell(home, "Get-Queue | ft Identity,DeliveryType,NextHopDomain")
+        assert "SmartHostConnectorDelivery" in queues.out and "[127.0.0.22]" in queues.out
+    finally:
+        peer.stop()
+
+
+def test_wrong_smart_host_password_leaves_the_queue_in_retry(home, org, peer_port):
+    peer = SmtpPeer("127.0.0.22", peer_port, auth={"relayuser": "other"})
+    try:
+        shell(home, f'$c = New-Object PSCredential("relayuser", (ConvertTo-SecureString "wrong" -AsPlainText -Force))\n'
+                    f'New-SendConnector SH -AddressSpaces partner.example -SmartHosts 127.0.0.22 '
+                    f'-SmartHostAuthMechanism BasicAuth -AuthenticationCredential $c -Port {peer_port}')
+        synced(home)
+        submit(org, "sender@domain.com", ["x@partner.example"], b"Subject: denied\r\n\r\nx\r\n")
+        q = wait_for(lambda: [line for line in shell(home, "Get-Queue | ft Identity,Status,LastError -Wrap").out
+                              .splitlines() if "127.0.0.22" in line and "Retry" in line])
+        assert "535" in q[0]
+        assert not peer.received
+    finally:
+        peer.stop()
+
+
+def test_require_tls_waits_for_a_peer_that_offers_starttls(home, org, dns_server, peer_port, tmp_path):
+    dns_server.add("secure.example", "MX", "10 mx.secure.example.")
+    dns_server.add("mx.secure.example", "A", "127.0.0.23")
+    shell(home, "Set-SendConnector Outbound -RequireTLS $true")
+    synced(home)
+    plain = SmtpPeer("127.0.0.23", peer_port)
+    try:
+        submit(org, "sender@domain.com", ["a@secure.example"], b"Subject: must be encrypted\r\n\r\nx\r\n")
+        retry = wait_for(lambda: [r for r in shell(home, "Get-Queue | fl Identity,Status,LastError").out.split("\n\n")
+                                  if "secure.example" in r and "Retry" in r])
+        assert "451 5.7.3 STARTTLS is required to send mail" in retry[0]
+        assert not plain.received
+    finally:
+        plain.stop()
+    ca = trustme.CA()
+    cert = ca.issue_cert("mx.secure.example", "127.0.0.23")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "peer.pem"))
+    tls = SmtpPeer("127.0.0.23", peer_port, tls_cert=(str(tmp_path / "peer.pem"), str(tmp_path / "peer.pem")))
+    try:
+        assert shell(home, "Retry-Queue EX01\\secure.example").ok
+        got = wait_for(lambda: tls.received, timeout=30)[0]
+        assert got.tls and got.rcpt_tos == ["a@secure.example"]
+    finally:
+        tls.stop()
+
+
+def test_a_4xx_is_retried_after_the_retry_interval(home, org, dns_server, peer_port):
+    dns_server.add("remote.example", "MX", "10 mx1.remote.example.")
+    dns_server.add("mx1.remote.example", "A", "127.0.0.20")
+    peer = SmtpPeer("127.0.0.20", peer_port)
+    answers = ["451 4.3.0 try again later"]
+    peer.rcpt_reply = lambda address: answers.pop() if answers else None
+    try:
+        submit(org, "sender@domain.com", ["kate@remote.example"], b"Subject: deferred once\r\n\r\nx\r\n")
+        got = wait_for(lambda: peer.received, timeout=30)[0]
+        assert got.rcpt_tos == ["kate@remote.example"]
+        assert tracking_events(home, "-Recipients kate@remote.example", until=["RECEIVE", "DEFER", "SEND"]) == \
+            ["RECEIVE", "DEFER", "SEND"]
+        assert not ndrs(home)
+    finally:
+        peer.stop()
+
+
+def test_a_5xx_for_one_of_three_recipients_gives_one_ndr_for_that_one(home, org, dns_server, peer_port):
+    dns_server.add("remote.example", "MX", "10 mx1.remote.example.")
+    dns_server.add("mx1.remote.example", "A", "127.0.0.20")
+    peer = SmtpPeer("127.0.0.20", peer_port)
+    peer.rcpt_reply = lambda address: "550 5.1.1 User unknown" if address.startswith("bad@") else None
+    try:
+        submit(org, "sender@domain.com", ["a@remote.example", "bad@remote.example", "c@remote.example"],
+               b"Subject: three\r\nMessage-ID: <three@domain.com>\r\n\r\nx\r\n")
+        got = wait_for(lambda: peer.received)[0]
+        assert sorted(got.rcpt_tos) == ["a@remote.example", "c@remote.example"]
+        ndr = wait_for(lambda: ndrs(home))[0]
+        assert ndr["Subject"] == "Undeliverable: three" and ndr.get_content_type() == "multipart/report"
+        report = str(ndr.get_payload()[1])
+        assert "Final-Recipient: rfc822;bad@remote.example" in report and "Status: 5.1.1" in report
+        assert "a@remote.example" not in report and "c@remote.example" not in report
+        assert "Diagnostic-Code: smtp;550 5.1.1 User unknown" in report
+        assert ndr.get_payload()[2].get_content_type() == "message/rfc822"
+        time.sleep(1)
+        assert len(ndrs(home)) == 1
+    finally:
+        peer.stop()
+
+
+def test_expiry_gives_an_ndr_and_the_null_sender_never_gets_one(home, org, dns_server):
+    dns_server.add("down.example", "MX", "10 mx.down.example.")
+    dns_server.add("mx.down.example", "A", "127.0.0.24")   # nobody listens
+    shell(home, "Set-TransportService EX01 -MessageExpirationTimeout 00:00:06")
+    synced(home)
+    submit(org, "sender@domain.com", ["a@down.example"], b"Subject: expires\r\n\r\nx\r\n")
+    submit(org, "<>", ["b@down.example"], b"Subject: bounce of a bounce\r\n\r\nx\r\n")
+    ndr = wait_for(lambda: ndrs(home), timeout=40, message="the expiry NDR")[0]
+    assert ndr["Subject"] == "Undeliverable: expires"
+    report = str(ndr.get_payload()[1])
+    assert "Status: 4.4.7" in report and "a@down.example" in report
+    wait_for(lambda: "b@down.example" not in shell(home, "Get-Message | fl Recipients -IncludeRecipientInfo").out
+             and not shell(home, 'Get-Message -Filter "FromAddress -eq \'<>\'"').out.strip(), timeout=30)
+    assert len(ndrs(home)) == 1
+    assert tracking_events(home, "-EventId FAIL", until=["FAIL", "FAIL"]) == ["FAIL", "FAIL"]
+    fails = shell(home, "Get-MessageTrackingLog -EventId FAIL | ft Source,Recipients")
+    assert "QUEUE" in fails.out and "b@down.example" in fails.out
+
+
+def test_queue_cmdlets_suspend_resume_remove_export(home, org, dns_server, peer_port, tmp_path):
+    dns_server.add("remote.example", "MX", "10 mx1.remote.example.")
+    dns_server.add("mx1.remote.example", "A", "127.0.0.20")
+    peer = SmtpPeer("127.0.0.20", peer_port)
+    try:
+        submit(org, "sender@domain.com", ["a@remote.example"], b"Subject: warm up\r\n\r\nx\r\n")
+        wait_for(lambda: peer.received)
+        assert shell(home, "Suspend-Queue EX01\\remote.example").ok
+        for i in range(3):
+            submit(org, "sender@domain.com", ["a@remote.example"], f"Subject: held {i}\r\n\r\nx\r\n".encode())
+        listing = wait_for(lambda: [r for r in shell(home, "Get-Queue EX01\\remote.example | fl Status,MessageCount").out
+                                    .split("\n\n") if "MessageCount : 3" in r])
+        assert "Suspended" in listing[0]
+        msgs = shell(home, 'Get-Message -Queue "EX01\\remote.example" | ft Identity,Subject')
+        assert msgs.out.count("held") == 3 and len(peer.received) == 1
+        first = [line.split()[0] for line in msgs.out.splitlines() if "held 0" in line][0]
+        assert shell(home, f'Remove-Message -Identity "{first}" -WithNDR $false').ok
+        second = [line.split()[0] for line in msgs.out.splitlines() if "held 1" in line][0]
+        r = shell(home, f'Suspend-Message "{second}"\nExport-Message "{second}" -Path "{tmp_path / "held.eml"}"')
+        assert r.ok, r.err
+        assert b"Subject: held 1" in (tmp_path / "held.eml").read_bytes()
+        filtered = shell(home, 'Get-Queue -Filter "MessageCount -gt 1"').out
+        assert [line.split()[0] for line in filtered.splitlines() if "remote" in line] == ["EX01\\remote.example"]
+        assert "remote" not in shell(home, 'Get-Queue -Filter "MessageCount -gt 2"').out
+        shell(home, "Resume-Queue EX01\\remote.example")
+        wait_for(lambda: len(peer.received) == 2, message="the unsuspended message")
+        assert b"held 2" in peer.received[1].data
+        shell(home, f'Resume-Message "{second}"')
+        wait_for(lambda: len(peer.received) == 3)
+        assert tracking_events(home, "-EventId DROP", until=["DROP"]) == ["DROP"]
+        assert not ndrs(home)
+    finally:
+        peer.stop()
+
+
+def test_no_connector_means_unreachable_until_one_is_created(home, org, dns_server, peer_port):
+    shell(home, "Set-SendConnector Outbound -AddressSpaces only.example")
+    synced(home)
+    submit(org, "sender@domain.com", ["a@elsewhere.example"], b"Subject: nowhere\r\n\r\nx\r\n")
+    wait_for(lambda: "MessageCount : 1" in shell(home, "Get-Queue EX01\\Unreachable | fl MessageCount").out)
+    dns_server.add("elsewhere.example", "A", "127.0.0.20")
+    peer = SmtpPeer("127.0.0.20", peer_port)
+    try:
+        shell(home, 'Set-SendConnector Outbound -AddressSpaces @{Add="*"}')
+        assert wait_for(lambda: peer.received, timeout=30)[0].rcpt_tos == ["a@elsewhere.example"]
+    finally:
+        peer.stop()

@@ -1,0 +1,142 @@
+"""Real network peers the tests start on loopback: a DNS server (dnspython) and
+SMTP servers (aiosmtpd) that receive, refuse, defer, demand TLS or AUTH."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from dataclasses import dataclass, field
+from email import message_from_bytes
+from typing import Any, Callable
+
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
+
+
+class DnsServer:
+    """An authoritative-only UDP DNS server for test zones: ``records[(name, type)] = [rdata, ...]``."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.records: dict[tuple[str, str], list[str]] = {}
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.host, self.port = self.sock.getsockname()
+        self.queries: list[tuple[str, str]] = []
+        self.fail = False   # answer SERVFAIL to everything
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._running = True
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}#{self.port}"
+
+    def add(self, name: str, rtype: str, *values: str) -> None:
+        self.records.setdefault((name.lower().rstrip("."), rtype.upper()), []).extend(values)
+
+    def _serve(self) -> None:
+        while self._running:
+            try:
+                data, addr = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            try:
+                query = dns.message.from_wire(data)
+            except Exception:  # noqa: BLE001 - garbage in a test: ignore it
+                continue
+            response = dns.message.make_response(query)
+            response.flags |= dns.flags.AA
+            if self.fail:
+                response.set_rcode(dns.rcode.SERVFAIL)
+            for question in query.question:
+                name = question.name.to_text(omit_final_dot=True).lower()
+                rtype = dns.rdatatype.to_text(question.rdtype)
+                self.queries.append((name, rtype))
+                values = self.records.get((name, rtype))
+                if values:
+                    response.answer.append(dns.rrset.from_text(question.name, 60, "IN", rtype, *values))
+                elif not any(n == name for n, _ in self.records):
+                    response.set_rcode(dns.rcode.NXDOMAIN)
+            self.sock.sendto(response.to_wire(), addr)
+
+    def close(self) -> None:
+        self._running = False
+        self.sock.close()
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    tls: bool
+    auth: str | None
+    mail_options: list[str] = field(default_factory=list)
+
+    @property
+    def message(self) -> Any:
+        return message_from_bytes(self.data)
+
+
+class _Handler:
+    def __init__(self, peer: "SmtpPeer") -> None:
+        self.peer = peer
+
+    async def handle_RCPT(self, server: Any, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
+        reply = self.peer.rcpt_reply(address) if self.peer.rcpt_reply else None
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        if self.peer.data_reply:
+            reply = self.peer.data_reply()
+            if reply:
+                return reply
+        self.peer.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                           envelope.original_content or envelope.content, session.ssl is not None,
+                                           getattr(session, "mg_user", None), list(envelope.mail_options)))
+        return "250 2.0.0 OK queued"
+
+
+class SmtpPeer:
+    """An aiosmtpd server on ``host:port`` with optional STARTTLS, required AUTH and scripted replies."""
+
+    def __init__(self, host: str, port: int, *, tls_cert: tuple[str, str] | None = None, require_tls: bool = False,
+                 auth: dict[str, str] | None = None) -> None:
+        self.received: list[Received] = []
+        self.rcpt_reply: Callable[[str], str | None] | None = None
+        self.data_reply: Callable[[], str | None] | None = None
+        self.auth_attempts: list[str] = []
+        kwargs: dict[str, Any] = {}
+        if tls_cert:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(*tls_cert)
+            kwargs["tls_context"] = ctx
+            kwargs["require_starttls"] = require_tls
+        if auth is not None:
+            users = auth
+
+            def authenticator(server: Any, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
+                if isinstance(data, LoginPassword):
+                    user, password = data.login.decode(), data.password.decode()
+                    self.auth_attempts.append(user)
+                    if users.get(user) == password:
+                        session.mg_user = user
+                        return AuthResult(success=True)
+                return AuthResult(success=False, handled=False)
+
+            kwargs.update(authenticator=authenticator, auth_required=True, auth_require_tls=False)
+        self.controller = Controller(_Handler(self), hostname=host, port=port, ready_timeout=10, **kwargs)
+        self.controller.start()
+        self.host, self.port = host, port
+
+    def stop(self) -> None:
+        self.controller.stop()
