@@ -14,6 +14,7 @@ CMDLET_MODULES = [
     "mailgate.manage.queues",
     "mailgate.manage.tracking",
     "mailgate.manage.testing",
+    "mailgate.manage.certificates",
 ]
 
 

@@ -88,8 +88,9 @@ def smtp_certificate(certificates: list[Certificate], server: str, fqdn: str | N
             if _same_dn(cert.issuer, issuer) and _same_dn(cert.subject, subject):
                 return cert
         return None
+    # Exchange's preference among matching certificates: CA-issued over self-signed, then the latest expiry.
     smtp = sorted((c for c in mine if ExchangeServices.SMTP in c.services),
-                  key=lambda c: c.not_before or c.when_created, reverse=True)
+                  key=lambda c: (not c.is_self_signed, c.not_after or c.when_created, c.when_created), reverse=True)
     if fqdn:
         for cert in smtp:
             if any(_name_matches(d, fqdn) for d in cert.certificate_domains):

@@ -41,6 +41,10 @@ _RESERVED_SLDS = {"example.com", "example.net", "example.org"}
 _AUTH_CODES = {"none": "00", "mutualtls": "02", "tlsauthlogin": "06", "login": "07", "secureexternal": "10"}
 
 
+def _subject_of(cert: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
+
+
 class SmtpSession(asyncio.Protocol):
     def __init__(self, server: "ReceiveServer") -> None:
         self.server = server
@@ -56,6 +60,8 @@ class SmtpSession(asyncio.Protocol):
         self.logon_failures = 0
         self.protocol_errors = 0
         self.tls_info: tuple[str, str] | None = None
+        self.peer_cert: dict[str, Any] | None = None
+        self.partner_domain: str | None = None   # set once domain security verified the partner's certificate
         self.helo = ""
         self._reset_envelope()
         self.messages = 0
@@ -377,10 +383,12 @@ class SmtpSession(asyncio.Protocol):
         self.tls_info = (ssl_obj.version() if ssl_obj else "TLS", cipher[0])
         self.machine.tls_started()
         self.machine.ext = self.policy.extensions(tls=True)
-        self.peer_cert = transport.get_extra_info("peercert")
+        self.peer_cert = transport.get_extra_info("peercert") or None
         self.rights = self._compute_rights()
         if self.plog:
             self.plog.write("*", "", f"TLS protocol {self.tls_info[0]} negotiation succeeded using {self.tls_info[1]}")
+            self.plog.write("*", "", "Client certificate: " + (_subject_of(self.peer_cert) if self.peer_cert
+                                                                 else "'EmptyCertificate'"))
         self._unblock()
 
     # -- authentication ------------------------------------------------------------------------
@@ -498,7 +506,7 @@ class SmtpSession(asyncio.Protocol):
     def _compute_rights(self) -> R.Right:
         principals = R.session_principals(
             authenticated_as=self.authenticated, mailbox_names=getattr(self, "_mailbox_addresses", ()),
-            externally_secured=self.policy.externally_secured)
+            partner=self.partner_domain is not None, externally_secured=self.policy.externally_secured)
         return self.policy.rights(tuple(principals))
 
     # -- the envelope ---------------------------------------------------------------------------------
@@ -512,6 +520,22 @@ class SmtpSession(asyncio.Protocol):
         self.message: IncomingMessage | None = None
         self.internal_id = 0
 
+    def _domain_secured(self, domain: str) -> bool:
+        """Domain security: TLS with a client certificate that verified and names the sender's domain."""
+        from mailgate.send.smtp import _verify_name
+
+        if not self.machine.tls or not self.peer_cert or not _verify_name(self.peer_cert, domain):
+            if self.plog:
+                self.plog.write("*", "", f"Domain secure check for {domain} failed: "
+                                         + ("no TLS" if not self.machine.tls else "no valid client certificate for it"))
+            return False
+        if self.partner_domain != domain:
+            self.partner_domain = domain
+            self.rights = self._compute_rights()
+            if self.plog:
+                self.plog.write("*", R.log_tokens(self.rights), f"Domain secured partner {domain}")
+        return True
+
     def _tarpit(self) -> float:
         return 0.0 if self.authenticated else self.connector.tarpit_interval.seconds
 
@@ -520,6 +544,15 @@ class SmtpSession(asyncio.Protocol):
         if c.require_tls and not self.machine.tls:
             self._reply(RP.MUST_STARTTLS)
             return
+        domain = ev.address.domain.lower()
+        if c.domain_secure_enabled and domain in self.policy.domain_secure_domains:
+            if not self._domain_secured(domain):
+                self._reply(Reply(454, "4.7.5", f"Certificate validation failure: mail from the secure domain {domain} "
+                                                "must arrive over TLS with a valid client certificate for that domain"))
+                return
+        elif self.partner_domain is not None:
+            self.partner_domain = None
+            self.rights = self._compute_rights()
         if R.Right.Submit not in self.rights:
             reply = RP.NOT_AUTHENTICATED if not self.authenticated and self.policy.auth_mechanisms(True) \
                 else RP.NO_SUBMIT_PERMISSION
@@ -648,6 +681,8 @@ class SmtpSession(asyncio.Protocol):
                                   f"with {with_clause} id {self.internal_id}{recipient}; {rfc5322_date()}")]
         auth_as = "Internal" if (self.authenticated or self.policy.externally_secured) else "Anonymous"
         mech = _AUTH_CODES["secureexternal"] if self.policy.externally_secured else _AUTH_CODES[self.auth_mechanism]
+        if self.partner_domain:
+            auth_as, mech = "Partner", _AUTH_CODES["mutualtls"]
         org = [
             ("X-MS-Exchange-Organization-AuthSource", fqdn),
             ("X-MS-Exchange-Organization-AuthAs", auth_as),
@@ -662,6 +697,10 @@ class SmtpSession(asyncio.Protocol):
                 self.auth_mechanism, "None") if not self.policy.externally_secured else "ExternalAuthoritative"),
             ("X-Source-TLS", f"{tls[0]} {tls[1]}" if tls else "none"),
         ]
+        if self.partner_domain:
+            org.insert(3, ("X-MS-Exchange-Organization-AuthDomain", self.partner_domain))
+        if self.peer_cert:
+            org.append(("X-Source-TLS-Peer", _subject_of(self.peer_cert)))
         if self.authenticated:
             org.append(("X-Originating-IP", f"[{self.client_ip}]"))
         lines += [fold(name, value) for name, value in org]
@@ -720,4 +759,6 @@ class SmtpSession(asyncio.Protocol):
         return dict(client_ip=self.client_ip, client_hostname=self.helo, server_ip=str(self.local_ip),
                     server_hostname=self.policy.fqdn, connector_id=self.connector.identity,
                     source_context=f"{self.plog.session_id if self.plog else ''};{len(self.recipients)} recipients",
-                    original_client_ip=self.client_ip, message_info=f"{self.tls_info[0]}" if self.tls_info else None)
+                    original_client_ip=self.client_ip,
+                    message_info=" ".join(filter(None, [*(self.tls_info or ()), _subject_of(self.peer_cert)
+                                                         if self.peer_cert else None])) or None)

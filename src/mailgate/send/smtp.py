@@ -177,6 +177,9 @@ class SmtpConnection:
                     await conn.close(quit=False)
                     if refusal.fatal:
                         raise ConnectFailure(refusal.reply, endpoint, last_host) from None
+                except ssl.SSLCertVerificationError as exc:
+                    last_error = f"454 4.7.5 Certificate validation failure: {exc.verify_message or exc.reason}."
+                    await conn.close(quit=False)
                 except (ConnectionLost, OSError, asyncio.TimeoutError, ssl.SSLError, C.ProtocolViolation) as exc:
                     last_error = f'421 4.4.2 Connection dropped: {type(exc).__name__}: {exc}'
                     await conn.close(quit=False)
