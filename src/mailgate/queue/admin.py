@@ -242,7 +242,7 @@ class QueueAdmin:
                     manager.record(q, loaded, rcpts, [Outcome(r["idx"], "permanent", reply) for r in rcpts]).result(30)
                 else:
                     manager.tracker.event("DROP", "ADMIN", internal_message_id=message_id,
-                                          recipients=[r["address"] for r in rcpts], sender=loaded["sender"],
+                                          recipients=[r["address"] for r in rcpts], sender=loaded["sender"] or "<>",
                                           message_id=loaded["message_id"], network_message_id=loaded["network_id"],
                                           message_subject=loaded["subject"],
                                           source_context="Remove-Message -WithNDR $false")

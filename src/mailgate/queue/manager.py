@@ -44,6 +44,11 @@ MAILBOX_WORKERS = 4
 MAILBOX_BATCH = 32
 
 
+def _path(sender: str) -> str:
+    """The reverse path as tracking shows it: ``<>`` for the null sender of DSNs."""
+    return sender or "<>"
+
+
 class RateCounter:
     """Messages per second over the last minute (Get-Queue IncomingRate/OutgoingRate)."""
 
@@ -232,10 +237,25 @@ class QueueManager:
         routing = config.routing if config is not None else self.settings.routing
         suspended = self.queue(SUBMISSION).suspended
         out = []
-        for address, orcpt, notify in recipients:
+
+        def add(address: str, orcpt: str | None, notify: str | None, **tracking: Any) -> None:
             route = None if suspended else routing.route(address, size)
             key = route.queue if isinstance(route, Route) else SUBMISSION
-            out.append(NewRecipient(address=address, queue=key, orcpt=orcpt, notify=notify))
+            out.append(NewRecipient(address=address, queue=key, orcpt=orcpt, notify=notify, **tracking))
+
+        for address, orcpt, notify in recipients:
+            resolution = routing.resolve(address)
+            box = resolution.mailbox
+            if box is not None and box.forwarding_smtp_address:
+                # ForwardingSmtpAddress: the message goes to the forwarding address (and the mailbox, if kept).
+                orcpt = orcpt or f"rfc822;{address}"
+                add(box.forwarding_smtp_address, orcpt, notify, related=address, event="REDIRECT")
+                if not box.deliver_to_mailbox_and_forward:
+                    continue
+            if box is not None and address.lower() != box.primary_smtp_address.lower():
+                add(address, orcpt, notify, related=box.primary_smtp_address, event="RESOLVE")
+            else:
+                add(address, orcpt, notify)
         return out
 
     def submit(self, new: NewMessage, receive_fields: dict[str, Any] | None = None, *,
@@ -256,7 +276,7 @@ class QueueManager:
         self.received_total += 1
         recipients = [r.address for r in new.recipients]
         common = dict(internal_message_id=new.id, message_id=new.message_id, network_message_id=new.network_id,
-                      sender=new.sender, return_path=new.sender, message_subject=new.subject, total_bytes=new.size,
+                      sender=_path(new.sender), return_path=_path(new.sender), message_subject=new.subject, total_bytes=new.size,
                       directionality=new.directionality)
         self.tracker.event("RECEIVE", source, recipients=recipients, recipient_count=len(recipients), **common, **fields)
         if source == "STOREDRIVER":
@@ -265,6 +285,13 @@ class QueueManager:
                                **common)
         if self.on_event:
             self.on_event("received", {"connector": new.connector or source, "size": new.size})
+        for r in new.recipients:
+            if r.event == "RESOLVE":
+                self.tracker.event("RESOLVE", "ROUTING", recipients=[r.related], related_recipient_address=r.address,
+                                   recipient_count=1, **common)
+            elif r.event == "REDIRECT":
+                self.tracker.event("REDIRECT", "ROUTING", recipients=[r.address], related_recipient_address=r.related,
+                                   recipient_count=1, **common)
         keys = list(dict.fromkeys(r.queue for r in new.recipients))
         if len(keys) > 1:
             for key in keys[1:]:
@@ -470,8 +497,8 @@ class QueueManager:
 
     # -- outcomes ---------------------------------------------------------------------------------
     def record(self, q: DeliveryQueue, msg: Any, rcpts: list[Any], outcomes: list[Any], *,
-               body: StoredBody | None = None,
-               remote: str | None = None, remote_ip: str | None = None) -> concurrent.futures.Future[Any]:
+               body: StoredBody | None = None, remote: str | None = None, remote_ip: str | None = None,
+               failure_source: str | None = None) -> concurrent.futures.Future[Any]:
         """Apply one delivery attempt's outcomes (``Outcome`` objects) for ``msg``."""
         assert self.settings is not None
         now = time.time()
@@ -501,7 +528,7 @@ class QueueManager:
                 updates.append((o.idx, RETRY, o_reply, retry_at, 1))
                 deferred.append(r)
         common = dict(internal_message_id=msg["id"], message_id=msg["message_id"], network_message_id=msg["network_id"],
-                      sender=msg["sender"], return_path=msg["sender"], message_subject=msg["subject"],
+                      sender=_path(msg["sender"]), return_path=_path(msg["sender"]), message_subject=msg["subject"],
                       total_bytes=msg["size"], server_hostname=remote or self.settings.server.fqdn,
                       server_ip=remote_ip, directionality=msg["directionality"],
                       message_latency=round(now - msg["received_at"], 3))
@@ -525,7 +552,7 @@ class QueueManager:
         dsns: list[NewMessage] = []
         if failed_rows:
             fail_dsns, fail_updates = self._failure_effects(msg, failed_rows, results,
-                                                            source="STOREDRIVER" if mailbox else "SMTP",
+                                                            source=failure_source or ("STOREDRIVER" if mailbox else "SMTP"),
                                                             body=body, remote=remote, connector=q.connector)
             dsns += fail_dsns
             updates += fail_updates
@@ -554,7 +581,7 @@ class QueueManager:
         self.tracker.event("FAIL", "QUEUE" if expired else source, recipients=[r["address"] for r in failed],
                            recipient_status=[results[r["idx"]][1] for r in failed], recipient_count=len(failed),
                            internal_message_id=msg["id"], message_id=msg["message_id"],
-                           network_message_id=msg["network_id"], sender=msg["sender"], return_path=msg["sender"],
+                           network_message_id=msg["network_id"], sender=_path(msg["sender"]), return_path=_path(msg["sender"]),
                            message_subject=msg["subject"], total_bytes=msg["size"], connector_id=connector,
                            server_hostname=remote or (self.settings.server.fqdn if self.settings else None))
         if self.on_event:
@@ -567,7 +594,7 @@ class QueueManager:
         ndr = self._make_dsn(msg, body, "failed", recipients)
         self.tracker.event("DSN", "DSN", recipients=[r["address"] for r in notify], recipient_count=len(notify),
                            internal_message_id=msg["id"], message_id=msg["message_id"],
-                           network_message_id=msg["network_id"], sender=msg["sender"], reference=ndr.message_id,
+                           network_message_id=msg["network_id"], sender=_path(msg["sender"]), reference=ndr.message_id,
                            message_subject=msg["subject"], return_path=msg["sender"])
         return [ndr], updates
 
@@ -640,7 +667,7 @@ class QueueManager:
         if poison:
             self.queue(POISON)
             self.tracker.event("POISONMESSAGE", "POISONMESSAGE", internal_message_id=message_id,
-                               message_id=row["message_id"], network_message_id=row["network_id"], sender=row["sender"],
+                               message_id=row["message_id"], network_message_id=row["network_id"], sender=row["sender"] or "<>",
                                message_subject=row["subject"],
                                source_context=f"processing failed {count} times: {type(exc).__name__}: {exc}")
 
@@ -684,7 +711,7 @@ class QueueManager:
                                      r["last_error"] or "400 4.4.7 Message delayed") for r in wanted]))
                 self.tracker.event("DSN", "DSN", recipients=[r["address"] for r in wanted],
                                    internal_message_id=msg["id"], message_id=msg["message_id"],
-                                   network_message_id=msg["network_id"], sender=msg["sender"],
+                                   network_message_id=msg["network_id"], sender=_path(msg["sender"]),
                                    reference=dsns[0].message_id, message_subject=msg["subject"],
                                    source_context="delay notification")
             fut = self.store.record(msg["id"], [], dsns, extra)

@@ -114,6 +114,10 @@ class NewRecipient:
     notify: str | None = None
     status: str = READY
     last_error: str | None = None
+    # Tracking only: event RESOLVE (``related`` = the mailbox's primary address) or REDIRECT (``related`` = the
+    # address whose mailbox forwarded to this one).
+    related: str | None = None
+    event: str | None = None
 
 
 @dataclass(slots=True)

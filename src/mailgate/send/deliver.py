@@ -199,7 +199,8 @@ class Delivery:
                 loaded = manager.load(message_id, q.key)
                 if loaded and loaded[1]:
                     msg, rcpts = loaded
-                    manager.record(q, msg, rcpts, [Outcome(r["idx"], "permanent", reply) for r in rcpts])
+                    manager.record(q, msg, rcpts, [Outcome(r["idx"], "permanent", reply) for r in rcpts],
+                                   failure_source="DNS")
                 else:
                     manager.release(q, [message_id])
 
