@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+import seed
 from helpers import cli, shell
 
 from mailgate.config.store import ConfigStore
 
-SEED = Path(__file__).resolve().parents[1] / "scenarios" / "seed_config.ps1"
 
 
 def store_dump(home) -> str:
@@ -22,8 +20,10 @@ def store_dump(home) -> str:
     return "\n".join(f"{k}|{n}|{d}" for k, n, d in rows)
 
 
-def test_seed_configuration_runs_verbatim_from_a_script(home):
-    result = cli(home, "shell", "-f", str(SEED), stdin="relayuser\nrelay-secret\n")
+def test_seed_configuration_runs_verbatim_from_a_script(home, tmp_path):
+    script = tmp_path / "seed.ps1"
+    script.write_text(seed.configuration_script())
+    result = cli(home, "shell", "-f", str(script), stdin="relayuser\nrelay-secret\n")
     assert result.returncode == 0, result.stderr
     assert "User:" in result.stderr and "Password for user relayuser:" in result.stderr
     shown = cli(home, "shell", "-c", "Get-ReceiveConnector | ft Name,Bindings,RemoteIPRanges")

@@ -15,6 +15,7 @@ CMDLET_MODULES = [
     "mailgate.manage.tracking",
     "mailgate.manage.testing",
     "mailgate.manage.certificates",
+    "mailgate.manage.bestpractice",
 ]
 
 

@@ -1,0 +1,90 @@
+"""Interoperation with a real Postfix both ways over STARTTLS, and swaks against each connector."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import smtplib
+import subprocess
+
+import pytest
+import trustme
+from helpers import Server, free_port, maildir_messages, shell, synced, wait_for
+from postfix import Postfix, available
+
+pytestmark = pytest.mark.skipif(not available(), reason="Postfix (installed by `make test`) and root are needed")
+
+
+def test_postfix_relays_to_mailgate_over_mandatory_starttls(home, server, tmp_path):
+    shell(home, "New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com")
+    synced(home)
+    port = free_port("127.0.0.50")
+    pf = Postfix(tmp_path / "pf", "127.0.0.50", port, smtp_tls="encrypt",
+                 transports={"domain.com": f"smtp:[127.0.0.1]:{server.ports['frontend']}"}).start()
+    try:
+        with smtplib.SMTP("127.0.0.50", port, timeout=30) as c:
+            assert c.sendmail("alice@postfix.test", ["admin@domain.com"], b"Subject: from postfix\r\n\r\nhi\r\n") == {}
+        msg = wait_for(lambda: maildir_messages(home, "admin@domain.com"), timeout=60,
+                       message="Postfix's delivery to mailgate")[0].replace(b"\r\n\t", b" ")
+        assert b"Subject: from postfix" in msg
+        assert re.search(rb"Received: from mx\.postfix\.test \(127\.0\.0\.1\) by ex01\.domain\.com .* with ESMTPS "
+                         rb"\(version=TLSv1\.[23]", msg)
+        assert "TLS connection established to 127.0.0.1" in pf.log_text()
+    finally:
+        pf.stop()
+
+
+def test_mailgate_relays_to_postfix_with_require_tls(home, ports, tmp_path):
+    ca = trustme.CA()
+    ca.issue_cert("mx.postfix.test").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "pf.pem"))
+    port = free_port("127.0.0.51")
+    pf = Postfix(tmp_path / "pf", "127.0.0.51", port, tls_cert=(tmp_path / "pf.pem", tmp_path / "pf.pem")).start()
+    r = shell(home, f'''
+New-ReceiveConnector Relay -Bindings 127.0.0.1:{ports["frontend"]} -RemoteIPRanges 127.0.0.2 -Usage Custom `
+    -PermissionGroups AnonymousUsers -TarpitInterval 00:00:00
+Add-ADPermission Relay -User "NT AUTHORITY\\ANONYMOUS LOGON" -ExtendedRights ms-Exch-SMTP-Accept-Any-Recipient
+New-SendConnector ToPostfix -AddressSpaces postfix.test -SmartHosts 127.0.0.51 -Port {port} -RequireTLS $true
+''', runtime=None)
+    assert r.ok, r.err
+    srv = Server(home).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", ports["frontend"], source_address=("127.0.0.2", 0), timeout=30) as c:
+            assert c.sendmail("app@domain.com", ["alice@postfix.test"], b"Subject: to postfix\r\n\r\nhello\r\n") == {}
+        got = wait_for(lambda: pf.mailbox("alice"), timeout=60, message="delivery into Postfix")[0]
+        assert b"Subject: to postfix" in got and b"X-Source: SMTP:EX01\\Relay" in got
+        log = pf.log_text()
+        assert "TLS connection established from" in log and "TLSv1." in log
+    finally:
+        srv.stop()
+        pf.stop()
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is installed by `make test`")
+def test_swaks_against_each_connector(home, server):
+    r = shell(home, f'''
+New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com -Password (ConvertTo-SecureString "Adm1n!pass" -AsPlainText -Force)
+New-ReceiveConnector InternalRelay -Bindings 127.0.0.1:{server.ports["frontend"]} -RemoteIPRanges 127.0.0.0/29 `
+    -Usage Custom -PermissionGroups AnonymousUsers -RequireTLS $true -TarpitInterval 00:00:00
+''')
+    assert r.ok, r.err
+    synced(home)
+
+    def swaks(*args: str) -> str:
+        out = subprocess.run(["swaks", "--server", "127.0.0.1", "--helo", "client.example", "--from",
+                              "s@client.example", *args], capture_output=True, text=True, timeout=60)
+        return out.stdout + out.stderr
+
+    fe, cl = str(server.ports["frontend"]), str(server.ports["client"])
+    # Default Frontend (client outside 127.0.0.0/29): anonymous mail to a mailbox.
+    out = swaks("--port", fe, "--to", "admin@domain.com", "--local-interface", "127.0.0.20")
+    assert re.search(r"<-\s+250 2\.6\.0", out), out
+    # Client Frontend: STARTTLS then AUTH with the mailbox's password.
+    out = swaks("--port", cl, "--to", "x@remote.example", "--tls", "--auth", "LOGIN", "--auth-user", "admin",
+                "--auth-password", "Adm1n!pass", "--from", "admin@domain.com")
+    assert re.search(r"<~\s+235 2\.7\.0 Authentication successful", out) and re.search(r"<~\s+250 2\.6\.0", out), out
+    # InternalRelay (client inside the range): refuses mail without TLS, takes it with TLS.
+    out = swaks("--port", fe, "--to", "admin@domain.com", "--local-interface", "127.0.0.3")
+    assert re.search(r"<\*\*\s+530 5\.7\.0 Must issue a STARTTLS command first", out), out
+    out = swaks("--port", fe, "--to", "admin@domain.com", "--local-interface", "127.0.0.3", "--tls")
+    assert re.search(r"<~\s+250 2\.6\.0", out), out
+    wait_for(lambda: len(maildir_messages(home, "admin@domain.com")) == 2)
