@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from mailgate.config.model import Certificate, ReceiveConnector, SendConnector, TransportConfig, TransportServer
-from mailgate.config.values import AuthMechanism, IPRange, PermissionGroups, SmartHostAuthMechanism, TimeSpan
+from mailgate.config.values import (
+    AuthMechanism,
+    ExchangeServices,
+    IPRange,
+    PermissionGroups,
+    SmartHostAuthMechanism,
+    TimeSpan,
+)
 from mailgate.errors import UserError
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
@@ -146,6 +153,21 @@ def rule_protocol_logging(f: Facts) -> Iterator[Finding]:
 def rule_certificates(f: Facts) -> Iterator[Finding]:
     now = dt.datetime.now(dt.timezone.utc)
     seen: set[str] = set()
+    mine = [c for c in f.certificates if c.server.lower() == f.server.name.lower() and c.has_private_key]
+    for cert in mine:
+        if ExchangeServices.SMTP not in cert.services or cert.not_after is None:
+            continue
+        if cert.not_after - now >= dt.timedelta(days=30):
+            continue
+        days = (cert.not_after - now).days
+        pinned = [c for c in f.receive if c.tls_certificate_name and _pins(c.tls_certificate_name, cert)]
+        name = f.server.fqdn
+        steps = [f"Set-ReceiveConnector {_q(c.identity)} -TlsCertificateName $null" for c in pinned]
+        steps.append(f'New-ExchangeCertificate -SubjectName "CN={name}" -DomainName {name} -Services SMTP')
+        steps.append(f"Remove-ExchangeCertificate {cert.thumbprint}")
+        yield Finding("Error" if days < 0 else "Warning", f"Certificate {cert.thumbprint}", "CertificateExpiring",
+                      f"The SMTP certificate {cert.subject} expires on {cert.not_after:%Y-%m-%d} ({days} days).",
+                      "; ".join(steps))
     for c in f.receive:
         if not c.enabled or AuthMechanism.Tls not in c.auth_mechanism:
             continue
@@ -158,13 +180,6 @@ def rule_certificates(f: Facts) -> Iterator[Finding]:
                           "The connector offers TLS but no valid SMTP certificate with a private key exists for it.",
                           f'New-ExchangeCertificate -SubjectName "CN={c.fqdn}" -DomainName {c.fqdn} -Services SMTP')
             continue
-        if cert.not_after is not None and cert.not_after - now < dt.timedelta(days=30) and cert.thumbprint not in seen:
-            seen.add(cert.thumbprint)
-            days = (cert.not_after - now).days
-            yield Finding("Error" if days < 0 else "Warning", f"Certificate {cert.thumbprint}", "CertificateExpiring",
-                          f"The SMTP certificate {cert.subject} used by {c.identity} expires on "
-                          f"{cert.not_after:%Y-%m-%d} ({days} days).",
-                          f'New-ExchangeCertificate -SubjectName "CN={c.fqdn}" -DomainName {c.fqdn} -Services SMTP')
         if cert.is_self_signed and _internet_facing(c) and (cert.thumbprint, "ss") not in seen:
             seen.add(cert.thumbprint)
             yield Finding("Info", f"Certificate {cert.thumbprint}", "SelfSignedCertificate",
@@ -172,6 +187,13 @@ def rule_certificates(f: Facts) -> Iterator[Finding]:
                           f"on {c.identity}. Request a certificate from a CA and import the answer.",
                           f'New-ExchangeCertificate -GenerateRequest -SubjectName "CN={c.fqdn}" -DomainName {c.fqdn} '
                           f"-RequestFile .\\{c.fqdn}.req")
+
+
+def _pins(name: str, cert: Certificate) -> bool:
+    try:
+        return smtp_certificate([cert], cert.server, None, name) is not None
+    except ValueError:
+        return False
 
 
 def rule_overlapping_address_spaces(f: Facts) -> Iterator[Finding]:

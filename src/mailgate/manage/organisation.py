@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import socket
 from pathlib import Path
@@ -88,9 +89,12 @@ def smtp_certificate(certificates: list[Certificate], server: str, fqdn: str | N
             if _same_dn(cert.issuer, issuer) and _same_dn(cert.subject, subject):
                 return cert
         return None
-    # Exchange's preference among matching certificates: CA-issued over self-signed, then the latest expiry.
+    # Preference among matching certificates: not about to expire (30 days), CA-issued over self-signed,
+    # then the latest expiry.
+    soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=30)
     smtp = sorted((c for c in mine if ExchangeServices.SMTP in c.services),
-                  key=lambda c: (not c.is_self_signed, c.not_after or c.when_created, c.when_created), reverse=True)
+                  key=lambda c: (c.not_after is None or c.not_after > soon, not c.is_self_signed,
+                                 c.not_after or c.when_created, c.when_created), reverse=True)
     if fqdn:
         for cert in smtp:
             if any(_name_matches(d, fqdn) for d in cert.certificate_domains):
