@@ -201,26 +201,39 @@ class ConfigStore:
 
     # -- tracking -------------------------------------------------------------
     def insert_tracking(self, rows: list[dict[str, Any]]) -> None:
-        """Insert tracking events; each row's ``recipients`` is a list of addresses."""
+        """Insert tracking events (each row's ``recipients`` is a list of addresses) in one transaction.
+
+        Ids are taken up front (SQLite: above the current maximum inside the write transaction; PostgreSQL:
+        from the table's sequence), so both tables are filled with one plain executemany each: this runs for
+        every batch of events and must stay cheap."""
         if not rows:
             return
+        columns = [c.name for c in message_tracking.columns]
         with self._connect(write=True) as conn:
-            recipient_rows: list[dict[str, Any]] = []
-            if self.is_sqlite or self.engine.dialect.name == "postgresql":
-                result = conn.execute(
-                    message_tracking.insert().returning(message_tracking.c.id, sort_by_parameter_order=True),
-                    [_tracking_row(r) for r in rows],
-                )
-                ids = [row[0] for row in result.all()]
-            else:  # pragma: no cover - other dialects are not supported
-                ids = []
-                for r in rows:
-                    ids.append(conn.execute(message_tracking.insert().values(**_tracking_row(r))).inserted_primary_key[0])
+            if self.is_sqlite:
+                first = int(conn.exec_driver_sql("SELECT coalesce(max(id), 0) FROM message_tracking").scalar()) + 1
+                ids = list(range(first, first + len(rows)))
+                mark = "?"
+            else:
+                ids = [r[0] for r in conn.exec_driver_sql(
+                    "SELECT nextval(pg_get_serial_sequence('message_tracking', 'id')) "
+                    f"FROM generate_series(1, {len(rows)})")]
+                mark = "%s"
+            values = []
+            recipient_rows = []
             for tracking_id, r in zip(ids, rows):
+                row = _tracking_row(r)
+                row["id"] = tracking_id
+                if self.is_sqlite:  # the text form SQLAlchemy's DateTime uses on SQLite
+                    row["timestamp"] = row["timestamp"].strftime("%Y-%m-%d %H:%M:%S.%f")
+                values.append(tuple(row.get(c) for c in columns))
                 for address in r.get("recipients") or []:
-                    recipient_rows.append({"tracking_id": tracking_id, "address": address.lower()})
+                    recipient_rows.append((tracking_id, address.lower()))
+            conn.exec_driver_sql(f"INSERT INTO message_tracking ({', '.join(columns)}) VALUES "
+                                 f"({', '.join([mark] * len(columns))})", values)
             if recipient_rows:
-                conn.execute(message_tracking_recipient.insert(), recipient_rows)
+                conn.exec_driver_sql(f"INSERT INTO message_tracking_recipient (tracking_id, address) "
+                                     f"VALUES ({mark}, {mark})", recipient_rows)
 
     def query_tracking(self, *, start: dt.datetime | None = None, end: dt.datetime | None = None,
                        sender: str | None = None, recipients: list[str] | None = None,
@@ -293,8 +306,11 @@ def _naive_utc(value: dt.datetime) -> dt.datetime:
     return value
 
 
+_TRACKING_COLUMNS = [k for k in TRACKING_FIELDS if k in message_tracking.c]
+
+
 def _tracking_row(r: dict[str, Any]) -> dict[str, Any]:
-    row = {k: r.get(k) for k in TRACKING_FIELDS if k in message_tracking.c}
+    row = {k: r.get(k) for k in _TRACKING_COLUMNS}
     row["timestamp"] = _naive_utc(r["timestamp"])
     row["recipients"] = ";".join(r.get("recipients") or [])
     status = r.get("recipient_status")

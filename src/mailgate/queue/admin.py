@@ -117,6 +117,8 @@ class QueueAdmin:
                                   " queue=? AND status IN ('Ready','Retry'))", (q.key,)).result(timeout=30)
                     store.execute("UPDATE recipient SET queue='Submission', next_attempt=0 WHERE queue=? AND status IN"
                                   " ('Ready','Retry')", (q.key,)).result(timeout=30)
+                    for message_id in q.ready:
+                        self.manager.forget(message_id)
                     q.ready.clear()
                     q.held.clear()
                 else:
@@ -214,6 +216,7 @@ class QueueAdmin:
         store = self.manager.store
         manager = self.manager
         for q, message_id in targets:
+            manager.forget(message_id)
             if action == "suspend":
                 if q.key == POISON:
                     raise UserError("Messages in the Poison queue are already suspended.")

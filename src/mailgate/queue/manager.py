@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import logging
 import time
 import uuid
@@ -40,6 +41,7 @@ from mailgate.tracking.tracker import MessageTracker
 log = logging.getLogger("mailgate.queue")
 
 WINDOW = 500                  # ready message ids kept in memory per queue
+FRESH_LIMIT = 20_000          # just-received messages whose rows are kept for their first delivery
 MAILBOX_WORKERS = 4
 MAILBOX_BATCH = 32
 
@@ -140,6 +142,7 @@ class QueueManager:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._fresh: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
         self._stopping = False
         self._last_scan = 0.0
         self.outbound_connections = 0
@@ -298,6 +301,8 @@ class QueueManager:
                 related = [r.address for r in new.recipients if r.queue == key]
                 self.tracker.event("TRANSFER", "ROUTING", recipients=related, recipient_count=len(related),
                                    reference=str(new.id), **common)
+        if not new.in_submission:
+            self._remember(new)
         for key in keys:
             q = self.queue(key)
             q.incoming.add()
@@ -408,8 +413,41 @@ class QueueManager:
                 q.held.discard(i)
 
     # -- loading work ----------------------------------------------------------------------------
+    def _remember(self, new: NewMessage) -> None:
+        """Keep a just-committed message's rows in memory: its first delivery then needs no query."""
+        if len(self._fresh) >= FRESH_LIMIT:
+            for key in list(itertools.islice(self._fresh, FRESH_LIMIT // 10)):
+                del self._fresh[key]
+        row = {"id": new.id, "network_id": new.network_id, "message_id": new.message_id, "sender": new.sender,
+               "subject": new.subject, "size": new.size, "received_at": new.received_at, "expires_at": new.expires_at,
+               "source": new.source, "source_ip": new.source_ip, "client_hostname": new.client_hostname,
+               "connector": new.connector, "auth_as": new.auth_as, "directionality": new.directionality,
+               "envid": new.envid, "ret": new.ret, "body_type": new.body_type, "smtputf8": int(new.smtputf8),
+               "segment": new.body.segment, "offset": new.body.offset, "length": new.body.length,
+               "spool_path": new.body.spool_path, "in_submission": int(new.in_submission), "poison": 0,
+               "error_count": 0, "delay_notified": 0, "is_dsn": int(new.is_dsn), "priority": "Normal"}
+        rcpts = [{"message": new.id, "idx": i, "address": r.address, "orcpt": r.orcpt, "notify": r.notify,
+                  "queue": r.queue, "status": r.status, "suspended": 0, "next_attempt": new.received_at,
+                  "retry_count": 0, "last_error": r.last_error} for i, r in enumerate(new.recipients)]
+        self._fresh[new.id] = (row, rcpts)
+
+    def forget(self, message_id: int) -> None:
+        """Drop a message from the in-memory shortcut (an administrator changed it)."""
+        self._fresh.pop(message_id, None)
+
     def load(self, message_id: int, queue: str) -> tuple[Any, list[Any]] | None:
         """The message row and its pending, unsuspended recipients in ``queue``."""
+        fresh = self._fresh.get(message_id)
+        if fresh is not None:
+            row, rcpts = fresh
+            mine = [r for r in rcpts if r["queue"] == queue and r["status"] in (READY, RETRY)]
+            left = [r for r in rcpts if r not in mine]
+            if left:
+                self._fresh[message_id] = (row, left)
+            else:
+                del self._fresh[message_id]
+            if mine:
+                return row, mine
         db = self.store.reader()
         msg = db.execute("SELECT * FROM message WHERE id=? AND poison=0", (message_id,)).fetchone()
         if msg is None:

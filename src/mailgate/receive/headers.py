@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email.utils
 import re
+import time
 from dataclasses import dataclass, field
 
 from mailgate.receive.rights import Right
@@ -79,8 +80,16 @@ def message_id_of(block: HeaderBlock) -> str | None:
     return m.group(0) if m else value.strip()
 
 
+_date_cache: tuple[int, str] = (0, "")
+
+
 def rfc5322_date() -> str:
-    return email.utils.formatdate(localtime=True)
+    """The current date for trace headers (formatted once a second: it is on every message)."""
+    global _date_cache
+    second = int(time.time())
+    if _date_cache[0] != second:
+        _date_cache = (second, email.utils.formatdate(second, localtime=True))
+    return _date_cache[1]
 
 
 def fold(name: str, value: str) -> bytes:

@@ -7,12 +7,16 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import functools
+import ipaddress
 import ssl
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from mailgate.config.model import ReceiveConnector, TransportServer
 from mailgate.config.values import AuthMechanism, SizeMode
 from mailgate.receive import rights as R
+from mailgate.receive.selection import select_connector
 from mailgate.routing.table import RoutingTable
 from mailgate.smtp.replies import Reply
 from mailgate.smtp.server import Extensions
@@ -25,6 +29,8 @@ class ConnectorPolicy:
     ssl_context: ssl.SSLContext | None = None
     domain_secure_domains: frozenset[str] = frozenset()
     _rights_cache: dict[tuple[str, ...], R.Right] = field(default_factory=dict)
+    _extensions_cache: dict[bool, Extensions] = field(default_factory=dict)
+    _banner_cache: tuple[int, bytes] = (0, b"")
 
     @property
     def identity(self) -> str:
@@ -59,6 +65,12 @@ class ConnectorPolicy:
         return AuthMechanism.BasicAuth in am and AuthMechanism.BasicAuthRequireTLS in am and not tls
 
     def extensions(self, tls: bool) -> Extensions:
+        ext = self._extensions_cache.get(tls)
+        if ext is None:
+            ext = self._extensions_cache[tls] = self._make_extensions(tls)
+        return ext
+
+    def _make_extensions(self, tls: bool) -> Extensions:
         c = self.connector
         return Extensions(
             pipelining=c.pipelining_enabled, eightbitmime=c.eight_bit_mime_enabled,
@@ -73,8 +85,11 @@ class ConnectorPolicy:
         if self.connector.banner:
             text = self.connector.banner
             return (text if text[3:4] in (" ", "-", "") else text[:3] + " " + text[3:]).encode() + b"\r\n"
-        date = email.utils.format_datetime(dt.datetime.now().astimezone())
-        return f"220 {self.fqdn} mailgate ESMTP MAIL Service ready at {date}\r\n".encode()
+        second = int(time.time())
+        if self._banner_cache[0] != second:   # the date in the banner changes once a second
+            date = email.utils.format_datetime(dt.datetime.now().astimezone())
+            self._banner_cache = (second, f"220 {self.fqdn} mailgate ESMTP MAIL Service ready at {date}\r\n".encode())
+        return self._banner_cache[1]
 
     def ehlo_reply(self, verb: str, client_ip: str, tls: bool) -> Reply:
         greeting = f"{self.fqdn} Hello [{client_ip}]"
@@ -126,6 +141,20 @@ class ReceiveConfig:
     routing: RoutingTable
     submission_suspended: bool = False
 
+    _selection: dict[tuple[str, int, str], tuple[ReceiveConnector | None, Any]] = field(default_factory=dict)
+
     @functools.cached_property
     def fqdn(self) -> str:
         return self.server.fqdn
+
+    def select(self, local: str, port: int, remote: str) -> tuple[ReceiveConnector | None, Any]:
+        """The connector for a connection (cached per endpoint pair for this revision) and the local address."""
+        key = (local, port, remote)
+        hit = self._selection.get(key)
+        if hit is None:
+            local_ip = ipaddress.ip_address(local.split("%")[0])
+            connector = select_connector(self.connectors, local_ip, port, ipaddress.ip_address(remote.split("%")[0]))
+            if len(self._selection) > 50_000:
+                self._selection.clear()
+            hit = self._selection[key] = (connector, local_ip)
+        return hit

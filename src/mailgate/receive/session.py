@@ -23,7 +23,6 @@ from mailgate.receive import rights as R
 from mailgate.receive.headers import HeaderBlock, fold, message_id_of, rfc5322_date
 from mailgate.receive.message import IncomingMessage
 from mailgate.receive.policy import ConnectorPolicy, ReceiveConfig
-from mailgate.receive.selection import select_connector
 from mailgate.smtp import replies as RP
 from mailgate.smtp import server as S
 from mailgate.smtp.address import Address
@@ -73,14 +72,13 @@ class SmtpSession(asyncio.Protocol):
         self.config: ReceiveConfig = self.server.config
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("sockname")
-        self.remote_ip = ipaddress.ip_address(peer[0].split("%")[0])
-        self.remote = f"{peer[0]}:{peer[1]}" if self.remote_ip.version == 4 else f"[{peer[0]}]:{peer[1]}"
-        local_ip = ipaddress.ip_address(sock[0].split("%")[0])
-        self.local_ip = local_ip
-        self.local = f"{sock[0]}:{sock[1]}" if local_ip.version == 4 else f"[{sock[0]}]:{sock[1]}"
-        self.client_ip = str(self.remote_ip.ipv4_mapped or self.remote_ip) if isinstance(self.remote_ip, ipaddress.IPv6Address) \
-            else str(self.remote_ip)
-        connector = select_connector(self.config.connectors, local_ip, sock[1], self.remote_ip)
+        v6 = ":" in peer[0]
+        self.remote = f"[{peer[0]}]:{peer[1]}" if v6 else f"{peer[0]}:{peer[1]}"
+        self.local = f"[{sock[0]}]:{sock[1]}" if ":" in sock[0] else f"{sock[0]}:{sock[1]}"
+        self.client_ip = peer[0]
+        if v6 and peer[0].lower().startswith("::ffff:"):
+            self.client_ip = str(ipaddress.ip_address(peer[0].split("%")[0]).ipv4_mapped)
+        connector, self.local_ip = self.config.select(sock[0], sock[1], peer[0])
         self.server.sessions.add(self)
         if connector is None:
             transport.write(f"554 5.7.1 {self.config.fqdn} No receive connector on this server accepts connections "
@@ -678,7 +676,22 @@ class SmtpSession(asyncio.Protocol):
         with_clause = f"{proto} (version={tls[0]}, cipher={tls[1]})" if tls else proto
         recipient = f" for <{self.recipients[0][0]}>" if len(self.recipients) == 1 else ""
         lines = [fold("Received", f"from {self.helo or 'unknown'} ({self.client_ip}) by {fqdn} ({self.local_ip}) "
-                                  f"with {with_clause} id {self.internal_id}{recipient}; {rfc5322_date()}")]
+                                  f"with {with_clause} id {self.internal_id}{recipient}; {rfc5322_date()}"),
+                 self._audit_headers()]
+        lines.append(f"X-MS-Exchange-Organization-Network-Message-Id: {self.network_id}\r\n".encode())
+        if self.message_id is None:
+            self.message_id = f"<{self.network_id}@{fqdn}>"
+            lines.append(fold("Message-ID", self.message_id))
+        return b"".join(lines)
+
+    def _audit_headers(self) -> bytes:
+        """The organisation and X-Source headers: the same for every message of the session's current state."""
+        key = (self.authenticated, self.tls_info, self.partner_domain)
+        cached = getattr(self, "_audit_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        fqdn = self.policy.fqdn
+        tls = self.tls_info
         auth_as = "Internal" if (self.authenticated or self.policy.externally_secured) else "Anonymous"
         mech = _AUTH_CODES["secureexternal"] if self.policy.externally_secured else _AUTH_CODES[self.auth_mechanism]
         if self.partner_domain:
@@ -687,7 +700,6 @@ class SmtpSession(asyncio.Protocol):
             ("X-MS-Exchange-Organization-AuthSource", fqdn),
             ("X-MS-Exchange-Organization-AuthAs", auth_as),
             ("X-MS-Exchange-Organization-AuthMechanism", mech),
-            ("X-MS-Exchange-Organization-Network-Message-Id", self.network_id),
             ("X-MS-Exchange-Organization-MessageDirectionality", "Originating" if self.authenticated else "Incoming"),
             ("X-MS-Exchange-Organization-OriginalClientIPAddress", self.client_ip),
             ("X-Source", f"SMTP:{self.connector.identity}"),
@@ -703,11 +715,9 @@ class SmtpSession(asyncio.Protocol):
             org.append(("X-Source-TLS-Peer", _subject_of(self.peer_cert)))
         if self.authenticated:
             org.append(("X-Originating-IP", f"[{self.client_ip}]"))
-        lines += [fold(name, value) for name, value in org]
-        if self.message_id is None:
-            self.message_id = f"<{self.network_id}@{fqdn}>"
-            lines.append(fold("Message-ID", self.message_id))
-        return b"".join(lines)
+        block = b"".join(fold(name, value) for name, value in org)
+        self._audit_cache = (key, block)
+        return block
 
     # -- commit ------------------------------------------------------------------------------------------
     def _commit(self, msg: IncomingMessage) -> None:

@@ -67,6 +67,9 @@ class RoutingTable:
         self.connectors: list[SendConnector] = [c for c in snapshot.get("SendConnector", []) if c.enabled]
         default = next((d for d in self.domains if d.default), None)
         self.default_domain = default.domain_name.removeprefix("*.") if default else ""
+        self._route_cache: dict[str, Route | Failure] = {}
+        limits = [c.max_message_size.bytes for c in self.connectors if c.max_message_size.bytes is not None]
+        self._smallest_limit = min(limits) if limits else 1 << 62
 
     # -- resolution ------------------------------------------------------------
     def accepted_domain(self, domain: str) -> AcceptedDomain | None:
@@ -127,6 +130,21 @@ class RoutingTable:
         return out
 
     def route_domain(self, domain: str, size: int = 0) -> Route | Failure:
+        """The route for an external domain. Connector size limits make size part of the answer, so the cache
+        (one per configuration revision) is keyed by domain for messages no connector's limit can refuse."""
+        cacheable = size <= self._smallest_limit
+        if cacheable:
+            hit = self._route_cache.get(domain)
+            if hit is not None:
+                return hit
+        route = self._route_domain(domain, size)
+        if cacheable:
+            if len(self._route_cache) > 100_000:
+                self._route_cache.clear()
+            self._route_cache[domain] = route
+        return route
+
+    def _route_domain(self, domain: str, size: int) -> Route | Failure:
         matches = self.candidates(domain)
         if not matches:
             return Route(UNREACHABLE, "Unreachable", "Unreachable Domain", None, "Internal")

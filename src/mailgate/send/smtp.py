@@ -259,8 +259,9 @@ class SmtpConnection:
     async def _reply(self) -> Reply:
         while not self.pending:
             try:
-                data = await asyncio.wait_for(self.reader.read(65536), self.settings.timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.settings.timeout):
+                    data = await self.reader.read(65536)
+            except TimeoutError:
                 raise ConnectionLost("timed out waiting for the peer") from None
             if not data:
                 raise ConnectionLost("the peer closed the connection")
@@ -277,7 +278,8 @@ class SmtpConnection:
 
     def _send(self, data: bytes, *, secret: bool = False) -> None:
         if self.log:
-            self.log.write(">", "***" if secret else data.decode("utf-8", "replace").rstrip("\r\n"))
+            for line in data.decode("utf-8", "replace").split("\r\n")[:-1] or [""]:
+                self.log.write(">", "***" if secret else line)
         self.writer.write(data)
 
     # -- a transaction -----------------------------------------------------------------------------
@@ -308,10 +310,8 @@ class SmtpConnection:
         use_bdat = binary and "CHUNKING" in ext
         pipelining = "PIPELINING" in ext
         if pipelining:
-            for line in [mail, *rcpts]:
-                self._send(line)
-            if not use_bdat:
-                self._send(b"DATA\r\n")
+            # One write for the whole envelope (RFC 2920): MAIL, every RCPT and DATA.
+            self._send(b"".join([mail, *rcpts, b"" if use_bdat else b"DATA\r\n"]))
             await self.writer.drain()
             mail_reply = await self._reply()
             rcpt_replies = [await self._reply() for _ in rcpts]
@@ -344,10 +344,13 @@ class SmtpConnection:
             if self.log:
                 self.log.write("*", "", f"sending message with RecordId {msg.id}")
             stuffer = C.DotStuffer()
+            pending = b""
             for chunk in _chunks(msg.body):
-                self.writer.write(stuffer.feed(chunk))
-                await self.writer.drain()
-            self.writer.write(stuffer.finish())
+                if pending:
+                    self.writer.write(pending)
+                    await self.writer.drain()
+                pending = stuffer.feed(chunk)
+            self.writer.write(pending + stuffer.finish())   # the last piece and the terminator together
             await self.writer.drain()
             if self.settings.lmtp:
                 final = [await self._reply() for _ in accepted]

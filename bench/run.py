@@ -1,0 +1,530 @@
+"""mailgate against Postfix on this machine, with Postfix's own load tools.
+
+    .venv/bin/python bench/run.py            # the full matrix (about 20 minutes)
+    .venv/bin/python bench/run.py --quick    # a smoke run with tiny counts
+
+Servers, all on loopback in the same run, loads interleaved so machine drift hits all alike:
+  sink           smtp-sink alone: the protocol ceiling
+  postfix        Postfix accepting into its durable queue, then discarding
+  postfix-relay  Postfix relaying to an smtp-sink
+  mailgate       mailgate with its default settings (durable queue, tracking on) relaying to an smtp-sink
+
+Figures: acceptance rate (smtp-source), end-to-end relay rate (counted at the sink), accept latency
+p50/p99, CPU per 1,000 messages, peak memory, memory per idle session, 5,000 sessions held; each also
+as a ratio to Postfix in the same run. Results: bench/results/<date>.json and .md, latest.md.
+Every process is started and stopped here by PID; every load is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "src"))
+
+from postfix import Postfix  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+PY = sys.executable
+SOURCE_TIMEOUT = 300
+
+
+def port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def cpu_jiffies() -> int:
+    with open("/proc/stat") as fh:
+        parts = fh.readline().split()[1:]
+    return sum(int(x) for x in parts[:3]) + sum(int(x) for x in parts[5:8])   # user nice system irq softirq steal
+
+
+def proc_cpu(pid: int, children: bool = False) -> float:
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12]) + ((int(fields[13]) + int(fields[14])) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kb(pid: int, key: str = "VmRSS") -> int:
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = open(f"/proc/{p}/task/{p}/children").read().split()
+        except FileNotFoundError:
+            kids = []
+        for k in kids:
+            out.append(int(k))
+            todo.append(int(k))
+    return out
+
+
+class Sink:
+    """smtp-sink with its message counter read from its -c output."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.port = port(host)
+        self.host = host
+        self.count = 0
+        self.proc = subprocess.Popen(["smtp-sink", "-c", "-u", "nobody", "-4", f"{host}:{self.port}", "1024"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        threading.Thread(target=self._read, daemon=True).start()
+        wait_port(host, self.port)
+
+    def _read(self) -> None:
+        buf = b""
+        assert self.proc.stdout is not None
+        while True:
+            chunk = self.proc.stdout.read1(4096) if hasattr(self.proc.stdout, "read1") else self.proc.stdout.read(4096)
+            if not chunk:
+                return
+            buf = (buf + chunk)[-200:]
+            m = re.findall(rb"mesg=(\d+)", buf)
+            if m:
+                self.count = int(m[-1])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def wait_port(host: str, p: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, p), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {host}:{p}")
+
+
+@dataclass
+class Target:
+    name: str
+    host: str
+    port: int
+    relay_sink: Sink | None = None       # counted for end-to-end figures
+    pid: int | None = None               # the server's main process (CPU, memory)
+    cpu_children: bool = False           # Postfix: include reaped children (smtpd, cleanup...)
+    stop: Any = None
+    memory: Any = None                   # callable → current total RSS in KB
+
+    def cpu(self) -> float:
+        if self.pid is None:
+            return 0.0
+        total = proc_cpu(self.pid, children=self.cpu_children)
+        if self.cpu_children:
+            total += sum(proc_cpu(c) for c in descendants(self.pid))
+        return total
+
+
+class Mailgate:
+    def __init__(self, work: Path, sink: Sink) -> None:
+        self.home = work / "mailgate"
+        self.port = port()
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        run = lambda *a, **kw: subprocess.run([PY, "-m", "mailgate.cli", "--home", str(self.home), *a],  # noqa: E731
+                                              check=True, capture_output=True, text=True, env=env, **kw)
+        run("init", "--server", "BENCH", "--domain", "bench.test")
+        # Mailgate's defaults, plus what the bench needs: loopback ports, relay for the load generator,
+        # no per-source connection cap (smtp-source uses one address), and a route to the sink.
+        run("shell", "-c", f'''
+Set-ReceiveConnector "Default Frontend BENCH" -Bindings 127.0.0.1:{port()}
+Set-ReceiveConnector "Client Frontend BENCH" -Bindings 127.0.0.1:{port()}
+New-ReceiveConnector Load -Bindings 127.0.0.1:{self.port} -RemoteIPRanges 127.0.0.0/8 -Custom `
+    -PermissionGroups AnonymousUsers -MaxInboundConnectionPerSource unlimited -MaxInboundConnection unlimited
+Add-ADPermission Load -User "NT AUTHORITY\\ANONYMOUS LOGON" -ExtendedRights ms-Exch-SMTP-Accept-Any-Recipient
+New-SendConnector Sink -AddressSpaces sink.test -SmartHosts 127.0.0.1 -Port {sink.port}
+''')
+        self.log = open(work / "mailgate.log", "w")
+        self.proc = subprocess.Popen([PY, "-m", "mailgate.cli", "--home", str(self.home), "serve", "--admin-listen",
+                                      "off"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        wait_port("127.0.0.1", self.port)
+        self.env = env
+
+    def queue_empty(self) -> bool:
+        out = subprocess.run([PY, "-m", "mailgate.cli", "--home", str(self.home), "shell", "-c",
+                              "(Get-Queue | Measure-Object -Property MessageCount -Sum).Sum"],
+                             capture_output=True, text=True, env=self.env, timeout=60)
+        return out.stdout.strip() in ("0", "0.0")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@dataclass
+class Load:
+    messages: int
+    size: int
+    sessions: int
+    reuse: bool = False
+
+    @property
+    def label(self) -> str:
+        size = f"{self.size // 1024}K"
+        return f"{self.messages}x{size} c{self.sessions}" + (" reuse" if self.reuse else "")
+
+
+@dataclass
+class Run:
+    target: str
+    load: str
+    rep: int
+    seconds: float
+    rate: float
+    e2e_seconds: float | None = None
+    e2e_rate: float | None = None
+    server_cpu_per_1000: float | None = None
+    machine_cpu_per_1000: float | None = None
+    errors: str = ""
+
+
+def smtp_source(target: Target, load: Load, rcpt: str) -> tuple[float, str]:
+    cmd = ["timeout", str(SOURCE_TIMEOUT), "smtp-source", "-4", "-s", str(load.sessions), "-m", str(load.messages),
+           "-l", str(load.size), "-f", "bench@client.test", "-t", rcpt, "-M", "client.bench.invalid"]
+    if load.reuse:
+        cmd.append("-d")
+    cmd.append(f"{target.host}:{target.port}")
+    start = time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    elapsed = time.monotonic() - start
+    return elapsed, (out.stderr.strip()[:300] if out.returncode else "")
+
+
+def measure(target: Target, load: Load, rep: int, rcpt: str) -> Run:
+    sink = target.relay_sink
+    before_sink = sink.count if sink else 0
+    cpu0, machine0 = target.cpu(), cpu_jiffies()
+    start = time.monotonic()
+    seconds, errors = smtp_source(target, load, rcpt)
+    run = Run(target.name, load.label, rep, round(seconds, 3), round(load.messages / seconds, 1), errors=errors)
+    if sink is not None:
+        deadline = time.monotonic() + SOURCE_TIMEOUT
+        while sink.count - before_sink < load.messages and time.monotonic() < deadline:
+            time.sleep(0.02)
+        e2e = time.monotonic() - start
+        delivered = sink.count - before_sink
+        run.e2e_seconds, run.e2e_rate = round(e2e, 3), round(delivered / e2e, 1)
+        if delivered < load.messages:
+            run.errors += f" only {delivered}/{load.messages} reached the sink"
+    ticks = os.sysconf("SC_CLK_TCK")
+    run.server_cpu_per_1000 = round((target.cpu() - cpu0) / load.messages * 1000, 3) if target.pid else None
+    run.machine_cpu_per_1000 = round((cpu_jiffies() - machine0) / ticks / load.messages * 1000, 3)
+    return run
+
+
+# ---------------------------------------------------------------------------
+# Latency, memory and sessions
+
+
+async def _latency_client(host: str, p: int, messages: int, sessions: int, size: int) -> list[float]:
+    body = b"Subject: latency\r\n\r\n" + (b"x" * 76 + b"\r\n") * max(1, size // 78) + b".\r\n"
+    latencies: list[float] = []
+    counter = iter(range(messages))
+
+    async def reply(reader: asyncio.StreamReader) -> bytes:
+        while True:
+            line = await reader.readline()
+            if not line or line[3:4] == b" ":
+                return line
+
+    async def session() -> None:
+        reader, writer = await asyncio.open_connection(host, p)
+        await reply(reader)
+        writer.write(b"EHLO latency.test\r\n")
+        await reply(reader)
+        for _ in counter:
+            writer.write(b"MAIL FROM:<bench@client.test>\r\n")
+            await reply(reader)
+            writer.write(b"RCPT TO:<rcpt@sink.test>\r\n")
+            await reply(reader)
+            writer.write(b"DATA\r\n")
+            await reply(reader)
+            started = time.perf_counter()
+            writer.write(body)
+            answer = await reply(reader)
+            if answer.startswith(b"250"):
+                latencies.append(time.perf_counter() - started)
+        writer.write(b"QUIT\r\n")
+        writer.close()
+
+    await asyncio.gather(*(session() for _ in range(sessions)))
+    return latencies
+
+
+def latency(target: Target, messages: int, sessions: int, size: int) -> dict[str, float]:
+    values = sorted(asyncio.run(asyncio.wait_for(_latency_client(target.host, target.port, messages, sessions, size),
+                                                 SOURCE_TIMEOUT)))
+    if not values:
+        return {}
+    return {"p50_ms": round(values[len(values) // 2] * 1000, 2), "p99_ms": round(values[int(len(values) * 0.99)] * 1000, 2)}
+
+
+def idle_sessions(target: Target, count: int) -> dict[str, Any]:
+    """Open ``count`` sessions that wait after the greeting; memory growth per session."""
+    base = target.memory()
+    socks, greeted = [], 0
+    try:
+        for i in range(count):
+            s = socket.socket()
+            s.settimeout(10)
+            s.bind((f"127.{(i // 250) % 250 + 1}.{i % 250 + 1}.1", 0))
+            s.connect((target.host, target.port))
+            socks.append(s)
+        for s in socks:
+            try:
+                if s.recv(64).startswith(b"220"):
+                    greeted += 1
+            except OSError:
+                pass
+        time.sleep(1)
+        grown = target.memory() - base
+    finally:
+        for s in socks:
+            s.close()
+    return {"sessions": count, "greeted": greeted, "kb_per_session": round(grown / count, 1)}
+
+
+# ---------------------------------------------------------------------------
+# Profile
+
+
+def profile(pid: int, seconds: int, out: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start py-spy on the server (only the thread holding the GIL: where Python time goes)."""
+    pyspy = shutil.which("py-spy") or str(Path(PY).with_name("py-spy"))
+    raw = out.with_suffix(".txt")
+    proc = subprocess.Popen([pyspy, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "--gil", "-f", "raw",
+                             "-o", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, raw
+
+
+def summarise_profile(raw: Path, top: int = 15) -> list[tuple[str, float]]:
+    totals: dict[str, int] = {}
+    n = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        c = int(count)
+        n += c
+        seen = set()
+        for frame in stack.split(";"):
+            name = frame.split(" (")[0]
+            where = frame.rsplit("/", 1)[-1].split(":")[0] if "/" in frame else ""
+            key = f"{name} ({where})"
+            if key not in seen and ("mailgate" in frame or "asyncio" in frame or "sqlalchemy" in frame):
+                seen.add(key)
+                totals[key] = totals.get(key, 0) + c
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return [(k, round(v * 100 / max(n, 1), 1)) for k, v in ranked]
+
+
+# ---------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny counts, one repetition (a smoke run)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if os.geteuid() != 0 or not shutil.which("smtp-source") or not shutil.which("postfix"):
+        print("bench: needs root and Debian's postfix (run `make bench`, which installs it)", file=sys.stderr)
+        return 2
+    quick = args.quick
+    reps = 1 if quick else args.reps
+    n = 200 if quick else 10_000
+    loads = [Load(n, 2048, 20), Load(n, 51200, 20), Load(max(n // 5, 100), 2048, 1), Load(n, 2048, 100),
+             Load(n, 2048, 20, reuse=True)]
+    work = Path(tempfile.mkdtemp(prefix="mailgate-bench-"))
+    os.chmod(work, 0o755)
+    started = dt.datetime.now(dt.timezone.utc)
+    print(f"bench: working in {work}; {len(loads)} loads x {reps} reps", flush=True)
+    sinks = {name: Sink() for name in ("ceiling", "postfix", "mailgate")}
+    postfix_accept = Postfix(work / "pf-accept", "127.0.0.1", port(), transports={"sink.test": "discard:"},
+                             extra={"default_process_limit": "150"}).start()
+    postfix_relay = Postfix(work / "pf-relay", "127.0.0.1", port(),
+                            transports={"sink.test": f"smtp:[127.0.0.1]:{sinks['postfix'].port}"},
+                            extra={"default_process_limit": "150", "smtp_tls_security_level": "none"}).start()
+    mailgate = Mailgate(work, sinks["mailgate"])
+
+    def master_pid(pf: Postfix) -> int:
+        return int((pf.dir / "data" / "master.pid").read_text().split()[0]) if (pf.dir / "data" / "master.pid").exists() \
+            else int((pf.dir / "queue" / "pid" / "master.pid").read_text().split()[0])
+
+    def postfix_memory(pf: Postfix) -> int:
+        pid = master_pid(pf)
+        return rss_kb(pid) + sum(rss_kb(c) for c in descendants(pid))
+
+    targets = [
+        Target("sink", "127.0.0.1", sinks["ceiling"].port, pid=sinks["ceiling"].proc.pid),
+        Target("postfix", "127.0.0.1", postfix_accept.port, pid=master_pid(postfix_accept), cpu_children=True,
+               memory=lambda: postfix_memory(postfix_accept)),
+        Target("postfix-relay", "127.0.0.1", postfix_relay.port, relay_sink=sinks["postfix"],
+               pid=master_pid(postfix_relay), cpu_children=True, memory=lambda: postfix_memory(postfix_relay)),
+        Target("mailgate", "127.0.0.1", mailgate.port, relay_sink=sinks["mailgate"], pid=mailgate.proc.pid,
+               memory=lambda: rss_kb(mailgate.proc.pid)),
+    ]
+    runs: list[Run] = []
+    extra: dict[str, Any] = {}
+    try:
+        for rep in range(reps):
+            for load in loads:
+                order = targets[rep % len(targets):] + targets[:rep % len(targets)]   # rotate to cancel drift
+                for t in order:
+                    r = measure(t, load, rep, "rcpt@sink.test")
+                    runs.append(r)
+                    e2e = f" e2e {r.e2e_rate}/s" if r.e2e_rate else ""
+                    print(f"  rep {rep} {load.label:22} {t.name:13} {r.rate:8.1f}/s{e2e} {r.errors}", flush=True)
+                    time.sleep(0.5)
+        print("bench: latency, memory, sessions, profile", flush=True)
+        lat_n = 400 if quick else 4000
+        extra["latency"] = {t.name: latency(t, lat_n, 20, 2048) for t in targets}
+        extra["peak_rss_mb"] = {"mailgate": round(rss_kb(mailgate.proc.pid, "VmHWM") / 1024, 1)}
+        extra["idle_sessions"] = {
+            "mailgate": idle_sessions(targets[3], 200 if quick else 2000),
+            "postfix": idle_sessions(targets[1], 50 if quick else 100),
+        }
+        held = idle_sessions(targets[3], 500 if quick else 5000)
+        extra["held_sessions"] = {"mailgate": held}
+        raw = args.out / f"profile-{started:%Y%m%d}"
+        args.out.mkdir(parents=True, exist_ok=True)
+        spy, raw_file = profile(mailgate.proc.pid, 6 if not quick else 3, raw)
+        time.sleep(0.5)
+        smtp_source(targets[3], Load(n, 2048, 20), "rcpt@sink.test")
+        spy.wait(60)
+        if raw_file.exists():
+            extra["profile"] = summarise_profile(raw_file)
+            extra["profile_file"] = raw_file.name
+    finally:
+        mailgate.stop()
+        postfix_accept.stop()
+        postfix_relay.stop()
+        for s in sinks.values():
+            s.stop()
+    report = build_report(runs, loads, extra, started, quick)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = f"{started:%Y%m%d-%H%M}" + ("-quick" if quick else "")
+    (args.out / f"{stamp}.json").write_text(json.dumps({"runs": [r.__dict__ for r in runs], **extra,
+                                                        "machine": machine()}, indent=1))
+    (args.out / f"{stamp}.md").write_text(report)
+    if not quick:
+        (args.out / "latest.md").write_text(report)
+    print(report)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {"cpus": os.cpu_count(), "cpu": cpu, "kernel": platform.release(), "python": platform.python_version(),
+            "postfix": subprocess.run(["postconf", "-d", "mail_version"], capture_output=True, text=True).stdout.split("=")[-1].strip()}
+
+
+def median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 1) if values else None
+
+
+def build_report(runs: list[Run], loads: list[Load], extra: dict[str, Any], started: dt.datetime, quick: bool) -> str:
+    m = machine()
+    lines = [f"# mailgate vs Postfix — {started:%Y-%m-%d %H:%M} UTC" + (" (quick smoke run, not a result)" if quick else ""),
+             "", f"Machine: {m['cpus']} × {m['cpu']}, kernel {m['kernel']}, Python {m['python']}, Postfix {m['postfix']}. "
+             f"Medians of {max(r.rep for r in runs) + 1} interleaved repetitions; ratio = mailgate / Postfix in the same run.",
+             "", "## Acceptance (messages/s, smtp-source; new connection per message unless 'reuse')", "",
+             "| load | sink (ceiling) | postfix | mailgate | mailgate / postfix |", "|---|---:|---:|---:|---:|"]
+    for load in loads:
+        def med(name: str, attr: str = "rate") -> float | None:
+            return median([getattr(r, attr) for r in runs if r.target == name and r.load == load.label])
+        pf, mg = med("postfix"), med("mailgate")
+        ratio = f"{mg / pf:.2f}" if pf and mg else "—"
+        lines.append(f"| {load.label} | {med('sink')} | {pf} | {mg} | {ratio} |")
+    lines += ["", "## End-to-end relay to smtp-sink (messages/s, counted at the sink)", "",
+              "| load | postfix-relay | mailgate | mailgate / postfix |", "|---|---:|---:|---:|"]
+    for load in loads:
+        pf = median([r.e2e_rate for r in runs if r.target == "postfix-relay" and r.load == load.label])
+        mg = median([r.e2e_rate for r in runs if r.target == "mailgate" and r.load == load.label])
+        lines.append(f"| {load.label} | {pf} | {mg} | {f'{mg / pf:.2f}' if pf and mg else '—'} |")
+    lines += ["", "## CPU seconds per 1,000 messages (server processes / whole machine incl. load generator)", "",
+              "| load | postfix | postfix-relay | mailgate |", "|---|---:|---:|---:|"]
+    for load in loads:
+        cells = []
+        for name in ("postfix", "postfix-relay", "mailgate"):
+            s = median([r.server_cpu_per_1000 for r in runs if r.target == name and r.load == load.label])
+            mc = median([r.machine_cpu_per_1000 for r in runs if r.target == name and r.load == load.label])
+            cells.append(f"{s} / {mc}")
+        lines.append(f"| {load.label} | " + " | ".join(cells) + " |")
+    lat = extra.get("latency", {})
+    if lat:
+        lines += ["", "## Accept latency (end of DATA → 250), 20 sessions, 2 KB", "",
+                  "| server | p50 ms | p99 ms |", "|---|---:|---:|"]
+        for name, v in lat.items():
+            lines.append(f"| {name} | {v.get('p50_ms')} | {v.get('p99_ms')} |")
+        if lat.get("postfix") and lat.get("mailgate"):
+            lines.append(f"\np99 ratio mailgate / postfix: {lat['mailgate']['p99_ms'] / lat['postfix']['p99_ms']:.2f} "
+                         "(below 1 is better)")
+    if extra.get("idle_sessions"):
+        idle = extra["idle_sessions"]
+        lines += ["", "## Memory", "",
+                  f"- mailgate peak RSS: {extra['peak_rss_mb']['mailgate']} MB",
+                  f"- idle sessions, mailgate: {idle['mailgate']['greeted']}/{idle['mailgate']['sessions']} greeted, "
+                  f"{idle['mailgate']['kb_per_session']} KB per session",
+                  f"- idle sessions, Postfix (one smtpd process each, default process limit): "
+                  f"{idle['postfix']['greeted']}/{idle['postfix']['sessions']} greeted, "
+                  f"{idle['postfix']['kb_per_session']} KB per session",
+                  f"- sessions held at once by mailgate: {extra['held_sessions']['mailgate']['greeted']}/"
+                  f"{extra['held_sessions']['mailgate']['sessions']}"]
+    if extra.get("profile"):
+        lines += ["", f"## Where mailgate's time goes (py-spy, GIL holder, 2 KB × 20 sessions; {extra['profile_file']})",
+                  "", "| function (inclusive) | % of samples |", "|---|---:|"]
+        lines += [f"| {name} | {pct} |" for name, pct in extra["profile"]]
+    failures = [r for r in runs if r.errors]
+    if failures:
+        lines += ["", "## Errors", ""] + [f"- {r.target} {r.load} rep {r.rep}: {r.errors}" for r in failures]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
