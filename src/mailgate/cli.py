@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common], help="run the transport server until SIGTERM/SIGINT")
     serve.add_argument("--admin-listen", help="address:port of the REST API and web admin center "
                                               "(default: from mailgate.toml); 'off' disables it")
+    serve.add_argument("--workers", type=int, help="worker processes sharing the listeners (default: from "
+                                                   "mailgate.toml [server] workers, else auto)")
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
 
     shell = sub.add_parser("shell", parents=[common], help="the management shell (Exchange cmdlets)")
     group = shell.add_mutually_exclusive_group()
@@ -50,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from mailgate.server import run_server
 
-            return run_server(home, admin_listen=args.admin_listen)
+            return run_server(home, admin_listen=args.admin_listen, workers=args.workers,
+                              worker_index=args.worker_index)
         if args.command == "shell":
             return cmd_shell(home, args)
         if args.command == "doctor":

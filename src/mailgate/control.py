@@ -108,17 +108,32 @@ class RuntimeClient:
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
-class ControlServer:
-    """Serves control requests on the data directory's Unix socket."""
+async def call_socket(path: str, op: str, args: dict[str, Any], timeout: float = 300.0) -> Any:
+    """One request to a control socket from inside an event loop (used to reach worker processes)."""
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=MAX_REQUEST), timeout)
+    try:
+        writer.write(json.dumps({"op": op, "args": encode(args)}).encode() + b"\n")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+    reply = json.loads(data or b"{}")
+    if not reply.get("ok"):
+        _raise_error(reply.get("error") or {"message": "the worker closed the connection"})
+    return decode(reply.get("result"))
 
-    def __init__(self, home: Home, handler: Handler, log: Any) -> None:
-        self.home = home
+
+class ControlServer:
+    """Serves control requests on a Unix socket (the data directory's, or a worker's own)."""
+
+    def __init__(self, path: Any, handler: Handler, log: Any) -> None:
+        self.path = path
         self.handler = handler
         self.log = log
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        path = self.home.control_socket
+        path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             path.unlink()
@@ -133,7 +148,7 @@ class ControlServer:
             self._server.close()
             await self._server.wait_closed()
         try:
-            self.home.control_socket.unlink()
+            self.path.unlink()
         except FileNotFoundError:
             pass
 

@@ -31,6 +31,7 @@ class Home:
     store_url: str
     admin_listen: str
     admin_token: str
+    workers: int | str = "auto"
 
     # -- locations --------------------------------------------------------------
     @property
@@ -57,6 +58,13 @@ class Home:
     def pid_file(self) -> Path:
         return self.run_dir / "serve.pid"
 
+    def worker_queue_dir(self, index: int) -> Path:
+        """Worker 0 keeps the queue in queue/, worker n in queue/w<n> (each its own durable store)."""
+        return self.queue_dir if index == 0 else self.queue_dir / f"w{index}"
+
+    def worker_socket(self, index: int) -> Path:
+        return self.run_dir / f"control-w{index}.sock"
+
     # -- loading ----------------------------------------------------------------
     @classmethod
     def resolve_path(cls, home: str | None) -> Path:
@@ -76,7 +84,8 @@ class Home:
         try:
             return cls(path=path, server=data["server"]["name"], store_url=data["store"]["url"],
                        admin_listen=data.get("admin", {}).get("listen", DEFAULT_ADMIN_LISTEN),
-                       admin_token=data.get("admin", {}).get("token", ""))
+                       admin_token=data.get("admin", {}).get("token", ""),
+                       workers=data["server"].get("workers", "auto"))
         except KeyError as exc:
             raise UserError(f"{config} lacks the setting {exc}.") from None
 
@@ -89,7 +98,9 @@ class Home:
             d.mkdir(parents=True, exist_ok=True)
         text = (
             "# mailgate data directory settings (the organisation's configuration is in the store)\n"
-            f"[server]\nname = {_toml_str(server)}\n\n"
+            f"[server]\nname = {_toml_str(server)}\n"
+            "# worker processes sharing the listeners; \"auto\" chooses for this machine\n"
+            "workers = \"auto\"\n\n"
             f"[store]\nurl = {_toml_str(store_url)}\n\n"
             "[admin]\n# REST API and web admin center; the token authenticates API clients\n"
             f"listen = {_toml_str(admin_listen)}\ntoken = {_toml_str(home.admin_token)}\n"

@@ -43,10 +43,12 @@ CONFIG_POLL_SECONDS = 1.0
 class TransportService:
     """One running transport server."""
 
-    def __init__(self, home: Home, *, admin_listen: str | None = None, announce: Any = print) -> None:
+    def __init__(self, home: Home, *, admin_listen: str | None = None, announce: Any = print,
+                 worker: int = 0, workers: int = 1) -> None:
         self.home = home
         self.admin_listen = admin_listen if admin_listen is not None else home.admin_listen
-        self.announce = announce
+        self.announce = announce if worker == 0 else (lambda message: log.info("%s", message))
+        self.worker, self.workers = worker, workers
         self.store = ConfigStore(home.store_url)
         self.secrets = SecretBox.for_home(home.path)
         self.revision = -1
@@ -217,7 +219,7 @@ class TransportService:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         home = self.home
-        self.queue_store = QueueStore(home.queue_dir)
+        self.queue_store = QueueStore(home.worker_queue_dir(self.worker), id_base=self.worker * WORKER_ID_BASE)
         await asyncio.to_thread(self.queue_store.open)
         self.tracker = MessageTracker(self.store, home.server, home.log_dir / "MessageTracking")
         self.receive_log = ProtocolLog(home.log_dir / "ProtocolLog" / "SmtpReceive", "receive")
@@ -239,13 +241,19 @@ class TransportService:
         revision, snapshot = await asyncio.to_thread(self.store.snapshot)
         config, settings = self.build_receive_config(revision, snapshot)
         self.receive = ReceiveServer(store=self.queue_store, pipeline=self.manager, tracker=self.tracker,
-                                     protocol_log=self.receive_log, authenticate=self.authenticate, config=config)
+                                     protocol_log=self.receive_log, authenticate=self.authenticate, config=config,
+                                     reuse_port=self.workers > 1)
+        if self.workers > 1:
+            from mailgate.receive.limits import SharedCounter
+
+            self.receive.counter = SharedCounter(home.run_dir / "connections.map")
         self.receive.on_change = self.announce
         self.receive.on_event = self.metrics.on_event
-        self.control = ControlServer(home, self.handle, log)
+        socket_path = home.control_socket if self.workers == 1 else home.worker_socket(self.worker)
+        self.control = ControlServer(socket_path, self.handle, log)
         await self.control.start()
         self.admin_url = None
-        if self.admin_listen and self.admin_listen.lower() != "off":
+        if self.worker == 0 and self.admin_listen and self.admin_listen.lower() != "off":
             from mailgate.api.app import start_api
 
             self.api = await start_api(self, self.admin_listen)
@@ -253,7 +261,8 @@ class TransportService:
         await self.reload(force=True)
         self._tasks = [asyncio.ensure_future(self.manager.run()), asyncio.ensure_future(self._watch_config()),
                        asyncio.ensure_future(self._maintenance())]
-        home.pid_file.write_text(f"{os.getpid()}\n")
+        if self.workers == 1:
+            home.pid_file.write_text(f"{os.getpid()}\n")
 
     async def stop(self, grace: float = 10.0) -> None:
         self._stop.set()
@@ -271,10 +280,11 @@ class TransportService:
         self.receive_log.close()
         self.send_log.close()
         self.store.dispose()
-        try:
-            self.home.pid_file.unlink()
-        except FileNotFoundError:
-            pass
+        if self.workers == 1:
+            try:
+                self.home.pid_file.unlink()
+            except FileNotFoundError:
+                pass
 
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()
@@ -295,22 +305,51 @@ class TransportService:
 
 
 _DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+WORKER_ID_BASE = 1_000_000_000_000   # worker n numbers its messages from n × this
 
 
-def run_server(home: Home, admin_listen: str | None = None) -> int:
+def worker_count(home: Home, requested: int | None) -> int:
+    """Worker processes: --workers, else mailgate.toml's [server] workers, else "auto" (see bench/README.md)."""
+    value: Any = requested if requested is not None else home.workers
+    if value in (None, "auto"):
+        # One process per core, up to 8: on 2 cores the benchmark shows 2 workers ~1.4x one (bench/README.md).
+        return max(1, min(os.cpu_count() or 1, 8))
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f'workers must be a number or "auto", not {value!r}') from None
+    if not 1 <= count <= 64:
+        raise UserError("workers must be between 1 and 64")
+    return count
+
+
+def run_event_loop(main: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
+def run_server(home: Home, admin_listen: str | None = None, workers: int | None = None,
+               worker_index: int | None = None) -> int:
     logging.basicConfig(level=os.environ.get("MAILGATE_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
     def announce(message: str) -> None:
         print(message, file=sys.stdout, flush=True)
 
-    service = TransportService(home, admin_listen=admin_listen, announce=announce)
     try:
-        try:
-            import uvloop
-        except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
-            asyncio.run(service.run_until_signalled())
-        else:
-            uvloop.run(service.run_until_signalled())
+        count = worker_count(home, workers)
+        if worker_index is None and count > 1:
+            from mailgate.supervisor import Supervisor
+
+            run_event_loop(Supervisor(home, count, admin_listen, announce).run())
+            return 0
+        service = TransportService(home, admin_listen=admin_listen, announce=announce,
+                                   worker=worker_index or 0, workers=count)
+        run_event_loop(service.run_until_signalled())
     except UserError as exc:
         print(f"mailgate: {exc.message}", file=sys.stderr)
         return 2

@@ -36,7 +36,8 @@ def test_two_connectors_on_one_port_chosen_by_source_address(home, server):
         with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as s:
             return s.recv(200)
 
-    wait_for(lambda: banner_from("127.0.0.2").startswith(b"220 relay ready"), message="the new connector")
+    synced(home)
+    assert banner_from("127.0.0.2").startswith(b"220 relay ready")
     # Inside 127.0.0.0/29: the relay connector, which may relay.
     with smtp(port, "127.0.0.2") as c:
         c.ehlo("printer.local")
@@ -294,10 +295,15 @@ def test_swaks_plain_and_starttls(home, server):
 
 
 def _rss_kb(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
+    """RSS of the server: its process and its worker processes."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        for line in open(f"/proc/{p}/status"):
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+        todo += [int(c) for c in open(f"/proc/{p}/task/{p}/children").read().split()]
+    return total
 
 
 def test_memory_stays_bounded_for_idle_sessions_and_a_30mb_message(home, server):

@@ -23,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ConfigDict, create_model
 
 from mailgate.api.metrics import CONTENT_TYPE, Metrics
+from mailgate.control import RuntimeClient
 from mailgate.errors import UserError
 from mailgate.manage import load_cmdlets
 from mailgate.manage.cmdlets import Cmdlet, registry
@@ -63,7 +64,8 @@ def build_app(service: Any, loop: asyncio.AbstractEventLoop) -> FastAPI:
     app = FastAPI(title="mailgate", version="0.1.0",
                   description="Every management cmdlet of mailgate over HTTP. Send the admin token from "
                               "mailgate.toml as 'Authorization: Bearer <token>'.")
-    runtime = InProcessRuntime(service, loop)
+    # With several worker processes, the supervisor's control socket answers for all of them.
+    runtime: Any = InProcessRuntime(service, loop) if service.workers == 1 else RuntimeClient(service.home)
     metrics: Metrics = service.metrics
 
     def authorise(request: Request) -> None:
@@ -103,7 +105,9 @@ def build_app(service: Any, loop: asyncio.AbstractEventLoop) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(content=metrics.render(service), media_type=CONTENT_TYPE)
+        queues = await run_in_threadpool(runtime.call, "queues")
+        status = await run_in_threadpool(runtime.call, "status")
+        return Response(content=metrics.render(queues, status.get("sessions", 0)), media_type=CONTENT_TYPE)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

@@ -43,9 +43,9 @@ class Metrics:
         elif kind == "reject":
             self.rejects.labels(data.get("code") or "unknown").inc()
 
-    def render(self, service: Any) -> bytes:
+    def render(self, queues: list[Any], sessions: int) -> bytes:
         self.queue_depth.clear()
-        for record in service.admin.queues():
+        for record in queues:
             self.queue_depth.labels(record["Identity"], record["DeliveryType"]).set(record["MessageCount"])
-        self.sessions.set(len(service.receive.sessions))
+        self.sessions.set(sessions)
         return generate_latest(self.registry)

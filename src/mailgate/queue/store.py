@@ -155,8 +155,9 @@ class _Job:
 
 
 class QueueStore:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, id_base: int = 0) -> None:
         self.dir = directory
+        self.id_base = id_base            # worker processes number their messages from different bases
         self.segment_dir = directory / "segments"
         self.spool_dir = directory / "spool"
         self.db_path = directory / "queue.db"
@@ -184,7 +185,7 @@ class QueueStore:
         # Internal message ids never repeat (tracking refers to them): continue above the stored high-water mark.
         used = conn.execute("SELECT max(id) FROM message").fetchone()[0] or 0
         mark = conn.execute("SELECT value FROM counter WHERE name='message_id'").fetchone()
-        self._next_id = max(used, mark[0] if mark else 0) + 1
+        self._next_id = max(used, mark[0] if mark else 0, self.id_base) + 1
         self._id_mark = self._next_id + ID_BLOCK
         conn.execute("INSERT OR REPLACE INTO counter (name, value) VALUES ('message_id', ?)", (self._id_mark,))
         self._live = {seg: n for seg, n in conn.execute(
@@ -550,3 +551,48 @@ class StoredBody:
                 data = fh.read(limit)
         end = data.find(b"\r\n\r\n")
         return data[: end + 4] if end >= 0 else data[:limit]
+
+
+def merge_queue(source: Path, target: Path) -> int:
+    """Move every message of the queue in ``source`` into the queue in ``target`` (both stopped), then delete
+    ``source``. Used when a server runs with fewer worker processes than before."""
+    import shutil
+
+    if not (source / "queue.db").exists():
+        shutil.rmtree(source, ignore_errors=True)
+        return 0
+    src, dst = QueueStore(source), QueueStore(target)
+    src.open()
+    dst.open()
+    moved = 0
+    try:
+        db = src.reader()
+        for m in db.execute("SELECT * FROM message ORDER BY id").fetchall():
+            rcpts = db.execute("SELECT * FROM recipient WHERE message=? ORDER BY idx", (m["id"],)).fetchall()
+            body = src.body(m)
+            if body.large:
+                path, fd = dst.new_spool_file()
+                with os.fdopen(fd, "wb") as fh:
+                    for chunk in body.chunks():
+                        fh.write(chunk)
+                ref = BodyRef(None, 0, body.size, path)
+            else:
+                ref = dst.append_body([body.read()])
+            new = NewMessage(
+                id=m["id"], network_id=m["network_id"], message_id=m["message_id"], sender=m["sender"],
+                subject=m["subject"], size=m["size"], received_at=m["received_at"], expires_at=m["expires_at"],
+                recipients=[NewRecipient(r["address"], r["queue"], r["orcpt"], r["notify"], r["status"], r["last_error"])
+                            for r in rcpts],
+                body=ref, source=m["source"] or "", source_ip=m["source_ip"], client_hostname=m["client_hostname"],
+                connector=m["connector"], auth_as=m["auth_as"], directionality=m["directionality"], envid=m["envid"],
+                ret=m["ret"], body_type=m["body_type"], smtputf8=bool(m["smtputf8"]),
+                in_submission=bool(m["in_submission"]), is_dsn=bool(m["is_dsn"]))
+            dst.submit(new).result(timeout=60)
+            dst.execute("UPDATE message SET poison=?, error_count=?, delay_notified=? WHERE id=?",
+                        (m["poison"], m["error_count"], m["delay_notified"], m["id"])).result(timeout=60)
+            moved += 1
+    finally:
+        src.close()
+        dst.close()
+    shutil.rmtree(source, ignore_errors=True)
+    return moved

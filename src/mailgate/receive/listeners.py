@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from mailgate.config.values import IPBinding
+from mailgate.receive.limits import LocalCounter
 from mailgate.receive.policy import ReceiveConfig
 from mailgate.receive.session import SmtpSession
 
@@ -77,7 +78,7 @@ class ReceiveServer:
         self.config = config
         self.reuse_port = reuse_port
         self.sessions: set[SmtpSession] = set()
-        self.counts: dict[Any, int] = {}
+        self.counter: Any = LocalCounter()     # a SharedCounter when several workers share the limits
         self.refused = 0
         self.listeners: dict[Endpoint, asyncio.AbstractServer] = {}
         self.bind_errors: dict[Endpoint, BindError] = {}

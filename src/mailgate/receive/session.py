@@ -79,6 +79,7 @@ class SmtpSession(asyncio.Protocol):
         if v6 and peer[0].lower().startswith("::ffff:"):
             self.client_ip = str(ipaddress.ip_address(peer[0].split("%")[0]).ipv4_mapped)
         connector, self.local_ip = self.config.select(sock[0], sock[1], peer[0])
+        self.local_address = sock[0]
         self.server.sessions.add(self)
         if connector is None:
             transport.write(f"554 5.7.1 {self.config.fqdn} No receive connector on this server accepts connections "
@@ -93,18 +94,12 @@ class SmtpSession(asyncio.Protocol):
             if self.policy.verbose_log else None
         if self.plog:
             self.plog.write("+")
-        counts = self.server.counts
-        key, source_key = connector.guid, (connector.guid, self.client_ip)
-        total, per_source = counts.get(key, 0), counts.get(source_key, 0)
-        if connector.max_inbound_connection.exceeded_by(total + 1):
-            self._refuse(RP.CONCURRENT_CONNECTIONS)
+        key, source_key = connector.guid, f"{connector.guid}|{self.client_ip}"
+        exceeded = self.server.counter.acquire(key, source_key, connector.max_inbound_connection,
+                                               connector.max_inbound_connection_per_source)
+        if exceeded is not None:
+            self._refuse(RP.CONCURRENT_CONNECTIONS if exceeded == "total" else RP.CONCURRENT_PER_SOURCE)
             return
-        limit = connector.max_inbound_connection_per_source
-        if limit.exceeded_by(per_source + 1):
-            self._refuse(RP.CONCURRENT_PER_SOURCE)
-            return
-        counts[key] = total + 1
-        counts[source_key] = per_source + 1
         self._counted = (key, source_key)
         self.rights = self._compute_rights()
         if self.plog:
@@ -119,12 +114,7 @@ class SmtpSession(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         counted = getattr(self, "_counted", None)
         if counted:
-            for key in counted:
-                left = self.server.counts.get(key, 1) - 1
-                if left <= 0:
-                    self.server.counts.pop(key, None)
-                else:
-                    self.server.counts[key] = left
+            self.server.counter.release(*counted)
             self._counted = None
         timer = getattr(self, "_timer", None)
         if timer is not None:
@@ -675,7 +665,7 @@ class SmtpSession(asyncio.Protocol):
             proto = "ESMTPS" if tls else ("ESMTP" if self.machine.esmtp else "SMTP")
         with_clause = f"{proto} (version={tls[0]}, cipher={tls[1]})" if tls else proto
         recipient = f" for <{self.recipients[0][0]}>" if len(self.recipients) == 1 else ""
-        lines = [fold("Received", f"from {self.helo or 'unknown'} ({self.client_ip}) by {fqdn} ({self.local_ip}) "
+        lines = [fold("Received", f"from {self.helo or 'unknown'} ({self.client_ip}) by {fqdn} ({self.local_address}) "
                                   f"with {with_clause} id {self.internal_id}{recipient}; {rfc5322_date()}"),
                  self._audit_headers()]
         lines.append(f"X-MS-Exchange-Organization-Network-Message-Id: {self.network_id}\r\n".encode())
@@ -766,7 +756,7 @@ class SmtpSession(asyncio.Protocol):
         future.add_done_callback(lambda f: self.server.loop.call_soon_threadsafe(done, f))
 
     def _receive_event_fields(self, new: NewMessage) -> dict[str, Any]:
-        return dict(client_ip=self.client_ip, client_hostname=self.helo, server_ip=str(self.local_ip),
+        return dict(client_ip=self.client_ip, client_hostname=self.helo, server_ip=self.local_address,
                     server_hostname=self.policy.fqdn, connector_id=self.connector.identity,
                     source_context=f"{self.plog.session_id if self.plog else ''};{len(self.recipients)} recipients",
                     original_client_ip=self.client_ip,

@@ -548,7 +548,7 @@ def member(target: Any, name: str) -> Any:
                 flat.append(v)
         return flat
     if target is None:
-        return None
+        return 0 if key in ("count", "length") else None   # $null.Count is 0 in PowerShell
     if isinstance(target, str):
         if key == "length":
             return len(target)

@@ -14,6 +14,7 @@ import csv
 import datetime as dt
 import io
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -50,7 +51,8 @@ class CsvLogWriter:
         self.max_directory_size: int | None = 1000 * 1024 * 1024
         self._hour = ""
         self._seq = 1
-        self._fh: io.TextIOWrapper | None = None
+        self._fd = -1
+        self._path: Path | None = None
 
     def configure(self, directory: Path, *, max_file_size: int | None, max_age: float | None,
                   max_directory_size: int | None) -> None:
@@ -61,41 +63,48 @@ class CsvLogWriter:
         self.max_age = max_age if max_age else None
         self.max_directory_size = max_directory_size
 
-    def _file_for(self, now: dt.datetime) -> io.TextIOWrapper:
+    def _file_for(self, now: dt.datetime) -> int:
+        """The descriptor of the current file. Several worker processes may append to the same file: every
+        batch is one write() on an O_APPEND descriptor, and only the process that creates a file writes its
+        header lines."""
         hour = now.strftime("%Y%m%d%H")
-        if self._fh is not None and hour == self._hour and self._fh.tell() < self.max_file_size:
-            return self._fh
+        if self._fd >= 0 and hour == self._hour and os.fstat(self._fd).st_size < self.max_file_size:
+            return self._fd
         self.close()
         if hour != self._hour:
             self._hour, self._seq = hour, 1
         self.directory.mkdir(parents=True, exist_ok=True)
         while True:
             path = self.directory / f"{self.prefix}{hour}-{self._seq}.LOG"
-            if not path.exists() or path.stat().st_size < self.max_file_size:
-                break
-            self._seq += 1
-        new = not path.exists() or path.stat().st_size == 0
-        fh = open(path, "a", encoding="utf-8", newline="")
-        if new:
-            fh.write(f"#Software: mailgate\r\n#Version: {SCHEMA_VERSION}\r\n#Log-type: {self.log_type}\r\n"
-                     f"#Date: {iso(now)}\r\n#Fields: {','.join(self.fields)}\r\n")
-        self._fh = fh
-        return fh
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+                header = (f"#Software: mailgate\r\n#Version: {SCHEMA_VERSION}\r\n#Log-type: {self.log_type}\r\n"
+                          f"#Date: {iso(now)}\r\n#Fields: {','.join(self.fields)}\r\n")
+                os.write(fd, header.encode())
+            except FileExistsError:
+                if path.stat().st_size >= self.max_file_size:
+                    self._seq += 1
+                    continue
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            break
+        self._fd, self._path = fd, path
+        return fd
 
     def write_rows(self, rows: list[list[Any]], now: dt.datetime) -> None:
         if not rows:
             return
-        fh = self._file_for(now)
+        fd = self._file_for(now)
         buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\r\n")
-        writer.writerows(rows)
-        fh.write(buf.getvalue())
-        fh.flush()
+        csv.writer(buf, lineterminator="\r\n").writerows(rows)
+        data = buf.getvalue().encode("utf-8")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def prune(self, now: float | None = None) -> int:
         """Delete files older than the maximum age, then the oldest until under the size limit."""
@@ -103,7 +112,7 @@ class CsvLogWriter:
             return 0
         now = now or time.time()
         files = sorted(self.directory.glob(f"{self.prefix}*.LOG"), key=lambda p: p.stat().st_mtime)
-        current = Path(self._fh.name) if self._fh is not None else None
+        current = self._path if self._fd >= 0 else None
         removed = 0
         if self.max_age:
             for path in list(files):

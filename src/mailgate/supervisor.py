@@ -1,0 +1,188 @@
+"""Several worker processes for one server, when one core is not enough.
+
+Each worker is a complete transport service with its own durable queue
+(``queue/`` for worker 0, ``queue/w<n>`` for the others); all of them listen
+on the same endpoints with SO_REUSEPORT, so the kernel spreads connections.
+The supervisor starts them, restarts one that dies, stops them on SIGTERM,
+and answers the data directory's control socket by asking every worker and
+merging the answers, so Get-Queue and Get-Message show one server.
+
+Workers die with the supervisor (PR_SET_PDEATHSIG): killing ``mailgate serve``
+stops everything at once, as a crash would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import datetime as dt
+import logging
+import signal
+import sys
+from typing import Any
+
+from mailgate.control import ControlServer, call_socket
+from mailgate.errors import NotFoundError, UserError
+from mailgate.home import Home
+from mailgate.manage.present import Record
+from mailgate.queue.store import merge_queue
+from mailgate.receive.limits import SharedCounter
+
+log = logging.getLogger("mailgate.supervisor")
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+class Supervisor:
+    def __init__(self, home: Home, workers: int, admin_listen: str | None, announce: Any) -> None:
+        self.home = home
+        self.count = workers
+        self.admin_listen = admin_listen
+        self.announce = announce
+        self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self._stopping = False
+        self._stop = asyncio.Event()
+
+    # -- workers ---------------------------------------------------------------------
+    async def _spawn(self, index: int) -> None:
+        args = [sys.executable, "-m", "mailgate.cli", "--home", str(self.home.path), "serve", "--workers",
+                str(self.count), "--worker-index", str(index), "--admin-listen",
+                (self.admin_listen or self.home.admin_listen) if index == 0 else "off"]
+        proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=None,
+                                                    preexec_fn=_die_with_parent)
+        self.procs[index] = proc
+        asyncio.ensure_future(self._relay_output(index, proc))
+
+    async def _relay_output(self, index: int, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                break
+            text = line.decode(errors="replace").rstrip()
+            if index == 0 and "is running" in text:
+                text = text.replace("is running", f"is running with {self.count} worker processes")
+            if index == 0 or "can't" in text:
+                self.announce(text)
+        code = await proc.wait()
+        if not self._stopping:
+            self.announce(f"Worker {index} exited with {code}; restarting it.")
+            await asyncio.sleep(1)
+            if not self._stopping:
+                await self._spawn(index)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        adopted = await asyncio.to_thread(self._adopt_orphans)
+        if adopted:
+            self.announce(f"Moved {adopted} message(s) from the queues of removed workers.")
+        SharedCounter.reset(self.home.run_dir / "connections.map")   # no connection is open yet
+        control = ControlServer(self.home.control_socket, self.handle, log)
+        await control.start()
+        for index in range(self.count):
+            await self._spawn(index)
+        self.home.pid_file.write_text(f"{__import__('os').getpid()}\n")
+        await self._stop.wait()
+        self._stopping = True
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        await asyncio.gather(*(p.wait() for p in self.procs.values()))
+        await control.stop()
+        try:
+            self.home.pid_file.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _adopt_orphans(self) -> int:
+        """Queues of workers beyond the current count are merged into worker 0's before anyone starts."""
+        moved = 0
+        for path in sorted(self.home.queue_dir.glob("w*")):
+            if path.is_dir() and path.name[1:].isdigit() and int(path.name[1:]) >= self.count:
+                moved += merge_queue(path, self.home.worker_queue_dir(0))
+        return moved
+
+    # -- the merged control socket -------------------------------------------------------------
+    async def _all(self, op: str, args: dict[str, Any]) -> list[Any]:
+        results = await asyncio.gather(*(call_socket(str(self.home.worker_socket(i)), op, args)
+                                         for i in range(self.count)), return_exceptions=True)
+        return list(results)
+
+    @staticmethod
+    def _successes(results: list[Any]) -> list[Any]:
+        errors = [r for r in results if isinstance(r, BaseException)]
+        good = [r for r in results if not isinstance(r, BaseException)]
+        if not good:
+            user = [e for e in errors if isinstance(e, UserError)]
+            raise user[0] if user else UserError(f"no worker answered: {errors[0] if errors else 'no workers'}")
+        return good
+
+    async def handle(self, op: str, args: dict[str, Any]) -> Any:
+        if op == "queues":
+            return merge_queues(self._successes(await self._all(op, args)))
+        if op == "messages":
+            results = await self._all(op, args)
+            merged = [record for r in self._successes(results) for record in r]
+            return sorted(merged, key=lambda r: r["Identity"])
+        if op in ("queue_action", "message_action", "reload"):
+            results = await self._all(op, args)
+            good = [r for r in results if not isinstance(r, BaseException)]
+            if not good:
+                self._successes(results)
+            if op == "reload":
+                return any(good)
+            return sum(r for r in good if isinstance(r, int))
+        if op == "export":
+            for result in await self._all(op, args):
+                if not isinstance(result, BaseException):
+                    return result
+            raise NotFoundError(f"The message '{args.get('identity')}' couldn't be found.")
+        if op == "submit":
+            return await call_socket(str(self.home.worker_socket(0)), op, args)
+        if op == "status":
+            statuses = self._successes(await self._all(op, args))
+            first = dict(statuses[0])
+            for key in ("received", "delivered", "failed", "commits", "sessions"):
+                first[key] = sum(s.get(key, 0) for s in statuses)
+            first["revision"] = min(s["revision"] for s in statuses)
+            first["workers"] = len(statuses)
+            return first
+        raise UserError(f"Unknown runtime operation '{op}'.")
+
+
+_STATUS_ORDER = {"Suspended": 0, "Active": 1, "Retry": 2, "Ready": 3}
+
+
+def merge_queues(per_worker: list[list[Record]]) -> list[Record]:
+    """One record per queue identity: counts and rates summed, the most telling status and error."""
+    merged: dict[str, Record] = {}
+    for records in per_worker:
+        for r in records:
+            have = merged.get(r["Identity"])
+            if have is None:
+                merged[r["Identity"]] = Record(r.type_name, dict(r.items()))
+                continue
+            for key in ("MessageCount", "DeferredMessageCount", "LockedMessageCount"):
+                have.set(key, (have.get(key) or 0) + (r.get(key) or 0))
+            for key in ("IncomingRate", "OutgoingRate", "Velocity"):
+                have.set(key, round((have.get(key) or 0) + (r.get(key) or 0), 2))
+            have.set("MessageCountsPerPriority", [a + b for a, b in zip(have.get("MessageCountsPerPriority") or [],
+                                                                          r.get("MessageCountsPerPriority") or [])])
+            if _STATUS_ORDER.get(r["Status"], 9) < _STATUS_ORDER.get(have["Status"], 9):
+                have.set("Status", r["Status"])
+            have.set("RetryCount", max(have.get("RetryCount") or 0, r.get("RetryCount") or 0))
+            for key, pick in (("FirstRetryTime", min), ("NextRetryTime", min), ("LastRetryTime", max)):
+                values = [v for v in (have.get(key), r.get(key)) if isinstance(v, dt.datetime)]
+                have.set(key, pick(values) if values else None)
+            if r.get("LastError") and (not have.get("LastError") or (r.get("LastRetryTime") and have.get(
+                    "LastRetryTime") and r["LastRetryTime"] > have["LastRetryTime"])):
+                have.set("LastError", r["LastError"])
+    return sorted(merged.values(), key=lambda r: r["QueueIdentity"])
