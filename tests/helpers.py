@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mailgate.config.store import ConfigStore
+from mailgate.errors import UserError
 from mailgate.home import Home
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.organisation import initialise
@@ -152,7 +153,14 @@ def synced(home: Home, timeout: float = 10.0) -> None:
     finally:
         store.dispose()
     client = RuntimeClient(home, timeout=10)
-    wait_for(lambda: client.call("status")["revision"] >= wanted, timeout=timeout, message="the configuration reload")
+
+    def loaded() -> bool:
+        try:
+            return client.call("status")["revision"] >= wanted
+        except UserError:   # a worker process still starting
+            return False
+
+    wait_for(loaded, timeout=timeout, message="the configuration reload")
 
 
 def tracking_events(home: Home, *args: str, until: Iterable[str] = (), timeout: float = 20.0) -> list[str]:

@@ -27,7 +27,7 @@ from mailgate.home import Home
 from mailgate.manage.organisation import smtp_certificate
 from mailgate.queue.admin import QueueAdmin
 from mailgate.queue.manager import QueueManager, RuntimeSettings
-from mailgate.queue.store import BodyRef, NewMessage, QueueStore
+from mailgate.queue.store import BodyRef, NewMessage, QueueStore, merge_queue
 from mailgate.receive.listeners import ReceiveServer
 from mailgate.receive.policy import ConnectorPolicy, ReceiveConfig
 from mailgate.routing.table import SUBMISSION, RoutingTable
@@ -219,6 +219,10 @@ class TransportService:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         home = self.home
+        if self.worker == 0:
+            adopted = await asyncio.to_thread(self._adopt_orphan_queues)
+            if adopted:
+                self.announce(f"Moved {adopted} message(s) from the queues of workers that no longer run.")
         self.queue_store = QueueStore(home.worker_queue_dir(self.worker), id_base=self.worker * WORKER_ID_BASE)
         await asyncio.to_thread(self.queue_store.open)
         self.tracker = MessageTracker(self.store, home.server, home.log_dir / "MessageTracking")
@@ -263,6 +267,14 @@ class TransportService:
                        asyncio.ensure_future(self._maintenance())]
         if self.workers == 1:
             home.pid_file.write_text(f"{os.getpid()}\n")
+
+    def _adopt_orphan_queues(self) -> int:
+        """Queues of workers beyond the current count (the server now runs fewer) join worker 0's queue."""
+        moved = 0
+        for path in sorted(self.home.queue_dir.glob("w*")):
+            if path.is_dir() and path.name[1:].isdigit() and int(path.name[1:]) >= self.workers:
+                moved += merge_queue(path, self.home.worker_queue_dir(0))
+        return moved
 
     async def stop(self, grace: float = 10.0) -> None:
         self._stop.set()

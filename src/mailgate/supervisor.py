@@ -25,7 +25,6 @@ from mailgate.control import ControlServer, call_socket
 from mailgate.errors import NotFoundError, UserError
 from mailgate.home import Home
 from mailgate.manage.present import Record
-from mailgate.queue.store import merge_queue
 from mailgate.receive.limits import SharedCounter
 
 log = logging.getLogger("mailgate.supervisor")
@@ -81,9 +80,6 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        adopted = await asyncio.to_thread(self._adopt_orphans)
-        if adopted:
-            self.announce(f"Moved {adopted} message(s) from the queues of removed workers.")
         SharedCounter.reset(self.home.run_dir / "connections.map")   # no connection is open yet
         control = ControlServer(self.home.control_socket, self.handle, log)
         await control.start()
@@ -102,14 +98,6 @@ class Supervisor:
         except FileNotFoundError:
             pass
 
-    def _adopt_orphans(self) -> int:
-        """Queues of workers beyond the current count are merged into worker 0's before anyone starts."""
-        moved = 0
-        for path in sorted(self.home.queue_dir.glob("w*")):
-            if path.is_dir() and path.name[1:].isdigit() and int(path.name[1:]) >= self.count:
-                moved += merge_queue(path, self.home.worker_queue_dir(0))
-        return moved
-
     # -- the merged control socket -------------------------------------------------------------
     async def _all(self, op: str, args: dict[str, Any]) -> list[Any]:
         results = await asyncio.gather(*(call_socket(str(self.home.worker_socket(i)), op, args)
@@ -118,12 +106,14 @@ class Supervisor:
 
     @staticmethod
     def _successes(results: list[Any]) -> list[Any]:
-        errors = [r for r in results if isinstance(r, BaseException)]
-        good = [r for r in results if not isinstance(r, BaseException)]
-        if not good:
-            user = [e for e in errors if isinstance(e, UserError)]
-            raise user[0] if user else UserError(f"no worker answered: {errors[0] if errors else 'no workers'}")
-        return good
+        """Every worker's answer; a report from only some workers would mislead, so any failure is an error."""
+        for index, r in enumerate(results):
+            if isinstance(r, UserError):
+                raise r
+            if isinstance(r, BaseException):
+                raise UserError(f"Worker process {index} isn't answering ({type(r).__name__}); it may be restarting. "
+                                "Try again in a few seconds.")
+        return results
 
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
         if op == "queues":
@@ -133,10 +123,12 @@ class Supervisor:
             merged = [record for r in self._successes(results) for record in r]
             return sorted(merged, key=lambda r: r["Identity"])
         if op in ("queue_action", "message_action", "reload"):
+            # Each worker acts on what it holds; "not found" from some of them is expected.
             results = await self._all(op, args)
             good = [r for r in results if not isinstance(r, BaseException)]
             if not good:
-                self._successes(results)
+                first = next((r for r in results if isinstance(r, UserError)), None)
+                raise first or UserError("no worker process answered")
             if op == "reload":
                 return any(good)
             return sum(r for r in good if isinstance(r, int))

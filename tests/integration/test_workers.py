@@ -1,0 +1,93 @@
+"""Worker processes: one server to the administrator, restarted when one dies, queues kept when their number drops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+
+from helpers import ROOT, cli, shell, synced, wait_for
+
+
+def serve(home, workers: int) -> subprocess.Popen[str]:
+    log = open(home.path / f"serve-{workers}.log", "a")
+    proc = subprocess.Popen([sys.executable, "-m", "mailgate.cli", "--home", str(home.path), "serve", "--admin-listen",
+                             "off", "--workers", str(workers)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    wait_for(lambda: "is running" in (home.path / f"serve-{workers}.log").read_text(), timeout=30)
+    return proc
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+
+
+def workers_of(pid: int) -> list[int]:
+    return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+
+
+def send(ports, source: str, n: int = 1) -> None:
+    for i in range(n):
+        with smtplib.SMTP("127.0.0.1", ports["frontend"], source_address=(source, 0), timeout=20) as c:
+            assert c.sendmail("a@b.example", ["x@remote.example"], f"Subject: m{i}\r\n\r\nx\r\n".encode()) == {}
+
+
+def test_one_server_to_the_administrator(home, ports):
+    shell(home, f'New-ReceiveConnector Relay -Bindings 127.0.0.1:{ports["frontend"]} -RemoteIPRanges 127.0.0.0/24 '
+                '-Custom -PermissionGroups AnonymousUsers -TarpitInterval 00:00:00\n'
+                'Add-ADPermission Relay -User "NT AUTHORITY\\ANONYMOUS LOGON" -ExtendedRights '
+                'ms-Exch-SMTP-Accept-Any-Recipient', runtime=None)
+    proc = serve(home, 2)
+    try:
+        assert len(workers_of(proc.pid)) == 2
+        for i in range(2, 22):
+            send(ports, f"127.0.0.{i}")
+        queues = shell(home, "Get-Queue EX01\\Unreachable | fl MessageCount")
+        assert "MessageCount : 20" in queues.out
+        ids = shell(home, "Get-Message -ResultSize Unlimited | ForEach-Object { $_.Identity }").out.split()
+        assert len(ids) == 20 and len(set(ids)) == 20
+        assert any(int(i.rsplit("\\", 1)[1]) > 10**12 for i in ids), "both workers took connections"
+        # An action on a message reaches the worker that holds it.
+        assert shell(home, f'Remove-Message "{ids[-1]}" -WithNDR $false').ok
+        assert "MessageCount : 19" in shell(home, "Get-Queue EX01\\Unreachable | fl MessageCount").out
+        # A worker that dies is replaced; the server keeps accepting.
+        victim = workers_of(proc.pid)[1]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(workers_of(proc.pid)) == 2 and victim not in workers_of(proc.pid), timeout=30)
+        synced(home)
+        send(ports, "127.0.0.30", 4)
+        assert "MessageCount : 23" in shell(home, "Get-Queue EX01\\Unreachable | fl MessageCount").out
+    finally:
+        stop(proc)
+    # With one worker again, the other worker's queue is merged in: nothing is left behind.
+    proc = serve(home, 1)
+    try:
+        assert "MessageCount : 23" in shell(home, "Get-Queue EX01\\Unreachable | fl MessageCount").out
+        assert not (home.queue_dir / "w1").exists()
+    finally:
+        stop(proc)
+
+
+def test_connection_limits_hold_across_workers(home, ports):
+    shell(home, 'Set-ReceiveConnector "Default Frontend EX01" -MaxInboundConnectionPerSource 3', runtime=None)
+    proc = serve(home, 2)
+    import socket
+
+    try:
+        held = [socket.create_connection(("127.0.0.1", ports["frontend"]), source_address=("127.0.0.9", 0))
+                for _ in range(6)]
+        greetings = [s.recv(200) for s in held]
+        assert sum(g.startswith(b"220") for g in greetings) == 3
+        assert sum(b"421 4.3.2" in g for g in greetings) == 3
+        for s in held:
+            s.close()
+        time.sleep(0.5)
+        again = socket.create_connection(("127.0.0.1", ports["frontend"]), source_address=("127.0.0.9", 0))
+        assert again.recv(200).startswith(b"220")
+        again.close()
+    finally:
+        stop(proc)
+    assert cli(home, "shell", "-c", "Get-ReceiveConnector").returncode == 0
