@@ -170,8 +170,11 @@ class TransportService:
         admin = self.admin
         if op == "queues":
             return admin.queues()
+        if op == "queue_keys":
+            return [q.key for q in admin.resolve_queues(args["identities"])]
         if op == "queue_action":
-            return admin.queue_action(args["action"], args["identities"], bool(args.get("resubmit")))
+            return admin.queue_action(args["action"], args.get("identities", []), bool(args.get("resubmit")),
+                                      keys=args.get("keys"))
         if op == "messages":
             return admin.messages(args.get("queue"), bool(args.get("include_recipients")), int(args.get("limit", 1000)))
         if op == "message_action":

@@ -17,6 +17,8 @@ import asyncio
 import ctypes
 import datetime as dt
 import logging
+import os
+import shutil
 import signal
 import sys
 from typing import Any
@@ -47,14 +49,17 @@ class Supervisor:
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self._stopping = False
         self._stop = asyncio.Event()
+        self.metrics_dir = home.run_dir / "metrics"
 
     # -- workers ---------------------------------------------------------------------
     async def _spawn(self, index: int) -> None:
         args = [sys.executable, "-m", "mailgate.cli", "--home", str(self.home.path), "serve", "--workers",
                 str(self.count), "--worker-index", str(index), "--admin-listen",
                 (self.admin_listen or self.home.admin_listen) if index == 0 else "off"]
+        # Workers keep their metrics in files here, which the admin API's worker sums (api/metrics.py).
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
         proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=None,
-                                                    preexec_fn=_die_with_parent)
+                                                    preexec_fn=_die_with_parent, env=env)
         self.procs[index] = proc
         asyncio.ensure_future(self._relay_output(index, proc))
 
@@ -81,11 +86,13 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         SharedCounter.reset(self.home.run_dir / "connections.map")   # no connection is open yet
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)            # counters start at zero with the server
+        self.metrics_dir.mkdir(parents=True)
         control = ControlServer(self.home.control_socket, self.handle, log)
         await control.start()
         for index in range(self.count):
             await self._spawn(index)
-        self.home.pid_file.write_text(f"{__import__('os').getpid()}\n")
+        self.home.pid_file.write_text(f"{os.getpid()}\n")
         await self._stop.wait()
         self._stopping = True
         for proc in self.procs.values():
@@ -106,14 +113,21 @@ class Supervisor:
 
     @staticmethod
     def _successes(results: list[Any]) -> list[Any]:
-        """Every worker's answer; a report from only some workers would mislead, so any failure is an error."""
+        """Every worker's answer; a report from only some workers would mislead, so a silent worker is an
+        error. "Not found" from some workers is expected (a queue or message lives in one worker) and is
+        an error only when every worker says it."""
+        found = [r for r in results if not isinstance(r, BaseException)]
         for index, r in enumerate(results):
+            if isinstance(r, NotFoundError):
+                continue
             if isinstance(r, UserError):
                 raise r
             if isinstance(r, BaseException):
                 raise UserError(f"Worker process {index} isn't answering ({type(r).__name__}); it may be restarting. "
                                 "Try again in a few seconds.")
-        return results
+        if not found:
+            raise next(r for r in results if isinstance(r, NotFoundError))
+        return found
 
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
         if op == "queues":
@@ -122,6 +136,11 @@ class Supervisor:
             results = await self._all(op, args)
             merged = [record for r in self._successes(results) for record in r]
             return sorted(merged, key=lambda r: r["Identity"])
+        if op == "queue_action" and args.get("action") in ("suspend", "resume"):
+            # A suspended queue stays suspended in every worker, including those that hold none of its mail yet.
+            keys = sorted({key for found in self._successes(await self._all("queue_keys", args)) for key in found})
+            counts = self._successes(await self._all(op, {**args, "keys": keys}))
+            return max(counts)
         if op in ("queue_action", "message_action", "reload"):
             # Each worker acts on what it holds; "not found" from some of them is expected.
             results = await self._all(op, args)

@@ -89,7 +89,8 @@ def build_app(service: Any, loop: asyncio.AbstractEventLoop) -> FastAPI:
 
     @app.get("/api/status", dependencies=[Depends(authorise)])
     async def status() -> Any:
-        return to_json(service.status())
+        """The server's counters and listeners (all worker processes together)."""
+        return to_json(await run_in_threadpool(runtime.call, "status"))
 
     @app.get("/api/cmdlets", dependencies=[Depends(authorise)])
     async def cmdlets() -> list[dict[str, Any]]:

@@ -351,8 +351,8 @@ def test_receive_connector_selection(ctx: ManagementContext, args: dict[str, Any
         "Accepted": True, "MatchedRemoteIPRange": min(matched, key=lambda r: IPRange.parse(r).size),
         "PermissionGroups": chosen.permission_groups, "AuthMechanism": am, "RequireTLS": chosen.require_tls,
         "TlsOffered": AuthMechanism.Tls in am,
-        "BasicAuthOffered": "after STARTTLS" if AuthMechanism.BasicAuthRequireTLS in am else
-        ("yes" if AuthMechanism.BasicAuth in am else "no"),
+        "BasicAuthOffered": "AfterStartTls" if AuthMechanism.BasicAuthRequireTLS in am else
+        ("Yes" if AuthMechanism.BasicAuth in am else "No"),
         "AnonymousRights": R.right_names(anonymous), "AuthenticatedRights": R.right_names(authenticated),
         "AnonymousCanSubmit": R.Right.Submit in anonymous,
         "AnonymousCanRelay": R.Right.Submit in anonymous and R.Right.AcceptAnyRecipient in anonymous,

@@ -12,6 +12,7 @@ from typing import Any
 from mailgate.config.values import ByteSize
 from mailgate.errors import NotFoundError, UserError
 from mailgate.manage.present import Record
+from mailgate.manage.psvalues import to_text
 from mailgate.queue.manager import DeliveryQueue, QueueManager
 from mailgate.routing.table import POISON, SUBMISSION, UNREACHABLE
 from mailgate.send.smtp import Outcome
@@ -47,7 +48,7 @@ class QueueAdmin:
         last_error = None
         if q.last_error:
             lrt = _dt(q.last_error_time)
-            when = f"{lrt.astimezone():%m/%d/%Y %I:%M:%S %p}" if lrt else ""
+            when = to_text(lrt.astimezone()) if lrt else ""
             last_error = f"[{{LRT={when}}};{{LED={q.last_error}}};{{FQDN={q.last_error_host}}};{{IP={q.last_error_ip}}}]"
         status = q.status
         if q.key == POISON:
@@ -97,8 +98,11 @@ class QueueAdmin:
             found += [q for q in matches if q not in found]
         return found
 
-    def queue_action(self, action: str, identities: list[str], resubmit: bool = False) -> int:
-        queues = self.resolve_queues(identities)
+    def queue_action(self, action: str, identities: list[str], resubmit: bool = False,
+                     keys: list[str] | None = None) -> int:
+        """Suspend, resume or retry queues named by identity, or by queue key (from the supervisor, so that
+        a queue suspended in one worker is suspended in all, even where it holds nothing yet)."""
+        queues = [self.manager.queue(key) for key in keys] if keys is not None else self.resolve_queues(identities)
         store = self.manager.store
         for q in queues:
             if action == "suspend":

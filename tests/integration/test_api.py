@@ -1,0 +1,221 @@
+"""The REST API, Prometheus metrics and the web admin center of a running server.
+
+The admin center is driven in Debian's Chromium (headless, through chromedriver and
+Selenium) as an administrator would use it; everything it shows is checked against
+what the shell sees of the same server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+
+import httpx
+import pytest
+
+from helpers import Server, bind_ports, shell, synced, wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def admin_server(home):
+    srv = Server(home, admin=True)
+    srv.ports = bind_ports(home)
+    assert shell(home, "New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com", runtime=None).ok
+    srv.start()
+    srv.url = f"http://127.0.0.1:{srv.admin_port}"
+    yield srv
+    srv.stop()
+
+
+def call(srv: Server, cmdlet: str, token: str | None = None, **params) -> httpx.Response:
+    token = srv.home.admin_token if token is None else token
+    return httpx.post(f"{srv.url}/api/cmdlets/{cmdlet}", json=params, timeout=60,
+                      headers={"Authorization": f"Bearer {token}"})
+
+
+def send(srv: Server, to: str, subject: str) -> None:
+    with smtplib.SMTP("127.0.0.1", srv.ports["frontend"], timeout=30) as client:
+        client.sendmail("someone@example.org", [to], f"Subject: {subject}\r\n\r\nhello\r\n".encode())
+
+
+def test_every_cmdlet_is_an_authenticated_documented_endpoint(admin_server):
+    srv = admin_server
+    assert call(srv, "Get-ReceiveConnector", token="wrong").status_code == 401
+    assert httpx.post(f"{srv.url}/api/cmdlets/Get-Queue", json={}).status_code == 401
+
+    schema = httpx.get(f"{srv.url}/openapi.json", timeout=30).json()
+    for name in ("Get-ReceiveConnector", "New-SendConnector", "Get-Queue", "Test-Mailflow", "Get-MessageTrackingLog",
+                 "New-ExchangeCertificate", "Test-MailflowBestPractice"):
+        assert f"/api/cmdlets/{name}" in schema["paths"], name
+
+    names = [c["Name"] for c in call(srv, "Get-ReceiveConnector").json()["output"]]
+    assert sorted(names) == ["Client Frontend EX01", "Default Frontend EX01"]
+
+    created = call(srv, "New-AcceptedDomain", Name="Fabrikam", DomainName="fabrikam.com", DomainType="InternalRelay")
+    assert created.status_code == 200, created.text
+    assert "fabrikam.com" in shell(srv.home, "Get-AcceptedDomain | ft DomainName,DomainType").out
+
+    # Bad input: a clear error naming the parameter, and nothing changes.
+    before = shell(srv.home, "Get-ReceiveConnector | fl Name,RemoteIPRanges").out
+    bad = call(srv, "Set-ReceiveConnector", Identity="Default Frontend EX01", RemoteIPRanges=["10.0.0.0/33"])
+    assert bad.status_code == 400
+    assert bad.json()["parameter"] == "RemoteIPRanges"
+    assert shell(srv.home, "Get-ReceiveConnector | fl Name,RemoteIPRanges").out == before
+    unknown = call(srv, "Get-Mailbox", Nonsense="x")
+    assert unknown.status_code == 422
+
+    # -WhatIf through the API reports and changes nothing.
+    whatif = call(srv, "Set-ReceiveConnector", Identity="Default Frontend EX01", Enabled=False, WhatIf=True).json()
+    assert whatif["messages"] and whatif["messages"][0].startswith("What if:")
+    assert "True" in shell(srv.home, 'Get-ReceiveConnector "Default Frontend EX01" | fl Enabled').out
+
+
+def test_metrics_count_every_worker(admin_server):
+    srv = admin_server
+    for i in range(6):   # several connections, so that SO_REUSEPORT spreads them over the workers
+        send(srv, "admin@domain.com", f"metrics {i}")
+
+    def received() -> float:
+        text = httpx.get(f"{srv.url}/metrics", timeout=30).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("mailgate_messages_received_total{"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total if total >= 6 else 0
+
+    assert wait_for(received) == 6
+    text = httpx.get(f"{srv.url}/metrics", timeout=30).text
+    assert 'mailgate_queue_messages{delivery_type="Undefined",queue="EX01\\\\Submission"}' in text
+    assert "mailgate_smtp_sessions_open" in text
+    delivered = [line for line in text.splitlines() if line.startswith("mailgate_messages_delivered_total{")]
+    assert delivered and sum(float(line.rsplit(" ", 1)[1]) for line in delivered) >= 0
+
+
+# ---- the web admin center in a real browser -------------------------------------------------------
+def chromium_driver():
+    webdriver = pytest.importorskip("selenium.webdriver")
+    browser = shutil.which("chromium")
+    driver_path = shutil.which("chromedriver")
+    if not (browser and driver_path):
+        if os.environ.get("CI") == "true":
+            pytest.fail("Debian's chromium and chromium-driver are needed (make test installs them)")
+        pytest.skip("chromium/chromedriver not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+@pytest.fixture
+def browser():
+    driver = chromium_driver()
+    yield driver
+    driver.quit()
+
+
+def test_admin_center_in_a_real_browser(admin_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    srv = admin_server
+    wait = WebDriverWait(browser, 30)
+
+    def ready(view: str):
+        wait.until(lambda d: d.find_element(By.ID, "view").get_attribute("data-view") == view
+                   and d.find_element(By.ID, "view").get_attribute("data-ready") == "true")
+        return browser.find_element(By.ID, "view")
+
+    def banner() -> str:
+        element = browser.find_element(By.ID, "banner")
+        return element.text if element.is_displayed() else ""
+
+    browser.get(srv.url + "/#/receive")
+    # A wrong token is refused with a message; the right one opens the page.
+    browser.find_element(By.ID, "token").send_keys("not-the-token")
+    browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
+    wait.until(lambda d: "not accepted" in banner())
+    token = browser.find_element(By.ID, "token")
+    token.clear()
+    token.send_keys(srv.home.admin_token)
+    browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
+    view = ready("receive")
+    assert "Default Frontend EX01" in view.text and "Client Frontend EX01" in view.text
+
+    # Disable a connector from the page; the shell sees it.
+    row = view.find_element(By.CSS_SELECTOR, 'tr[data-identity="EX01\\\\Client Frontend EX01"]')
+    row.find_element(By.TAG_NAME, "button").click()
+    wait.until(lambda d: "False" in shell(srv.home, 'Get-ReceiveConnector "Client Frontend EX01" | fl Enabled').out)
+
+    # Accepted domains: add one with the form; a bad one shows the management core's error.
+    browser.get(srv.url + "/#/domains")
+    view = ready("domains")
+    view.find_element(By.NAME, "Name").send_keys("Fabrikam")
+    view.find_element(By.NAME, "DomainName").send_keys("fabrikam.com")
+    view.find_element(By.CSS_SELECTOR, "form button").click()
+    wait.until(lambda d: "fabrikam.com" in d.find_element(By.ID, "view").text)
+    assert "fabrikam.com" in shell(srv.home, "Get-AcceptedDomain | ft DomainName").out
+    view = ready("domains")
+    view.find_element(By.NAME, "Name").send_keys("Broken")
+    view.find_element(By.NAME, "DomainName").send_keys("not a domain")
+    view.find_element(By.CSS_SELECTOR, "form button").click()
+    wait.until(lambda d: "DomainName" in banner() or "domain" in banner().lower())
+    assert "Broken" not in shell(srv.home, "Get-AcceptedDomain | ft Name").out
+
+    # Mailboxes.
+    browser.get(srv.url + "/#/mailboxes")
+    view = ready("mailboxes")
+    view.find_element(By.NAME, "Name").send_keys("Bob")
+    view.find_element(By.NAME, "PrimarySmtpAddress").send_keys("bob@domain.com")
+    view.find_element(By.CSS_SELECTOR, "form button").click()
+    wait.until(lambda d: "bob@domain.com" in d.find_element(By.ID, "view").text)
+    synced(srv.home)
+
+    # Live queues with a chart: suspend mailbox delivery, send mail, watch the count rise on the page.
+    send(srv, "bob@domain.com", "warm up")   # mailbox delivery's queue exists once mail has used it
+    wait_for(lambda: shell(srv.home, 'Get-Queue "EX01\\Mailbox Database EX01"').ok)
+    assert shell(srv.home, 'Suspend-Queue "EX01\\Mailbox Database EX01"').ok
+    hostile_subject = '<img src=x onerror="document.title=\'pwned\'">'
+    send(srv, "bob@domain.com", hostile_subject)
+    send(srv, "bob@domain.com", "second")
+    browser.get(srv.url + "/#/queues")
+    ready("queues")
+    wait.until(lambda d: any("Mailbox Database EX01" in r.text and "Suspended" in r.text and " 2 " in f" {r.text} "
+                             for r in d.find_elements(By.CSS_SELECTOR, "#queue-list tr")))
+    lines = browser.find_elements(By.CSS_SELECTOR, "#queue-chart svg polyline")
+    assert any(line.get_attribute("data-queue") == "EX01\\Mailbox Database EX01" for line in lines)
+    row = browser.find_element(By.CSS_SELECTOR, 'tr[data-identity="EX01\\\\Mailbox Database EX01"]')
+    [b for b in row.find_elements(By.TAG_NAME, "button") if b.text == "Messages"][0].click()
+    wait.until(lambda d: "second" in d.find_element(By.ID, "queue-messages").text)
+    assert hostile_subject in browser.find_element(By.ID, "queue-messages").text   # shown as text, not markup
+    row = browser.find_element(By.CSS_SELECTOR, 'tr[data-identity="EX01\\\\Mailbox Database EX01"]')
+    [b for b in row.find_elements(By.TAG_NAME, "button") if b.text == "Resume"][0].click()
+    wait.until(lambda d: not shell(srv.home, 'Get-Message -Queue "EX01\\Mailbox Database EX01"').out.strip())
+
+    # Message trace.
+    browser.get(srv.url + "/#/trace")
+    view = ready("trace")
+    view.find_element(By.NAME, "Recipients").send_keys("bob@domain.com")
+    view.find_element(By.CSS_SELECTOR, "form button").click()
+    wait.until(lambda d: "DELIVER" in d.find_element(By.ID, "trace-results").text)
+    trace = browser.find_element(By.ID, "trace-results").text
+    assert "RECEIVE" in trace and hostile_subject in trace
+    assert browser.title != "pwned"
+
+    # Test mail flow.
+    browser.get(srv.url + "/#/test")
+    view = ready("test")
+    view.find_element(By.NAME, "TargetEmailAddress").send_keys("admin@domain.com")
+    view.find_element(By.CSS_SELECTOR, "form button").click()
+    wait.until(lambda d: "Success" in d.find_element(By.ID, "test-result").text)
+    assert browser.find_elements(By.CSS_SELECTOR, "#test-result td.result-Success")
+
+    # Overview counts what the server received.
+    browser.get(srv.url + "/#/overview")
+    view = ready("overview")
+    assert "Received" in view.text and "Listeners" in view.text
