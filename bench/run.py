@@ -69,6 +69,10 @@ def proc_cpu(pid: int, children: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def tree_rss_kb(pid: int, key: str = "VmRSS") -> int:
+    return rss_kb(pid, key) + sum(rss_kb(c, key) for c in descendants(pid))
+
+
 def rss_kb(pid: int, key: str = "VmRSS") -> int:
     try:
         for line in open(f"/proc/{pid}/status"):
@@ -330,12 +334,19 @@ def idle_sessions(target: Target, count: int) -> dict[str, Any]:
 
 
 def profile(pid: int, seconds: int, out: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    """Start py-spy on the server (only the thread holding the GIL: where Python time goes)."""
+    """Start py-spy on the server and its worker processes (only the thread holding the GIL: where Python
+    time goes)."""
     pyspy = shutil.which("py-spy") or str(Path(PY).with_name("py-spy"))
     raw = out.with_suffix(".txt")
-    proc = subprocess.Popen([pyspy, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "--gil", "-f", "raw",
+    proc = subprocess.Popen([pyspy, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "--gil", "--subprocesses", "-f", "raw",
                              "-o", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, raw
+
+
+# Frames on every stack (the program's entry and the event loop) say nothing about where time goes.
+_FRAMES_IN_EVERY_SAMPLE = {"<module>", "main", "run_server", "run_event_loop", "Runner.run", "run", "_run_module_as_main",
+                           "_run_code", "BaseEventLoop.run_until_complete", "BaseEventLoop.run_forever",
+                           "BaseEventLoop._run_once", "Handle._run"}
 
 
 def summarise_profile(raw: Path, top: int = 15) -> list[tuple[str, float]]:
@@ -350,7 +361,8 @@ def summarise_profile(raw: Path, top: int = 15) -> list[tuple[str, float]]:
             name = frame.split(" (")[0]
             where = frame.rsplit("/", 1)[-1].split(":")[0] if "/" in frame else ""
             key = f"{name} ({where})"
-            if key not in seen and ("mailgate" in frame or "asyncio" in frame or "sqlalchemy" in frame):
+            if key not in seen and name not in _FRAMES_IN_EVERY_SAMPLE and not name.startswith("process ") \
+                    and ("mailgate" in frame or "asyncio" in frame or "sqlalchemy" in frame):
                 seen.add(key)
                 totals[key] = totals.get(key, 0) + c
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
@@ -366,6 +378,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # stop every server by PID on the way out
     if os.geteuid() != 0 or not shutil.which("smtp-source") or not shutil.which("postfix"):
         print("bench: needs root and Debian's postfix (run `make bench`, which installs it)", file=sys.stderr)
         return 2
@@ -391,8 +404,7 @@ def main() -> int:
             else int((pf.dir / "queue" / "pid" / "master.pid").read_text().split()[0])
 
     def postfix_memory(pf: Postfix) -> int:
-        pid = master_pid(pf)
-        return rss_kb(pid) + sum(rss_kb(c) for c in descendants(pid))
+        return tree_rss_kb(master_pid(pf))
 
     targets = [
         Target("sink", "127.0.0.1", sinks["ceiling"].port, pid=sinks["ceiling"].proc.pid),
@@ -400,8 +412,9 @@ def main() -> int:
                memory=lambda: postfix_memory(postfix_accept)),
         Target("postfix-relay", "127.0.0.1", postfix_relay.port, relay_sink=sinks["postfix"],
                pid=master_pid(postfix_relay), cpu_children=True, memory=lambda: postfix_memory(postfix_relay)),
+        # mailgate runs a supervisor and worker processes: CPU and memory are the whole process tree's.
         Target("mailgate", "127.0.0.1", mailgate.port, relay_sink=sinks["mailgate"], pid=mailgate.proc.pid,
-               memory=lambda: rss_kb(mailgate.proc.pid)),
+               cpu_children=True, memory=lambda: tree_rss_kb(mailgate.proc.pid)),
     ]
     runs: list[Run] = []
     extra: dict[str, Any] = {}
@@ -418,7 +431,7 @@ def main() -> int:
         print("bench: latency, memory, sessions, profile", flush=True)
         lat_n = 400 if quick else 4000
         extra["latency"] = {t.name: latency(t, lat_n, 20, 2048) for t in targets}
-        extra["peak_rss_mb"] = {"mailgate": round(rss_kb(mailgate.proc.pid, "VmHWM") / 1024, 1)}
+        extra["peak_rss_mb"] = {"mailgate": round(tree_rss_kb(mailgate.proc.pid, "VmHWM") / 1024, 1)}
         extra["idle_sessions"] = {
             "mailgate": idle_sessions(targets[3], 200 if quick else 2000),
             "postfix": idle_sessions(targets[1], 50 if quick else 100),

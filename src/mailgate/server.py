@@ -9,6 +9,7 @@ step with the organisation's configuration, and stops them gracefully.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -312,6 +313,10 @@ class TransportService:
                           "every second and picks up configuration changes).")
         if self.admin_url:
             self.announce(f"Admin center and REST API: {self.admin_url} (token in {self.home.path / 'mailgate.toml'})")
+        # Everything loaded so far lives as long as the process: keep it out of the garbage collector's
+        # full collections, which would otherwise walk it again and again and stall sessions.
+        gc.collect()
+        gc.freeze()
         self.announce(f"mailgate {self.home.server} is running; stop it with Ctrl-C or SIGTERM.")
         await self._stop.wait()
         self.announce("Stopping: finishing sessions and deliveries in progress...")

@@ -88,3 +88,94 @@ New-ReceiveConnector InternalRelay -Bindings 127.0.0.1:{server.ports["frontend"]
     out = swaks("--port", fe, "--to", "admin@domain.com", "--local-interface", "127.0.0.3", "--tls")
     assert re.search(r"<~\s+250 2\.6\.0", out), out
     wait_for(lambda: len(maildir_messages(home, "admin@domain.com")) == 2)
+
+
+def test_domain_security_with_postfix_both_ways(home, ports, tmp_path):
+    """Mutual TLS between mailgate (domain.com) and a Postfix partner (postfix.test), each side requiring and
+    verifying the other's certificate; a side without a valid certificate is refused both ways."""
+    from peers import DnsServer
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ca.issue_cert("mx.postfix.test", "postfix.test").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "pf.pem"))
+    ca.issue_cert("ex01.domain.com", "domain.com").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "ex01.pem"))
+    dns = DnsServer()
+    dns.add("postfix.test", "MX", "10 mx.postfix.test.")
+    dns.add("mx.postfix.test", "A", "127.0.0.52")
+    pf_port, partner_port = free_port("127.0.0.52"), free_port("127.0.0.42")
+    pem = str(tmp_path / "pf.pem")
+    postfix_tls = {
+        # as a server: TLS required, and a client certificate signed by the partners' CA
+        "smtpd_tls_cert_file": pem, "smtpd_tls_key_file": pem, "smtpd_tls_security_level": "encrypt",
+        "smtpd_tls_ask_ccert": "yes", "smtpd_tls_req_ccert": "yes", "smtpd_tls_CAfile": str(tmp_path / "ca.pem"),
+        # as a client: TLS required, presenting its certificate
+        "smtp_tls_cert_file": pem, "smtp_tls_key_file": pem, "smtp_tls_CAfile": str(tmp_path / "ca.pem")}
+    r = shell(home, f'''
+$c = Import-ExchangeCertificate -FileName "{tmp_path / "ex01.pem"}"
+Enable-ExchangeCertificate -Thumbprint $c.Thumbprint -Services SMTP -Force
+Import-ExchangeCertificate -FileName "{tmp_path / "ca.pem"}"
+New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com
+New-ReceiveConnector Relay -Bindings 127.0.0.1:{ports["frontend"]} -RemoteIPRanges 127.0.0.2 -Usage Custom `
+    -PermissionGroups AnonymousUsers -TarpitInterval 00:00:00
+Add-ADPermission Relay -User "NT AUTHORITY\\ANONYMOUS LOGON" -ExtendedRights ms-Exch-SMTP-Accept-Any-Recipient
+New-ReceiveConnector FromPartners -Partner -Bindings 127.0.0.42:{partner_port} -RemoteIPRanges 127.0.0.0/8 `
+    -DomainSecureEnabled $true -TarpitInterval 00:00:00
+New-SendConnector ToPartner -AddressSpaces postfix.test -Partner -Port {pf_port}
+Set-TransportService EX01 -InternalDNSServers {dns.address} -TransientFailureRetryInterval 00:00:01 -MessageRetryInterval 00:00:01
+Set-TransportConfig -TLSSendDomainSecureList postfix.test -TLSReceiveDomainSecureList postfix.test
+''', runtime=None)
+    assert r.ok, r.err
+    partner = Postfix(tmp_path / "pf", "127.0.0.52", pf_port, smtp_tls="encrypt", extra=postfix_tls,
+                      transports={"domain.com": f"smtp:[127.0.0.42]:{partner_port}"}).start()
+    no_cert = Postfix(tmp_path / "nocert", "127.0.0.53", free_port("127.0.0.53"), smtp_tls="encrypt",
+                      transports={"domain.com": f"smtp:[127.0.0.42]:{partner_port}"}).start()
+    srv = Server(home).start()
+    try:
+        # mailgate → Postfix: Postfix accepts only because mailgate presented a certificate it trusts.
+        with smtplib.SMTP("127.0.0.1", ports["frontend"], source_address=("127.0.0.2", 0), timeout=30) as c:
+            assert c.sendmail("app@domain.com", ["alice@postfix.test"], b"Subject: secure out\r\n\r\nx\r\n") == {}
+        got = wait_for(lambda: partner.mailbox("alice"), timeout=60, message="delivery into Postfix")[0]
+        assert b"Subject: secure out" in got
+        assert re.search(r"Trusted TLS connection established from \S+\[127\.0\.0\.1\]", partner.log_text())
+
+        # Postfix → mailgate: accepted as the partner postfix.test (mail submitted to Postfix with its sendmail).
+        subprocess.run(["sendmail", "-C", str(partner.config), "-f", "alice@postfix.test", "admin@domain.com"],
+                       input=b"Subject: secure in\r\n\r\nfrom the partner\r\n", check=True, timeout=30)
+        msg = wait_for(lambda: maildir_messages(home, "admin@domain.com"), timeout=60,
+                       message="the partner's delivery to mailgate")[0].replace(b"\r\n\t", b" ")
+        assert b"Subject: secure in" in msg
+        assert b"X-MS-Exchange-Organization-AuthAs: Partner" in msg
+        assert b"X-MS-Exchange-Organization-AuthDomain: postfix.test" in msg
+
+        # A Postfix without a client certificate is refused by the partner connector, and keeps its mail.
+        subprocess.run(["sendmail", "-C", str(no_cert.config), "-f", "mallory@postfix.test", "admin@domain.com"],
+                       input=b"Subject: spoofed\r\n\r\nx\r\n", check=True, timeout=30)
+        wait_for(lambda: "4.7.5" in no_cert.log_text(), timeout=60, message="the refusal in Postfix's log")
+        assert "Certificate validation failure" in no_cert.log_text()
+        assert not no_cert.queue_empty()
+
+        # mailgate presenting a certificate Postfix doesn't trust is refused: the queue retries, nothing arrives.
+        r = shell(home, 'New-ExchangeCertificate -SubjectName "CN=ex01.domain.com" -DomainName domain.com -Services SMTP\n'
+                        '$c = Get-ExchangeCertificate | Where-Object { $_.Subject -eq "CN=ex01.domain.com" }\n'
+                        'Set-SendConnector ToPartner -TlsCertificateName "<I>$($c.Issuer)<S>$($c.Subject)"')
+        assert r.ok, r.err
+        synced(home)
+        with smtplib.SMTP("127.0.0.1", ports["frontend"], source_address=("127.0.0.2", 0), timeout=30) as c:
+            assert c.sendmail("app@domain.com", ["alice@postfix.test"], b"Subject: untrusted\r\n\r\nx\r\n") == {}
+
+        def retrying() -> str:
+            for block in shell(home, "Get-Queue | fl Identity,Status,LastError").out.split("\n\n"):
+                if "postfix.test" in block and "Retry" in block:
+                    return block
+            return ""
+
+        assert wait_for(retrying, timeout=60)
+        assert len(partner.mailbox("alice")) == 1
+        assert len(maildir_messages(home, "admin@domain.com")) == 1
+    finally:
+        srv.stop()
+        partner.stop()
+        no_cert.stop()
+        dns.close()

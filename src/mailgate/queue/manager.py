@@ -98,12 +98,14 @@ class DeliveryQueue:
     outgoing: RateCounter = field(default_factory=RateCounter)
     last_used: float = field(default_factory=time.monotonic)
     tls_domain: str | None = None
+    idle: int = 0                                        # workers holding an open connection, waiting for mail
+    _offered: asyncio.Event | None = field(default=None, repr=False)
 
     @property
     def status(self) -> str:
         if self.suspended:
             return "Suspended"
-        if self.active:
+        if self.active > self.idle:
             return "Active"
         if self.next_retry is not None and self.next_retry > time.time():
             return "Retry"
@@ -117,7 +119,23 @@ class DeliveryQueue:
             return False
         self.ready.append(message_id)
         self.held.add(message_id)
+        if self._offered is not None:
+            self._offered.set()
         return True
+
+    async def wait_for_mail(self, seconds: float) -> bool:
+        """Wait (holding a delivery connection open) until mail is offered to this queue; False on timeout."""
+        if self._offered is None:
+            self._offered = asyncio.Event()
+        self._offered.clear()
+        self.idle += 1
+        try:
+            await asyncio.wait_for(self._offered.wait(), seconds)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self.idle -= 1
 
 
 @dataclass
@@ -332,6 +350,9 @@ class QueueManager:
     async def stop(self, grace: float = 10.0) -> None:
         self._stopping = True
         self._wake.set()
+        for q in self.queues.values():
+            if q._offered is not None:
+                q._offered.set()   # idle delivery connections close now
         if self._tasks:
             done, pending = await asyncio.wait(self._tasks, timeout=grace)
             for task in pending:

@@ -20,6 +20,7 @@ spool files are garbage and are removed at start-up.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import queue as stdqueue
 import sqlite3
@@ -29,8 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+log = logging.getLogger("mailgate.queue")
+
 SEGMENT_BYTES = 64 * 1024 * 1024
 SPILL_BYTES = 1024 * 1024
+CHECKPOINT_SECONDS = 0.5
 ID_BLOCK = 10_000
 
 SCHEMA = """
@@ -173,6 +177,8 @@ class QueueStore:
         self._next_id = 1
         self._read_local = threading.local()
         self._synchronous_full = True
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoint_stop = threading.Event()
         self.commits = 0
         self.committed_messages = 0
 
@@ -204,12 +210,19 @@ class QueueStore:
         self._open_new_segment()
         self._writer = threading.Thread(target=self._write_loop, name="queue-writer", daemon=True)
         self._writer.start()
+        self._checkpoint_stop.clear()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="queue-checkpoint", daemon=True)
+        self._checkpointer.start()
 
     def close(self) -> None:
         if self._writer is not None:
             self._jobs.put(None)
             self._writer.join(timeout=30)
             self._writer = None
+        if self._checkpointer is not None:
+            self._checkpoint_stop.set()
+            self._checkpointer.join(timeout=30)
+            self._checkpointer = None
         with self._lock:
             if self._segment_fd >= 0:
                 os.close(self._segment_fd)
@@ -330,8 +343,23 @@ class QueueStore:
         self._jobs.put(_Job("remove", ids, fut))
         return fut
 
+    def _checkpoint_loop(self) -> None:
+        """Copy the WAL into the database off the writer thread: a checkpoint syncs the database file, and
+        done by the writer (SQLite's automatic checkpoint) it would hold every waiting 250 for that long."""
+        conn = self._connect()
+        try:
+            while not self._checkpoint_stop.wait(CHECKPOINT_SECONDS):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    log.exception("queue checkpoint failed")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+
     def _write_loop(self) -> None:
         conn = self._connect()
+        conn.execute("PRAGMA wal_autocheckpoint=0")   # the checkpoint thread does it
         while True:
             job = self._jobs.get()
             if job is None:

@@ -28,6 +28,7 @@ from mailgate.smtp.client import ProtocolViolation
 
 log = logging.getLogger("mailgate.send")
 
+CONNECTION_CACHE_SECONDS = 2.0   # an idle delivery connection waits this long for more mail (Postfix: 2 s)
 MAILBOX_REJECTED = "550 5.1.1 RESOLVER.ADR.ExRecipNotFound; not found"
 
 
@@ -128,6 +129,7 @@ class Delivery:
             else:
                 manager.connection_failed(q, failure.reply)
             return
+        config = manager.settings
         settings = self.session_settings(manager, connector, q.next_hop, lmtp=lmtp)
         if lmtp:
             settings.port = int(q.next_hop.rpartition(":")[2] or 24)
@@ -135,13 +137,19 @@ class Delivery:
         max_per_connection = connector.smtp_max_messages_per_connection if connector else 20
         conn: SmtpConnection | None = None
         try:
-            while not manager._stopping:
+            while not manager._stopping and not q.suspended:
                 ids = manager.take(q, 1)
                 if not ids:
                     manager._refill(q, time.time())
                     ids = manager.take(q, 1)
-                    if not ids:
-                        return
+                if not ids:
+                    # Keep the connection for mail that follows soon, as Postfix's connection cache does:
+                    # a steady trickle then costs one connection, not one per message.
+                    # A configuration change (certificates, TLS, credentials) needs a new connection.
+                    if conn is not None and not manager._stopping and await q.wait_for_mail(CONNECTION_CACHE_SECONDS) \
+                            and manager.settings is config:
+                        continue
+                    return
                 message_id = ids[0]
                 recorded: set[int] = set()
                 try:

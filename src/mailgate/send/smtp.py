@@ -145,6 +145,7 @@ class SmtpConnection:
         self.peer_certificate: dict[str, Any] | None = None
         self.log = log
         self.messages_sent = 0
+        self._in_transaction = False   # MAIL was accepted and the transaction didn't end: RSET before the next
         self.banner = ""
 
     # -- opening -----------------------------------------------------------------------
@@ -284,6 +285,10 @@ class SmtpConnection:
 
     # -- a transaction -----------------------------------------------------------------------------
     async def send(self, msg: OutboundMessage) -> list[Outcome]:
+        if self._in_transaction:   # the previous message ended early (no recipient, DATA refused, BDAT failed)
+            if not await self.reset():
+                raise ConnectionLost("the peer refused RSET after an unfinished transaction")
+            self._in_transaction = False
         ext = self.extensions
         size_limit = ext.get("SIZE", "")
         if size_limit.isdigit() and int(size_limit) and msg.size > int(size_limit):
@@ -328,12 +333,14 @@ class SmtpConnection:
             if data_reply is not None and data_reply.code == 354:
                 await self._abort_data()
             return self._all(msg, mail_reply)
+        self._in_transaction = True
         accepted = [r for r, reply in zip(msg.recipients, rcpt_replies) if reply.code in (250, 251)]
         outcomes = [Outcome(r.idx, _kind(reply), str(reply)) for r, reply in zip(msg.recipients, rcpt_replies)
                     if reply.code not in (250, 251)]
         if not accepted:
             if data_reply is not None and data_reply.code == 354:
                 await self._abort_data()
+                self._in_transaction = False
             return outcomes
         if use_bdat:
             final = [await self._send_bdat(msg)]
@@ -357,6 +364,7 @@ class SmtpConnection:
             else:
                 final = [await self._reply()]
         self.messages_sent += 1
+        self._in_transaction = use_bdat and final[0].code != 250   # a refused BDAT chunk leaves it open
         for i, r in enumerate(accepted):
             reply = final[i] if self.settings.lmtp else final[0]
             kind = "delivered" if reply.code == 250 else _kind(reply)
