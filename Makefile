@@ -33,7 +33,7 @@ deps:
 
 run: venv
 	@test -f $(DATA)/mailgate.toml || $(BIN)/mailgate --home $(DATA) init --server $(SERVER) --domain $(DOMAIN)
-	exec $(BIN)/mailgate --home $(DATA) serve
+	@exec $(BIN)/mailgate --home $(DATA) serve
 
 test: venv deps
 	$(BIN)/python -m pytest -n 2 -q

@@ -369,9 +369,18 @@ def start_sleep(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     return []
 
 
+@cmdlet("Clear-Host", [], synopsis="Clear the terminal.", builtin=True)
+def clear_host(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Clear the screen of an interactive terminal; elsewhere do nothing."""
+    if sys.stdout.isatty():
+        sys.stdout.write("\x1b[H\x1b[2J\x1b[3J")
+        sys.stdout.flush()
+    return []
+
+
 for _alias, _name in [("ft", "Format-Table"), ("fl", "Format-List"), ("select", "Select-Object"),
                       ("where", "Where-Object"), ("?", "Where-Object"), ("sort", "Sort-Object"),
                       ("measure", "Measure-Object"), ("%", "ForEach-Object"), ("foreach", "ForEach-Object"),
                       ("gcm", "Get-Command"), ("help", "Get-Help"), ("echo", "Write-Output"),
-                      ("sleep", "Start-Sleep")]:
+                      ("sleep", "Start-Sleep"), ("cls", "Clear-Host"), ("clear", "Clear-Host")]:
     registry.alias(_alias, _name)
