@@ -377,7 +377,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny counts, one repetition (a smoke run)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--report", type=Path, metavar="RUN.json", help="only rewrite RUN.md (and latest.md) from RUN.json")
     args = parser.parse_args()
+    if args.report:
+        report = rebuild_report(args.report)
+        args.report.with_suffix(".md").write_text(report)
+        if "-quick" not in args.report.stem:
+            (args.report.parent / "latest.md").write_text(report)
+        print(report)
+        return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # stop every server by PID on the way out
     if os.geteuid() != 0 or not shutil.which("smtp-source") or not shutil.which("postfix"):
         print("bench: needs root and Debian's postfix (run `make bench`, which installs it)", file=sys.stderr)
@@ -438,7 +446,7 @@ def main() -> int:
         }
         held = idle_sessions(targets[3], 500 if quick else 5000)
         extra["held_sessions"] = {"mailgate": held}
-        raw = args.out / f"profile-{started:%Y%m%d}"
+        raw = args.out / f"profile-{started:%Y%m%d-%H%M}"
         args.out.mkdir(parents=True, exist_ok=True)
         spy, raw_file = profile(mailgate.proc.pid, 6 if not quick else 3, raw)
         time.sleep(0.5)
@@ -453,7 +461,7 @@ def main() -> int:
         postfix_relay.stop()
         for s in sinks.values():
             s.stop()
-    report = build_report(runs, loads, extra, started, quick)
+    report = build_report(runs, [load.label for load in loads], extra, started, quick)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = f"{started:%Y%m%d-%H%M}" + ("-quick" if quick else "")
     (args.out / f"{stamp}.json").write_text(json.dumps({"runs": [r.__dict__ for r in runs], **extra,
@@ -481,54 +489,76 @@ def median(values: list[float]) -> float | None:
     return round(statistics.median(values), 1) if values else None
 
 
-def build_report(runs: list[Run], loads: list[Load], extra: dict[str, Any], started: dt.datetime, quick: bool) -> str:
-    m = machine()
+def build_report(runs: list[Run], labels: list[str], extra: dict[str, Any], started: dt.datetime, quick: bool,
+                 m: dict[str, Any] | None = None) -> str:
+    m = m or machine()
+
+    def med(name: str, label: str, attr: str = "rate") -> float | None:
+        return median([getattr(r, attr) for r in runs if r.target == name and r.load == label])
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}" if a and b else "—"
+
     lines = [f"# mailgate vs Postfix — {started:%Y-%m-%d %H:%M} UTC" + (" (quick smoke run, not a result)" if quick else ""),
              "", f"Machine: {m['cpus']} × {m['cpu']}, kernel {m['kernel']}, Python {m['python']}, Postfix {m['postfix']}. "
              f"Medians of {max(r.rep for r in runs) + 1} interleaved repetitions; ratio = mailgate / Postfix in the same run.",
              "", "## Acceptance (messages/s, smtp-source; new connection per message unless 'reuse')", "",
              "| load | sink (ceiling) | postfix | mailgate | mailgate / postfix |", "|---|---:|---:|---:|---:|"]
-    for load in loads:
-        def med(name: str, attr: str = "rate") -> float | None:
-            return median([getattr(r, attr) for r in runs if r.target == name and r.load == load.label])
-        pf, mg = med("postfix"), med("mailgate")
-        ratio = f"{mg / pf:.2f}" if pf and mg else "—"
-        lines.append(f"| {load.label} | {med('sink')} | {pf} | {mg} | {ratio} |")
+    for label in labels:
+        pf, mg = med("postfix", label), med("mailgate", label)
+        lines.append(f"| {label} | {med('sink', label)} | {pf} | {mg} | {ratio(mg, pf)} |")
     lines += ["", "## End-to-end relay to smtp-sink (messages/s, counted at the sink)", "",
               "| load | postfix-relay | mailgate | mailgate / postfix |", "|---|---:|---:|---:|"]
-    for load in loads:
-        pf = median([r.e2e_rate for r in runs if r.target == "postfix-relay" and r.load == load.label])
-        mg = median([r.e2e_rate for r in runs if r.target == "mailgate" and r.load == load.label])
-        lines.append(f"| {load.label} | {pf} | {mg} | {f'{mg / pf:.2f}' if pf and mg else '—'} |")
+    for label in labels:
+        pf, mg = med("postfix-relay", label, "e2e_rate"), med("mailgate", label, "e2e_rate")
+        lines.append(f"| {label} | {pf} | {mg} | {ratio(mg, pf)} |")
     lines += ["", "## CPU seconds per 1,000 messages (server processes / whole machine incl. load generator)", "",
-              "| load | postfix | postfix-relay | mailgate |", "|---|---:|---:|---:|"]
-    for load in loads:
+              "mailgate relays every message, so its fair peer is postfix-relay.", "",
+              "| load | postfix | postfix-relay | mailgate | mailgate / postfix-relay (server) |", "|---|---:|---:|---:|---:|"]
+    for label in labels:
         cells = []
         for name in ("postfix", "postfix-relay", "mailgate"):
-            s = median([r.server_cpu_per_1000 for r in runs if r.target == name and r.load == load.label])
-            mc = median([r.machine_cpu_per_1000 for r in runs if r.target == name and r.load == load.label])
-            cells.append(f"{s} / {mc}")
-        lines.append(f"| {load.label} | " + " | ".join(cells) + " |")
+            cells.append(f"{med(name, label, 'server_cpu_per_1000')} / {med(name, label, 'machine_cpu_per_1000')}")
+        cpu_ratio = ratio(med("mailgate", label, "server_cpu_per_1000"), med("postfix-relay", label, "server_cpu_per_1000"))
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {cpu_ratio} |")
     lat = extra.get("latency", {})
     if lat:
+        pf = lat.get("postfix") or {}
         lines += ["", "## Accept latency (end of DATA → 250), 20 sessions, 2 KB", "",
-                  "| server | p50 ms | p99 ms |", "|---|---:|---:|"]
+                  "| server | p50 ms | p99 ms | p50 / postfix | p99 / postfix |", "|---|---:|---:|---:|---:|"]
         for name, v in lat.items():
-            lines.append(f"| {name} | {v.get('p50_ms')} | {v.get('p99_ms')} |")
-        if lat.get("postfix") and lat.get("mailgate"):
-            lines.append(f"\np99 ratio mailgate / postfix: {lat['mailgate']['p99_ms'] / lat['postfix']['p99_ms']:.2f} "
-                         "(below 1 is better)")
-    if extra.get("idle_sessions"):
-        idle = extra["idle_sessions"]
+            lines.append(f"| {name} | {v.get('p50_ms')} | {v.get('p99_ms')} | {ratio(v.get('p50_ms'), pf.get('p50_ms'))} "
+                         f"| {ratio(v.get('p99_ms'), pf.get('p99_ms'))} |")
+    idle = extra.get("idle_sessions")
+    if idle:
+        mg_kb, pf_kb = idle["mailgate"]["kb_per_session"], idle["postfix"]["kb_per_session"]
         lines += ["", "## Memory", "",
-                  f"- mailgate peak RSS: {extra['peak_rss_mb']['mailgate']} MB",
+                  f"- mailgate peak RSS (supervisor and workers): {extra['peak_rss_mb']['mailgate']} MB",
                   f"- idle sessions, mailgate: {idle['mailgate']['greeted']}/{idle['mailgate']['sessions']} greeted, "
-                  f"{idle['mailgate']['kb_per_session']} KB per session",
+                  f"{mg_kb} KB per session",
                   f"- idle sessions, Postfix (one smtpd process each, default process limit): "
-                  f"{idle['postfix']['greeted']}/{idle['postfix']['sessions']} greeted, "
-                  f"{idle['postfix']['kb_per_session']} KB per session",
+                  f"{idle['postfix']['greeted']}/{idle['postfix']['sessions']} greeted, {pf_kb} KB per session "
+                  f"(mailgate / postfix: {ratio(mg_kb, pf_kb)})",
                   f"- sessions held at once by mailgate: {extra['held_sessions']['mailgate']['greeted']}/"
                   f"{extra['held_sessions']['mailgate']['sessions']}"]
+    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for label, want in ((labels[0], 3.0), (labels[1], 3.0)):
+        got = med("mailgate", label), med("postfix", label)
+        r = got[0] / got[1] if all(got) else 0.0
+        lines.append(f"| acceptance ≥ 3× Postfix, {label} | {r:.2f}× | {'yes' if r >= want else f'no ({r / want:.0%} of it)'} |")
+    got = med("mailgate", labels[0], "e2e_rate"), med("postfix-relay", labels[0], "e2e_rate")
+    r = got[0] / got[1] if all(got) else 0.0
+    lines.append(f"| end-to-end relay ≥ 2× Postfix, {labels[0]} | {r:.2f}× | {'yes' if r >= 2 else f'no ({r / 2:.0%} of it)'} |")
+    if lat.get("postfix") and lat.get("mailgate"):
+        r = lat["mailgate"]["p99_ms"] / lat["postfix"]["p99_ms"]
+        lines.append(f"| p99 accept latency ≤ Postfix's | {lat['mailgate']['p99_ms']} ms vs {lat['postfix']['p99_ms']} ms "
+                     f"| {'yes' if r <= 1 else f'no ({r:.2f}× Postfix)'} |")
+    if idle:
+        kb = idle["mailgate"]["kb_per_session"]
+        held = extra["held_sessions"]["mailgate"]
+        lines.append(f"| ≤ 64 KB per idle session | {kb} KB | {'yes' if kb <= 64 else 'no'} |")
+        lines.append(f"| 5,000 sessions held on 2 cores | {held['greeted']}/{held['sessions']} | "
+                     f"{'yes' if held['greeted'] >= 5000 else 'no'} |")
     if extra.get("profile"):
         lines += ["", f"## Where mailgate's time goes (py-spy, GIL holder, 2 KB × 20 sessions; {extra['profile_file']})",
                   "", "| function (inclusive) | % of samples |", "|---|---:|"]
@@ -537,6 +567,16 @@ def build_report(runs: list[Run], loads: list[Load], extra: dict[str, Any], star
     if failures:
         lines += ["", "## Errors", ""] + [f"- {r.target} {r.load} rep {r.rep}: {r.errors}" for r in failures]
     return "\n".join(lines) + "\n"
+
+
+def rebuild_report(path: Path) -> str:
+    """The Markdown table again from a run's JSON (after a change to the report's layout)."""
+    data = json.loads(path.read_text())
+    runs = [Run(**r) for r in data["runs"]]
+    labels = list(dict.fromkeys(r.load for r in runs))
+    started = dt.datetime.strptime(path.stem.split("-quick")[0], "%Y%m%d-%H%M").replace(tzinfo=dt.timezone.utc)
+    extra = {k: v for k, v in data.items() if k not in ("runs", "machine")}
+    return build_report(runs, labels, extra, started, "-quick" in path.stem, data.get("machine"))
 
 
 if __name__ == "__main__":
