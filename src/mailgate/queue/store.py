@@ -35,6 +35,7 @@ log = logging.getLogger("mailgate.queue")
 SEGMENT_BYTES = 64 * 1024 * 1024
 SPILL_BYTES = 1024 * 1024
 CHECKPOINT_SECONDS = 0.5
+WAL_RESTART_FRAMES = 8192     # pages (32 MB at SQLite's 4 KB pages)
 ID_BLOCK = 10_000
 
 SCHEMA = """
@@ -350,7 +351,11 @@ class QueueStore:
         try:
             while not self._checkpoint_stop.wait(CHECKPOINT_SECONDS):
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    _busy, wal_frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if wal_frames > WAL_RESTART_FRAMES:
+                        # Under steady load the WAL may never be caught up at the moment a commit starts, so
+                        # it is never rewound: wait for the writer once and rewind it, to bound its size.
+                        conn.execute("PRAGMA wal_checkpoint(RESTART)")
                 except sqlite3.Error:
                     log.exception("queue checkpoint failed")
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -360,6 +365,7 @@ class QueueStore:
     def _write_loop(self) -> None:
         conn = self._connect()
         conn.execute("PRAGMA wal_autocheckpoint=0")   # the checkpoint thread does it
+        conn.execute(f"PRAGMA journal_size_limit={WAL_RESTART_FRAMES * 4096}")
         while True:
             job = self._jobs.get()
             if job is None:
