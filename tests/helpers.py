@@ -95,6 +95,7 @@ class Server:
             if "is running" in self.output()[offset:]:
                 return self
             time.sleep(0.05)
+        self.kill()   # its workers die with it (PR_SET_PDEATHSIG)
         raise RuntimeError(f"mailgate serve did not start:\n{self.output()}")
 
     def output(self) -> str:

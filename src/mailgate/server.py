@@ -48,7 +48,7 @@ class TransportService:
                  worker: int = 0, workers: int = 1) -> None:
         self.home = home
         self.admin_listen = admin_listen if admin_listen is not None else home.admin_listen
-        self.announce = announce if worker == 0 else (lambda message: log.info("%s", message))
+        self.announce = announce   # with several workers the supervisor chooses which lines reach the terminal
         self.worker, self.workers = worker, workers
         self.store = ConfigStore(home.store_url)
         self.secrets = SecretBox.for_home(home.path)

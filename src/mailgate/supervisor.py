@@ -50,6 +50,8 @@ class Supervisor:
         self._stopping = False
         self._stop = asyncio.Event()
         self.metrics_dir = home.run_dir / "metrics"
+        self._running: set[int] = set()   # workers that have said they are running
+        self._announced = False
 
     # -- workers ---------------------------------------------------------------------
     async def _spawn(self, index: int) -> None:
@@ -70,8 +72,14 @@ class Supervisor:
             if not line:
                 break
             text = line.decode(errors="replace").rstrip()
-            if index == 0 and "is running" in text:
-                text = text.replace("is running", f"is running with {self.count} worker processes")
+            if "is running" in text:
+                # The server is running when every worker is: only then do management answers cover them all.
+                self._running.add(index)
+                if len(self._running) == self.count and not self._announced:
+                    self._announced = True
+                    self.announce(f"mailgate {self.home.server} is running with {self.count} worker processes; "
+                                  "stop it with Ctrl-C or SIGTERM.")
+                continue
             if index == 0 or "can't" in text:
                 self.announce(text)
         code = await proc.wait()
