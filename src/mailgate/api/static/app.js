@@ -105,6 +105,23 @@ function button(label, action, plain = true) {
 }
 
 // ---- views -----------------------------------------------------------------------------------
+// A list of objects with a form for New-<noun> and a Remove button calling Remove-<noun>.
+function objectView({ title, noun, label, fields, columns }) {
+  return async view => {
+    const rows = await cmdlet("Get-" + noun);
+    view.append(el("h2", {}, title),
+      form(fields, "New " + label, async values => {
+        await cmdlet("New-" + noun, values);
+        await route();
+      }),
+      table(rows, columns, row => button("Remove", async () => {
+        if (!confirm("Remove " + label + " " + row.Name + "?")) return;
+        await cmdlet("Remove-" + noun, { Identity: row.Name });
+        await route();
+      })));
+  };
+}
+
 const views = {
   async overview(view) {
     const status = await api("/api/status");
@@ -139,38 +156,18 @@ const views = {
             })));
   },
 
-  async domains(view) {
-    const rows = await cmdlet("Get-AcceptedDomain");
-    view.append(el("h2", {}, "Accepted domains"),
-      form([{ name: "Name" }, { name: "DomainName", placeholder: "contoso.com" },
-            { name: "DomainType", options: ["Authoritative", "InternalRelay", "ExternalRelay"] }],
-           "New accepted domain", async values => {
-             await cmdlet("New-AcceptedDomain", values);
-             await route();
-           }),
-      table(rows, ["Name", "DomainName", "DomainType", "Default"],
-            row => button("Remove", async () => {
-              if (!confirm("Remove accepted domain " + row.Name + "?")) return;
-              await cmdlet("Remove-AcceptedDomain", { Identity: row.Name });
-              await route();
-            })));
-  },
+  domains: objectView({
+    title: "Accepted domains", noun: "AcceptedDomain", label: "accepted domain",
+    fields: [{ name: "Name" }, { name: "DomainName", placeholder: "contoso.com" },
+             { name: "DomainType", options: ["Authoritative", "InternalRelay", "ExternalRelay"] }],
+    columns: ["Name", "DomainName", "DomainType", "Default"],
+  }),
 
-  async mailboxes(view) {
-    const rows = await cmdlet("Get-Mailbox");
-    view.append(el("h2", {}, "Mailboxes"),
-      form([{ name: "Name" }, { name: "PrimarySmtpAddress", placeholder: "user@contoso.com" }],
-           "New mailbox", async values => {
-             await cmdlet("New-Mailbox", values);
-             await route();
-           }),
-      table(rows, ["Name", "Alias", "PrimarySmtpAddress", "EmailAddresses"],
-            row => button("Remove", async () => {
-              if (!confirm("Remove mailbox " + row.Name + "?")) return;
-              await cmdlet("Remove-Mailbox", { Identity: row.Name });
-              await route();
-            })));
-  },
+  mailboxes: objectView({
+    title: "Mailboxes", noun: "Mailbox", label: "mailbox",
+    fields: [{ name: "Name" }, { name: "PrimarySmtpAddress", placeholder: "user@contoso.com" }],
+    columns: ["Name", "Alias", "PrimarySmtpAddress", "EmailAddresses"],
+  }),
 
   async queues(view) {
     const heading = el("h2", {}, "Queues");
