@@ -35,7 +35,7 @@ log = logging.getLogger("mailgate.queue")
 SEGMENT_BYTES = 64 * 1024 * 1024
 SPILL_BYTES = 1024 * 1024
 CHECKPOINT_SECONDS = 0.5
-WAL_RESTART_FRAMES = 8192     # pages (32 MB at SQLite's 4 KB pages)
+WAL_LIMIT_BYTES = 32 * 1024 * 1024
 ID_BLOCK = 10_000
 
 SCHEMA = """
@@ -351,11 +351,7 @@ class QueueStore:
         try:
             while not self._checkpoint_stop.wait(CHECKPOINT_SECONDS):
                 try:
-                    _busy, wal_frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    if wal_frames > WAL_RESTART_FRAMES:
-                        # Under steady load the WAL may never be caught up at the moment a commit starts, so
-                        # it is never rewound: wait for the writer once and rewind it, to bound its size.
-                        conn.execute("PRAGMA wal_checkpoint(RESTART)")
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error:
                     log.exception("queue checkpoint failed")
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -365,7 +361,8 @@ class QueueStore:
     def _write_loop(self) -> None:
         conn = self._connect()
         conn.execute("PRAGMA wal_autocheckpoint=0")   # the checkpoint thread does it
-        conn.execute(f"PRAGMA journal_size_limit={WAL_RESTART_FRAMES * 4096}")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
+        wal_path = f"{self.db_path}-wal"
         while True:
             job = self._jobs.get()
             if job is None:
@@ -382,6 +379,11 @@ class QueueStore:
                     break
                 batch.append(more)
             self._commit(conn, batch)
+            if self.commits % 64 == 0 and os.path.getsize(wal_path) > WAL_LIMIT_BYTES:
+                # Under steady load the checkpoint thread never finds the WAL caught up just before a commit,
+                # so it never rewinds. Checkpointing the little it hasn't copied here, between two commits,
+                # lets the next commit rewind it and bounds its size.
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             if stop:
                 break
         conn.close()
