@@ -264,8 +264,11 @@ class TransportService:
         if self.worker == 0 and self.admin_listen and self.admin_listen.lower() != "off":
             from mailgate.api.app import start_api
 
-            self.api = await start_api(self, self.admin_listen)
-            self.admin_url = f"http://{self.admin_listen}/"
+            try:
+                self.api = await start_api(self, self.admin_listen)
+                self.admin_url = f"http://{self.admin_listen}/"
+            except UserError as exc:   # mail keeps flowing; the shell still manages the server
+                self.announce(f"{exc.message} Mail flow is not affected.")
         await self.reload(force=True)
         self._tasks = [asyncio.ensure_future(self.manager.run()), asyncio.ensure_future(self._watch_config()),
                        asyncio.ensure_future(self._maintenance())]

@@ -219,3 +219,27 @@ def test_admin_center_in_a_real_browser(admin_server, browser):
     browser.get(srv.url + "/#/overview")
     view = ready("overview")
     assert "Received" in view.text and "Listeners" in view.text
+
+
+def test_a_busy_admin_port_is_a_clear_error_and_mail_still_flows(home):
+    import socket
+
+    ports = bind_ports(home)
+    assert shell(home, "New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com", runtime=None).ok
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        srv = Server(home, admin=True)
+        srv.admin_port = taken.getsockname()[1]
+        srv.ports = ports
+        srv.start()
+        try:
+            out = srv.output()
+            assert f"The admin API can't listen on 127.0.0.1:{srv.admin_port}: Address already in use" in out
+            assert "--admin-listen off" in out and "Traceback" not in out and "exited with" not in out
+            send(srv, "admin@domain.com", "still flowing")
+            assert "DELIVER" in wait_for(lambda: [e for e in shell(home, 'Get-MessageTrackingLog -MessageSubject '
+                                                                         '"still flowing" | ft EventId').out.split()
+                                                  if e == "DELIVER"])
+        finally:
+            srv.stop()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import inspect
+import socket
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -156,21 +157,39 @@ class ApiServer:
             self.task.cancel()
 
 
-async def start_api(service: Any, listen: str) -> ApiServer:
+def _admin_socket(listen: str) -> socket.socket:
+    """The API's listening socket, bound here so that a busy or bad address is a clear error (uvicorn would
+    exit the process)."""
     host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    hint = "Change [admin] listen in mailgate.toml, or pass --admin-listen HOST:PORT or --admin-listen off."
+    try:
+        port_number = int(port)
+    except ValueError:
+        raise UserError(f"The admin API can't listen on '{listen}': it isn't HOST:PORT. {hint}") from None
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port_number))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"The admin API can't listen on {listen}: {exc.strerror or exc}. {hint}") from None
+    return sock
+
+
+async def start_api(service: Any, listen: str) -> ApiServer:
+    sock = _admin_socket(listen)
     app = build_app(service, asyncio.get_running_loop())
-    config = uvicorn.Config(app, host=host.strip("[]") or "127.0.0.1", port=int(port), log_level="warning",
-                            lifespan="off", access_log=False)
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
     server = _QuietServer(config)
-    task = asyncio.ensure_future(server.serve())
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
     for _ in range(100):
         if server.started or task.done():
             break
         await asyncio.sleep(0.05)
-    if task.done() and task.exception() is not None:
-        raise UserError(f"The admin API can't listen on {listen}: {task.exception()}. Change [admin] listen in "
-                        "mailgate.toml or pass --admin-listen.")
     if not server.started:
-        raise UserError(f"The admin API can't listen on {listen}; change [admin] listen in mailgate.toml or pass "
-                        "--admin-listen off.")
+        task.cancel()
+        sock.close()
+        raise UserError(f"The admin API didn't start on {listen}.")
     return ApiServer(server, task)
