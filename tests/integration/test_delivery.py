@@ -269,3 +269,25 @@ def test_no_connector_means_unreachable_until_one_is_created(home, org, dns_serv
         assert wait_for(lambda: peer.received, timeout=30)[0].rcpt_tos == ["a@elsewhere.example"]
     finally:
         peer.stop()
+
+
+def test_a_reused_connection_is_reset_after_a_message_whose_recipients_were_all_refused(home, org, dns_server,
+                                                                                        peer_port):
+    """The second message goes over the first one's connection (connection reuse): after a transaction
+    without an accepted recipient, the client must RSET, or the peer sees a nested MAIL and refuses it."""
+    dns_server.add("remote.example", "MX", "10 mx1.remote.example.")
+    dns_server.add("mx1.remote.example", "A", "127.0.0.20")
+    peer = SmtpPeer("127.0.0.20", peer_port)
+    peer.rcpt_reply = lambda address: "550 5.1.1 User unknown" if address.startswith("gone@") else None
+    try:
+        # One client session, so that both messages are in the same worker's queue.
+        with smtplib.SMTP("127.0.0.1", org.ports["frontend"], source_address=(RELAY_SOURCE, 0), timeout=30) as c:
+            c.ehlo("app.local")
+            assert c.sendmail("sender@domain.com", ["gone@remote.example"], b"Subject: refused\r\n\r\nx\r\n") == {}
+            assert c.sendmail("sender@domain.com", ["here@remote.example"], b"Subject: second\r\n\r\nx\r\n") == {}
+        got = wait_for(lambda: peer.received, timeout=30, message="the second message")
+        assert got[0].rcpt_tos == ["here@remote.example"]
+        ndr = wait_for(lambda: ndrs(home))
+        assert len(ndr) == 1 and ndr[0]["Subject"] == "Undeliverable: refused"
+    finally:
+        peer.stop()
