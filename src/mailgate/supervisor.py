@@ -149,16 +149,15 @@ class Supervisor:
             keys = sorted({key for found in self._successes(await self._all("queue_keys", args)) for key in found})
             counts = self._successes(await self._all(op, {**args, "keys": keys}))
             return max(counts)
-        if op in ("queue_action", "message_action", "reload"):
-            # Each worker acts on what it holds; "not found" from some of them is expected.
-            results = await self._all(op, args)
-            good = [r for r in results if not isinstance(r, BaseException)]
+        if op in ("queue_action", "message_action"):
+            # Each worker acts on what it holds.
+            return sum(r for r in self._successes(await self._all(op, args)) if isinstance(r, int))
+        if op == "reload":
+            # A worker that is restarting loads the configuration as it starts, so it may be silent here.
+            good = [r for r in await self._all(op, args) if not isinstance(r, BaseException)]
             if not good:
-                first = next((r for r in results if isinstance(r, UserError)), None)
-                raise first or UserError("no worker process answered")
-            if op == "reload":
-                return any(good)
-            return sum(r for r in good if isinstance(r, int))
+                raise UserError("no worker process answered")
+            return any(good)
         if op == "export":
             for result in await self._all(op, args):
                 if not isinstance(result, BaseException):

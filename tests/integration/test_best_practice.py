@@ -123,7 +123,7 @@ def test_runtime_rules_bindings_and_queues(home, ports):
         synced(home)
         import smtplib
 
-        with smtplib.SMTP("127.0.0.1", ports["client"], timeout=20) as c:
+        with smtplib.SMTP("127.0.0.1", ports["client"], timeout=20):
             pass
         r = shell(home, 'Test-Mailflow -TargetEmailAddress x@down.example -ExecutionTimeout 2')
         assert not r.ok
