@@ -219,7 +219,9 @@ def test_section_5_mail_queue_monitoring(org):
     org.map_internal_relay()
     org.type('Get-ReceiveConnector "InternalRelay" | Add-ADPermission -User "NT AUTHORITY\\ANONYMOUS LOGON" '
              '-ExtendedRights ms-Exch-SMTP-Accept-Any-Recipient\n'
-             f'Set-SendConnector "OutboundInternet" -Port {free_port("127.0.0.24")}')
+             f'Set-SendConnector "OutboundInternet" -Port {free_port("127.0.0.24")}\n'
+             # The organisation retries every second; the queue must stay in Retry while section 5 looks at it.
+             'Set-TransportService EX01 -TransientFailureRetryInterval 00:10:00')
     org.dns.add("fabrikam.example", "MX", "10 mail.fabrikam.example.")
     org.dns.add("mail.fabrikam.example", "A", "127.0.0.24")    # that peer is down
     synced(org.home)
