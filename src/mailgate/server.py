@@ -188,6 +188,8 @@ class TransportService:
                                            source=args.get("source", "STOREDRIVER"))
         if op == "status":
             return self.status()
+        if op == "metrics":
+            return [self.metrics.samples(self.worker)]
         if op == "reload":
             return await self.reload(force=True)
         raise UserError(f"Unknown runtime operation '{op}'.")

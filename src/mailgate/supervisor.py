@@ -18,7 +18,6 @@ import ctypes
 import datetime as dt
 import logging
 import os
-import shutil
 import signal
 import sys
 from typing import Any
@@ -49,7 +48,6 @@ class Supervisor:
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self._stopping = False
         self._stop = asyncio.Event()
-        self.metrics_dir = home.run_dir / "metrics"
         self._running: set[int] = set()   # workers that have said they are running
         self._announced = False
 
@@ -58,10 +56,8 @@ class Supervisor:
         args = [sys.executable, "-m", "mailgate.cli", "--home", str(self.home.path), "serve", "--workers",
                 str(self.count), "--worker-index", str(index), "--admin-listen",
                 (self.admin_listen or self.home.admin_listen) if index == 0 else "off"]
-        # Workers keep their metrics in files here, which the admin API's worker sums (api/metrics.py).
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
         proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=None,
-                                                    preexec_fn=_die_with_parent, env=env)
+                                                    preexec_fn=_die_with_parent)
         self.procs[index] = proc
         asyncio.ensure_future(self._relay_output(index, proc))
 
@@ -94,8 +90,6 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         SharedCounter.reset(self.home.run_dir / "connections.map")   # no connection is open yet
-        shutil.rmtree(self.metrics_dir, ignore_errors=True)            # counters start at zero with the server
-        self.metrics_dir.mkdir(parents=True)
         control = ControlServer(self.home.control_socket, self.handle, log)
         await control.start()
         for index in range(self.count):
@@ -165,6 +159,8 @@ class Supervisor:
             raise NotFoundError(f"The message '{args.get('identity')}' couldn't be found.")
         if op == "submit":
             return await call_socket(str(self.home.worker_socket(0)), op, args)
+        if op == "metrics":
+            return [w for found in self._successes(await self._all(op, args)) for w in found]
         if op == "status":
             statuses = self._successes(await self._all(op, args))
             first = dict(statuses[0])

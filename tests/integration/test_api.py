@@ -12,6 +12,7 @@ import shutil
 import smtplib
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 import pytest
 
 from helpers import Server, bind_ports, shell, synced, wait_for
@@ -92,6 +93,12 @@ def test_metrics_count_every_worker(admin_server):
     assert "mailgate_smtp_sessions_open" in text
     delivered = [line for line in text.splitlines() if line.startswith("mailgate_messages_delivered_total{")]
     assert delivered and sum(float(line.rsplit(" ", 1)[1]) for line in delivered) >= 0
+    # Each worker's series carry its index; the exposition is valid for a Prometheus parser.
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert {s.labels["worker"] for s in families["mailgate_recipients_failed"].samples} == {"0", "1"}
+    buckets = [s for s in families["mailgate_delivery_latency_seconds"].samples
+               if s.name.endswith("_bucket") and s.labels["worker"] == "0"]
+    assert [float(s.labels["le"]) for s in buckets] == sorted(float(s.labels["le"]) for s in buckets)
 
 
 # ---- the web admin center in a real browser -------------------------------------------------------

@@ -1,24 +1,24 @@
 """Prometheus metrics of a running server: messages in and out, queue depths,
 delivery latency, TLS share of sessions, SMTP rejects by reason.
 
-Counters and the latency histogram are kept by each worker process. With several
-workers the supervisor points ``PROMETHEUS_MULTIPROC_DIR`` at a directory of the
-data directory before it starts them, so prometheus_client's multiprocess mode
-sums every worker's figures (a restarted worker's counts are kept). Queue depth
-and open sessions are read from the merged runtime state when scraped.
+Counters and the latency histogram are kept in memory by each worker process.
+A scrape asks every worker for its samples (the ``metrics`` runtime operation)
+and shows each worker's series with a ``worker`` label, so that a restarted
+worker is an ordinary counter reset of its own series; ``sum without (worker)``
+gives the server's figure. (prometheus_client's multiprocess mode would merge
+them itself, but it checks the process id on every update: about 2 % of the
+CPU per message under load.) Queue depth and open sessions are read from the
+merged runtime state when scraped.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, Metric, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
@@ -51,16 +51,33 @@ class Metrics:
         elif kind == "reject":
             self.rejects.labels(data.get("code") or "unknown").inc()
 
-    def render(self, queues: list[Any], sessions: int) -> bytes:
-        if os.environ.get(MULTIPROCESS_ENV):
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry)
-        else:
-            registry = self.registry
-        text = generate_latest(registry)
-        live = CollectorRegistry()
-        live.register(_LiveState(queues, sessions))
-        return text + generate_latest(live)
+    def samples(self, worker: int) -> dict[str, Any]:
+        """This process's series, as the scrape gathers them from every worker."""
+        return {"worker": worker, "samples": [[family.name, s.name, s.labels, s.value]
+                                              for family in self.registry.collect() for s in family.samples]}
+
+    def render(self, workers: list[dict[str, Any]], queues: list[Any], sessions: int) -> bytes:
+        registry = CollectorRegistry()
+        registry.register(_WorkerSeries(self.registry, workers))
+        registry.register(_LiveState(queues, sessions))
+        return generate_latest(registry)
+
+
+class _WorkerSeries:
+    """Every worker's counters and histogram, labelled with the worker's index."""
+
+    def __init__(self, local: CollectorRegistry, workers: list[dict[str, Any]]) -> None:
+        self.local = local         # names, help and types: the same in every worker
+        self.workers = sorted(workers, key=lambda w: w["worker"])
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.local.collect():
+            merged = Metric(family.name, family.documentation, family.type)
+            for worker in self.workers:
+                for name, sample, labels, value in worker["samples"]:
+                    if name == family.name:
+                        merged.add_sample(sample, {**labels, "worker": str(worker["worker"])}, value)
+            yield merged
 
 
 class _LiveState:
