@@ -425,20 +425,30 @@ def main() -> int:
                cpu_children=True, memory=lambda: tree_rss_kb(mailgate.proc.pid)),
     ]
     runs: list[Run] = []
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"latency_runs": []}
+    lat_n = 400 if quick else 4000
     try:
+        # Every server's first thousands of messages (page cache, the queue's first WAL and segment, Python's
+        # caches) run slower than the rest; a warm-up load that isn't counted keeps that out of rep 0.
+        for t in targets:
+            measure(t, Load(max(n // 5, 100), 2048, 20), -1, "rcpt@sink.test")
         for rep in range(reps):
+            order = targets[rep % len(targets):] + targets[:rep % len(targets)]   # rotate to cancel drift
             for load in loads:
-                order = targets[rep % len(targets):] + targets[:rep % len(targets)]   # rotate to cancel drift
                 for t in order:
                     r = measure(t, load, rep, "rcpt@sink.test")
                     runs.append(r)
                     e2e = f" e2e {r.e2e_rate}/s" if r.e2e_rate else ""
                     print(f"  rep {rep} {load.label:22} {t.name:13} {r.rate:8.1f}/s{e2e} {r.errors}", flush=True)
                     time.sleep(0.5)
-        print("bench: latency, memory, sessions, profile", flush=True)
-        lat_n = 400 if quick else 4000
-        extra["latency"] = {t.name: latency(t, lat_n, 20, 2048) for t in targets}
+            for t in order:   # latency repeats like the loads: a single measurement moves too much to compare
+                lat = latency(t, lat_n, 20, 2048)
+                extra["latency_runs"].append({"target": t.name, "rep": rep, **lat})
+                print(f"  rep {rep} latency {'':15} {t.name:13} p50 {lat.get('p50_ms')} ms p99 {lat.get('p99_ms')} ms",
+                      flush=True)
+                time.sleep(0.5)
+        extra["latency"] = latency_medians(extra["latency_runs"])
+        print("bench: memory, sessions, profile", flush=True)
         extra["peak_rss_mb"] = {"mailgate": round(tree_rss_kb(mailgate.proc.pid, "VmHWM") / 1024, 1)}
         extra["idle_sessions"] = {
             "mailgate": idle_sessions(targets[3], 200 if quick else 2000),
@@ -472,6 +482,12 @@ def main() -> int:
     print(report)
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def latency_medians(lat_runs: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    names = list(dict.fromkeys(r["target"] for r in lat_runs))
+    return {name: {key: median([r[key] for r in lat_runs if r["target"] == name and key in r])
+                   for key in ("p50_ms", "p99_ms")} for name in names}
 
 
 def machine() -> dict[str, Any]:
@@ -524,11 +540,15 @@ def build_report(runs: list[Run], labels: list[str], extra: dict[str, Any], star
     lat = extra.get("latency", {})
     if lat:
         pf = lat.get("postfix") or {}
-        lines += ["", "## Accept latency (end of DATA → 250), 20 sessions, 2 KB", "",
-                  "| server | p50 ms | p99 ms | p50 / postfix | p99 / postfix |", "|---|---:|---:|---:|---:|"]
+        lat_runs = extra.get("latency_runs") or []
+        reps_note = f"medians of {len({r['rep'] for r in lat_runs})} repetitions" if lat_runs else "one measurement"
+        lines += ["", f"## Accept latency (end of DATA → 250), 20 sessions, 2 KB, {reps_note}", "",
+                  "| server | p50 ms | p99 ms | p50 / postfix | p99 / postfix | p99 of each repetition |",
+                  "|---|---:|---:|---:|---:|---|"]
         for name, v in lat.items():
+            each = ", ".join(str(r.get("p99_ms")) for r in lat_runs if r["target"] == name)
             lines.append(f"| {name} | {v.get('p50_ms')} | {v.get('p99_ms')} | {ratio(v.get('p50_ms'), pf.get('p50_ms'))} "
-                         f"| {ratio(v.get('p99_ms'), pf.get('p99_ms'))} |")
+                         f"| {ratio(v.get('p99_ms'), pf.get('p99_ms'))} | {each} |")
     idle = extra.get("idle_sessions")
     if idle:
         mg_kb, pf_kb = idle["mailgate"]["kb_per_session"], idle["postfix"]["kb_per_session"]
