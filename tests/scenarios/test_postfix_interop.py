@@ -59,6 +59,47 @@ New-SendConnector ToPostfix -AddressSpaces postfix.test -SmartHosts 127.0.0.51 -
         pf.stop()
 
 
+def test_mailgate_sends_bdat_to_postfix_and_resets_after_a_refused_transaction(home, ports, tmp_path):
+    """Postfix offers CHUNKING and PIPELINING: mailgate sends each message as MAIL, RCPT, BDAT LAST and the
+    body in one go, unstuffed. A message whose only recipient Postfix refuses leaves the transaction open
+    (the chunk is consumed and refused), so the next message on that connection starts with RSET."""
+    port = free_port("127.0.0.54")
+    pf = Postfix(tmp_path / "pf", "127.0.0.54", port).start()
+    r = shell(home, f'''
+New-Mailbox -Name Sender -PrimarySmtpAddress app@domain.com
+New-ReceiveConnector Relay -Bindings 127.0.0.1:{ports["frontend"]} -RemoteIPRanges 127.0.0.2 -Usage Custom `
+    -PermissionGroups AnonymousUsers -TarpitInterval 00:00:00
+Add-ADPermission Relay -User "NT AUTHORITY\\ANONYMOUS LOGON" -ExtendedRights ms-Exch-SMTP-Accept-Any-Recipient
+New-SendConnector ToPostfix -AddressSpaces postfix.test -SmartHosts 127.0.0.54 -Port {port} -ProtocolLoggingLevel Verbose
+''', runtime=None)
+    assert r.ok, r.err
+    srv = Server(home).start()
+    body = b"Subject: chunked\r\n\r\n.leading dot\r\n..two dots\r\n.\r\nafter a lone dot\r\n"
+    try:
+        # One client session: both messages land in one worker's queue and leave over one connection.
+        with smtplib.SMTP("127.0.0.1", ports["frontend"], source_address=("127.0.0.2", 0), timeout=30) as c:
+            assert c.sendmail("app@domain.com", ["nobody@postfix.test"], b"Subject: refused\r\n\r\nx\r\n") == {}
+            assert c.sendmail("app@domain.com", ["alice@postfix.test"], body) == {}
+        got = wait_for(lambda: pf.mailbox("alice"), timeout=60, message="delivery into Postfix")[0]
+        assert b"\n.leading dot\n..two dots\n.\nafter a lone dot\n" in got.replace(b"\r\n", b"\n")
+        ndr = wait_for(lambda: maildir_messages(home, "app@domain.com"), timeout=60, message="the NDR")[0]
+        assert b"Undeliverable: refused" in ndr and b"5.1.1" in ndr
+
+        def sent_commands() -> list[str]:
+            sent = "".join(p.read_text() for p in (home.log_dir / "ProtocolLog" / "SmtpSend").glob("SEND*.LOG"))
+            commands = [line.split(",")[7] for line in sent.splitlines() if ",>," in line]
+            return commands if "RCPT TO:<alice@postfix.test>" in commands else []
+
+        commands = wait_for(sent_commands, message="the send protocol log")   # it is written in batches
+        assert any(re.fullmatch(r"BDAT \d+ LAST", c) for c in commands) and "DATA" not in commands
+        refused_at = next(i for i, c in enumerate(commands) if c == "RCPT TO:<nobody@postfix.test>")
+        assert commands.index("RCPT TO:<alice@postfix.test>") > commands.index("RSET", refused_at)
+        assert "RSET" not in commands[:refused_at]
+    finally:
+        srv.stop()
+        pf.stop()
+
+
 @pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is installed by `make test`")
 def test_swaks_against_each_connector(home, server):
     r = shell(home, f'''

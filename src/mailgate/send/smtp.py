@@ -278,10 +278,17 @@ class SmtpConnection:
         return await self._reply()
 
     def _send(self, data: bytes, *, secret: bool = False) -> None:
-        if self.log:
-            for line in data.decode("utf-8", "replace").split("\r\n")[:-1] or [""]:
-                self.log.write(">", "***" if secret else line)
+        self._log_sent(data, secret=secret)
         self.writer.write(data)
+
+    def _log_sent(self, commands: bytes, *, secret: bool = False) -> None:
+        if self.log:
+            for line in commands.decode("utf-8", "replace").split("\r\n")[:-1] or [""]:
+                self.log.write(">", "***" if secret else line)
+
+    def _log_message(self, msg: OutboundMessage) -> None:
+        if self.log:
+            self.log.write("*", "", f"sending message with RecordId {msg.id}")
 
     # -- a transaction -----------------------------------------------------------------------------
     async def send(self, msg: OutboundMessage) -> list[Outcome]:
@@ -312,15 +319,32 @@ class SmtpConnection:
                                     orcpt=r.orcpt if dsn else None) for r in msg.recipients]
         except ValueError as exc:
             return [Outcome(r.idx, "permanent", f"550 5.1.3 {exc}") for r in msg.recipients]
-        use_bdat = binary and "CHUNKING" in ext
+        # Like Exchange, the body goes as BDAT whenever the peer offers CHUNKING (LMTP keeps DATA, whose
+        # reply is per recipient), and a body held in memory goes in the same write as the envelope:
+        # MAIL, every RCPT, "BDAT n LAST" and the body (RFC 2920, RFC 3030), one round trip per message.
+        use_bdat = "CHUNKING" in ext and (binary or not self.settings.lmtp)
         pipelining = "PIPELINING" in ext
+        inline: bytes | None = None
+        if use_bdat and pipelining:
+            inline = msg.body if isinstance(msg.body, bytes) else None if msg.body.large else msg.body.read()
+        bdat_reply: Reply | None = None
         if pipelining:
-            # One write for the whole envelope (RFC 2920): MAIL, every RCPT and DATA.
-            self._send(b"".join([mail, *rcpts, b"" if use_bdat else b"DATA\r\n"]))
+            envelope = b"".join([mail, *rcpts, b"" if use_bdat else b"DATA\r\n"])
+            if inline is not None:
+                envelope += f"BDAT {len(inline)} LAST\r\n".encode()
+                self._log_sent(envelope)
+                self._log_message(msg)
+                self.writer.write(envelope + inline)
+            else:
+                self._send(envelope)
             await self.writer.drain()
             mail_reply = await self._reply()
             rcpt_replies = [await self._reply() for _ in rcpts]
             data_reply = await self._reply() if not use_bdat else None
+            if inline is not None:
+                bdat_reply = await self._reply()
+                # RFC 3030: after a refused BDAT the client resets before the next transaction.
+                self._in_transaction = bdat_reply.code != 250
         else:
             mail_reply = await self._command(mail)
             if mail_reply.code != 250:
@@ -343,13 +367,12 @@ class SmtpConnection:
                 self._in_transaction = False
             return outcomes
         if use_bdat:
-            final = [await self._send_bdat(msg)]
+            final = [bdat_reply if bdat_reply is not None else await self._send_bdat(msg)]
         else:
             if data_reply is None or data_reply.code != 354:
                 reply = data_reply or Reply(451, "4.4.0", "DATA was not accepted")
                 return outcomes + [Outcome(r.idx, _kind(reply), str(reply)) for r in accepted]
-            if self.log:
-                self.log.write("*", "", f"sending message with RecordId {msg.id}")
+            self._log_message(msg)
             stuffer = C.DotStuffer()
             pending = b""
             for chunk in _chunks(msg.body):
@@ -373,6 +396,7 @@ class SmtpConnection:
 
     async def _send_bdat(self, msg: OutboundMessage) -> Reply:
         """The body as BDAT chunks; every chunk but the last is answered before the next goes out."""
+        self._log_message(msg)
         previous: bytes | None = None
         for chunk in _chunks(msg.body):
             if previous is not None:
