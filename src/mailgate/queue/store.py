@@ -6,15 +6,24 @@ creating a file costs ~0.5 ms of CPU here, so a file per message caps any
 design near Postfix's rate, while appending to an open file costs microseconds
 and ``fdatasync`` of an append-only file ~0.2 ms. So small bodies are appended
 to the active segment, large ones (over ``SPILL_BYTES``) get a file of their
-own, and one writer thread commits everything that arrived since its last
-commit in one go (group commit, adaptive: the next commit starts as soon as
-the previous one ends).
+own, and everything that arrived since the last commit is committed in one go
+(group commit, adaptive: the next commit starts as soon as the previous one
+ends).
 
-Durability rule: a message is acknowledged (``250``) only after its body is
-on disk and synced **and** its rows are committed (SQLite WAL with
-``synchronous=FULL``). A crash at any instant therefore leaves either the
-whole message or nothing that is referenced; unreferenced segment bytes and
-spool files are garbage and are removed at start-up.
+Who does what: a write's statements run at once, on the calling thread (the
+event loop), inside the open transaction; the commit thread commits that
+transaction and syncs. SQLite's own syncs are off on the write connection:
+the commit thread syncs the segment, the spool files and the WAL itself after
+the COMMIT. Done the other way round — the statements on a writer thread —
+every statement waits for the event loop to hand over the GIL, which was the
+largest part of a commit's time under load (bench/README.md).
+
+Durability rule: a message is acknowledged (``250``) only after its rows are
+committed and its body **and** the WAL are synced. A crash (of the machine:
+a killed process loses nothing the kernel holds) can therefore leave rows
+whose body isn't all on disk only for messages that were never acknowledged;
+``open`` drops those. Unreferenced segment bytes and spool files are garbage
+and are removed at start-up too.
 """
 
 from __future__ import annotations
@@ -22,11 +31,10 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import queue as stdqueue
 import sqlite3
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -153,10 +161,22 @@ class NewMessage:
 
 @dataclass(slots=True)
 class _Job:
-    kind: str                      # "insert" | "sql" | "sync"
+    kind: str                      # "insert" | "sql" | "record" | "remove"
     payload: Any
     future: concurrent.futures.Future[Any] | None
     fsync_paths: tuple[str, ...] = ()
+    result: Any = True
+    # what the commit thread does once the job's transaction is committed
+    inserted: list[NewMessage] = field(default_factory=list)
+    freed_segments: list[int] = field(default_factory=list)
+    freed_spools: list[str] = field(default_factory=list)
+    after: Callable[[], None] | None = None
+
+    @property
+    def durable(self) -> bool:
+        """New messages (a DSN is one) and removals are synced before the future resolves; delivery outcomes
+        alone are not: after a crash a message is at worst delivered again, never lost, and a sync is saved."""
+        return bool(self.inserted) or self.kind == "remove"
 
 
 class QueueStore:
@@ -167,8 +187,14 @@ class QueueStore:
         self.spool_dir = directory / "spool"
         self.db_path = directory / "queue.db"
         self._lock = threading.Lock()               # guards the active segment and the id counter
-        self._jobs: stdqueue.SimpleQueue[_Job | None] = stdqueue.SimpleQueue()
-        self._writer: threading.Thread | None = None
+        self._sql_lock = threading.Lock()           # guards the write connection and its open transaction
+        self._conn: sqlite3.Connection | None = None
+        self._in_transaction = False
+        self._pending: list[_Job] = []               # run in the open transaction, waiting for its commit
+        self._wake = threading.Event()
+        self._stopping = False
+        self._committer: threading.Thread | None = None
+        self._wal_fd = -1
         self._segment_fd = -1
         self._segment_no = 0
         self._segment_size = 0
@@ -177,7 +203,6 @@ class QueueStore:
         self._read_fds: dict[int, int] = {}
         self._next_id = 1
         self._read_local = threading.local()
-        self._synchronous_full = True
         self._checkpointer: threading.Thread | None = None
         self._checkpoint_stop = threading.Event()
         self.commits = 0
@@ -195,6 +220,7 @@ class QueueStore:
         self._next_id = max(used, mark[0] if mark else 0, self.id_base) + 1
         self._id_mark = self._next_id + ID_BLOCK
         conn.execute("INSERT OR REPLACE INTO counter (name, value) VALUES ('message_id', ?)", (self._id_mark,))
+        self._drop_bodiless(conn)
         self._live = {seg: n for seg, n in conn.execute(
             "SELECT segment, count(*) FROM message WHERE segment IS NOT NULL GROUP BY segment")}
         spooled = {row[0] for row in conn.execute("SELECT spool_path FROM message WHERE spool_path IS NOT NULL")}
@@ -209,17 +235,52 @@ class QueueStore:
                 path.unlink(missing_ok=True)
         self._segment_no = max(existing + [0])
         self._open_new_segment()
-        self._writer = threading.Thread(target=self._write_loop, name="queue-writer", daemon=True)
-        self._writer.start()
+        self._conn = self._connect()
+        self._conn.execute("PRAGMA synchronous=OFF")          # the commit thread syncs (module docstring)
+        self._conn.execute("PRAGMA wal_autocheckpoint=0")     # the checkpoint thread copies the WAL
+        self._conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
+        self._wal_fd = os.open(f"{self.db_path}-wal", os.O_RDONLY)   # exists while a connection is open
+        self._stopping = False
+        self._committer = threading.Thread(target=self._commit_loop, name="queue-commit", daemon=True)
+        self._committer.start()
         self._checkpoint_stop.clear()
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="queue-checkpoint", daemon=True)
         self._checkpointer.start()
 
+    def _drop_bodiless(self, conn: sqlite3.Connection) -> None:
+        """Rows can reach the disk before their body (module docstring): such a message was never
+        acknowledged, and delivering what is on disk would send a truncated message, so it goes."""
+        lost: list[int] = []
+        for seg, end in conn.execute("SELECT segment, max(offset + length) FROM message WHERE segment IS NOT NULL"
+                                     " GROUP BY segment").fetchall():
+            path = self._segment_path(seg)
+            size = path.stat().st_size if path.exists() else 0
+            if size < end:
+                lost += [row[0] for row in conn.execute(
+                    "SELECT id FROM message WHERE segment=? AND offset + length > ?", (seg, size))]
+        for msg_id, path, length in conn.execute(
+                "SELECT id, spool_path, length FROM message WHERE spool_path IS NOT NULL").fetchall():
+            if not os.path.exists(path) or os.path.getsize(path) < length:
+                lost.append(msg_id)
+        if lost:
+            log.warning("dropping %d message(s) whose body a crash cut short before they were acknowledged: %s",
+                        len(lost), ", ".join(map(str, lost[:20])))
+            conn.execute("BEGIN IMMEDIATE")
+            self._delete(conn, lost)
+            conn.execute("COMMIT")
+
     def close(self) -> None:
-        if self._writer is not None:
-            self._jobs.put(None)
-            self._writer.join(timeout=30)
-            self._writer = None
+        if self._committer is not None:
+            self._stopping = True
+            self._wake.set()
+            self._committer.join(timeout=30)
+            self._committer = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._wal_fd >= 0:
+            os.close(self._wal_fd)
+            self._wal_fd = -1
         if self._checkpointer is not None:
             self._checkpoint_stop.set()
             self._checkpointer.join(timeout=30)
@@ -302,11 +363,14 @@ class QueueStore:
         with self._lock:
             value = self._next_id
             self._next_id += 1
-            if self._next_id >= self._id_mark:
+            raise_mark = self._next_id >= self._id_mark
+            if raise_mark:
                 self._id_mark += ID_BLOCK
-                self._jobs.put(_Job("sql", ("INSERT OR REPLACE INTO counter (name, value) VALUES ('message_id', ?)",
-                                            (self._id_mark,), False, None), None))
-            return value
+                mark = self._id_mark
+        if raise_mark:   # outside the segment lock: the commit thread takes the two locks the other way round
+            self._run(_Job("sql", ("INSERT OR REPLACE INTO counter (name, value) VALUES ('message_id', ?)",
+                                   (mark,), False, None), None))
+        return value
 
     def submit(self, msg: NewMessage) -> concurrent.futures.Future[Any]:
         """Queue a new message; the future resolves once it is durable."""
@@ -314,14 +378,15 @@ class QueueStore:
             msg.id = self.allocate_id()
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         paths = (msg.body.spool_path,) if msg.body.spool_path else ()
-        self._jobs.put(_Job("insert", msg, fut, paths))
+        self._run(_Job("insert", msg, fut, paths))
         return fut
 
     def execute(self, sql: str, params: Iterable[Any] = (), *, many: bool = False,
                 after: Callable[[], None] | None = None) -> concurrent.futures.Future[Any]:
-        """Run a write statement in the next commit; the future resolves after the commit."""
+        """Run a write statement now, in the open transaction; the future resolves (to the number of rows
+        changed) after its commit, and ``after`` runs then."""
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._jobs.put(_Job("sql", (sql, list(params) if many else tuple(params), many, after), fut))
+        self._run(_Job("sql", (sql, list(params) if many else tuple(params), many, after), fut))
         return fut
 
     def record(self, message: int, updates: list[tuple[Any, ...]], dsns: list[NewMessage] | None = None,
@@ -335,18 +400,74 @@ class QueueStore:
                 d.id = self.allocate_id()
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         paths = tuple(d.body.spool_path for d in dsns if d.body.spool_path)
-        self._jobs.put(_Job("record", (message, updates, dsns, extra or []), fut, paths))
+        self._run(_Job("record", (message, updates, dsns, extra or []), fut, paths))
         return fut
 
     def remove_messages(self, ids: list[int]) -> concurrent.futures.Future[Any]:
         """Delete messages whose recipients are all final; frees their segment space."""
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._jobs.put(_Job("remove", ids, fut))
+        self._run(_Job("remove", ids, fut))
         return fut
 
+    def _run(self, job: _Job) -> None:
+        """Run a job's statements in the open transaction (one savepoint each, so a failing job leaves no
+        trace) and hand it to the commit thread. A failure resolves the job's future at once."""
+        with self._sql_lock:
+            conn = self._conn
+            if conn is None:
+                raise RuntimeError("the queue store isn't open")
+            try:
+                if not self._in_transaction:
+                    conn.execute("BEGIN IMMEDIATE")
+                    self._in_transaction = True
+                conn.execute("SAVEPOINT job")
+                try:
+                    self._apply(conn, job)
+                except BaseException:
+                    conn.execute("ROLLBACK TO job")
+                    raise
+                finally:
+                    conn.execute("RELEASE job")
+            except Exception as exc:  # noqa: BLE001 - the waiter hears about it
+                if job.future is not None:
+                    job.future.set_exception(exc)
+                return
+            self._pending.append(job)
+        self._wake.set()
+
+    def _apply(self, conn: sqlite3.Connection, job: _Job) -> None:
+        if job.kind == "insert":
+            self._insert(conn, job.payload)
+            job.inserted.append(job.payload)
+        elif job.kind == "sql":
+            sql, params, many, job.after = job.payload
+            if many:
+                conn.executemany(sql, params)
+            else:
+                job.result = conn.execute(sql, params).rowcount
+        elif job.kind == "remove":
+            job.freed_segments, job.freed_spools = self._delete(conn, job.payload)
+        elif job.kind == "record":
+            message, updates, dsns, extra = job.payload
+            for dsn in dsns:
+                self._insert(conn, dsn)
+                job.inserted.append(dsn)
+            conn.executemany(
+                "UPDATE recipient SET status=?, last_error=?, next_attempt=?, retry_count=retry_count+?"
+                " WHERE message=? AND idx=?",
+                [(st, err, nxt, inc, message, idx) for idx, st, err, nxt, inc in updates])
+            for sql, params in extra:
+                conn.execute(sql, params)
+            left = conn.execute("SELECT count(*) FROM recipient WHERE message=? AND status IN (?,?)",
+                                (message, READY, RETRY)).fetchone()[0]
+            done = left == 0 and conn.execute("SELECT 1 FROM message WHERE id=?", (message,)).fetchone()
+            if done:
+                job.freed_segments, job.freed_spools = self._delete(conn, [message])
+            job.result = bool(done)
+
     def _checkpoint_loop(self) -> None:
-        """Copy the WAL into the database off the writer thread: a checkpoint syncs the database file, and
-        done by the writer (SQLite's automatic checkpoint) it would hold every waiting 250 for that long."""
+        """Copy the WAL into the database off the event loop and the commit thread. This connection keeps
+        ``synchronous=FULL``: it syncs the database file before SQLite may reuse the copied part of the WAL."""
         conn = self._connect()
         try:
             while not self._checkpoint_stop.wait(CHECKPOINT_SECONDS):
@@ -358,42 +479,52 @@ class QueueStore:
         finally:
             conn.close()
 
-    def _write_loop(self) -> None:
-        conn = self._connect()
-        conn.execute("PRAGMA wal_autocheckpoint=0")   # the checkpoint thread does it
-        conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
-        wal_path = f"{self.db_path}-wal"
+    def _commit_loop(self) -> None:
+        """Group commit: whatever ran since the last commit is committed together, then synced."""
         while True:
-            job = self._jobs.get()
-            if job is None:
-                break
-            batch = [job]
-            stop = False
-            while True:
-                try:
-                    more = self._jobs.get_nowait()
-                except stdqueue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
-            self._commit(conn, batch)
-            if self.commits % 64 == 0 and os.path.getsize(wal_path) > WAL_LIMIT_BYTES:
-                # Under steady load the checkpoint thread never finds the WAL caught up just before a commit,
-                # so it never rewinds. Checkpointing the little it hasn't copied here, between two commits,
-                # lets the next commit rewind it and bounds its size.
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            if stop:
-                break
-        conn.close()
+            self._wake.wait()
+            self._wake.clear()
+            with self._sql_lock:
+                jobs, self._pending = self._pending, []
+                stopping = self._stopping
+                error: Exception | None = None
+                if self._in_transaction:
+                    assert self._conn is not None
+                    try:
+                        self._conn.execute("COMMIT")
+                    except Exception as exc:  # noqa: BLE001 - every waiter must hear about the failure
+                        error = exc
+                        try:
+                            self._conn.execute("ROLLBACK")
+                        except sqlite3.Error:
+                            pass
+                    self._in_transaction = False
+                    if error is None:
+                        self._bound_wal()
+            if error is not None:
+                for job in jobs:
+                    if job.future is not None and not job.future.done():
+                        job.future.set_exception(error)
+            elif jobs:
+                self._finish(jobs)
+            if stopping:
+                return
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
-        removed_segments: list[int] = []
-        removed_spools: list[str] = []
+    def _bound_wal(self) -> None:
+        """Under steady load the checkpoint thread never finds the WAL caught up just before a commit, so it
+        never rewinds. Checkpointing the little it hasn't copied here, between two transactions (with SQLite's
+        syncs on for it, see ``_checkpoint_loop``), lets the next one rewind it and bounds its size."""
+        assert self._conn is not None
+        self.commits += 1
+        if self.commits % 64 == 0 and os.path.getsize(f"{self.db_path}-wal") > WAL_LIMIT_BYTES:
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self._conn.execute("PRAGMA synchronous=OFF")
+
+    def _finish(self, jobs: list[_Job]) -> None:
+        """After the commit: sync what the new messages need, free space, resolve the futures."""
         try:
-            # 1. make the bodies durable (every append before now is covered by this sync)
-            if any(j.kind == "insert" or (j.kind == "record" and j.payload[2]) for j in batch):
+            if any(job.durable for job in jobs):
                 with self._lock:
                     # A duplicate stays valid even if the loop thread rotates the segment meanwhile.
                     fd = os.dup(self._segment_fd) if self._segment_dirty else -1
@@ -403,103 +534,53 @@ class QueueStore:
                         os.fdatasync(fd)
                     finally:
                         os.close(fd)
-            for job in batch:
-                for path in job.fsync_paths:
+                spools = [path for job in jobs for path in job.fsync_paths]
+                for path in spools:
                     spool_fd = os.open(path, os.O_RDONLY)
                     try:
                         os.fsync(spool_fd)
                     finally:
                         os.close(spool_fd)
-            if any(j.fsync_paths for j in batch):
-                dir_fd = os.open(self.spool_dir, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
-            # 2. the rows, in one transaction. New messages (and the DSNs outcomes create) are synced before
-            #    their 250 is sent; a batch of outcomes only (delivered/deferred) is not: after a crash it is at
-            #    worst delivered again, never lost, and it saves a sync per delivery.
-            durable = any(j.kind == "insert" or (j.kind == "record" and j.payload[2]) or j.kind == "remove"
-                          for j in batch)
-            if durable != self._synchronous_full:
-                conn.execute("PRAGMA synchronous=" + ("FULL" if durable else "NORMAL"))
-                self._synchronous_full = durable
-            conn.execute("BEGIN IMMEDIATE")
-            inserted: list[NewMessage] = []
-            for job in batch:
-                if job.kind == "insert":
-                    self._insert(conn, job.payload)
-                    inserted.append(job.payload)
-                elif job.kind == "sql":
-                    sql, params, many, _after = job.payload
-                    if many:
-                        conn.executemany(sql, params)
-                    else:
-                        job.payload = (sql, params, many, _after, conn.execute(sql, params).rowcount)
-                elif job.kind == "remove":
-                    segs, spools = self._delete(conn, job.payload)
-                    removed_segments += segs
-                    removed_spools += spools
-                elif job.kind == "record":
-                    message, updates, dsns, extra = job.payload
-                    for dsn in dsns:
-                        self._insert(conn, dsn)
-                        inserted.append(dsn)
-                    conn.executemany(
-                        "UPDATE recipient SET status=?, last_error=?, next_attempt=?, retry_count=retry_count+?"
-                        " WHERE message=? AND idx=?",
-                        [(st, err, nxt, inc, message, idx) for idx, st, err, nxt, inc in updates])
-                    for sql, params in extra:
-                        conn.execute(sql, params)
-                    left = conn.execute("SELECT count(*) FROM recipient WHERE message=? AND status IN (?,?)",
-                                        (message, READY, RETRY)).fetchone()[0]
-                    done = left == 0 and conn.execute("SELECT 1 FROM message WHERE id=?", (message,)).fetchone()
-                    if done:
-                        segs, spools = self._delete(conn, [message])
-                        removed_segments += segs
-                        removed_spools += spools
-                    job.payload = (message, updates, dsns, extra, bool(done))
-            conn.execute("COMMIT")
-        except Exception as exc:  # noqa: BLE001 - every waiter must hear about the failure
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            for job in batch:
+                if spools:
+                    dir_fd = os.open(self.spool_dir, os.O_RDONLY)
+                    try:
+                        os.fsync(dir_fd)
+                    finally:
+                        os.close(dir_fd)
+                os.fdatasync(self._wal_fd)
+        except OSError as exc:
+            log.exception("queue sync failed")
+            for job in jobs:
                 if job.future is not None and not job.future.done():
                     job.future.set_exception(exc)
             return
-        self.commits += 1
-        for msg in inserted:
-            if msg.body.segment is not None:
-                with self._lock:
+        inserted = [m for job in jobs for m in job.inserted]
+        with self._lock:
+            for msg in inserted:
+                if msg.body.segment is not None:
                     self._live[msg.body.segment] = self._live.get(msg.body.segment, 0) + 1
         self.committed_messages += len(inserted)
-        for seg in removed_segments:
-            with self._lock:
-                left = self._live.get(seg, 0) - 1
-                self._live[seg] = left
-                if left <= 0 and seg != self._segment_no:
-                    self._live.pop(seg, None)
-                    fd = self._read_fds.pop(seg, None)
-                    if fd is not None:
-                        os.close(fd)
-                    self._segment_path(seg).unlink(missing_ok=True)
-        for path in removed_spools:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        for job in batch:
-            if job.kind == "sql" and job.payload[3] is not None:
-                job.payload[3]()
+        for job in jobs:
+            for seg in job.freed_segments:
+                with self._lock:
+                    left = self._live.get(seg, 0) - 1
+                    self._live[seg] = left
+                    if left <= 0 and seg != self._segment_no:
+                        self._live.pop(seg, None)
+                        fd = self._read_fds.pop(seg, None)
+                        if fd is not None:
+                            os.close(fd)
+                        self._segment_path(seg).unlink(missing_ok=True)
+            for path in job.freed_spools:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        for job in jobs:
+            if job.after is not None:
+                job.after()
             if job.future is not None and not job.future.done():
-                result: Any = True
-                if job.kind == "sql" and len(job.payload) > 4:
-                    result = job.payload[4]
-                elif job.kind == "record":
-                    result = job.payload[4]
-                job.future.set_result(result)
+                job.future.set_result(job.result)
 
     def _insert(self, conn: sqlite3.Connection, m: NewMessage) -> None:
         conn.execute(
