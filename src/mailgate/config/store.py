@@ -201,36 +201,41 @@ class ConfigStore:
 
     # -- tracking -------------------------------------------------------------
     def insert_tracking(self, rows: list[dict[str, Any]]) -> None:
-        """Insert tracking events (each row's ``recipients`` is a list of addresses) in one transaction.
+        """Insert tracking events (each row's ``recipients`` is a list of addresses) in one transaction."""
+        self.insert_tracking_values([self.tracking_values(r) for r in rows],
+                                    [r.get("recipients") or [] for r in rows])
+
+    def tracking_values(self, r: dict[str, Any]) -> tuple[Any, ...]:
+        """One event as the values of a ``message_tracking`` row without its id. The tracker calls this when
+        the event happens, so that its writer thread only runs the statements (see tracking/tracker.py)."""
+        row = _tracking_row(r)
+        if self.is_sqlite:  # the text form SQLAlchemy's DateTime uses on SQLite
+            row["timestamp"] = row["timestamp"].strftime("%Y-%m-%d %H:%M:%S.%f")
+        return tuple(row.get(c) for c in _TRACKING_INSERT_COLUMNS)
+
+    def insert_tracking_values(self, values: list[tuple[Any, ...]], recipients: list[list[str]]) -> None:
+        """Insert rows made by ``tracking_values`` in one transaction.
 
         Ids are taken up front (SQLite: above the current maximum inside the write transaction; PostgreSQL:
         from the table's sequence), so both tables are filled with one plain executemany each: this runs for
         every batch of events and must stay cheap."""
-        if not rows:
+        if not values:
             return
-        columns = [c.name for c in message_tracking.columns]
         with self._connect(write=True) as conn:
             if self.is_sqlite:
                 first = int(conn.exec_driver_sql("SELECT coalesce(max(id), 0) FROM message_tracking").scalar()) + 1
-                ids = list(range(first, first + len(rows)))
+                ids = range(first, first + len(values))
                 mark = "?"
             else:
                 ids = [r[0] for r in conn.exec_driver_sql(
                     "SELECT nextval(pg_get_serial_sequence('message_tracking', 'id')) "
-                    f"FROM generate_series(1, {len(rows)})")]
+                    f"FROM generate_series(1, {len(values)})")]
                 mark = "%s"
-            values = []
-            recipient_rows = []
-            for tracking_id, r in zip(ids, rows):
-                row = _tracking_row(r)
-                row["id"] = tracking_id
-                if self.is_sqlite:  # the text form SQLAlchemy's DateTime uses on SQLite
-                    row["timestamp"] = row["timestamp"].strftime("%Y-%m-%d %H:%M:%S.%f")
-                values.append(tuple(row.get(c) for c in columns))
-                for address in r.get("recipients") or []:
-                    recipient_rows.append((tracking_id, address.lower()))
-            conn.exec_driver_sql(f"INSERT INTO message_tracking ({', '.join(columns)}) VALUES "
-                                 f"({', '.join([mark] * len(columns))})", values)
+            conn.exec_driver_sql(f"INSERT INTO message_tracking (id, {', '.join(_TRACKING_INSERT_COLUMNS)}) VALUES "
+                                 f"({', '.join([mark] * (len(_TRACKING_INSERT_COLUMNS) + 1))})",
+                                 [(tracking_id, *v) for tracking_id, v in zip(ids, values)])
+            recipient_rows = [(tracking_id, address.lower())
+                              for tracking_id, addresses in zip(ids, recipients) for address in addresses]
             if recipient_rows:
                 conn.exec_driver_sql(f"INSERT INTO message_tracking_recipient (tracking_id, address) "
                                      f"VALUES ({mark}, {mark})", recipient_rows)
@@ -307,6 +312,7 @@ def _naive_utc(value: dt.datetime) -> dt.datetime:
 
 
 _TRACKING_COLUMNS = [k for k in TRACKING_FIELDS if k in message_tracking.c]
+_TRACKING_INSERT_COLUMNS = [c.name for c in message_tracking.columns if c.name != "id"]
 
 
 def _tracking_row(r: dict[str, Any]) -> dict[str, Any]:

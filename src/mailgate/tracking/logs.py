@@ -1,8 +1,11 @@
 """Exchange-format CSV logs: message tracking (MSGTRK) and SMTP protocol logs
 (RECV/SEND), plus the tracking index in the store.
 
-Writers buffer in memory and a background thread flushes every quarter
-second, so logging costs the receive path one list append per event. Files
+Events are formatted when they happen (a CSV line, and for tracking the index
+row) and a background thread writes what gathered every quarter second. The
+thread does only the writes: Python work in a helper thread holds the GIL in
+slices of up to 5 ms that the event loop waits for, which showed as a third
+of the p99 accept latency when the thread formatted the rows itself. Files
 are hourly (``PREFIXyyyymmddhh-n.LOG``, UTC) as real Exchange servers write
 them, roll over at the maximum file size, and are pruned by age and by the
 directory's total size.
@@ -10,11 +13,10 @@ directory's total size.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -32,6 +34,20 @@ TRACKING_FIELDS = [
 PROTOCOL_FIELDS = ["date-time", "connector-id", "session-id", "sequence-number", "local-endpoint", "remote-endpoint",
                    "event", "data", "context"]
 SCHEMA_VERSION = "15.02.0000.000"
+
+
+_NEEDS_QUOTES = re.compile(r'[,"\r\n]')
+
+
+def csv_line(values: list[Any]) -> str:
+    """One CSV record as the csv module writes it (minimal quoting, CRLF)."""
+    out = []
+    for value in values:
+        text = "" if value is None else value if isinstance(value, str) else str(value)
+        if _NEEDS_QUOTES.search(text):
+            text = '"' + text.replace('"', '""') + '"'
+        out.append(text)
+    return ",".join(out) + "\r\n"
 
 
 def iso(ts: dt.datetime) -> str:
@@ -90,13 +106,12 @@ class CsvLogWriter:
         self._fd, self._path = fd, path
         return fd
 
-    def write_rows(self, rows: list[list[Any]], now: dt.datetime) -> None:
-        if not rows:
+    def write_lines(self, lines: list[str], now: dt.datetime) -> None:
+        """Append lines made by ``csv_line`` in one write."""
+        if not lines:
             return
         fd = self._file_for(now)
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\r\n").writerows(rows)
-        data = buf.getvalue().encode("utf-8")
+        data = "".join(lines).encode("utf-8")
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from mailgate.config.model import TransportServer
-from mailgate.tracking.logs import PROTOCOL_FIELDS, SCHEMA_VERSION, TRACKING_FIELDS, BufferedLog, CsvLogWriter, iso
+from mailgate.tracking.logs import (PROTOCOL_FIELDS, SCHEMA_VERSION, TRACKING_FIELDS, BufferedLog, CsvLogWriter,
+                                   csv_line, iso)
 
 log = logging.getLogger("mailgate.tracking")
 
@@ -56,7 +57,9 @@ class MessageTracker:
         fields.setdefault("server_hostname", self.server)
         if not self.subject_logging:
             fields["message_subject"] = None
-        self._buffer.add(fields)
+        # Formatted now, on the caller's thread; the writer thread only writes (tracking/logs.py).
+        self._buffer.add((csv_line(self._file_values(fields)), self.store.tracking_values(fields),
+                          fields.get("recipients") or []))
 
     def flush(self) -> None:
         self._buffer.flush_now()
@@ -65,31 +68,30 @@ class MessageTracker:
         self._buffer.close()
         self.files.close()
 
-    def _flush(self, rows: list[dict[str, Any]]) -> None:
-        now = _now()
-        csv_rows = []
-        for r in rows:
-            row = []
-            for f in TRACKING_FIELDS:
-                key = _FIELD_KEYS[f]
-                value = r.get(key)
-                if f == "date-time":
-                    value = iso(value)
-                elif f == "log-id":
-                    value = f"{os.getpid():x}-{next(self._log_ids)}"
-                elif f == "schema-version":
-                    value = SCHEMA_VERSION
-                elif f == "transport-traffic-type":
-                    value = value or "Email"
-                elif isinstance(value, list):
-                    value = ";".join(str(v) for v in value)
-                row.append("" if value is None else value)
-            csv_rows.append(row)
+    def _file_values(self, r: dict[str, Any]) -> list[Any]:
+        """The event's fields in the MSGTRK file's order."""
+        row = []
+        for f in TRACKING_FIELDS:
+            value = r.get(_FIELD_KEYS[f])
+            if f == "date-time":
+                value = iso(value)
+            elif f == "log-id":
+                value = f"{os.getpid():x}-{next(self._log_ids)}"
+            elif f == "schema-version":
+                value = SCHEMA_VERSION
+            elif f == "transport-traffic-type":
+                value = value or "Email"
+            elif isinstance(value, list):
+                value = ";".join(str(v) for v in value)
+            row.append(value)
+        return row
+
+    def _flush(self, events: list[tuple[str, tuple[Any, ...], list[str]]]) -> None:
         try:
-            self.files.write_rows(csv_rows, now)
+            self.files.write_lines([line for line, _, _ in events], _now())
         except OSError:
             log.exception("writing the message tracking log failed")
-        self.store.insert_tracking(rows)
+        self.store.insert_tracking_values([values for _, values, _ in events], [rcpts for _, _, rcpts in events])
 
     def prune(self) -> None:
         self.files.prune()
@@ -114,10 +116,10 @@ class ProtocolLog:
         return ProtocolSession(self, connector_id, f"{next(self._ids) & 0xFFFFFFFFFFFFFFFF:016X}", local, remote)
 
     def add(self, row: list[Any]) -> None:
-        self._buffer.add(row)
+        self._buffer.add(csv_line(row))
 
-    def _flush(self, rows: list[list[Any]]) -> None:
-        self.files.write_rows(rows, _now())
+    def _flush(self, lines: list[str]) -> None:
+        self.files.write_lines(lines, _now())
 
     def flush(self) -> None:
         self._buffer.flush_now()
