@@ -179,3 +179,12 @@ def test_parse_error_message_points_at_the_column():
     with pytest.raises(ParseError) as info:
         parse("Get-Queue | | ft")
     assert "char:" in info.value.message
+
+
+def test_a_cmdlet_that_raises_is_reported_and_the_session_goes_on():
+    """An unexpected exception inside a cmdlet (here: no configuration store at all) is an error record, not a
+    crash of the shell; the next statement still runs."""
+    ok, out, err = run('Set-TransportService\nWrite-Output "still here"')
+    assert not ok
+    assert "Set-TransportService failed with an internal error (AttributeError" in err
+    assert "still here" in out

@@ -10,6 +10,7 @@ on, as PowerShell does with non-terminating errors.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import os
 import re
@@ -34,6 +35,8 @@ from mailgate.manage.psvalues import (
 from mailgate.shell import binder
 from mailgate.shell.format import Formatted, get_property
 from mailgate.shell.parser import parse
+
+log = logging.getLogger("mailgate.shell")
 
 _MISSING = object()
 
@@ -263,6 +266,12 @@ class Evaluator:
         ctx.shell = self
         try:
             result = cmd.handler(ctx, args)
+        except UserError:
+            raise
+        except Exception as exc:  # a bug is reported like any error; it doesn't end the administrator's session
+            log.debug("%s raised", cmd.name, exc_info=True)
+            raise UserError(f"{cmd.name} failed with an internal error ({type(exc).__name__}: {exc}). This is a bug "
+                            "in mailgate.") from exc
         finally:
             ctx.whatif = False
             self._flush_side_channels()
