@@ -210,7 +210,7 @@ class ConfigStore:
         the event happens, so that its writer thread only runs the statements (see tracking/tracker.py)."""
         row = _tracking_row(r)
         if self.is_sqlite:  # the text form SQLAlchemy's DateTime uses on SQLite
-            row["timestamp"] = row["timestamp"].strftime("%Y-%m-%d %H:%M:%S.%f")
+            row["timestamp"] = row["timestamp"].isoformat(" ", "microseconds")
         return tuple(row.get(c) for c in _TRACKING_INSERT_COLUMNS)
 
     def insert_tracking_values(self, values: list[tuple[Any, ...]], recipients: list[list[str]]) -> None:

@@ -433,7 +433,8 @@ class QueueStore:
                     job.future.set_exception(exc)
                 return
             self._pending.append(job)
-        self._wake.set()
+        if not self._wake.is_set():   # Event.set takes a lock and notifies: skip it when the flag is up already
+            self._wake.set()
 
     def _apply(self, conn: sqlite3.Connection, job: _Job) -> None:
         if job.kind == "insert":

@@ -68,19 +68,23 @@ class RoutingTable:
         default = next((d for d in self.domains if d.default), None)
         self.default_domain = default.domain_name.removeprefix("*.") if default else ""
         self._route_cache: dict[str, Route | Failure] = {}
+        self._domain_cache: dict[str, AcceptedDomain | None] = {}
         limits = [c.max_message_size.bytes for c in self.connectors if c.max_message_size.bytes is not None]
         self._smallest_limit = min(limits) if limits else 1 << 62
 
     # -- resolution ------------------------------------------------------------
     def accepted_domain(self, domain: str) -> AcceptedDomain | None:
         domain = domain.lower()
-        exact = [d for d in self.domains if not d.domain_name.startswith("*.") and d.matches(domain)]
-        if exact:
-            return exact[0]
-        for d in self.domains:
-            if d.matches(domain):
-                return d
-        return None
+        try:
+            return self._domain_cache[domain]
+        except KeyError:
+            pass
+        found = next((d for d in self.domains if not d.domain_name.startswith("*.") and d.matches(domain)), None) \
+            or next((d for d in self.domains if d.matches(domain)), None)
+        if len(self._domain_cache) >= 10_000:   # clients choose the domains: the cache must not grow without end
+            self._domain_cache.clear()
+        self._domain_cache[domain] = found
+        return found
 
     def resolve(self, address: str) -> Resolution:
         local, _, domain = address.rpartition("@")

@@ -51,7 +51,10 @@ def csv_line(values: list[Any]) -> str:
 
 
 def iso(ts: dt.datetime) -> str:
-    return ts.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+    """``2026-12-04T18:00:00.123Z``: UTC, milliseconds (truncated), as Exchange's logs write it."""
+    if ts.tzinfo is not dt.timezone.utc:
+        ts = ts.astimezone(dt.timezone.utc)
+    return ts.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 class CsvLogWriter:
