@@ -231,6 +231,7 @@ class TransportService:
                 self.announce(f"Moved {adopted} message(s) from the queues of workers that no longer run.")
         self.queue_store = QueueStore(home.worker_queue_dir(self.worker), id_base=self.worker * WORKER_ID_BASE)
         await asyncio.to_thread(self.queue_store.open)
+        self.queue_store.attach_loop(loop)
         self.tracker = MessageTracker(self.store, home.server, home.log_dir / "MessageTracking")
         self.receive_log = ProtocolLog(home.log_dir / "ProtocolLog" / "SmtpReceive", "receive")
         self.send_log = ProtocolLog(home.log_dir / "ProtocolLog" / "SmtpSend", "send")
