@@ -168,11 +168,13 @@ class _Commit(concurrent.futures.Future):  # type: ignore[type-arg]
         self._store = store
 
     def result(self, timeout: float | None = None) -> Any:
-        self._store._wake.set()
+        if not self.done():
+            self._store._wake.set()
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._store._wake.set()
+        if not self.done():   # done callbacks (asyncio.wrap_future's) read it too: no wake-up for those
+            self._store._wake.set()
         return super().exception(timeout)
 
 
