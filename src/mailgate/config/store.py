@@ -203,7 +203,7 @@ class ConfigStore:
     def insert_tracking(self, rows: list[dict[str, Any]]) -> None:
         """Insert tracking events (each row's ``recipients`` is a list of addresses) in one transaction."""
         self.insert_tracking_values([self.tracking_values(r) for r in rows],
-                                    [r.get("recipients") or [] for r in rows])
+                                    [tuple(r.get("recipients") or ()) for r in rows])
 
     def tracking_values(self, r: dict[str, Any]) -> tuple[Any, ...]:
         """One event as the values of a ``message_tracking`` row without its id. The tracker calls this when
@@ -213,7 +213,7 @@ class ConfigStore:
             row["timestamp"] = row["timestamp"].isoformat(" ", "microseconds")
         return tuple(row.get(c) for c in _TRACKING_INSERT_COLUMNS)
 
-    def insert_tracking_values(self, values: list[tuple[Any, ...]], recipients: list[list[str]]) -> None:
+    def insert_tracking_values(self, values: list[tuple[Any, ...]], recipients: list[tuple[str, ...]]) -> None:
         """Insert rows made by ``tracking_values`` in one transaction.
 
         Ids are taken up front (SQLite: above the current maximum inside the write transaction; PostgreSQL:

@@ -161,6 +161,10 @@ class QueueManager:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._fresh: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+        # New messages (and DSNs) whose rows may be committed but that aren't acknowledged and accepted yet: the
+        # scans of the queue leave them alone, so nothing is delivered before it is durable, and ``_accepted`` is
+        # the one place that hands a new message to its queues.
+        self._accepting: set[int] = set()
         self._stopping = False
         self._last_scan = 0.0
         self.outbound_connections = 0
@@ -284,16 +288,22 @@ class QueueManager:
         """Make a new message durable; once it is, track it and hand it to its queues."""
         new.in_submission = new.in_submission or any(r.queue == SUBMISSION for r in new.recipients)
         fut = self.store.submit(new)
+        self._accepting.add(new.id)
         loop = self.loop
 
         def committed(f: concurrent.futures.Future[Any]) -> None:
-            if f.exception() is None and loop is not None:
+            if loop is None:
+                return
+            if f.exception() is None:
                 loop.call_soon_threadsafe(self._accepted, new, receive_fields or {}, source)
+            else:
+                loop.call_soon_threadsafe(self._accepting.discard, new.id)
 
         fut.add_done_callback(committed)
         return fut
 
     def _accepted(self, new: NewMessage, fields: dict[str, Any], source: str) -> None:
+        self._accepting.discard(new.id)
         self.received_total += 1
         recipients = [r.address for r in new.recipients]
         common = dict(internal_message_id=new.id, message_id=new.message_id, network_message_id=new.network_id,
@@ -419,7 +429,8 @@ class QueueManager:
             " AND m.poison=0 AND m.in_submission=0 ORDER BY r.next_attempt LIMIT ?",
             (q.key, now, WINDOW)).fetchall()
         for (message_id,) in rows:
-            q.offer(message_id)
+            if message_id not in self._accepting:
+                q.offer(message_id)
 
     def take(self, q: DeliveryQueue, n: int = 1) -> list[int]:
         out = []
@@ -513,6 +524,8 @@ class QueueManager:
         rows = self.store.reader().execute(
             "SELECT id FROM message WHERE in_submission=1 AND poison=0 LIMIT 200").fetchall()
         for (message_id,) in rows:
+            if message_id in self._accepting:
+                continue
             try:
                 self._categorise_one(message_id)
             except Exception as exc:  # noqa: BLE001
@@ -537,14 +550,23 @@ class QueueManager:
         outcomes = {r["idx"]: ("permanent", reply) for r, reply in failures}
         dsns, fail_updates = self._failure_effects(msg, [r for r, _ in failures], outcomes, source="ROUTING")
         updates += fail_updates
-        fut = self.store.record(message_id, updates, dsns, extra)
+        fut = self._store_record(message_id, updates, dsns, extra)
         fut.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._after_record, f, dsns, targets, message_id)
                               if self.loop else None)
+
+    def _store_record(self, message_id: int, updates: list[tuple[Any, ...]], dsns: list[NewMessage],
+                      extra: list[tuple[str, tuple[Any, ...]]] | None = None) -> concurrent.futures.Future[Any]:
+        """``QueueStore.record``; the DSNs it creates wait in ``_accepting`` until ``_after_record``."""
+        fut = self.store.record(message_id, updates, dsns, extra)
+        self._accepting.update(d.id for d in dsns)
+        return fut
 
     def _after_record(self, fut: concurrent.futures.Future[Any], dsns: list[NewMessage], targets: set[str],
                       message_id: int, holder: DeliveryQueue | None = None) -> None:
         if holder is not None:
             holder.held.discard(message_id)
+        for d in dsns:
+            self._accepting.discard(d.id)
         if fut.exception() is not None:
             log.error("recording outcomes of message %s failed: %s", message_id, fut.exception())
             return
@@ -620,7 +642,7 @@ class QueueManager:
             action = "relayed" if any(r in relayed_rows for r in success) else "delivered"
             dsns.append(self._make_dsn(msg, body, action, [
                 DSN.DsnRecipient(r["address"], r["orcpt"], "2.0.0", results[r["idx"]][1], remote) for r in success]))
-        fut = self.store.record(msg["id"], updates, dsns)
+        fut = self._store_record(msg["id"], updates, dsns)
         # The message stays held by this queue until its new state is committed, so a refill can't pick it again.
         q.held.add(msg["id"])
         fut.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._after_record, f, dsns, set(), msg["id"], q)
@@ -749,7 +771,7 @@ class QueueManager:
                                                + (f", last error: {r['last_error']}" if r["last_error"] else ""))
                        for r in rcpts}
             dsns, updates = self._failure_effects(msg, rcpts, results, source="QUEUE")
-            fut = self.store.record(msg["id"], updates, dsns)
+            fut = self._store_record(msg["id"], updates, dsns)
             fut.add_done_callback(lambda f, d=dsns, m=msg["id"]: self.loop.call_soon_threadsafe(
                 self._after_record, f, d, set(), m) if self.loop else None)
             await asyncio.sleep(0)
@@ -773,7 +795,7 @@ class QueueManager:
                                    network_message_id=msg["network_id"], sender=_path(msg["sender"]),
                                    reference=dsns[0].message_id, message_subject=msg["subject"],
                                    source_context="delay notification")
-            fut = self.store.record(msg["id"], [], dsns, extra)
+            fut = self._store_record(msg["id"], [], dsns, extra)
             fut.add_done_callback(lambda f, d=dsns, m=msg["id"]: self.loop.call_soon_threadsafe(
                 self._after_record, f, d, set(), m) if self.loop else None)
             await asyncio.sleep(0)

@@ -57,9 +57,10 @@ class MessageTracker:
         fields.setdefault("server_hostname", self.server)
         if not self.subject_logging:
             fields["message_subject"] = None
-        # Formatted now, on the caller's thread; the writer thread only writes (tracking/logs.py).
+        # Formatted now, on the caller's thread; the writer thread only writes (tracking/logs.py). Tuples of
+        # strings and numbers only: the garbage collector stops tracking those, so a long buffer costs it nothing.
         self._buffer.add((csv_line(self._file_values(fields)), self.store.tracking_values(fields),
-                          fields.get("recipients") or []))
+                          tuple(fields.get("recipients") or ())))
 
     def flush(self) -> None:
         self._buffer.flush_now()
@@ -86,7 +87,7 @@ class MessageTracker:
             row.append(value)
         return row
 
-    def _flush(self, events: list[tuple[str, tuple[Any, ...], list[str]]]) -> None:
+    def _flush(self, events: list[tuple[str, tuple[Any, ...], tuple[str, ...]]]) -> None:
         try:
             self.files.write_lines([line for line, _, _ in events], _now())
         except OSError:
