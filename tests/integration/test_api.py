@@ -127,11 +127,14 @@ def browser():
 
 
 def test_admin_center_in_a_real_browser(admin_server, browser):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     srv = admin_server
-    wait = WebDriverWait(browser, 30)
+    # The queues view redraws itself every few seconds: an element found before a redraw goes stale, so every
+    # look at it is retried.
+    wait = WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,))
 
     def ready(view: str):
         wait.until(lambda d: d.find_element(By.ID, "view").get_attribute("data-view") == view
@@ -194,14 +197,21 @@ def test_admin_center_in_a_real_browser(admin_server, browser):
     ready("queues")
     wait.until(lambda d: any("Mailbox Database EX01" in r.text and "Suspended" in r.text and " 2 " in f" {r.text} "
                              for r in d.find_elements(By.CSS_SELECTOR, "#queue-list tr")))
-    lines = browser.find_elements(By.CSS_SELECTOR, "#queue-chart svg polyline")
-    assert any(line.get_attribute("data-queue") == "EX01\\Mailbox Database EX01" for line in lines)
-    row = browser.find_element(By.CSS_SELECTOR, 'tr[data-identity="EX01\\\\Mailbox Database EX01"]')
-    [b for b in row.find_elements(By.TAG_NAME, "button") if b.text == "Messages"][0].click()
-    wait.until(lambda d: "second" in d.find_element(By.ID, "queue-messages").text)
-    assert hostile_subject in browser.find_element(By.ID, "queue-messages").text   # shown as text, not markup
-    row = browser.find_element(By.CSS_SELECTOR, 'tr[data-identity="EX01\\\\Mailbox Database EX01"]')
-    [b for b in row.find_elements(By.TAG_NAME, "button") if b.text == "Resume"][0].click()
+    wait.until(lambda d: any(line.get_attribute("data-queue") == "EX01\\Mailbox Database EX01"
+                             for line in d.find_elements(By.CSS_SELECTOR, "#queue-chart svg polyline")))
+
+    def click_queue_button(label: str) -> None:
+        def click(d) -> bool:
+            row = d.find_element(By.CSS_SELECTOR, 'tr[data-identity="EX01\\\\Mailbox Database EX01"]')
+            [b for b in row.find_elements(By.TAG_NAME, "button") if b.text == label][0].click()
+            return True
+        wait.until(click)
+
+    click_queue_button("Messages")
+    messages = wait.until(lambda d: (lambda text: text if "second" in text else None)(
+        d.find_element(By.ID, "queue-messages").text))
+    assert hostile_subject in messages   # shown as text, not markup
+    click_queue_button("Resume")
     wait.until(lambda d: not shell(srv.home, 'Get-Message -Queue "EX01\\Mailbox Database EX01"').out.strip())
 
     # Message trace.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -81,3 +82,23 @@ def test_rows_whose_body_a_crash_cut_short_are_dropped_at_open(tmp_path, caplog)
         assert store.read_body(row).startswith(b"Subject: whole")
     finally:
         store.close()
+
+
+def test_a_transaction_rolled_back_whole_fails_every_job_in_it(store, tmp_path):
+    """When SQLite gives up the whole transaction (disk full, I/O error), every job run in it fails — none
+    is reported committed — and the next write starts a new transaction."""
+    with sqlite3.connect(tmp_path / "queue" / "queue.db") as db:   # a statement that ends the transaction
+        db.execute("CREATE TRIGGER boom BEFORE INSERT ON counter WHEN NEW.name='boom' "
+                   "BEGIN SELECT RAISE(ROLLBACK, 'simulated disk full'); END")
+    wake, store._wake = store._wake, threading.Event()   # the commit thread sleeps until the jobs are in
+    try:
+        first = store.submit(message(store.append_body([b"a\r\n"]), "first"))
+        boom = store.execute("INSERT INTO counter (name, value) VALUES (?, ?)", ("boom", 1))
+    finally:
+        store._wake = wake
+    for fut in (first, boom):
+        with pytest.raises(sqlite3.Error, match="simulated disk full"):
+            fut.result(timeout=10)
+    later = store.submit(message(store.append_body([b"b\r\n"]), "later"))
+    later.result(timeout=10)
+    assert subjects(tmp_path / "queue") == ["later"]

@@ -451,13 +451,21 @@ class QueueStore:
                 try:
                     self._apply(conn, job)
                 except BaseException:
-                    conn.execute("ROLLBACK TO job")
+                    if conn.in_transaction:   # else SQLite has rolled the whole transaction back already
+                        conn.execute("ROLLBACK TO job")
+                        conn.execute("RELEASE job")
                     raise
-                finally:
-                    conn.execute("RELEASE job")
+                conn.execute("RELEASE job")
             except Exception as exc:  # noqa: BLE001 - the waiter hears about it
                 if job.future is not None:
                     job.future.set_exception(exc)
+                if self._in_transaction and not conn.in_transaction:
+                    # SQLite rolled the whole transaction back (disk full, I/O error): so went every job in it.
+                    for pending in self._pending:
+                        if pending.future is not None and not pending.future.done():
+                            pending.future.set_exception(exc)
+                    self._pending = []
+                    self._in_transaction = False
                 return
             self._pending.append(job)
         loop = self.loop
