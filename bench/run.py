@@ -48,10 +48,18 @@ PY = sys.executable
 SOURCE_TIMEOUT = 300
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A free port, never one handed out before (the kernel may offer a just-closed port again)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            p = s.getsockname()[1]
+        if p not in _HANDED_OUT:
+            _HANDED_OUT.add(p)
+            return p
 
 
 def cpu_jiffies() -> int:

@@ -24,11 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 
+_HANDED_OUT: set[tuple[str, int]] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on. The kernel may offer the same port twice in a row once the probe socket is
+    closed, so a port this process has handed out before is never given again."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if (host, port) not in _HANDED_OUT:
+            _HANDED_OUT.add((host, port))
+            return port
 
 
 def make_home(path: Path, *, server: str = "EX01", domain: str = "domain.com", store: str | None = None) -> Home:
