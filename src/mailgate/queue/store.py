@@ -545,6 +545,7 @@ class QueueStore:
                             pass
                     self._in_transaction = False
                     if error is None:
+                        self.commits += 1
                         self._bound_wal()
             if error is not None:
                 for job in jobs:
@@ -560,7 +561,6 @@ class QueueStore:
         never rewinds. Checkpointing the little it hasn't copied here, between two transactions (with SQLite's
         syncs on for it, see ``_checkpoint_loop``), lets the next one rewind it and bounds its size."""
         assert self._conn is not None
-        self.commits += 1
         if self.commits % 64 == 0 and os.path.getsize(f"{self.db_path}-wal") > WAL_LIMIT_BYTES:
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
