@@ -59,7 +59,7 @@ def decode(value: Any) -> Any:
     return value
 
 
-def _error_payload(exc: UserError) -> dict[str, Any]:
+def error_payload(exc: UserError) -> dict[str, Any]:
     return {"type": type(exc).__name__, "message": exc.message, "parameter": exc.parameter, "target": exc.target}
 
 
@@ -102,6 +102,45 @@ class RuntimeClient:
         reply = json.loads(b"".join(chunks) or b"{}")
         if not reply.get("ok"):
             _raise_error(reply.get("error") or {"message": "the server closed the connection"})
+        return decode(reply.get("result"))
+
+
+ORG_RUNTIME_PURPOSE = "mailgate runtime operations between servers"
+
+
+def org_runtime_token(secrets: Any) -> str:
+    """The bearer token one server of the organisation shows another's admin API (derived from the shared key)."""
+    return secrets.derive(ORG_RUNTIME_PURPOSE).hex()
+
+
+class RemoteRuntime:
+    """Calls operations of another server of the organisation through its admin API (``POST /api/runtime``)."""
+
+    def __init__(self, server: str, url: str, secrets: Any, timeout: float = 120.0) -> None:
+        self.server = server
+        self.url = url.rstrip("/") + "/api/runtime"
+        self.token = org_runtime_token(secrets)
+        self.timeout = timeout
+
+    def call(self, op: str, **args: Any) -> Any:
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(self.url, data=json.dumps({"op": op, "args": encode(args)}).encode(),
+                                         headers={"Authorization": f"Bearer {self.token}",
+                                                  "Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                reply = json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:300].decode("utf-8", "replace")
+            raise RuntimeUnavailableError(f"Server {self.server}'s admin API at {self.url} refused '{op}': "
+                                          f"HTTP {exc.code} {detail}") from None
+        except (OSError, ValueError) as exc:
+            raise RuntimeUnavailableError(f"Server {self.server}'s transport service can't be reached at {self.url} "
+                                          f"({getattr(exc, 'reason', exc)}).") from None
+        if not reply.get("ok"):
+            _raise_error(reply.get("error") or {"message": f"server {self.server} gave no answer"})
         return decode(reply.get("result"))
 
 
@@ -161,7 +200,7 @@ class ControlServer:
                 result = await self.handler(op, decode(request.get("args") or {}))
                 reply = {"ok": True, "result": encode(result)}
             except UserError as exc:
-                reply = {"ok": False, "error": _error_payload(exc)}
+                reply = {"ok": False, "error": error_payload(exc)}
             except Exception as exc:  # noqa: BLE001 - a bug: log it, answer the client
                 self.log.exception("control operation %s failed", op)
                 reply = {"ok": False, "error": {"type": "UserError", "message": f"internal error in {op}: {exc}"}}

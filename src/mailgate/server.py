@@ -31,8 +31,9 @@ from mailgate.queue.manager import QueueManager, RuntimeSettings
 from mailgate.queue.store import BodyRef, NewMessage, QueueStore, merge_queue
 from mailgate.receive.listeners import ReceiveServer
 from mailgate.receive.policy import ConnectorPolicy, ReceiveConfig
-from mailgate.routing.table import SUBMISSION, RoutingTable
+from mailgate.routing.table import SUBMISSION, RoutingTable, intra_org_endpoints
 from mailgate.send.deliver import Delivery
+from mailgate.smtp import exps
 from mailgate.tls import certs
 from mailgate.tracking.tracker import MessageTracker, ProtocolLog
 
@@ -96,7 +97,8 @@ class TransportService:
             ctx = self._ssl_context(c, server, certificates, org)
             policies[c.guid] = ConnectorPolicy(c, server, ctx,
                                                frozenset(d.lower() for d in org.tls_receive_domain_secure_list))
-        config = ReceiveConfig(revision, server, mine, policies, routing)
+        config = ReceiveConfig(revision, server, mine, policies, routing,
+                               org_servers={s.name.lower(): s.name for s in snapshot.get("TransportServer", [])})
         return config, RuntimeSettings(server, org, routing)
 
     async def reload(self, force: bool = False) -> bool:
@@ -109,6 +111,7 @@ class TransportService:
         self.revision = revision
         self.server_object = config.server
         self.manager.server_fqdns = {s.name.lower(): s.fqdn for s in snapshot.get("TransportServer", [])}
+        self.manager.server_endpoints = intra_org_endpoints(snapshot)
         self.manager.apply(settings)
         self.tracker.configure(config.server, self.home.log_dir / "MessageTracking")
         s = config.server
@@ -258,6 +261,7 @@ class TransportService:
             from mailgate.receive.limits import SharedCounter
 
             self.receive.counter = SharedCounter(home.run_dir / "connections.map")
+        self.receive.server_auth_key = self.secrets.derive(exps.KEY_PURPOSE)
         self.receive.on_change = self.announce
         self.receive.on_event = self.metrics.on_event
         socket_path = home.control_socket if self.workers == 1 else home.worker_socket(self.worker)
@@ -270,6 +274,7 @@ class TransportService:
             try:
                 self.api = await start_api(self, self.admin_listen)
                 self.admin_url = f"http://{self.admin_listen}/"
+                await asyncio.to_thread(self._publish_admin_url, self.admin_listen)
             except UserError as exc:   # mail keeps flowing; the shell still manages the server
                 self.announce(f"{exc.message} Mail flow is not affected.")
         await self.reload(force=True)
@@ -277,6 +282,21 @@ class TransportService:
                        asyncio.ensure_future(self._maintenance())]
         if self.workers == 1:
             home.pid_file.write_text(f"{os.getpid()}\n")
+
+    def _publish_admin_url(self, listen: str) -> None:
+        """Record where the other servers of the organisation reach this one's queues (a wildcard listener
+        through this server's FQDN); written only when it changed, as every write reloads every server."""
+        host, _, port = listen.rpartition(":")
+        with self.store.transaction() as tx:
+            me = next((s for s in tx.list(TransportServer) if s.name.lower() == self.home.server.lower()), None)
+            if me is None:
+                return
+            if host.strip("[]") in ("0.0.0.0", "::", ""):
+                host = me.fqdn
+            url = f"http://{host}:{port}/"
+            if me.admin_api_url != url:
+                me.admin_api_url = url
+                tx.put(me)
 
     def _adopt_orphan_queues(self) -> int:
         """Queues of workers beyond the current count (the server now runs fewer) join worker 0's queue."""

@@ -118,8 +118,16 @@ def test_an_organisation_on_postgresql_is_managed_from_the_shell(tmp_path, postg
                     '-Usage Custom -PermissionGroups AnonymousUsers\nGet-ReceiveConnector | ft Name')
     assert r.ok, r.err
     assert "InternalRelay" in r.out and "Default Frontend EX01" in r.out
-    # A second server joins the same organisation and sees the same configuration.
+    # A second server joins the same organisation: not without the organisation's secret key (and then nothing
+    # is created), then with it, and it sees the same configuration.
+    refused = cli(tmp_path / "h2", "init", "--server", "EX02", "--store", postgres_url)
+    assert refused.returncode != 0 and "copy secret.key from EX01" in refused.stderr, refused
+    assert not (tmp_path / "h2").exists()
+    assert "EX02" not in cli(tmp_path / "h", "shell", "-c", "Get-TransportService | ft Name").stdout
+    (tmp_path / "h2").mkdir()
+    (tmp_path / "h2" / "secret.key").write_bytes((tmp_path / "h" / "secret.key").read_bytes())
     joined = cli(tmp_path / "h2", "init", "--server", "EX02", "--store", postgres_url)
     assert joined.returncode == 0, joined.stderr
+    assert "Joined the organisation of EX01" in joined.stdout + joined.stderr
     listing = cli(tmp_path / "h2", "shell", "-c", "Get-ReceiveConnector | ft Identity")
     assert "EX01\\InternalRelay" in listing.stdout and "EX02\\Default Frontend EX02" in listing.stdout

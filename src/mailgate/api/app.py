@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ConfigDict, create_model
 
 from mailgate.api.metrics import CONTENT_TYPE, Metrics
-from mailgate.control import RuntimeClient
+from mailgate.control import RuntimeClient, decode, encode, error_payload, org_runtime_token
 from mailgate.errors import UserError
 from mailgate.manage import load_cmdlets
 from mailgate.manage.cmdlets import Cmdlet, registry
@@ -32,6 +32,8 @@ from mailgate.manage.context import ManagementContext
 from mailgate.manage.present import to_json
 
 STATIC = Path(__file__).with_name("static")
+# What another server of the organisation may ask of this one (the queue cmdlets' -Server and Server\ identities).
+REMOTE_RUNTIME_OPS = frozenset({"queues", "messages", "queue_action", "message_action", "export", "status"})
 
 
 class InProcessRuntime:
@@ -104,6 +106,29 @@ def build_app(service: Any, loop: asyncio.AbstractEventLoop) -> FastAPI:
         if cmd.builtin:
             continue
         _add_cmdlet_route(app, service, runtime, cmd, authorise)
+
+    org_token = org_runtime_token(service.secrets)
+
+    @app.post("/api/runtime", include_in_schema=False)
+    async def runtime_operation(request: Request) -> Any:
+        """Queue operations for another server of the organisation (``Get-Queue -Server``): the caller shows the
+        token derived from the organisation's key; the reply has the control socket's shape."""
+        header = request.headers.get("authorization", "")
+        if not hmac.compare_digest(header.removeprefix("Bearer ").encode(), org_token.encode()):
+            raise HTTPException(status_code=401, detail="not a server of this organisation",
+                                headers={"WWW-Authenticate": "Bearer"})
+        try:
+            body = await request.json()
+            op, args = body["op"], decode(body.get("args") or {})
+        except (ValueError, KeyError, TypeError):
+            raise HTTPException(status_code=400, detail="expected {\"op\": ..., \"args\": {...}}") from None
+        if op not in REMOTE_RUNTIME_OPS or not isinstance(args, dict):
+            raise HTTPException(status_code=403, detail=f"'{op}' isn't an operation other servers may call")
+        try:
+            result = await run_in_threadpool(lambda: runtime.call(op, **args))
+        except UserError as exc:
+            return {"ok": False, "error": error_payload(exc)}
+        return {"ok": True, "result": encode(result)}
 
     @app.get("/metrics")
     async def prometheus() -> Response:

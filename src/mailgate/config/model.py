@@ -436,6 +436,8 @@ class TransportServer(ConfigObject):
     send_protocol_log_max_directory_size: ByteSizeField = ByteSize(250 * 1024 * 1024)
     send_protocol_log_max_file_size: ByteSizeField = ByteSize(10 * 1024 * 1024)
     intra_org_connector_protocol_logging_level: ProtocolLoggingLevel = ProtocolLoggingLevel.None_
+    # Where the other servers reach this one's queues (Get-Queue -Server): published by `serve` at start.
+    admin_api_url: str = ""
 
     def store_key(self) -> str:
         return self.name.lower()

@@ -24,6 +24,11 @@ ENV_KEY = "MAILGATE_SECRET_KEY"
 class SecretBox:
     def __init__(self, key: bytes) -> None:
         self._fernet = Fernet(key)
+        self._key = key
+
+    def derive(self, purpose: str) -> bytes:
+        """A key for one purpose, derived from the organisation's key (servers that share it share this too)."""
+        return hmac.new(self._key, purpose.encode(), hashlib.sha256).digest()
 
     @classmethod
     def for_home(cls, home: Path, *, create: bool = False) -> "SecretBox":

@@ -54,6 +54,25 @@ class ManagementContext:
                 f"needs the running server. Start it with: mailgate --home {self.home.path} serve")
         return self._runtime
 
+    def runtime_for(self, server: str | None) -> Any:
+        """The running transport of ``server``: this one's, or another organisation server's through the admin
+        API it published (authenticated with a token derived from the organisation's key)."""
+        if not server or server.lower() == self.server_name.lower():
+            return self.runtime
+        from mailgate.control import RemoteRuntime
+
+        with self.store.transaction() as tx:
+            other = next((s for s in tx.list(TransportServer) if s.name.lower() == server.lower()), None)
+        if other is None:
+            raise NotFoundError(f"The server '{server}' isn't a transport server of this organisation.",
+                                parameter="Server")
+        if not other.admin_api_url:
+            raise RuntimeUnavailableError(
+                f"Server {other.name} publishes no admin API, so its queues can't be reached from here: start its "
+                f"transport service with an admin listener another server can reach (mailgate serve --admin-listen "
+                f"0.0.0.0:8440), or run the command in {other.name}'s shell.")
+        return RemoteRuntime(other.name, other.admin_api_url, self.secrets)
+
     def has_runtime(self) -> bool:
         return self._runtime is not None
 

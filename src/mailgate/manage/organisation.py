@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 from mailgate.config.model import AcceptedDomain, Certificate, Mailbox, ReceiveConnector, TransportConfig, TransportServer
-from mailgate.config.secrets import SecretBox
+from mailgate.config.secrets import ENV_KEY, SecretBox
 from mailgate.config.store import ConfigStore, default_sqlite_url
 from mailgate.config.values import ExchangeServices, is_domain, normalise_domain
 from mailgate.errors import UserError
@@ -37,9 +37,18 @@ def initialise(path: Path, *, server: str | None, domain: str | None, store_url:
     if not is_domain(domain_name) or "." not in domain_name:
         raise UserError(f'"{domain}" is not a valid domain name.')
     url = store_url or default_sqlite_url(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if store_url is None:
+        path.mkdir(parents=True, exist_ok=True)   # the new organisation's SQLite file lives here
     store = ConfigStore(url)
     try:
+        with store.transaction() as tx:
+            others = [s.name for s in tx.list(TransportServer)]
+        if others and not (path / "secret.key").exists() and not os.environ.get(ENV_KEY):
+            # A key made here would lock this server out of what the others stored, and out of X-EXPS.
+            raise UserError(f"The organisation of {', '.join(others)} already lives in this store, and its servers "
+                            f"share one secret key: copy secret.key from {others[0]}'s data directory to "
+                            f"{path / 'secret.key'} (or set {ENV_KEY}), then run init again.")
+        path.mkdir(parents=True, exist_ok=True)
         secrets = SecretBox.for_home(path, create=True)
         home = Home.create(path, name, url)
         created: list[str] = []
@@ -52,10 +61,9 @@ def initialise(path: Path, *, server: str | None, domain: str | None, store_url:
             tx.put(server_obj)
             created.append(f"Transport server {name} ({fqdn})")
             new_org = not existing
-            if not new_org and not os.environ.get("MAILGATE_SECRET_KEY"):
-                others = ", ".join(s.name for s in existing)
-                created.append(f"Joined the organisation of {others}: copy secret.key from their data directory "
-                               f"to {path} (or set MAILGATE_SECRET_KEY) so this server can read stored credentials")
+            if not new_org:
+                created.append(f"Joined the organisation of {', '.join(s.name for s in existing)} "
+                               f"(sharing its secret key)")
             if new_org:
                 tx.put(TransportConfig())
                 tx.put(validate(AcceptedDomain, dict(name=domain_name, domain_name=domain_name, default=True)))

@@ -25,10 +25,13 @@ def _identity(value: Any) -> str:
     return to_str(value)
 
 
-def _check_server(ctx: ManagementContext, server: str | None) -> None:
-    if server and server.lower() != ctx.server_name.lower():
-        raise UserError(f"Server {server} isn't reachable from here: this shell manages {ctx.server_name}'s queues. "
-                        f"Run the command on {server}'s shell.", parameter="Server")
+def _runtime(ctx: ManagementContext, server: str | None, identity: str | None = None, parts: int = 2) -> Any:
+    """The running server a queue command is for: -Server, else the server named by an identity of ``parts``
+    parts (Server\\Queue, Server\\Queue\\Number), else this one. Another server of the organisation is
+    reached through its admin API (``ManagementContext.runtime_for``)."""
+    if not server and identity and identity.count("\\") == parts - 1:
+        server = identity.split("\\")[0]
+    return ctx.runtime_for(server)
 
 
 def _filter(records: list[Record], text: str | None) -> list[Record]:
@@ -63,9 +66,9 @@ def _include(record: Record, kinds: list[str]) -> bool:
 
 
 def queues(ctx: ManagementContext, args: dict[str, Any]) -> list[Record]:
-    _check_server(ctx, args.get("Server"))
-    records: list[Record] = ctx.runtime.call("queues")
     ident = args.get("Identity")
+    runtime = _runtime(ctx, args.get("Server"), _identity(ident) if ident is not None else None)
+    records: list[Record] = runtime.call("queues")
     if ident is not None:
         if args.get("Filter") or args.get("Server"):
             raise ParameterError("Parameter set cannot be resolved: -Identity can't be combined with -Filter or "
@@ -77,7 +80,8 @@ def queues(ctx: ManagementContext, args: dict[str, Any]) -> list[Record]:
                                                       r["QueueIdentity"].rpartition("\\")[2],
                                                       str(r["NextHopDomain"]).lower())]
             if not records:
-                raise UserError(f"The queue '{wanted}' couldn't be found on server {ctx.server_name}.", target=wanted)
+                where = wanted.split("\\")[0] if "\\" in wanted else ctx.server_name
+                raise UserError(f"The queue '{wanted}' couldn't be found on server {where}.", target=wanted)
     records = _filter(records, args.get("Filter"))
     if args.get("Include"):
         records = [r for r in records if _include(r, args["Include"])]
@@ -121,9 +125,8 @@ def get_queue(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
         synopsis="Summarise the delivery queues, grouped.", needs_runtime=True, default_view="QueueDigest")
 def get_queue_digest(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """Aggregate delivery queues by NextHopDomain (or -GroupBy); by default groups with at least 10 messages."""
-    for server in args.get("Server") or []:
-        _check_server(ctx, server)
-    records = [r for r in ctx.runtime.call("queues") if r["DeliveryType"] not in ("Undefined",)]
+    records = [r for server in (args.get("Server") or [None]) for r in _runtime(ctx, server).call("queues")
+               if r["DeliveryType"] not in ("Undefined",)]
     records = _filter(records, args.get("Filter"))
     group_by = args.get("GroupBy") or "NextHopDomain"
     valid = {"DeliveryType", "LastError", "NextHopCategory", "NextHopDomain", "NextHopKey", "Status", "ServerName"}
@@ -131,7 +134,7 @@ def get_queue_digest(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
         raise ParameterError(f"GroupBy must be one of {', '.join(sorted(valid))}.", parameter="GroupBy")
     groups: dict[str, list[Record]] = {}
     for r in records:
-        key = ctx.server_name if group_by == "ServerName" else str(
+        key = str(r["Identity"]).split("\\")[0] if group_by == "ServerName" else str(
             r.get("Identity") if group_by == "NextHopKey" else r.get(group_by))
         groups.setdefault(key, []).append(r)
     out = []
@@ -160,8 +163,21 @@ def _queue_action(ctx: ManagementContext, args: dict[str, Any], action: str, ver
             return []
     if not ctx.should_process(f"{verb} queue(s) {', '.join(targets)}."):
         return []
-    ctx.runtime.call("queue_action", action=action, identities=targets, resubmit=bool(args.get("Resubmit")))
+    for server, identities in _by_server(ctx, args.get("Server"), targets, 2).items():
+        _runtime(ctx, server).call("queue_action", action=action, identities=identities,
+                                   resubmit=bool(args.get("Resubmit")))
     return []
+
+
+def _by_server(ctx: ManagementContext, server: str | None, identities: list[str], parts: int) -> dict[str | None, list[str]]:
+    """Identities grouped by the server that holds them (-Server, else an identity's server part)."""
+    groups: dict[str | None, list[str]] = {}
+    for identity in identities:
+        owner = server or (identity.split("\\")[0] if identity.count("\\") == parts - 1 else None)
+        if owner is not None and owner.lower() == ctx.server_name.lower():
+            owner = None
+        groups.setdefault(owner, []).append(identity)
+    return groups
 
 
 @cmdlet("Suspend-Queue", _QUEUE_PARAMS, synopsis="Stop delivery from a queue.", needs_runtime=True, mutates=True)
@@ -190,12 +206,14 @@ def retry_queue(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
 
 
 def messages(ctx: ManagementContext, args: dict[str, Any]) -> list[Record]:
-    _check_server(ctx, args.get("Server"))
     queue = args.get("Queue")
-    records: list[Record] = ctx.runtime.call("messages", queue=_identity(queue) if queue else None,
-                                             include_recipients=bool(args.get("IncludeRecipientInfo")),
-                                             limit=args.get("ResultSize") or 250000)
     ident = args.get("Identity")
+    runtime = _runtime(ctx, args.get("Server") or (_identity(queue).split("\\")[0] if queue and "\\" in
+                                                   _identity(queue) else None),
+                       _identity(ident) if ident is not None else None, parts=3)
+    records: list[Record] = runtime.call("messages", queue=_identity(queue) if queue else None,
+                                         include_recipients=bool(args.get("IncludeRecipientInfo")),
+                                         limit=args.get("ResultSize") or 250000)
     if ident is not None:
         wanted = _identity(ident)
         parts = wanted.split("\\")
@@ -245,7 +263,9 @@ def _message_action(ctx: ManagementContext, args: dict[str, Any], action: str, v
         return []
     if not ctx.should_process(f"{verb} message(s) {', '.join(targets)}."):
         return []
-    ctx.runtime.call("message_action", action=action, identities=targets, with_ndr=args.get("WithNDR", True))
+    for server, identities in _by_server(ctx, args.get("Server"), targets, 3).items():
+        _runtime(ctx, server).call("message_action", action=action, identities=identities,
+                                   with_ndr=args.get("WithNDR", True))
     return []
 
 
@@ -286,7 +306,7 @@ class BinaryData(bytes):
                   'Export-Message -Path .\\export'])
 def export_message(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """Export a suspended message: with -Path to a file, else as FileData for AssembleMessage -Path."""
-    reply = ctx.runtime.call("export", identity=_identity(args["Identity"]))
+    reply = _runtime(ctx, None, _identity(args["Identity"]), parts=3).call("export", identity=_identity(args["Identity"]))
     data = BinaryData(reply["body"])
     identity = reply["identity"]
     path = args.get("Path")

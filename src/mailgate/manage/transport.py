@@ -35,7 +35,8 @@ def _dns_server(value: Any) -> str:
 
 
 _SERVICE_PARAMS = field_params(TransportServer, exclude={"name", "fqdn", "server_role", "admin_display_version",
-                                                         "external_dns_servers", "internal_dns_servers"})
+                                                         "external_dns_servers", "internal_dns_servers",
+                                                         "admin_api_url"})
 def _dns_list(value: Any) -> Any:
     if isinstance(value, dict):
         keys = {k.lower(): v for k, v in value.items()}

@@ -152,6 +152,9 @@ class QueueManager:
         self.store = store
         self.tracker = tracker
         self.server_name = server_name
+        # The organisation's other servers, for relaying to a send connector's source servers (server.reload).
+        self.server_fqdns: dict[str, str] = {}
+        self.server_endpoints: dict[str, list[tuple[str | None, int]]] = {}
         self.mailbox_root = mailbox_root
         self._deliver_smtp = deliver_smtp        # async (manager, queue, settings) → None
         self._deliver_mailbox = deliver_mailbox  # sync (settings, rows) → outcomes, run in a thread

@@ -75,6 +75,7 @@ class ReceiveServer:
         self.tracker = tracker
         self.protocol_log = protocol_log
         self.authenticate = authenticate
+        self.server_auth_key: bytes | None = None   # the organisation's X-EXPS key (smtp/exps.py)
         self.config = config
         self.reuse_port = reuse_port
         self.sessions: set[SmtpSession] = set()

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailgate.config.model import ReceiveConnector, TransportServer
-from mailgate.config.values import AuthMechanism, SizeMode
+from mailgate.config.values import AuthMechanism, PermissionGroups, SizeMode
 from mailgate.receive import rights as R
 from mailgate.receive.selection import select_connector
 from mailgate.routing.table import RoutingTable
+from mailgate.smtp import exps
 from mailgate.smtp.replies import Reply
 from mailgate.smtp.server import Extensions
 
@@ -60,6 +61,15 @@ class ConnectorPolicy:
             return ()
         return ("LOGIN", "PLAIN")
 
+    def exps_mechanisms(self, tls: bool) -> tuple[str, ...]:
+        """Exchange Server authentication (X-EXPS): for connectors that take the ExchangeServers group with the
+        ExchangeServer mechanism; after STARTTLS when the connector can offer TLS."""
+        c = self.connector
+        if AuthMechanism.ExchangeServer not in c.auth_mechanism or PermissionGroups.ExchangeServers not in \
+                c.permission_groups or (self.offers_tls and not tls):
+            return ()
+        return (exps.MECHANISM,)
+
     def auth_needs_tls(self, tls: bool) -> bool:
         am = self.connector.auth_mechanism
         return AuthMechanism.BasicAuth in am and AuthMechanism.BasicAuthRequireTLS in am and not tls
@@ -77,7 +87,7 @@ class ConnectorPolicy:
             binarymime=c.binary_mime_enabled and c.chunking_enabled, chunking=c.chunking_enabled,
             dsn=c.delivery_status_notification_enabled, smtputf8=c.smtp_utf8_enabled,
             enhanced_status_codes=c.enhanced_status_codes_enabled, starttls=self.offers_tls and not tls,
-            auth=self.auth_mechanisms(tls), require_ehlo_domain=c.require_ehlo_domain,
+            auth=self.auth_mechanisms(tls), exps=self.exps_mechanisms(tls), require_ehlo_domain=c.require_ehlo_domain,
             reject_bare_linefeeds=c.bare_linefeed_rejection_enabled,
         )
 
@@ -112,6 +122,9 @@ class ConnectorPolicy:
         mechanisms = self.auth_mechanisms(tls)
         if mechanisms:
             lines.append("AUTH " + " ".join(mechanisms))
+        exps_mechanisms = self.exps_mechanisms(tls)
+        if exps_mechanisms:
+            lines.append("X-EXPS " + " ".join(exps_mechanisms))
         if c.eight_bit_mime_enabled:
             lines.append("8BITMIME")
         if c.binary_mime_enabled and c.chunking_enabled:
@@ -140,6 +153,7 @@ class ReceiveConfig:
     policies: dict[str, ConnectorPolicy]
     routing: RoutingTable
     submission_suspended: bool = False
+    org_servers: dict[str, str] = field(default_factory=dict)   # the organisation's servers, lower-case name → name
 
     _selection: dict[tuple[str, int, str], tuple[ReceiveConnector | None, Any]] = field(default_factory=dict)
 

@@ -123,8 +123,11 @@ def grants(connector: ReceiveConnector) -> list[tuple[str, Right, bool]]:
 
 
 def session_principals(*, authenticated_as: str | None, mailbox_names: tuple[str, ...] = (),
-                       partner: bool = False, externally_secured: bool = False) -> list[str]:
+                       partner: bool = False, externally_secured: bool = False,
+                       exchange_server: bool = False) -> list[str]:
     """The principals a session acts as (matched case-insensitively against grants)."""
+    if exchange_server:   # a server of this organisation, authenticated with X-EXPS
+        return [EXCHANGE_SERVERS, HUB_SERVERS, AUTHENTICATED_USERS, ANONYMOUS]
     if externally_secured:
         return [EXTERNALLY_SECURED, ANONYMOUS]
     if partner:

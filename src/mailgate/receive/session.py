@@ -23,6 +23,7 @@ from mailgate.receive import rights as R
 from mailgate.receive.headers import HeaderBlock, fold, message_id_of, rfc5322_date
 from mailgate.receive.message import IncomingMessage
 from mailgate.receive.policy import ConnectorPolicy, ReceiveConfig
+from mailgate.smtp import exps
 from mailgate.smtp import replies as RP
 from mailgate.smtp import server as S
 from mailgate.smtp.address import Address
@@ -37,7 +38,16 @@ _RESERVED_TLDS = {"test", "example", "invalid", "localhost"}
 _RESERVED_SLDS = {"example.com", "example.net", "example.org"}
 
 # X-MS-Exchange-Organization-AuthMechanism codes (reference §9.2)
-_AUTH_CODES = {"none": "00", "mutualtls": "02", "tlsauthlogin": "06", "login": "07", "secureexternal": "10"}
+_AUTH_CODES = {"none": "00", "mutualtls": "02", "tlsauthlogin": "06", "login": "07", "exchangeserver": "0B",
+               "secureexternal": "10"}
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _subject_of(cert: dict[str, Any]) -> str:
@@ -54,6 +64,7 @@ class SmtpSession(asyncio.Protocol):
         self._reading_paused = False
         self._write_paused = False
         self.authenticated: str | None = None     # the mailbox's primary address
+        self.org_server: str | None = None        # the organisation server that authenticated with X-EXPS
         self.auth_mechanism = "none"
         self._auth_state: dict[str, Any] | None = None
         self.logon_failures = 0
@@ -381,8 +392,11 @@ class SmtpSession(asyncio.Protocol):
 
     # -- authentication ------------------------------------------------------------------------
     def _on_auth(self, ev: S.Auth) -> None:
-        if self.authenticated:
+        if self.authenticated or self.org_server:
             self._protocol_error(RP.AUTH_ALREADY)
+            return
+        if ev.exps:
+            self._on_exps(ev)
             return
         if self.policy.auth_needs_tls(self.machine.tls):
             self._reply(RP.AUTH_REQUIRES_TLS)
@@ -408,6 +422,35 @@ class SmtpSession(asyncio.Protocol):
                 self._auth_state = {"mech": "LOGIN"}
                 self._reply(RP.AUTH_USERNAME)
 
+    def _on_exps(self, ev: S.Auth) -> None:
+        """Exchange Server authentication: the client proves it holds the organisation's key (smtp/exps.py)."""
+        key = self.server.server_auth_key
+        if ev.mechanism not in self.policy.exps_mechanisms(self.machine.tls) or key is None or ev.initial is not None:
+            self._protocol_error(RP.AUTH_UNRECOGNIZED)
+            return
+        challenge = exps.new_challenge()
+        self._auth_state = {"mech": "X-EXPS", "challenge": challenge}
+        self._reply(Reply(334, None, base64.b64encode(challenge).decode()))
+
+    def _exps_response(self, line: str, challenge: bytes) -> None:
+        self._auth_state = None
+        key = self.server.server_auth_key
+        server = exps.verify_client(key, challenge, line, self.config.org_servers) if key else None
+        if server is None:
+            self.logon_failures += 1
+            if self.plog:
+                self.plog.write("*", "", "Inbound Exchange Server authentication failed: the proof doesn't match "
+                                         "the organisation's key")
+            self._reply(RP.EXPS_FAILED)
+            return
+        self.org_server = server
+        self.auth_mechanism = "exchangeserver"
+        self.rights = self._compute_rights()
+        if self.plog:
+            self.plog.write("*", R.log_tokens(self.rights), f"Inbound X-EXPS {exps.MECHANISM} succeeded for "
+                                                            f"organisation server {server}")
+        self._reply(Reply(235, "2.7.0", f"Authentication successful {exps.server_proof(key, challenge, server)}"))
+
     def _b64(self, text: str) -> str | None:
         try:
             return base64.b64decode(text, validate=True).decode("utf-8")
@@ -424,6 +467,9 @@ class SmtpSession(asyncio.Protocol):
         if ev.line.strip() == "*":
             self._auth_state = None
             self._reply(RP.AUTH_CANCELLED)
+            return
+        if state["mech"] == "X-EXPS":
+            self._exps_response(ev.line, state["challenge"])
             return
         if state["mech"] == "PLAIN":
             self._auth_plain(ev.line.strip())
@@ -494,7 +540,8 @@ class SmtpSession(asyncio.Protocol):
     def _compute_rights(self) -> R.Right:
         principals = R.session_principals(
             authenticated_as=self.authenticated, mailbox_names=getattr(self, "_mailbox_addresses", ()),
-            partner=self.partner_domain is not None, externally_secured=self.policy.externally_secured)
+            partner=self.partner_domain is not None, externally_secured=self.policy.externally_secured,
+            exchange_server=self.org_server is not None)
         return self.policy.rights(tuple(principals))
 
     # -- the envelope ---------------------------------------------------------------------------------
@@ -605,6 +652,7 @@ class SmtpSession(asyncio.Protocol):
         max_size = None if R.Right.BypassMessageSizeLimit in self.rights else c.max_message_size.bytes
         self.internal_id = self.server.store.allocate_id()
         self.network_id = str(uuid.uuid4())
+        self.relayed_directionality: str | None = None
         self.message = IncomingMessage(self.server.store, max_size=max_size, max_header=c.max_header_size.bytes or 262144,
                                        on_headers=self._stamp_headers)
 
@@ -666,9 +714,16 @@ class SmtpSession(asyncio.Protocol):
         with_clause = f"{proto} (version={tls[0]}, cipher={tls[1]})" if tls else proto
         recipient = f" for <{self.recipients[0][0]}>" if len(self.recipients) == 1 else ""
         lines = [fold("Received", f"from {self.helo or 'unknown'} ({self.client_ip}) by {fqdn} ({self.local_address}) "
-                                  f"with {with_clause} id {self.internal_id}{recipient}; {rfc5322_date()}"),
-                 self._audit_headers()]
-        lines.append(f"X-MS-Exchange-Organization-Network-Message-Id: {self.network_id}\r\n".encode())
+                                  f"with {with_clause} id {self.internal_id}{recipient}; {rfc5322_date()}")]
+        relayed_id = block.get("X-MS-Exchange-Organization-Network-Message-Id") if self.org_server else None
+        if relayed_id and _is_uuid(relayed_id):
+            # From another server of the organisation: its headers stand, and the message keeps its network id,
+            # so tracking follows it from server to server.
+            self.network_id = relayed_id
+            self.relayed_directionality = block.get("X-MS-Exchange-Organization-MessageDirectionality")
+        else:
+            lines.append(self._audit_headers())
+            lines.append(f"X-MS-Exchange-Organization-Network-Message-Id: {self.network_id}\r\n".encode())
         if self.message_id is None:
             self.message_id = f"<{self.network_id}@{fqdn}>"
             lines.append(fold("Message-ID", self.message_id))
@@ -730,7 +785,7 @@ class SmtpSession(asyncio.Protocol):
             expires_at=now + self.config.server.message_expiration_timeout.seconds, recipients=recipients, body=body,
             source=f"SMTP:{self.connector.identity}", source_ip=self.client_ip, client_hostname=self.helo,
             connector=self.connector.identity, auth_as=self.authenticated,
-            directionality="Originating" if self.authenticated else "Incoming",
+            directionality=self.relayed_directionality or ("Originating" if self.authenticated else "Incoming"),
             envid=params.envid if params else None, ret=params.ret if params else None,
             body_type=params.body if params else None, smtputf8=bool(params and params.smtputf8),
             in_submission=any(r.queue == "Submission" for r in recipients))

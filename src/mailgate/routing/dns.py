@@ -22,6 +22,7 @@ from mailgate.config.values import SmartHost
 class Host:
     name: str                     # MX host or smart host name ("" for IP literals)
     addresses: tuple[str, ...]    # IPs to try, in order
+    port: int | None = None       # this host's own port (another server of the organisation), else the connector's
 
 
 class DnsFailure(Exception):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailgate.config.model import AcceptedDomain, Mailbox, SendConnector
-from mailgate.config.values import DomainType
+from mailgate.config.values import AuthMechanism, DomainType, PermissionGroups
 
 # Queue keys. Delivery queues are created per next hop, as Exchange does.
 SUBMISSION = "Submission"
@@ -176,3 +176,20 @@ class RoutingTable:
         if name is None:
             return None
         return next((c for c in self.connectors if c.name.lower() == name.lower()), None)
+
+
+def intra_org_endpoints(snapshot: dict[str, list[Any]]) -> dict[str, list[tuple[str | None, int]]]:
+    """Where each server of the organisation takes mail from the others: the bindings of its enabled receive
+    connectors that accept Exchange Server authentication (the ExchangeServers group with the ExchangeServer
+    mechanism), as (IP, port) — IP None for a wildcard binding, reached through the server's FQDN."""
+    out: dict[str, list[tuple[str | None, int]]] = {}
+    for c in snapshot.get("ReceiveConnector", []):
+        if not c.enabled or AuthMechanism.ExchangeServer not in c.auth_mechanism \
+                or PermissionGroups.ExchangeServers not in c.permission_groups:
+            continue
+        for b in c.bindings:
+            endpoint = (None if b.is_wildcard else str(b.address), b.port)
+            endpoints = out.setdefault(c.server.lower(), [])
+            if endpoint not in endpoints:
+                endpoints.append(endpoint)
+    return out

@@ -24,12 +24,14 @@ from mailgate.send.smtp import (
     SmtpConnection,
     TlsPolicy,
 )
+from mailgate.smtp import exps
 from mailgate.smtp.client import ProtocolViolation
 
 log = logging.getLogger("mailgate.send")
 
 CONNECTION_CACHE_SECONDS = 2.0   # an idle delivery connection waits this long for more mail (Postfix: 2 s)
 MAILBOX_REJECTED = "550 5.1.1 RESOLVER.ADR.ExRecipNotFound; not found"
+INTRA_ORG_CONNECTOR = "Intra-Organization SMTP Send Connector"
 
 
 class Delivery:
@@ -83,6 +85,19 @@ class Delivery:
                                auth_require_tls=mech is SmartHostAuthMechanism.BasicAuthRequireTLS,
                                timeout=connector.connection_inactivity_time_out.seconds, lmtp=lmtp, log=log_factory)
 
+    def intra_org_settings(self, manager: Any) -> SessionSettings:
+        """The implicit Intra-Organization SMTP Send Connector: to another server of the organisation, over TLS
+        when offered, authenticated both ways with X-EXPS (smtp/exps.py)."""
+        server = manager.settings.server
+        log_factory = None
+        if server.intra_org_connector_protocol_logging_level.value == "Verbose":
+            def log_factory(local: str, remote: str) -> Any:
+                session = self.protocol_log.session(INTRA_ORG_CONNECTOR, local, remote)
+                session.write("+")
+                return session
+        return SessionSettings(helo_name=server.fqdn, port=25, tls=TlsPolicy(), log=log_factory,
+                               exchange_auth=(self.secrets.derive(exps.KEY_PURPOSE), server.name))
+
     async def hosts_for(self, manager: Any, q: Any, connector: SendConnector | None) -> list[D.Host]:
         server = manager.settings.server
         use_external = connector is not None and connector.use_external_dns_servers_enabled
@@ -100,16 +115,23 @@ class Delivery:
         raise D.DnsFailure(f"451 4.4.0 No way to reach the next hop {q.next_hop}", permanent=False)
 
     async def _source_servers(self, manager: Any, resolver: Any, connector: SendConnector) -> list[D.Host]:
+        """The connector's source servers, each at the receive connectors where it takes mail from the others
+        (``intra_org_endpoints``); a wildcard binding is reached through the server's FQDN."""
         hosts = []
         for name in connector.source_transport_servers:
-            fqdn = manager.server_fqdns.get(name.lower()) if hasattr(manager, "server_fqdns") else None
-            fqdn = fqdn or name
-            try:
-                addresses = await D._addresses(resolver, fqdn) if not _is_ip(fqdn) else (fqdn,)
-            except D.DnsFailure:
+            if name.lower() == manager.server_name.lower():
                 continue
-            if addresses:
-                hosts.append(D.Host(fqdn, addresses))
+            fqdn = manager.server_fqdns.get(name.lower()) or name
+            for ip, port in manager.server_endpoints.get(name.lower()) or [(None, 25)]:
+                if ip is not None:
+                    hosts.append(D.Host(fqdn, (ip,), port))
+                    continue
+                try:
+                    addresses = await D._addresses(resolver, fqdn) if not _is_ip(fqdn) else (fqdn,)
+                except D.DnsFailure:
+                    continue
+                if addresses:
+                    hosts.append(D.Host(fqdn, addresses, port))
         if not hosts:
             raise D.DnsFailure(f"451 4.4.0 None of the source servers of {connector.name} could be resolved",
                                permanent=False)
@@ -130,7 +152,10 @@ class Delivery:
                 manager.connection_failed(q, failure.reply)
             return
         config = manager.settings
-        settings = self.session_settings(manager, connector, q.next_hop, lmtp=lmtp)
+        if q.delivery_type == "SmtpRelayToConnectorSourceServers":
+            settings = self.intra_org_settings(manager)
+        else:
+            settings = self.session_settings(manager, connector, q.next_hop, lmtp=lmtp)
         if lmtp:
             settings.port = int(q.next_hop.rpartition(":")[2] or 24)
             settings.tls = TlsPolicy()

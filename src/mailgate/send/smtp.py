@@ -16,8 +16,10 @@ from typing import Any, Callable
 
 from mailgate.routing.dns import Host
 from mailgate.smtp import client as C
+from mailgate.smtp import exps
 from mailgate.smtp.replies import Reply
 
+EXPS_FAILED = "454 4.7.3 Cannot achieve Exchange Server authentication"
 FAILOVER = ("Attempted failover to alternate host, but that did not succeed. Either there are no alternate hosts, "
             "or delivery failed to all alternate hosts. The last endpoint attempted was {endpoint}")
 
@@ -73,6 +75,7 @@ class SessionSettings:
     connect_timeout: float = 30.0
     lmtp: bool = False
     log: Any = None                           # a ProtocolSession factory (local, remote) → session, or None
+    exchange_auth: tuple[bytes, str] | None = None   # (organisation key, this server's name): X-EXPS, smtp/exps.py
 
 
 class ConnectFailure(Exception):
@@ -137,7 +140,8 @@ class SmtpConnection:
         self.settings = settings
         self.host = host
         self.address = address
-        self.endpoint = f"{address}:{settings.port}" if ":" not in address else f"[{address}]:{settings.port}"
+        port = host.port or settings.port
+        self.endpoint = f"{address}:{port}" if ":" not in address else f"[{address}]:{port}"
         self.parser = C.ReplyParser()
         self.pending: list[Reply] = []
         self.extensions: dict[str, str] = {}
@@ -155,12 +159,13 @@ class SmtpConnection:
         last_endpoint = ""
         last_host = ""
         for host in hosts:
+            port = host.port or settings.port
             for address in host.addresses:
-                endpoint = f"{address}:{settings.port}" if ":" not in address else f"[{address}]:{settings.port}"
+                endpoint = f"{address}:{port}" if ":" not in address else f"[{address}]:{port}"
                 last_endpoint, last_host = endpoint, host.name or address
                 try:
                     reader, writer = await asyncio.wait_for(
-                        asyncio.open_connection(address, settings.port, limit=1 << 20), settings.connect_timeout)
+                        asyncio.open_connection(address, port, limit=1 << 20), settings.connect_timeout)
                 except (OSError, asyncio.TimeoutError) as exc:
                     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
                     last_error = (f'441 4.4.1 Error encountered while communicating with primary target IP address: '
@@ -205,8 +210,30 @@ class SmtpConnection:
                 await self._hello()
         elif policy.require:
             raise _HostRefused("451 5.7.3 STARTTLS is required to send mail", fatal=False)
-        if self.settings.auth is not None:
+        if self.settings.exchange_auth is not None:
+            await self._exchange_authenticate()
+        elif self.settings.auth is not None:
             await self._authenticate()
+
+    async def _exchange_authenticate(self) -> None:
+        """X-EXPS to another server of the organisation; its answer must prove it holds the key too."""
+        key, server = self.settings.exchange_auth  # type: ignore[misc]
+        if exps.MECHANISM not in self.extensions.get("X-EXPS", "").upper().split():
+            raise _HostRefused(f"{EXPS_FAILED}: {self.host.name or self.address} doesn't offer X-EXPS "
+                               f"{exps.MECHANISM}", fatal=False)
+        reply = await self._command(f"X-EXPS {exps.MECHANISM}\r\n".encode())
+        if reply.code == 334:
+            try:
+                line, challenge = exps.client_response(key, reply.lines[0], server)
+            except (ValueError, IndexError):
+                raise _HostRefused(f"{EXPS_FAILED}: the challenge isn't base64", fatal=False) from None
+            reply = await self._command(line + b"\r\n", secret=True)
+            if reply.code == 235 and exps.verify_server(key, challenge, server, reply.lines[-1]):
+                return
+            if reply.code == 235:
+                raise _HostRefused(f"{EXPS_FAILED}: {self.host.name or self.address} couldn't prove it belongs to "
+                                   f"the organisation", fatal=False)
+        raise _HostRefused(f"{EXPS_FAILED}: {reply}", fatal=False)
 
     async def _hello(self) -> None:
         verb = "LHLO" if self.settings.lmtp else ("HELO" if self.settings.force_helo else "EHLO")

@@ -117,6 +117,7 @@ class Simple:
 class Auth:
     mechanism: str
     initial: str | None
+    exps: bool = False      # X-EXPS (Exchange Server authentication) rather than AUTH
 
 
 @dataclass(slots=True)
@@ -148,6 +149,7 @@ class Extensions:
     enhanced_status_codes: bool = True
     starttls: bool = False
     auth: tuple[str, ...] = ()
+    exps: tuple[str, ...] = ()       # X-EXPS mechanisms (Exchange Server authentication)
     require_ehlo_domain: bool = False
     reject_bare_linefeeds: bool = False
 
@@ -274,7 +276,7 @@ class ServerProtocol:
             if state in (State.MAIL, State.RCPT, State.BDAT_WAIT):
                 return BadCommand(R.BAD_SEQUENCE, line)
             return Simple("STARTTLS")
-        if verb == "AUTH":
+        if verb == "AUTH" or (verb == "X-EXPS" and self.ext.exps):
             if state is State.CONNECTED:
                 return BadCommand(R.SEND_HELLO_FIRST, line)
             if state is not State.READY:
@@ -282,7 +284,7 @@ class ServerProtocol:
             parts = arg.split()
             if not parts or len(parts) > 2:
                 return BadCommand(R.INVALID_ARGUMENTS, line)
-            return Auth(parts[0].upper(), parts[1] if len(parts) > 1 else None)
+            return Auth(parts[0].upper(), parts[1] if len(parts) > 1 else None, exps=verb == "X-EXPS")
         if verb == "MAIL":
             return self._parse_mail(arg, line)
         if verb == "RCPT":

@@ -1,0 +1,177 @@
+"""A multi-server organisation (SPEC C9): two servers share configuration and tracking in PostgreSQL, each keeps
+its own queue, and mail for a send connector whose SourceTransportServers lists only EX02 leaves EX01 by relaying
+to EX02 with Exchange Server authentication (X-EXPS), as Exchange's intra-organisation connector does."""
+
+from __future__ import annotations
+
+import email
+import json
+import smtplib
+import ssl
+import urllib.error
+import urllib.request
+
+import pytest
+from cryptography.fernet import Fernet
+from helpers import Server, bind_ports, free_port, make_home, shell, synced, wait_for
+from peers import SmtpPeer
+
+from mailgate.config.secrets import SecretBox
+from mailgate.smtp import exps
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def organisation(tmp_path, postgres_url):
+    ex01 = make_home(tmp_path / "ex01", server="EX01", domain="domain.com", store=postgres_url)
+    (tmp_path / "ex02").mkdir()
+    (tmp_path / "ex02" / "secret.key").write_bytes((tmp_path / "ex01" / "secret.key").read_bytes())
+    ex02 = make_home(tmp_path / "ex02", server="EX02", store=postgres_url)
+    ports = {"EX01": bind_ports(ex01)["frontend"], "EX02": bind_ports(ex02)["frontend"]}
+    r = shell(ex01, "New-AcceptedDomain Sink -DomainName sink.test -DomainType ExternalRelay\n"
+                    "Set-TransportService EX01 -TransientFailureRetryInterval 00:00:01 -MessageRetryInterval 00:00:01 "
+                    "-IntraOrgConnectorProtocolLoggingLevel Verbose\n"
+                    "Set-TransportService EX02 -TransientFailureRetryInterval 00:10:00 "
+                    "-OutboundConnectionFailureRetryInterval 00:10:00", runtime=None)
+    assert r.ok, r.err
+    servers = [Server(ex01).start(), Server(ex02, admin=True).start()]   # EX02 publishes its admin API
+    yield ex01, ex02, ports
+    for server in servers:
+        server.stop()
+
+
+def submit(port: int, recipient: str, subject: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.sendmail("app@outside.test", [recipient], f"Subject: {subject}\r\n\r\nbody\r\n".encode())
+
+
+def tls_session(port: int) -> smtplib.SMTP:
+    client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+    client.ehlo("probe.test")
+    client.starttls(context=ssl._create_unverified_context())
+    client.ehlo("probe.test")
+    return client
+
+
+def test_mail_for_another_servers_connector_is_relayed_to_it(organisation):
+    ex01, ex02, ports = organisation
+    sink = SmtpPeer("127.0.0.1", free_port())
+    try:
+        # A change made on EX01 reaches both running servers within seconds.
+        r = shell(ex01, f"New-SendConnector ToSink -AddressSpaces sink.test -SmartHosts 127.0.0.1 -Port {sink.port} "
+                        f"-SourceTransportServers EX02")
+        assert r.ok, r.err
+        synced(ex01)
+        synced(ex02)
+        submit(ports["EX01"], "user@sink.test", "across the organisation")
+        wait_for(lambda: sink.received, timeout=60, message="the message at the sink")
+        got = sink.received[0]
+        msg = email.message_from_bytes(got.data)
+        assert got.rcpt_tos == ["user@sink.test"] and msg["Subject"] == "across the organisation"
+        received = [" ".join(h.split()) for h in msg.get_all("Received")]
+        assert "by ex02.domain.com" in received[0] and "by ex01.domain.com" in received[1], received
+        assert "with ESMTPS" in received[0], "EX01 → EX02 went over TLS"
+        # One network message id from the first server to the last, so tracking follows the message across them.
+        ids = msg.get_all("X-MS-Exchange-Organization-Network-Message-Id")
+        assert len(ids) == 1
+        assert msg["X-MS-Exchange-Organization-AuthAs"] == "Anonymous"   # as EX01 first judged it
+
+        def events(server: str) -> list[str]:
+            out = shell(ex01, f"Get-MessageTrackingLog -Server {server} -MessageSubject 'across the organisation' "
+                              f"| ForEach-Object {{ $_.EventId + ' ' + $_.NetworkMessageId }}").out.split("\n")
+            return [line.strip() for line in out if line.strip()]
+
+        wait_for(lambda: any(e.startswith("SEND") for e in events("EX02")), message="EX02's SEND event")
+        wait_for(lambda: any(e.startswith("SEND") for e in events("EX01")), message="EX01's SEND event")
+        assert {e.split()[1] for e in events("EX01") + events("EX02")} == {ids[0]}
+        assert any(e.startswith("RECEIVE") for e in events("EX02"))
+        # EX01's side of the hop is logged under Exchange's implicit connector's name, with the proof hidden.
+        send_logs = "".join(p.read_text() for p in (ex01.log_dir / "ProtocolLog" / "SmtpSend").rglob("*.LOG"))
+        assert "Intra-Organization SMTP Send Connector" in send_logs and "X-EXPS HMAC-SHA256" in send_logs
+    finally:
+        sink.stop()
+
+
+def test_exchange_server_authentication_needs_the_organisations_key(organisation, tmp_path):
+    ex01, ex02, ports = organisation
+    synced(ex02)
+    with tls_session(ports["EX02"]) as client:
+        assert "HMAC-SHA256" in client.esmtp_features.get("x-exps", ""), client.esmtp_features
+        # Anonymous: no relay to a domain the organisation doesn't accept.
+        client.mail("app@outside.test")
+        code, _ = client.rcpt("user@elsewhere.test")
+        assert code == 550
+        client.rset()
+        # A proof made with another key is refused, and relaying stays refused.
+        code, challenge = client.docmd("X-EXPS", exps.MECHANISM)
+        assert code == 334
+        other_key = SecretBox(Fernet.generate_key()).derive(exps.KEY_PURPOSE)
+        line, _ = exps.client_response(other_key, challenge.decode(), "EX01")
+        code, text = client.docmd(line.decode())
+        assert (code, text.decode()) == (535, "5.7.3 Cannot achieve Exchange Server authentication")
+        client.mail("app@outside.test")
+        assert client.rcpt("user@elsewhere.test")[0] == 550
+        client.rset()
+        # With the organisation's key, as EX01: the session holds the Exchange Servers' rights, relay included,
+        # and the server proves it holds the key too.
+        key = SecretBox.for_home(tmp_path / "ex01").derive(exps.KEY_PURPOSE)
+        code, challenge = client.docmd("X-EXPS", exps.MECHANISM)
+        line, raw_challenge = exps.client_response(key, challenge.decode(), "EX01")
+        code, text = client.docmd(line.decode())
+        assert code == 235 and exps.verify_server(key, raw_challenge, "EX01", text.decode())
+        client.mail("app@outside.test")
+        assert client.rcpt("user@elsewhere.test")[0] == 250
+    # Without TLS the mechanism isn't offered (the connector has a certificate).
+    with smtplib.SMTP("127.0.0.1", ports["EX02"], timeout=30) as plain:
+        plain.ehlo("probe.test")
+        assert "x-exps" not in plain.esmtp_features
+        assert plain.docmd("X-EXPS", exps.MECHANISM)[0] == 500
+
+
+def test_another_servers_queues_are_managed_from_this_shell(organisation):
+    ex01, ex02, ports = organisation
+    sink_port = free_port()
+    r = shell(ex01, f"New-SendConnector ToSink -AddressSpaces sink.test -SmartHosts 127.0.0.1 -Port {sink_port} "
+                    f"-SourceTransportServers EX02")
+    assert r.ok, r.err
+    synced(ex01)
+    synced(ex02)
+    submit(ports["EX01"], "user@sink.test", "waiting on EX02")   # nothing listens at the sink yet
+
+    def ex02_queue() -> list[str]:
+        out = shell(ex01, "Get-Queue -Server EX02 | Where-Object { $_.MessageCount -gt 0 } | "
+                          "ForEach-Object { $_.Identity + ' ' + $_.Status + ' ' + $_.NextHopDomain }").out
+        return [line for line in out.splitlines() if line.strip()]
+
+    queued = wait_for(ex02_queue, timeout=60, message="the message queued on EX02")
+    assert queued[0].startswith("EX02\\") and "Retry" in queued[0] and "127.0.0.1" in queued[0], queued
+    identity = queued[0].split()[0]
+    # EX01's own queues don't have it; Get-Message and Get-QueueDigest reach EX02 too.
+    assert "waiting on EX02" not in shell(ex01, "Get-Message | fl Subject").out
+    listing = shell(ex01, f"Get-Message -Queue {identity} | ForEach-Object {{ $_.Subject + '|' + $_.Identity }}").out
+    assert "waiting on EX02|EX02\\" in listing, listing
+    digest = shell(ex01, "Get-QueueDigest -Server EX01,EX02 -GroupBy ServerName -IncludeLowMessageCount "
+                         "| ForEach-Object { $_.GroupByValue + '=' + $_.MessageCount }").out.split()
+    assert "EX02=1" in digest, digest
+    # An action on EX02's queue, from EX01: the sink comes up and Retry-Queue sends the message now.
+    sink = SmtpPeer("127.0.0.1", sink_port)
+    try:
+        r = shell(ex01, f"Retry-Queue {identity}")
+        assert r.ok, r.err
+        wait_for(lambda: sink.received, timeout=30, message="the retried message at the sink")
+    finally:
+        sink.stop()
+    # A server the organisation doesn't have, and one that publishes no admin API, are clear errors.
+    r = shell(ex02, "Get-Queue -Server EX03")
+    assert not r.ok and "isn't a transport server of this organisation" in r.err
+    r = shell(ex02, "Get-Queue -Server EX01")
+    assert not r.ok and "EX01 publishes no admin API" in r.err
+    # EX02's runtime endpoint answers only a server that holds the organisation's key.
+    url = shell(ex01, "(Get-TransportService EX02).AdminApiUrl").out.strip()
+    assert url.startswith("http://127.0.0.1:"), url
+    request = urllib.request.Request(url + "api/runtime", data=json.dumps({"op": "queues", "args": {}}).encode(),
+                                     headers={"Authorization": "Bearer " + "0" * 64}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401
