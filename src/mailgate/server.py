@@ -28,7 +28,7 @@ from mailgate.home import Home
 from mailgate.manage.organisation import smtp_certificate
 from mailgate.queue.admin import QueueAdmin
 from mailgate.queue.manager import QueueManager, RuntimeSettings
-from mailgate.queue.store import BodyRef, NewMessage, QueueStore, merge_queue
+from mailgate.queue.store import NewMessage, QueueStore, merge_queue
 from mailgate.receive.listeners import ReceiveServer
 from mailgate.receive.policy import ConnectorPolicy, ReceiveConfig
 from mailgate.routing.table import SUBMISSION, RoutingTable, intra_org_endpoints
@@ -217,7 +217,7 @@ class TransportService:
         new = NewMessage(network_id=str(uuid.uuid4()), message_id=message_id_of(block), sender=sender,
                          subject=block.get("Subject"), size=size, received_at=now,
                          expires_at=now + self.server_object.message_expiration_timeout.seconds, recipients=routed,
-                         body=BodyRef(ref.segment, ref.offset, ref.length), source=source, directionality="Originating",
+                         body=ref, source=source, directionality="Originating",
                          in_submission=any(r.queue == SUBMISSION for r in routed))
         fields = {"client_hostname": self.server_object.fqdn, "server_hostname": self.server_object.fqdn,
                   "connector_id": f"{self.home.server}\\Submission"}

@@ -208,10 +208,13 @@ class ConfigStore:
     def tracking_values(self, r: dict[str, Any]) -> tuple[Any, ...]:
         """One event as the values of a ``message_tracking`` row without its id. The tracker calls this when
         the event happens, so that its writer thread only runs the statements (see tracking/tracker.py)."""
-        row = _tracking_row(r)
-        if self.is_sqlite:  # the text form SQLAlchemy's DateTime uses on SQLite
-            row["timestamp"] = row["timestamp"].isoformat(" ", "microseconds")
-        return tuple(row.get(c) for c in _TRACKING_INSERT_COLUMNS)
+        timestamp = _naive_utc(r["timestamp"])
+        status = r.get("recipient_status")
+        # SQLite: the text form SQLAlchemy's DateTime uses there.
+        derived = {"timestamp": timestamp.isoformat(" ", "microseconds") if self.is_sqlite else timestamp,
+                   "recipients": ";".join(r.get("recipients") or []),
+                   "recipient_status": ";".join(status) if isinstance(status, list) else status}
+        return tuple(derived[c] if c in derived else r.get(c) for c in _TRACKING_INSERT_COLUMNS)
 
     def insert_tracking_values(self, values: list[tuple[Any, ...]], recipients: list[tuple[str, ...]]) -> None:
         """Insert rows made by ``tracking_values`` in one transaction.
@@ -313,15 +316,6 @@ def _naive_utc(value: dt.datetime) -> dt.datetime:
 
 _TRACKING_COLUMNS = [k for k in TRACKING_FIELDS if k in message_tracking.c]
 _TRACKING_INSERT_COLUMNS = [c.name for c in message_tracking.columns if c.name != "id"]
-
-
-def _tracking_row(r: dict[str, Any]) -> dict[str, Any]:
-    row = {k: r.get(k) for k in _TRACKING_COLUMNS}
-    row["timestamp"] = _naive_utc(r["timestamp"])
-    row["recipients"] = ";".join(r.get("recipients") or [])
-    status = r.get("recipient_status")
-    row["recipient_status"] = ";".join(status) if isinstance(status, list) else status
-    return row
 
 
 class ConfigTransaction:

@@ -28,7 +28,6 @@ from mailgate.queue.store import (
     FAILED,
     READY,
     RETRY,
-    BodyRef,
     NewMessage,
     NewRecipient,
     QueueStore,
@@ -42,6 +41,7 @@ log = logging.getLogger("mailgate.queue")
 
 WINDOW = 500                  # ready message ids kept in memory per queue
 FRESH_LIMIT = 20_000          # just-received messages whose rows are kept for their first delivery
+FRESH_BODIES = 2_000          # ... and of those, how many keep their (inline, ≤ 16 KB) body too
 MAILBOX_WORKERS = 4
 MAILBOX_BATCH = 32
 
@@ -99,7 +99,8 @@ class DeliveryQueue:
     last_used: float = field(default_factory=time.monotonic)
     tls_domain: str | None = None
     idle: int = 0                                        # workers holding an open connection, waiting for mail
-    _offered: asyncio.Event | None = field(default=None, repr=False)
+    backlog: bool = False                                # the last refill or offer left mail in the store only
+    _waiters: list[asyncio.Future[bool]] = field(default_factory=list, repr=False)
 
     @property
     def status(self) -> str:
@@ -115,27 +116,39 @@ class DeliveryQueue:
         return self.next_retry is not None and self.next_retry > now
 
     def offer(self, message_id: int) -> bool:
-        if message_id in self.held or len(self.ready) >= WINDOW:
+        if message_id in self.held:
+            return False
+        if len(self.ready) >= WINDOW:
+            self.backlog = True
             return False
         self.ready.append(message_id)
         self.held.add(message_id)
-        if self._offered is not None:
-            self._offered.set()
+        if self._waiters:
+            self.wake_waiters()
         return True
 
+    def wake_waiters(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(True)
+        self._waiters.clear()
+
     async def wait_for_mail(self, seconds: float) -> bool:
-        """Wait (holding a delivery connection open) until mail is offered to this queue; False on timeout."""
-        if self._offered is None:
-            self._offered = asyncio.Event()
-        self._offered.clear()
+        """Wait (holding a delivery connection open) until mail is offered to this queue; False on timeout.
+        A future and a timer rather than ``asyncio.wait_for``, which makes a task per wait: at one message
+        at a time this runs for every message."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        timer = loop.call_later(seconds, lambda: waiter.done() or waiter.set_result(False))
+        self._waiters.append(waiter)
         self.idle += 1
         try:
-            await asyncio.wait_for(self._offered.wait(), seconds)
-            return True
-        except asyncio.TimeoutError:
-            return False
+            return await waiter
         finally:
             self.idle -= 1
+            timer.cancel()
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
 
 
 @dataclass
@@ -364,8 +377,7 @@ class QueueManager:
         self._stopping = True
         self._wake.set()
         for q in self.queues.values():
-            if q._offered is not None:
-                q._offered.set()   # idle delivery connections close now
+            q.wake_waiters()   # idle delivery connections close now
         if self._tasks:
             done, pending = await asyncio.wait(self._tasks, timeout=grace)
             for task in pending:
@@ -431,6 +443,7 @@ class QueueManager:
             " WHERE r.queue=? AND r.status IN ('Ready','Retry') AND r.suspended=0 AND r.next_attempt<=?"
             " AND m.poison=0 AND m.in_submission=0 ORDER BY r.next_attempt LIMIT ?",
             (q.key, now, WINDOW)).fetchall()
+        q.backlog = len(rows) >= WINDOW
         for (message_id,) in rows:
             if message_id not in self._accepting:
                 q.offer(message_id)
@@ -459,6 +472,8 @@ class QueueManager:
                "connector": new.connector, "auth_as": new.auth_as, "directionality": new.directionality,
                "envid": new.envid, "ret": new.ret, "body_type": new.body_type, "smtputf8": int(new.smtputf8),
                "segment": new.body.segment, "offset": new.body.offset, "length": new.body.length,
+               # Bodies in memory only for the first few thousand: beyond, a delivery reads the row's body.
+               "body": new.body.data if len(self._fresh) < FRESH_BODIES else None,
                "spool_path": new.body.spool_path, "in_submission": int(new.in_submission), "poison": 0,
                "error_count": 0, "delay_notified": 0, "is_dsn": int(new.is_dsn), "priority": "Normal"}
         rcpts = [{"message": new.id, "idx": i, "address": r.address, "orcpt": r.orcpt, "notify": r.notify,
@@ -704,7 +719,7 @@ class QueueManager:
         return NewMessage(network_id=str(uuid.uuid4()), message_id=message_id, sender="",
                           subject=f"{prefix}: {msg['subject'] or ''}", size=len(content), received_at=now,
                           expires_at=now + self.settings.server.message_expiration_timeout.seconds,
-                          recipients=target, body=BodyRef(ref.segment, ref.offset, ref.length), source="DSN",
+                          recipients=target, body=ref, source="DSN",
                           directionality="Originating", is_dsn=True,
                           in_submission=any(r.queue == SUBMISSION for r in target))
 

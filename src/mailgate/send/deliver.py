@@ -164,7 +164,9 @@ class Delivery:
         try:
             while not manager._stopping and not q.suspended:
                 ids = manager.take(q, 1)
-                if not ids:
+                if not ids and q.backlog:
+                    # More mail than the window held waits in the store. (Mail that comes due later is offered
+                    # by the scheduler's refill, at least once a second.)
                     manager._refill(q, time.time())
                     ids = manager.take(q, 1)
                 if not ids:

@@ -19,6 +19,9 @@ log = logging.getLogger("mailgate.tracking")
 # Exchange's tracking file field → the key this module uses for it.
 _FIELD_KEYS = {f: f.replace("-", "_") for f in TRACKING_FIELDS}
 _FIELD_KEYS.update({"date-time": "timestamp", "recipient-address": "recipients", "sender-address": "sender"})
+_FILE_KEYS = [_FIELD_KEYS[f] for f in TRACKING_FIELDS]
+_DATE_TIME, _LOG_ID, _SCHEMA_VERSION, _TRAFFIC_TYPE = (TRACKING_FIELDS.index(f) for f in (
+    "date-time", "log-id", "schema-version", "transport-traffic-type"))
 
 
 def _now() -> dt.datetime:
@@ -36,6 +39,7 @@ class MessageTracker:
         self.files = CsvLogWriter(log_dir, "MSGTRK", "Message Tracking Log", TRACKING_FIELDS)
         self._buffer = BufferedLog("tracking-writer", self._flush)
         self._log_ids = itertools.count(1)
+        self._pid = os.getpid()
 
     def configure(self, server: TransportServer, default_dir: Path) -> None:
         self.enabled = server.message_tracking_log_enabled
@@ -70,21 +74,12 @@ class MessageTracker:
         self.files.close()
 
     def _file_values(self, r: dict[str, Any]) -> list[Any]:
-        """The event's fields in the MSGTRK file's order."""
-        row = []
-        for f in TRACKING_FIELDS:
-            value = r.get(_FIELD_KEYS[f])
-            if f == "date-time":
-                value = iso(value)
-            elif f == "log-id":
-                value = f"{os.getpid():x}-{next(self._log_ids)}"
-            elif f == "schema-version":
-                value = SCHEMA_VERSION
-            elif f == "transport-traffic-type":
-                value = value or "Email"
-            elif isinstance(value, list):
-                value = ";".join(str(v) for v in value)
-            row.append(value)
+        """The event's fields in the MSGTRK file's order (lists joined with ";")."""
+        row = [";".join(map(str, v)) if v.__class__ is list else v for v in map(r.get, _FILE_KEYS)]
+        row[_DATE_TIME] = iso(row[_DATE_TIME])
+        row[_LOG_ID] = f"{self._pid:x}-{next(self._log_ids)}"
+        row[_SCHEMA_VERSION] = SCHEMA_VERSION
+        row[_TRAFFIC_TYPE] = row[_TRAFFIC_TYPE] or "Email"
         return row
 
     def _flush(self, events: list[tuple[str, tuple[Any, ...], tuple[str, ...]]]) -> None:
