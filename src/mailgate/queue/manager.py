@@ -299,23 +299,26 @@ class QueueManager:
                 add(address, orcpt, notify)
         return out
 
-    def submit(self, new: NewMessage, receive_fields: dict[str, Any] | None = None, *,
-               source: str = "SMTP") -> concurrent.futures.Future[Any]:
-        """Make a new message durable; once it is, track it and hand it to its queues."""
+    def submit(self, new: NewMessage, receive_fields: dict[str, Any] | None = None, *, source: str = "SMTP",
+               on_durable: Callable[[concurrent.futures.Future[Any]], None] | None = None
+               ) -> concurrent.futures.Future[Any]:
+        """Make a new message durable; once it is, call ``on_durable`` (on the event loop, first: the client's
+        250 goes out before anything else is done), then track it and hand it to its queues."""
         new.in_submission = new.in_submission or any(r.queue == SUBMISSION for r in new.recipients)
         fut = self.store.submit(new)
         self._accepting.add(new.id)
         loop = self.loop
 
-        def committed(f: concurrent.futures.Future[Any]) -> None:
-            if loop is None:
-                return
+        def on_loop(f: concurrent.futures.Future[Any]) -> None:
+            if on_durable is not None:
+                on_durable(f)
             if f.exception() is None:
-                loop.call_soon_threadsafe(self._accepted, new, receive_fields or {}, source)
+                self._accepted(new, receive_fields or {}, source)
             else:
-                loop.call_soon_threadsafe(self._accepting.discard, new.id)
+                self._accepting.discard(new.id)
 
-        fut.add_done_callback(committed)
+        if loop is not None:
+            fut.add_done_callback(lambda f: loop.call_soon_threadsafe(on_loop, f))
         return fut
 
     def _accepted(self, new: NewMessage, fields: dict[str, Any], source: str) -> None:

@@ -792,8 +792,6 @@ class SmtpSession(asyncio.Protocol):
         self.message = None
         self._block()
         self.messages += 1
-        future = pipeline.submit(new, self._receive_event_fields(new))
-
         def done(fut: Any) -> None:
             if self._closing and self.transport is None:
                 return
@@ -808,7 +806,7 @@ class SmtpSession(asyncio.Protocol):
                 self._reply(reply)
                 self._unblock()
 
-        future.add_done_callback(lambda f: self.server.loop.call_soon_threadsafe(done, f))
+        pipeline.submit(new, self._receive_event_fields(new), on_durable=done)
 
     def _receive_event_fields(self, new: NewMessage) -> dict[str, Any]:
         return dict(client_ip=self.client_ip, client_hostname=self.helo, server_ip=self.local_address,
