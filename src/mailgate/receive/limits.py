@@ -26,16 +26,14 @@ class LocalCounter:
     def __init__(self) -> None:
         self._counts: dict[str, int] = {}
 
-    def acquire(self, total_key: str, source_key: str, total_limit: UnlimitedInt,
-                source_limit: UnlimitedInt) -> str | None:
-        """Count one more connection, or return which limit ("total"/"source") it would exceed."""
-        total, per_source = self._counts.get(total_key, 0), self._counts.get(source_key, 0)
-        if total_limit.exceeded_by(total + 1):
-            return "total"
-        if source_limit.exceeded_by(per_source + 1):
-            return "source"
-        self._counts[total_key] = total + 1
-        self._counts[source_key] = per_source + 1
+    def acquire(self, limits: list[tuple[str, UnlimitedInt]]) -> int | None:
+        """Count one more connection under each (key, limit), or return the index of the limit it would
+        exceed (and count nothing)."""
+        for i, (key, limit) in enumerate(limits):
+            if limit.exceeded_by(self._counts.get(key, 0) + 1):
+                return i
+        for key, _ in limits:
+            self._counts[key] = self._counts.get(key, 0) + 1
         return None
 
     def release(self, *keys: str) -> None:
@@ -99,15 +97,14 @@ class SharedCounter:
         _SLOT.pack_into(self._map, slot * _SLOT.size, h, max(0, count + delta))
         return True
 
-    def acquire(self, total_key: str, source_key: str, total_limit: UnlimitedInt,
-                source_limit: UnlimitedInt) -> str | None:
+    def acquire(self, limits: list[tuple[str, UnlimitedInt]]) -> int | None:
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
-            if not self._add(total_key, 1, total_limit):
-                return "total"
-            if not self._add(source_key, 1, source_limit):
-                self._add(total_key, -1)
-                return "source"
+            for i, (key, limit) in enumerate(limits):
+                if not self._add(key, 1, limit):
+                    for counted, _ in limits[:i]:
+                        self._add(counted, -1)
+                    return i
             return None
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)

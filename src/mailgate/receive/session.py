@@ -105,13 +105,18 @@ class SmtpSession(asyncio.Protocol):
             if self.policy.verbose_log else None
         if self.plog:
             self.plog.write("+")
-        key, source_key = connector.guid, f"{connector.guid}|{self.client_ip}"
-        exceeded = self.server.counter.acquire(key, source_key, connector.max_inbound_connection,
-                                               connector.max_inbound_connection_per_source)
-        if exceeded is not None:
-            self._refuse(RP.CONCURRENT_CONNECTIONS if exceeded == "total" else RP.CONCURRENT_PER_SOURCE)
-            return
-        self._counted = (key, source_key)
+        # Connections are counted only under the limits that are set: an unlimited count is never read.
+        limits = [(k, limit) for k, limit in ((connector.guid, connector.max_inbound_connection),
+                                              (f"{connector.guid}|{self.client_ip}",
+                                               connector.max_inbound_connection_per_source))
+                  if limit.value is not None]
+        if limits:
+            exceeded = self.server.counter.acquire(limits)
+            if exceeded is not None:
+                self._refuse(RP.CONCURRENT_CONNECTIONS if limits[exceeded][0] == connector.guid
+                             else RP.CONCURRENT_PER_SOURCE)
+                return
+            self._counted = tuple(k for k, _ in limits)
         self.rights = self._compute_rights()
         if self.plog:
             self.plog.write("*", R.log_tokens(self.rights), "Set Session Permissions")
