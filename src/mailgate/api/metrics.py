@@ -37,19 +37,27 @@ class Metrics:
         self.rejects = Counter("mailgate_smtp_rejects", "Inbound SMTP replies 4xx/5xx, by enhanced status code",
                                ["code"], registry=r)
 
+        self._children: dict[tuple[Any, str], Any] = {}   # labels() looks its child up under a lock: once is enough
+
+    def _child(self, metric: Any, label: str) -> Any:
+        child = self._children.get((metric, label))
+        if child is None:
+            child = self._children[(metric, label)] = metric.labels(label)
+        return child
+
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "received":
-            self.received.labels(data.get("connector") or "unknown").inc()
+            self._child(self.received, data.get("connector") or "unknown").inc()
         elif kind == "delivered":
             q = data["queue"]
-            self.delivered.labels(q.delivery_type).inc(data.get("count", 1))
+            self._child(self.delivered, q.delivery_type).inc(data.get("count", 1))
             self.latency.observe(max(0.0, data.get("latency", 0.0)))
         elif kind == "failed":
             self.failed.inc(data.get("count", 1))
         elif kind == "session_end":
-            self.tls_sessions.labels("yes" if data.get("tls") else "no").inc()
+            self._child(self.tls_sessions, "yes" if data.get("tls") else "no").inc()
         elif kind == "reject":
-            self.rejects.labels(data.get("code") or "unknown").inc()
+            self._child(self.rejects, data.get("code") or "unknown").inc()
 
     def samples(self, worker: int) -> dict[str, Any]:
         """This process's series, as the scrape gathers them from every worker."""
