@@ -227,3 +227,40 @@ def test_random_command_sequences_keep_one_reply_per_command(pieces):
         if m.state is S.State.TLS_PENDING:
             m.tls_started()
         assert not m.awaiting_reply
+
+
+def _received_body(chunks: list[bytes]) -> bytes:
+    """What the server stores for a DATA body sent in ``chunks`` (the terminator included in them)."""
+    m = S.ServerProtocol()
+    m.feed(b"EHLO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n")
+    for _ in range(4):
+        m.reply(R.OK if not isinstance(m.next_event(), S.Data) else R.START_MAIL_INPUT)
+    body = b""
+    for chunk in chunks:
+        m.feed(chunk)
+        while True:
+            ev = m.next_event()
+            if ev is S.NEED_DATA or isinstance(ev, S.BodyEnd):
+                break
+            body += ev.data
+    return body
+
+
+@given(st.lists(st.sampled_from([b"text", b".", b"..", b"\r\n", b"\n", b"\r", b" "]), max_size=40),
+       st.integers(min_value=1, max_value=17))
+def test_content_received_with_data_is_sent_on_unchanged_by_the_short_path(pieces, cut):
+    """Bodies received with DATA end every line in CRLF, so delivery dot-stuffs them without looking for bare
+    CR and LF (``DotStuffer(normalised=True)``); on such content both paths give the same bytes."""
+    from mailgate.smtp.client import DotStuffer
+
+    stuffed = DotStuffer()
+    wire = b"".join(stuffed.feed(p) for p in pieces) + stuffed.finish()
+    stored = _received_body([wire[i:i + cut] for i in range(0, len(wire), cut)])
+    assert b"\n" not in stored.replace(b"\r\n", b"") and b"\r" not in stored.replace(b"\r\n", b"")
+    chunks = [stored[i:i + cut] for i in range(0, len(stored), cut)]
+    outputs = []
+    for normalised in (False, True):
+        s = DotStuffer(normalised=normalised)
+        outputs.append(b"".join(s.feed(c) for c in chunks) + s.finish())
+    assert outputs[0] == outputs[1]
+    assert _received_body([outputs[1]]) == stored    # and the next hop stores what we stored

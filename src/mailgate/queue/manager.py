@@ -478,7 +478,8 @@ class QueueManager:
                # Bodies in memory only for the first few thousand: beyond, a delivery reads the row's body.
                "body": new.body.data if len(self._fresh) < FRESH_BODIES else None,
                "spool_path": new.body.spool_path, "in_submission": int(new.in_submission), "poison": 0,
-               "error_count": 0, "delay_notified": 0, "is_dsn": int(new.is_dsn), "priority": "Normal"}
+               "error_count": 0, "delay_notified": 0, "is_dsn": int(new.is_dsn), "priority": "Normal",
+               "lines_normalised": int(new.lines_normalised)}
         rcpts = [{"message": new.id, "idx": i, "address": r.address, "orcpt": r.orcpt, "notify": r.notify,
                   "queue": r.queue, "status": r.status, "suspended": 0, "next_attempt": new.received_at,
                   "retry_count": 0, "last_error": r.last_error} for i, r in enumerate(new.recipients)]

@@ -75,6 +75,7 @@ CREATE TABLE IF NOT EXISTS message (
     length INTEGER NOT NULL,
     spool_path TEXT,
     body BLOB,
+    lines_normalised INTEGER NOT NULL DEFAULT 0,
     in_submission INTEGER NOT NULL DEFAULT 0,
     submission_suspended INTEGER NOT NULL DEFAULT 0,
     poison INTEGER NOT NULL DEFAULT 0,
@@ -110,6 +111,9 @@ CREATE TABLE IF NOT EXISTS queue_state (
     suspended INTEGER NOT NULL DEFAULT 0
 );
 """
+
+# Columns added to ``message`` since the first release, added at ``open`` to a queue that lacks them.
+ADDED_COLUMNS = {"body": "BLOB", "lines_normalised": "INTEGER NOT NULL DEFAULT 0"}
 
 # Recipient status values: pending ones are delivered, final ones are kept until the message is done.
 READY, RETRY, DELIVERED, FAILED = "Ready", "Retry", "Delivered", "Failed"
@@ -164,6 +168,7 @@ class NewMessage:
     smtputf8: bool = False
     in_submission: bool = False
     is_dsn: bool = False
+    lines_normalised: bool = False   # every line ends in CRLF (received with DATA): sending needn't check
     id: int = 0   # assigned by the store
 
 
@@ -269,8 +274,10 @@ class QueueStore:
             d.mkdir(parents=True, exist_ok=True)
         conn = self._connect()
         conn.executescript(SCHEMA)
-        if "body" not in {row[1] for row in conn.execute("PRAGMA table_info(message)")}:
-            conn.execute("ALTER TABLE message ADD COLUMN body BLOB")   # a queue made before inline bodies
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(message)")}
+        for name, declaration in ADDED_COLUMNS.items():   # a queue made by an earlier release
+            if name not in columns:
+                conn.execute(f"ALTER TABLE message ADD COLUMN {name} {declaration}")
         # Internal message ids never repeat (tracking refers to them): continue above the stored high-water mark.
         used = conn.execute("SELECT max(id) FROM message").fetchone()[0] or 0
         mark = conn.execute("SELECT value FROM counter WHERE name='message_id'").fetchone()
@@ -670,12 +677,12 @@ class QueueStore:
         conn.execute(
             "INSERT INTO message (id, network_id, message_id, sender, subject, size, received_at, expires_at, source,"
             " source_ip, client_hostname, connector, auth_as, directionality, envid, ret, body_type, smtputf8,"
-            " segment, offset, length, spool_path, body, in_submission, is_dsn)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " segment, offset, length, spool_path, body, lines_normalised, in_submission, is_dsn)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (m.id, m.network_id, m.message_id, m.sender, m.subject, m.size, m.received_at, m.expires_at, m.source,
              m.source_ip, m.client_hostname, m.connector, m.auth_as, m.directionality, m.envid, m.ret, m.body_type,
              int(m.smtputf8), m.body.segment, m.body.offset, m.body.length, m.body.spool_path, m.body.data,
-             int(m.in_submission),
+             int(m.lines_normalised), int(m.in_submission),
              int(m.is_dsn)))
         conn.executemany(
             "INSERT INTO recipient (message, idx, address, orcpt, notify, queue, status, next_attempt, last_error)"
@@ -790,7 +797,8 @@ def merge_queue(source: Path, target: Path) -> int:
                 body=ref, source=m["source"] or "", source_ip=m["source_ip"], client_hostname=m["client_hostname"],
                 connector=m["connector"], auth_as=m["auth_as"], directionality=m["directionality"], envid=m["envid"],
                 ret=m["ret"], body_type=m["body_type"], smtputf8=bool(m["smtputf8"]),
-                in_submission=bool(m["in_submission"]), is_dsn=bool(m["is_dsn"]))
+                in_submission=bool(m["in_submission"]), is_dsn=bool(m["is_dsn"]),
+                lines_normalised=bool(m["lines_normalised"]))
             dst.submit(new).result(timeout=60)
             dst.execute("UPDATE message SET poison=?, error_count=?, delay_notified=? WHERE id=?",
                         (m["poison"], m["error_count"], m["delay_notified"], m["id"])).result(timeout=60)

@@ -65,6 +65,7 @@ class SmtpSession(asyncio.Protocol):
         self._write_paused = False
         self.authenticated: str | None = None     # the mailbox's primary address
         self.org_server: str | None = None        # the organisation server that authenticated with X-EXPS
+        self._via_data = False                    # the current message came with DATA (not BDAT)
         self.auth_mechanism = "none"
         self._auth_state: dict[str, Any] | None = None
         self.logon_failures = 0
@@ -577,7 +578,7 @@ class SmtpSession(asyncio.Protocol):
         return True
 
     def _tarpit(self) -> float:
-        return 0.0 if self.authenticated else self.connector.tarpit_interval.seconds
+        return 0.0 if self.authenticated or self.org_server else self.connector.tarpit_interval.seconds
 
     def _on_mail(self, ev: S.MailFrom) -> None:
         c = self.connector
@@ -669,6 +670,7 @@ class SmtpSession(asyncio.Protocol):
             self._reply(RP.NEED_RCPT)
             return
         self._start_message()
+        self._via_data = True   # the state machine turned every line ending into CRLF (or refused the message)
         self._reply(RP.START_MAIL_INPUT)
 
     def _on_bdat(self, ev: S.Bdat) -> None:
@@ -676,6 +678,7 @@ class SmtpSession(asyncio.Protocol):
             if self.connector.require_tls and not self.machine.tls:
                 return  # refused at the end of the chunk (the chunk is read either way)
             self._start_message()
+            self._via_data = False   # BDAT content is stored as sent
 
     def _on_body_end(self, ev: S.BodyEnd) -> None:
         msg = self.message
@@ -736,13 +739,14 @@ class SmtpSession(asyncio.Protocol):
 
     def _audit_headers(self) -> bytes:
         """The organisation and X-Source headers: the same for every message of the session's current state."""
-        key = (self.authenticated, self.tls_info, self.partner_domain)
+        key = (self.authenticated, self.tls_info, self.partner_domain, self.org_server)
         cached = getattr(self, "_audit_cache", None)
         if cached is not None and cached[0] == key:
             return cached[1]
         fqdn = self.policy.fqdn
         tls = self.tls_info
-        auth_as = "Internal" if (self.authenticated or self.policy.externally_secured) else "Anonymous"
+        auth_as = "Internal" if (self.authenticated or self.org_server or self.policy.externally_secured) \
+            else "Anonymous"
         mech = _AUTH_CODES["secureexternal"] if self.policy.externally_secured else _AUTH_CODES[self.auth_mechanism]
         if self.partner_domain:
             auth_as, mech = "Partner", _AUTH_CODES["mutualtls"]
@@ -793,7 +797,8 @@ class SmtpSession(asyncio.Protocol):
             directionality=self.relayed_directionality or ("Originating" if self.authenticated else "Incoming"),
             envid=params.envid if params else None, ret=params.ret if params else None,
             body_type=params.body if params else None, smtputf8=bool(params and params.smtputf8),
-            in_submission=any(r.queue == "Submission" for r in recipients))
+            in_submission=any(r.queue == "Submission" for r in recipients),
+            lines_normalised=self._via_data)
         self.message = None
         self._block()
         self.messages += 1

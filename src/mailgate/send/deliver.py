@@ -200,6 +200,7 @@ class Delivery:
                     out = OutboundMessage(
                         id=msg["id"], sender=msg["sender"], size=body.size, body=body, body_type=msg["body_type"],
                         smtputf8=bool(msg["smtputf8"]), envid=msg["envid"], ret=msg["ret"],
+                        lines_normalised=bool(msg["lines_normalised"]),
                         recipients=[OutRecipient(r["idx"], r["address"], r["orcpt"], r["notify"]) for r in rcpts])
                     try:
                         outcomes = await conn.send(out)

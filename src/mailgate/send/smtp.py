@@ -43,6 +43,7 @@ class OutboundMessage:
     smtputf8: bool = False
     envid: str | None = None
     ret: str | None = None
+    lines_normalised: bool = False   # every line ends in CRLF already (see queue.store.NewMessage)
 
 
 @dataclass(slots=True)
@@ -400,7 +401,7 @@ class SmtpConnection:
                 reply = data_reply or Reply(451, "4.4.0", "DATA was not accepted")
                 return outcomes + [Outcome(r.idx, _kind(reply), str(reply)) for r in accepted]
             self._log_message(msg)
-            stuffer = C.DotStuffer()
+            stuffer = C.DotStuffer(normalised=msg.lines_normalised)
             pending = b""
             for chunk in _chunks(msg.body):
                 if pending:

@@ -1,0 +1,85 @@
+"""Interleaved A/B of two versions of mailgate on this machine: is a change faster?
+
+    .venv/bin/python bench/ab.py --base HEAD~1 4000x20 1500x1
+
+Starts mailgate twice — the working tree (B) and ``--base`` checked out in a temporary git worktree (A), each
+with the bench's settings and its own smtp-sink — and runs each load (MESSAGESxSESSIONS[xKB], 2 KB if not said) on
+both, alternating which goes first, ``--reps`` times. Prints the median acceptance rate and mailgate's CPU
+per message of each, and B/A. Both servers stay up for the whole run, so the machine's drift (±10–20 % on
+this VM) hits both alike; this is how the changes in bench/README.md were measured before they were kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+HERE = Path(__file__).resolve().parent
+
+
+def harness(root: Path, name: str) -> ModuleType:
+    """bench/run.py of one tree: its Mailgate class runs that tree's src/."""
+    spec = importlib.util.spec_from_file_location(name, root / "bench" / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="the git revision to compare the working tree against")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("loads", nargs="*", default=["4000x20", "1500x1"], help="MESSAGESxSESSIONS[xKB] (2 KB)")
+    args = parser.parse_args()
+    loads = [(*map(int, text.split("x")), 2)[:3] for text in args.loads]
+    base = Path(tempfile.mkdtemp(prefix="mailgate-ab-")) / "base"
+    subprocess.run(["git", "-C", str(HERE.parent), "worktree", "add", "--detach", str(base), args.base], check=True,
+                   capture_output=True)
+    servers = {}
+    try:
+        for label, root in (("A", base), ("B", HERE.parent)):
+            run = harness(root, f"bench_run_{label}")
+            sink = run.Sink()
+            mailgate = run.Mailgate(Path(tempfile.mkdtemp(prefix=f"mailgate-ab-{label}-")), sink)
+            target = run.Target(label, "127.0.0.1", mailgate.port, relay_sink=sink, pid=mailgate.proc.pid,
+                                cpu_children=True)
+            servers[label] = (run, target, mailgate, sink)
+            run.measure(target, run.Load(1500, 2048, 20), 0, "rcpt@sink.test")   # warm-up, not counted
+        results: dict[tuple[int, int, str], list[tuple[float, float]]] = {}
+        for rep in range(args.reps):
+            for messages, sessions, kb in loads:
+                for label in ("A", "B") if rep % 2 == 0 else ("B", "A"):
+                    run, target, _, _ = servers[label]
+                    r = run.measure(target, run.Load(messages, kb * 1024, sessions), rep, "rcpt@sink.test")
+                    results.setdefault((messages, sessions, kb, label), []).append((r.rate, r.server_cpu_per_1000))
+                    time.sleep(1)
+        print(f"A = {args.base}, B = the working tree; medians of {args.reps}")
+        for messages, sessions, kb in loads:
+            a, b = results[(messages, sessions, kb, "A")], results[(messages, sessions, kb, "B")]
+            rate_a, rate_b = (statistics.median(x[0] for x in v) for v in (a, b))
+            cpu_a, cpu_b = (statistics.median(x[1] for x in v) for v in (a, b))
+            print(f"{messages} x {kb} KB, {sessions} sessions: A {rate_a:.0f} msg/s, {cpu_a:.3f} ms CPU/msg; "
+                  f"B {rate_b:.0f} msg/s, {cpu_b:.3f} ms CPU/msg; B/A rate {rate_b / rate_a:.3f}, "
+                  f"CPU {cpu_b / cpu_a:.3f}")
+    finally:
+        for _, _, mailgate, sink in servers.values():
+            mailgate.stop()
+            sink.stop()
+        subprocess.run(["git", "-C", str(HERE.parent), "worktree", "remove", "--force", str(base)],
+                       capture_output=True)
+        shutil.rmtree(base.parent, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
