@@ -291,3 +291,47 @@ def test_a_reused_connection_is_reset_after_a_message_whose_recipients_were_all_
         assert len(ndr) == 1 and ndr[0]["Subject"] == "Undeliverable: refused"
     finally:
         peer.stop()
+
+
+def _bdat_submit(server: Server, sender: str, recipient: str, body: bytes) -> bytes:
+    """One message sent with BDAT (smtplib has no BDAT); returns the server's reply to the chunk."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.ports["frontend"]), timeout=30,
+                                  source_address=(RELAY_SOURCE, 0)) as s:
+        f = s.makefile("rb")
+
+        def reply() -> bytes:
+            while True:
+                line = f.readline()
+                if line[3:4] != b"-":
+                    return line
+
+        reply()
+        for command in (b"EHLO app.local\r\n", f"MAIL FROM:<{sender}>\r\n".encode(), f"RCPT TO:<{recipient}>\r\n".encode()):
+            s.sendall(command)
+            assert reply().startswith(b"250")
+        s.sendall(f"BDAT {len(body)} LAST\r\n".encode() + body)
+        answer = reply()
+        s.sendall(b"QUIT\r\n")
+        return answer
+
+
+def test_bare_line_feeds_of_a_bdat_body_cannot_end_data_at_the_next_hop(home, org, dns_server, peer_port):
+    """A body received with BDAT is stored as sent; relayed to a peer without CHUNKING (so with DATA), its bare
+    CR and LF become CRLF, so "\\n.\\n" in it can't end the message there and smuggle a second one. (Bodies
+    received with DATA were normalised on the way in, and only those skip the check when sent.)"""
+    dns_server.add("remote.example", "MX", "10 mx1.remote.example.")
+    dns_server.add("mx1.remote.example", "A", "127.0.0.20")
+    peer = SmtpPeer("127.0.0.20", peer_port)
+    try:
+        body = (b"Subject: smuggle\r\n\r\nfirst\n.\nMAIL FROM:<evil@x.example>\nRCPT TO:<kate@remote.example>\n"
+                b"DATA\nSubject: smuggled\n\nsecond\r\n")
+        assert _bdat_submit(org, "sender@domain.com", "kate@remote.example", body).startswith(b"250")
+        got = wait_for(lambda: peer.received, message="the relayed message")
+        time.sleep(1)
+        assert len(peer.received) == 1 and got[0].mail_from == "sender@domain.com"
+        # (the peer hands over the content unstuffed: the "." line arrived as ".." and is text)
+        assert b"first\r\n.\r\nMAIL FROM:<evil@x.example>\r\n" in got[0].data, got[0].data
+    finally:
+        peer.stop()

@@ -136,11 +136,13 @@ def test_a_queue_from_before_inline_bodies_is_upgraded_at_open(tmp_path):
     store.close()
     with sqlite3.connect(directory / "queue.db") as db:   # the schema of an earlier release
         db.execute("ALTER TABLE message DROP COLUMN body")
+        db.execute("ALTER TABLE message DROP COLUMN lines_normalised")
     store = QueueStore(directory)
     store.open()
     try:
         store.submit(message(store.append_body([b"Subject: new\r\n\r\nn\r\n"]), "new")).result(timeout=10)
-        bodies = [store.read_body(row)[:12] for row in store.reader().execute("SELECT * FROM message ORDER BY id")]
-        assert bodies == [b"Subject: old", b"Subject: new"]
+        rows = store.reader().execute("SELECT * FROM message ORDER BY id").fetchall()
+        assert [store.read_body(row)[:12] for row in rows] == [b"Subject: old", b"Subject: new"]
+        assert [row["lines_normalised"] for row in rows] == [0, 0]   # not known for the old one: checked on sending
     finally:
         store.close()
