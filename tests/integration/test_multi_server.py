@@ -33,7 +33,8 @@ def organisation(tmp_path, postgres_url):
                     "Set-TransportService EX01 -TransientFailureRetryInterval 00:00:01 -MessageRetryInterval 00:00:01 "
                     "-IntraOrgConnectorProtocolLoggingLevel Verbose\n"
                     "Set-TransportService EX02 -TransientFailureRetryInterval 00:10:00 "
-                    "-OutboundConnectionFailureRetryInterval 00:10:00", runtime=None)
+                    "-OutboundConnectionFailureRetryInterval 00:10:00\n"
+                    "Set-ReceiveConnector 'Default Frontend EX02' -AuthTarpitInterval 00:00:00", runtime=None)
     assert r.ok, r.err
     servers = [Server(ex01).start(), Server(ex02, admin=True).start()]   # EX02 publishes its admin API
     yield ex01, ex02, ports
@@ -122,6 +123,14 @@ def test_exchange_server_authentication_needs_the_organisations_key(organisation
         assert code == 235 and exps.verify_server(key, raw_challenge, "EX01", text.decode())
         client.mail("app@outside.test")
         assert client.rcpt("user@elsewhere.test")[0] == 250
+    # Guessing is bounded as AUTH is: MaxLogonFailures (3) wrong proofs end the session.
+    with tls_session(ports["EX02"]) as client:
+        for attempt in range(3):
+            _, challenge = client.docmd("X-EXPS", exps.MECHANISM)
+            line, _ = exps.client_response(other_key, challenge.decode(), "EX01")
+            code, text = client.docmd(line.decode())
+        assert code == 535
+        assert client.getreply()[0] == 421
     # Without TLS the mechanism isn't offered (the connector has a certificate).
     with smtplib.SMTP("127.0.0.1", ports["EX02"], timeout=30) as plain:
         plain.ehlo("probe.test")

@@ -442,12 +442,8 @@ class SmtpSession(asyncio.Protocol):
         self._auth_state = None
         key = self.server.server_auth_key
         server = exps.verify_client(key, challenge, line, self.config.org_servers) if key else None
-        if server is None:
-            self.logon_failures += 1
-            if self.plog:
-                self.plog.write("*", "", "Inbound Exchange Server authentication failed: the proof doesn't match "
-                                         "the organisation's key")
-            self._reply(RP.EXPS_FAILED)
+        if server is None:   # the proof doesn't match the organisation's key
+            self._fail_logon(RP.EXPS_FAILED, "X-EXPS")
             return
         self.org_server = server
         self.auth_mechanism = "exchangeserver"
@@ -531,16 +527,17 @@ class SmtpSession(asyncio.Protocol):
 
         future.add_done_callback(done)
 
-    def _fail_logon(self) -> None:
+    def _fail_logon(self, reply: Reply = RP.AUTH_FAILED, what: str = "AUTH") -> None:
+        """A failed AUTH or X-EXPS: answered after AuthTarpitInterval; MaxLogonFailures ends the session."""
         self.logon_failures += 1
         if self.plog:
-            self.plog.write("*", "", "Inbound AUTH failed because of LogonDenied")
+            self.plog.write("*", "", f"Inbound {what} failed because of LogonDenied")
         limit = self.connector.max_logon_failures
         if limit and self.logon_failures >= limit:
-            self._reply(RP.AUTH_FAILED)
+            self._reply(reply)
             self._reply(RP.TOO_MANY_LOGON_FAILURES)
             return
-        self._reply_later(RP.AUTH_FAILED, self.connector.auth_tarpit_interval.seconds)
+        self._reply_later(reply, self.connector.auth_tarpit_interval.seconds)
 
     # -- rights -------------------------------------------------------------------------------------
     def _compute_rights(self) -> R.Right:
