@@ -2,8 +2,8 @@
 bodies in SQLite (``queue/queue.db``), larger bodies in append-only segment
 files, the largest in files of their own.
 
-Why this shape (measured on the project machine, see docs/architecture.md):
-creating a file costs ~0.5 ms of CPU here, so a file per message caps any
+Why this shape (measured on the project's machines, see docs/architecture.md):
+creating a file costs 0.1–0.6 ms of CPU there, so a file per message caps any
 design near Postfix's rate, while appending to an open file costs microseconds
 and ``fdatasync`` ~0.2 ms. So bodies up to ``INLINE_BYTES`` (most mail) go into
 the message's row, and one sync of the WAL makes the whole message durable;
@@ -188,9 +188,6 @@ class _Wakeup:
             self._lock.release()
         except RuntimeError:   # set already
             pass
-
-    def is_set(self) -> bool:
-        return not self._lock.locked()
 
     def wait(self) -> None:
         """Return once set, and clear it."""
