@@ -36,7 +36,6 @@ class Metrics:
                                     registry=r)
         self.rejects = Counter("mailgate_smtp_rejects", "Inbound SMTP replies 4xx/5xx, by enhanced status code",
                                ["code"], registry=r)
-
         self._children: dict[tuple[Any, str], Any] = {}   # labels() looks its child up under a lock: once is enough
 
     def _child(self, metric: Any, label: str) -> Any:

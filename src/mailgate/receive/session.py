@@ -725,7 +725,8 @@ class SmtpSession(asyncio.Protocol):
             # From another server of the organisation: its headers stand, and the message keeps its network id,
             # so tracking follows it from server to server.
             self.network_id = relayed_id
-            self.relayed_directionality = block.get("X-MS-Exchange-Organization-MessageDirectionality")
+            directionality = block.get("X-MS-Exchange-Organization-MessageDirectionality")
+            self.relayed_directionality = directionality if directionality in ("Incoming", "Originating") else None
         else:
             lines.append(self._audit_headers())
             lines.append(f"X-MS-Exchange-Organization-Network-Message-Id: {self.network_id}\r\n".encode())
@@ -799,6 +800,7 @@ class SmtpSession(asyncio.Protocol):
         self.message = None
         self._block()
         self.messages += 1
+
         def done(fut: Any) -> None:
             if self._closing and self.transport is None:
                 return
