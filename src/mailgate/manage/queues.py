@@ -25,13 +25,17 @@ def _identity(value: Any) -> str:
     return to_str(value)
 
 
+def _server_part(identity: str | None, parts: int) -> str | None:
+    """The server named by an identity of ``parts`` parts (Server\\Queue: 2, Server\\Queue\\Number: 3)."""
+    if identity and identity.count("\\") == parts - 1:
+        return identity.split("\\")[0]
+    return None
+
+
 def _runtime(ctx: ManagementContext, server: str | None, identity: str | None = None, parts: int = 2) -> Any:
-    """The running server a queue command is for: -Server, else the server named by an identity of ``parts``
-    parts (Server\\Queue, Server\\Queue\\Number), else this one. Another server of the organisation is
-    reached through its admin API (``ManagementContext.runtime_for``)."""
-    if not server and identity and identity.count("\\") == parts - 1:
-        server = identity.split("\\")[0]
-    return ctx.runtime_for(server)
+    """The running server a queue command is for: -Server, else the server an identity names, else this one.
+    Another server of the organisation is reached through its admin API (``ManagementContext.runtime_for``)."""
+    return ctx.runtime_for(server or _server_part(identity, parts))
 
 
 def _filter(records: list[Record], text: str | None) -> list[Record]:
@@ -173,7 +177,7 @@ def _by_server(ctx: ManagementContext, server: str | None, identities: list[str]
     """Identities grouped by the server that holds them (-Server, else an identity's server part)."""
     groups: dict[str | None, list[str]] = {}
     for identity in identities:
-        owner = server or (identity.split("\\")[0] if identity.count("\\") == parts - 1 else None)
+        owner = server or _server_part(identity, parts)
         if owner is not None and owner.lower() == ctx.server_name.lower():
             owner = None
         groups.setdefault(owner, []).append(identity)
@@ -208,8 +212,7 @@ def retry_queue(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
 def messages(ctx: ManagementContext, args: dict[str, Any]) -> list[Record]:
     queue = args.get("Queue")
     ident = args.get("Identity")
-    runtime = _runtime(ctx, args.get("Server") or (_identity(queue).split("\\")[0] if queue and "\\" in
-                                                   _identity(queue) else None),
+    runtime = _runtime(ctx, args.get("Server") or (_server_part(_identity(queue), 2) if queue else None),
                        _identity(ident) if ident is not None else None, parts=3)
     records: list[Record] = runtime.call("messages", queue=_identity(queue) if queue else None,
                                          include_recipients=bool(args.get("IncludeRecipientInfo")),

@@ -94,6 +94,10 @@ class ConnectionLost(Exception):
     pass
 
 
+def _endpoint(address: str, port: int) -> str:
+    return f"{address}:{port}" if ":" not in address else f"[{address}]:{port}"
+
+
 def _verify_name(cert: dict[str, Any], wanted: str) -> bool:
     names = [v for k, v in cert.get("subjectAltName", ()) if k == "DNS"]
     if not names:
@@ -141,8 +145,7 @@ class SmtpConnection:
         self.settings = settings
         self.host = host
         self.address = address
-        port = host.port or settings.port
-        self.endpoint = f"{address}:{port}" if ":" not in address else f"[{address}]:{port}"
+        self.endpoint = _endpoint(address, host.port or settings.port)
         self.parser = C.ReplyParser()
         self.pending: list[Reply] = []
         self.extensions: dict[str, str] = {}
@@ -162,7 +165,7 @@ class SmtpConnection:
         for host in hosts:
             port = host.port or settings.port
             for address in host.addresses:
-                endpoint = f"{address}:{port}" if ":" not in address else f"[{address}]:{port}"
+                endpoint = _endpoint(address, port)
                 last_endpoint, last_host = endpoint, host.name or address
                 try:
                     reader, writer = await asyncio.wait_for(
