@@ -1,8 +1,10 @@
-"""Real network peers the tests start on loopback: a DNS server (dnspython) and
-SMTP servers (aiosmtpd) that receive, refuse, defer, demand TLS or AUTH."""
+"""Real network peers the tests start on loopback: a DNS server (dnspython),
+SMTP servers (aiosmtpd) that receive, refuse, defer, demand TLS or AUTH, and a
+scripted pipelining server that keeps the bytes of each read."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import threading
@@ -140,3 +142,95 @@ class SmtpPeer:
 
     def stop(self) -> None:
         self.controller.stop()
+
+
+class PipeliningPeer:
+    """A scripted SMTP server offering PIPELINING only. It keeps every read as it arrived and the messages
+    it accepted; ``rcpt_reply`` may refuse addresses and ``hang_up_after_dots`` closes the connection, without
+    replying, once that many bodies have ended."""
+
+    def __init__(self, rcpt_reply: Callable[[str], str] | None = None, hang_up_after_dots: int | None = None) -> None:
+        self.reads: list[bytes] = []
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.rcpt_reply = rcpt_reply or (lambda address: "250 2.1.5 Ok")
+        self.hang_up_after_dots = hang_up_after_dots
+        self.dots = 0
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self.server = await asyncio.start_server(self._session, host, port)
+        return self.server.sockets[0].getsockname()[1]
+
+    def start_in_thread(self, host: str, port: int) -> "PipeliningPeer":
+        """Serve from a thread of its own (for a test that drives a mailgate server)."""
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(self.start(host, port), self.loop).result(10)
+        return self
+
+    def stop_thread(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 peer.test ESMTP\r\n")
+        buffer, in_data, sender, rcpts, body = b"", False, "", [], b""
+        try:
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    return
+                self.reads.append(chunk)
+                buffer += chunk
+                out = b""
+                while True:
+                    if in_data:
+                        end = buffer.find(b"\r\n.\r\n")
+                        if end < 0:
+                            break
+                        body, buffer, in_data = body + buffer[:end + 2], buffer[end + 5:], False
+                        self.dots += 1
+                        if self.dots == self.hang_up_after_dots:
+                            writer.write(out)
+                            writer.close()
+                            return
+                        self.messages.append((sender, rcpts, body))
+                        out += b"250 2.0.0 Ok: queued\r\n"
+                        continue
+                    line, sep, rest = buffer.partition(b"\r\n")
+                    if not sep:
+                        break
+                    buffer = rest
+                    command = line.decode()
+                    verb = command[:4].upper()
+                    if verb == "EHLO":
+                        out += b"250-peer.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+                    elif verb == "MAIL":
+                        sender, rcpts, body = command[10:].strip("<>"), [], b""
+                        out += b"250 2.1.0 Ok\r\n"
+                    elif verb == "RCPT":
+                        address = command[8:].strip("<>")
+                        reply = self.rcpt_reply(address)
+                        if reply.startswith("250"):
+                            rcpts.append(address)
+                        out += reply.encode() + b"\r\n"
+                    elif verb == "DATA":
+                        if rcpts:
+                            in_data = True
+                            out += b"354 End data with <CR><LF>.<CR><LF>\r\n"
+                        else:
+                            out += b"554 5.5.1 Error: no valid recipients\r\n"
+                    elif verb == "RSET":
+                        out += b"250 2.0.0 Ok\r\n"
+                    elif verb == "QUIT":
+                        writer.write(out + b"221 2.0.0 Bye\r\n")
+                        writer.close()
+                        return
+                    else:
+                        out += b"502 5.5.2 Error: command not recognized\r\n"
+                writer.write(out)
+        except ConnectionError:
+            return
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()

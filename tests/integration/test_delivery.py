@@ -4,13 +4,14 @@ retries, NDRs, expiry, and the queue cmdlets on a running server."""
 from __future__ import annotations
 
 import email
+import re
 import smtplib
 import time
 
 import pytest
 import trustme
 from helpers import Server, free_port, maildir_messages, shell, synced, tracking_events, wait_for
-from peers import DnsServer, SmtpPeer
+from peers import DnsServer, PipeliningPeer, SmtpPeer
 
 RELAY_SOURCE = "127.0.0.2"
 
@@ -335,3 +336,30 @@ def test_bare_line_feeds_of_a_bdat_body_cannot_end_data_at_the_next_hop(home, or
         assert b"first\r\n.\r\nMAIL FROM:<evil@x.example>\r\n" in got[0].data, got[0].data
     finally:
         peer.stop()
+
+
+def test_a_peer_hanging_up_mid_batch_loses_and_duplicates_nothing(home, org, dns_server, peer_port):
+    """Mail waiting in a queue leaves in one batch over one connection; to a peer without CHUNKING each body
+    shares a write with the next envelope. The peer takes the first message and hangs up at the second one's
+    dot: the first is delivered once, the second and third (its envelope was on the wire) are deferred and
+    delivered at the retry, each exactly once."""
+    dns_server.add("remote.example", "A", "127.0.0.20")
+    # Nothing listens yet: the queue goes into retry and the three messages wait in it together.
+    for n in (1, 2, 3):
+        submit(org, "sender@domain.com", [f"r{n}@remote.example"], f"Subject: batch {n}\r\n\nbody {n}\r\n".encode())
+    wait_for(lambda: "MessageCount : 3" in shell(home, "Get-Queue EX01\\remote.example | fl MessageCount").out)
+    peer = PipeliningPeer(hang_up_after_dots=2).start_in_thread("127.0.0.20", peer_port)
+    try:
+        wait_for(lambda: len(peer.messages) >= 3, timeout=30, message="three messages at the peer")
+        time.sleep(1.5)   # a duplicate would arrive now
+        delivered = [rcpts[0] for _, rcpts, _ in peer.messages]
+        assert sorted(delivered) == ["r1@remote.example", "r2@remote.example", "r3@remote.example"]
+        first_connection = b"".join(peer.reads[:peer.reads.index(b"EHLO ex01.domain.com\r\n", 1)])
+        assert b"\r\n.\r\nMAIL FROM:<sender@domain.com>" in first_connection   # chained on the wire
+        # Deferred: the messages of the first connection that the peer didn't take (the one whose dot it
+        # dropped, and one whose envelope followed that dot); none that it took.
+        on_the_wire = {a.decode() for a in re.findall(rb"RCPT TO:<([^>]+)>", first_connection)}
+        deferred = shell(home, 'Get-MessageTrackingLog -EventId DEFER | ForEach-Object { "$($_.Recipients)" }').out
+        assert {a for a in delivered if a in deferred} == on_the_wire - {delivered[0]} and len(on_the_wire) >= 2
+    finally:
+        peer.stop_thread()

@@ -29,6 +29,7 @@ from mailgate.smtp.client import ProtocolViolation
 
 log = logging.getLogger("mailgate.send")
 
+BATCH = 10   # messages a delivery worker takes at once: one connection carries them back to back
 CONNECTION_CACHE_SECONDS = 2.0   # an idle delivery connection waits this long for more mail (Postfix: 2 s)
 MAILBOX_REJECTED = "550 5.1.1 RESOLVER.ADR.ExRecipNotFound; not found"
 INTRA_ORG_CONNECTOR = "Intra-Organization SMTP Send Connector"
@@ -163,12 +164,16 @@ class Delivery:
         conn: SmtpConnection | None = None
         try:
             while not manager._stopping and not q.suspended:
-                ids = manager.take(q, 1)
+                room = max_per_connection - conn.messages_sent if conn is not None else max_per_connection
+                if room <= 0 and conn is not None:
+                    await conn.close()
+                    conn, room = None, max_per_connection
+                ids = manager.take(q, min(BATCH, max(room, 1)))
                 if not ids and q.backlog:
                     # More mail than the window held waits in the store. (Mail that comes due later is offered
                     # by the scheduler's refill, at least once a second.)
                     manager._refill(q, time.time())
-                    ids = manager.take(q, 1)
+                    ids = manager.take(q, min(BATCH, max(room, 1)))
                 if not ids:
                     # Keep the connection for mail that follows soon, as Postfix's connection cache does:
                     # a steady trickle then costs one connection, not one per message.
@@ -177,17 +182,12 @@ class Delivery:
                             and manager.settings is config:
                         continue
                     return
-                message_id = ids[0]
                 recorded: set[int] = set()
                 try:
-                    loaded = manager.load(message_id, q.key)
-                    if loaded is None or not loaded[1]:
+                    work = self._load_batch(manager, q, ids)
+                    if not work:
                         continue
-                    msg, rcpts = loaded
-                    if conn is None or conn.messages_sent >= max_per_connection:
-                        if conn is not None:
-                            await conn.close()
-                            conn = None
+                    if conn is None:
                         try:
                             conn = await SmtpConnection.open(hosts, settings, domain=q.next_hop)
                         except ConnectFailure as failure:
@@ -196,33 +196,70 @@ class Delivery:
                             manager.connection_failed(q, failure.reply, failure.host, failure.endpoint)
                             return
                         manager.connection_succeeded(q)
-                    body = manager.store.body(msg)
-                    out = OutboundMessage(
-                        id=msg["id"], sender=msg["sender"], size=body.size, body=body, body_type=msg["body_type"],
-                        smtputf8=bool(msg["smtputf8"]), envid=msg["envid"], ret=msg["ret"],
-                        lines_normalised=bool(msg["lines_normalised"]),
-                        recipients=[OutRecipient(r["idx"], r["address"], r["orcpt"], r["notify"]) for r in rcpts])
-                    try:
-                        outcomes = await conn.send(out)
-                    except (ConnectionLost, OSError, ProtocolViolation, ssl.SSLError, asyncio.TimeoutError) as exc:
-                        reply = f"421 4.4.2 Connection dropped due to {type(exc).__name__}: {exc}"
-                        manager.record(q, msg, rcpts, [Outcome(r["idx"], "transient", reply) for r in rcpts], body=body)
-                        recorded.add(message_id)
-                        manager.connection_failed(q, reply, conn.host.name, conn.endpoint)
-                        await conn.close(quit=False)
+                    if not await self._send_batch(manager, q, conn, work, recorded):
                         conn = None
                         return
-                    manager.record(q, msg, rcpts, outcomes, body=body, remote=conn.host.name or conn.address,
-                                   remote_ip=conn.address)
-                    recorded.add(message_id)
-                except Exception as exc:  # noqa: BLE001 - a message that breaks delivery heads for Poison
-                    log.exception("delivering message %s through %s failed", message_id, q.key)
-                    manager.processing_error(message_id, exc)
                 finally:
                     manager.release(q, ids, recorded)
         finally:
             if conn is not None:
                 await conn.close()
+
+    @staticmethod
+    def _load_batch(manager: Any, q: Any, ids: list[int]) -> list[tuple[Any, list[Any], Any, OutboundMessage]]:
+        """Each taken message's row, pending recipients here, body and outbound form; a message that can't be
+        loaded heads for Poison alone."""
+        work = []
+        for message_id in ids:
+            try:
+                loaded = manager.load(message_id, q.key)
+                if loaded is None or not loaded[1]:
+                    continue
+                msg, rcpts = loaded
+                body = manager.store.body(msg)
+                out = OutboundMessage(
+                    id=msg["id"], sender=msg["sender"], size=body.size, body=body, body_type=msg["body_type"],
+                    smtputf8=bool(msg["smtputf8"]), envid=msg["envid"], ret=msg["ret"],
+                    lines_normalised=bool(msg["lines_normalised"]),
+                    recipients=[OutRecipient(r["idx"], r["address"], r["orcpt"], r["notify"]) for r in rcpts])
+                work.append((msg, rcpts, body, out))
+            except Exception as exc:  # noqa: BLE001 - a message that breaks delivery heads for Poison
+                log.exception("loading message %s for %s failed", message_id, q.key)
+                manager.processing_error(message_id, exc)
+        return work
+
+    @staticmethod
+    async def _send_batch(manager: Any, q: Any, conn: SmtpConnection,
+                          work: list[tuple[Any, list[Any], Any, OutboundMessage]], recorded: set[int]) -> bool:
+        """Send a batch over ``conn``, recording each message's outcomes as they come. False when the connection
+        failed (and was closed here): the messages sent or being sent then without a known outcome are deferred,
+        the ones not tried yet go back to the queue untouched."""
+        def on_result(i: int, outcomes: list[Outcome]) -> None:
+            msg, rcpts, body, _ = work[i]
+            try:
+                manager.record(q, msg, rcpts, outcomes, body=body, remote=conn.host.name or conn.address,
+                               remote_ip=conn.address)
+                recorded.add(msg["id"])
+            except Exception as exc:  # noqa: BLE001 - a message that breaks delivery heads for Poison
+                log.exception("recording the outcome of message %s failed", msg["id"])
+                manager.processing_error(msg["id"], exc)
+
+        try:
+            await conn.send_many([out for *_, out in work], on_result)
+            return True
+        except (ConnectionLost, OSError, ProtocolViolation, ssl.SSLError, asyncio.TimeoutError) as exc:
+            reply = f"421 4.4.2 Connection dropped due to {type(exc).__name__}: {exc}"
+            for msg, rcpts, body, _ in work[:conn.current + 1]:
+                if msg["id"] not in recorded:
+                    manager.record(q, msg, rcpts, [Outcome(r["idx"], "transient", reply) for r in rcpts], body=body)
+                    recorded.add(msg["id"])
+            manager.connection_failed(q, reply, conn.host.name, conn.endpoint)
+        except Exception as exc:  # noqa: BLE001 - the message being handled heads for Poison, the rest wait
+            message_id = work[conn.current][0]["id"]
+            log.exception("delivering message %s through %s failed", message_id, q.key)
+            manager.processing_error(message_id, exc)
+        await conn.close(quit=False)
+        return False
 
     def _fail_window(self, manager: Any, q: Any, reply: str) -> None:
         """A permanent next-hop failure (null MX, nonexistent domain): every message here gets an NDR."""

@@ -154,6 +154,7 @@ class SmtpConnection:
         self.log = log
         self.messages_sent = 0
         self._in_transaction = False   # MAIL was accepted and the transaction didn't end: RSET before the next
+        self.current = 0               # which message of ``send_many``'s list is being handled
         self.banner = ""
 
     # -- opening -----------------------------------------------------------------------
@@ -321,12 +322,76 @@ class SmtpConnection:
         if self.log:
             self.log.write("*", "", f"sending message with RecordId {msg.id}")
 
-    # -- a transaction -----------------------------------------------------------------------------
+    # -- transactions ------------------------------------------------------------------------------
     async def send(self, msg: OutboundMessage) -> list[Outcome]:
-        if self._in_transaction:   # the previous message ended early (no recipient, DATA refused, BDAT failed)
-            if not await self.reset():
-                raise ConnectionLost("the peer refused RSET after an unfinished transaction")
-            self._in_transaction = False
+        """One message: each recipient's outcome."""
+        results: dict[int, list[Outcome]] = {}
+        await self.send_many([msg], results.__setitem__)
+        return results[0]
+
+    async def send_many(self, msgs: list[OutboundMessage], on_result: Callable[[int, list[Outcome]], None]) -> None:
+        """Messages one transaction after another; ``on_result(i, outcomes)`` as soon as message i's are known.
+        An exception (the connection failed) leaves the rest unreported; ``current`` says which message was
+        being handled then.
+
+        To a peer that pipelines but doesn't offer CHUNKING, a message's body and its dot go out in the same
+        write as the next message's MAIL, RCPT and DATA (RFC 2920 lets the message content open a command
+        group): one round trip per message instead of two."""
+        carry = b""                                                    # a body and its dot, not yet written
+        awaiting: tuple[int, list[OutRecipient], list[Outcome], bool] | None = None   # whose reply ends `carry`
+        for i, msg in enumerate(msgs):
+            self.current = i
+            if self._in_transaction:   # the previous message ended early (no recipient, DATA refused, BDAT failed)
+                if not await self.reset():
+                    raise ConnectionLost("the peer refused RSET after an unfinished transaction")
+                self._in_transaction = False
+            envelope = self._prepare(msg)
+            if isinstance(envelope, list):
+                on_result(i, envelope)
+                continue
+            body = _in_memory(msg.body)
+            if not (envelope.pipelining and not envelope.use_bdat and not self.settings.lmtp and body is not None):
+                if awaiting is not None:
+                    await self._end_carried(carry, awaiting, on_result)
+                    carry, awaiting = b"", None
+                on_result(i, await self._transaction(msg, envelope))
+                continue
+            commands = b"".join([envelope.mail, *envelope.rcpts, b"DATA\r\n"])
+            self._log_sent(commands)
+            self.writer.write(carry + commands)
+            carry = b""
+            await self.writer.drain()
+            if awaiting is not None:
+                self._finish(awaiting, [await self._reply()], on_result)
+                awaiting = None
+            mail_reply = await self._reply()
+            rcpt_replies = [await self._reply() for _ in envelope.rcpts]
+            data_reply = await self._reply()
+            accepted, outcomes = await self._settle(msg, envelope, mail_reply, rcpt_replies, data_reply)
+            if accepted is None:
+                on_result(i, outcomes)
+                continue
+            self._log_message(msg)
+            stuffer = C.DotStuffer(normalised=msg.lines_normalised)
+            carry = stuffer.feed(body) + stuffer.finish()
+            awaiting = (i, accepted, outcomes, envelope.dsn)
+            self._in_transaction = False   # the dot in `carry` ends it, whatever the reply
+        if awaiting is not None:
+            await self._end_carried(carry, awaiting, on_result)
+
+    async def _end_carried(self, carry: bytes, awaiting: tuple[int, list[OutRecipient], list[Outcome], bool],
+                           on_result: Callable[[int, list[Outcome]], None]) -> None:
+        self.writer.write(carry)
+        await self.writer.drain()
+        self._finish(awaiting, [await self._reply()], on_result)
+
+    def _finish(self, awaiting: tuple[int, list[OutRecipient], list[Outcome], bool], final: list[Reply],
+                on_result: Callable[[int, list[Outcome]], None]) -> None:
+        i, accepted, outcomes, dsn = awaiting
+        on_result(i, outcomes + self._final_outcomes(accepted, final, dsn))
+
+    def _prepare(self, msg: OutboundMessage) -> "_Envelope | list[Outcome]":
+        """The commands of a message's envelope, or its outcomes if this peer can't take it."""
         ext = self.extensions
         size_limit = ext.get("SIZE", "")
         if size_limit.isdigit() and int(size_limit) and msg.size > int(size_limit):
@@ -351,23 +416,60 @@ class SmtpConnection:
         except ValueError as exc:
             return [Outcome(r.idx, "permanent", f"550 5.1.3 {exc}") for r in msg.recipients]
         # Like Exchange, the body goes as BDAT whenever the peer offers CHUNKING (LMTP keeps DATA, whose
-        # reply is per recipient), and a body held in memory goes in the same write as the envelope:
-        # MAIL, every RCPT, "BDAT n LAST" and the body (RFC 2920, RFC 3030), one round trip per message.
+        # reply is per recipient).
         use_bdat = "CHUNKING" in ext and (binary or not self.settings.lmtp)
-        pipelining = "PIPELINING" in ext
-        inline: bytes | None = None
-        if use_bdat and pipelining:
-            inline = msg.body if isinstance(msg.body, bytes) else None if msg.body.large else msg.body.read()
+        return _Envelope(mail, rcpts, use_bdat, "PIPELINING" in ext, dsn)
+
+    async def _settle(self, msg: OutboundMessage, envelope: "_Envelope", mail_reply: Reply,
+                      rcpt_replies: list[Reply], data_reply: Reply | None) -> tuple[list[OutRecipient] | None,
+                                                                                    list[Outcome]]:
+        """The envelope's replies: the recipients whose body may follow (None: the transaction is over) and
+        the outcomes known so far."""
+        if mail_reply.code != 250:
+            if data_reply is not None and data_reply.code == 354:
+                await self._abort_data()
+            return None, self._all(msg, mail_reply)
+        self._in_transaction = True
+        accepted = [r for r, reply in zip(msg.recipients, rcpt_replies) if reply.code in (250, 251)]
+        outcomes = [Outcome(r.idx, _kind(reply), str(reply)) for r, reply in zip(msg.recipients, rcpt_replies)
+                    if reply.code not in (250, 251)]
+        if not accepted:
+            if data_reply is not None and data_reply.code == 354:
+                await self._abort_data()
+                self._in_transaction = False
+            return None, outcomes
+        if not envelope.use_bdat and (data_reply is None or data_reply.code != 354):
+            reply = data_reply or Reply(451, "4.4.0", "DATA was not accepted")
+            return None, outcomes + [Outcome(r.idx, _kind(reply), str(reply)) for r in accepted]
+        return accepted, outcomes
+
+    def _final_outcomes(self, accepted: list[OutRecipient], final: list[Reply], dsn: bool) -> list[Outcome]:
+        """The accepted recipients' outcomes from the reply (LMTP: the replies) to the end of the body."""
+        self.messages_sent += 1
+        outcomes = []
+        for i, r in enumerate(accepted):
+            reply = final[i] if self.settings.lmtp else final[0]
+            kind = "delivered" if reply.code == 250 else _kind(reply)
+            outcomes.append(Outcome(r.idx, kind, str(reply), relayed=kind == "delivered" and not dsn))
+        return outcomes
+
+    async def _transaction(self, msg: OutboundMessage, envelope: "_Envelope") -> list[Outcome]:
+        """A transaction that ends in its own round trip: BDAT, LMTP, a peer that doesn't pipeline, a body
+        read from its file piece by piece."""
+        mail, rcpts, use_bdat, pipelining = envelope.mail, envelope.rcpts, envelope.use_bdat, envelope.pipelining
+        # A BDAT body held in memory goes in the same write as the envelope: MAIL, every RCPT, "BDAT n LAST"
+        # and the body (RFC 2920, RFC 3030), one round trip per message.
+        inline = _in_memory(msg.body) if use_bdat and pipelining else None
         bdat_reply: Reply | None = None
         if pipelining:
-            envelope = b"".join([mail, *rcpts, b"" if use_bdat else b"DATA\r\n"])
+            commands = b"".join([mail, *rcpts, b"" if use_bdat else b"DATA\r\n"])
             if inline is not None:
-                envelope += f"BDAT {len(inline)} LAST\r\n".encode()
-                self._log_sent(envelope)
+                commands += f"BDAT {len(inline)} LAST\r\n".encode()
+                self._log_sent(commands)
                 self._log_message(msg)
-                self.writer.write(envelope + inline)
+                self.writer.write(commands + inline)
             else:
-                self._send(envelope)
+                self._send(commands)
             await self.writer.drain()
             mail_reply = await self._reply()
             rcpt_replies = [await self._reply() for _ in rcpts]
@@ -384,25 +486,12 @@ class SmtpConnection:
             data_reply = None
             if not use_bdat and any(r.code in (250, 251) for r in rcpt_replies):
                 data_reply = await self._command(b"DATA\r\n")
-        if mail_reply.code != 250:
-            if data_reply is not None and data_reply.code == 354:
-                await self._abort_data()
-            return self._all(msg, mail_reply)
-        self._in_transaction = True
-        accepted = [r for r, reply in zip(msg.recipients, rcpt_replies) if reply.code in (250, 251)]
-        outcomes = [Outcome(r.idx, _kind(reply), str(reply)) for r, reply in zip(msg.recipients, rcpt_replies)
-                    if reply.code not in (250, 251)]
-        if not accepted:
-            if data_reply is not None and data_reply.code == 354:
-                await self._abort_data()
-                self._in_transaction = False
+        accepted, outcomes = await self._settle(msg, envelope, mail_reply, rcpt_replies, data_reply)
+        if accepted is None:
             return outcomes
         if use_bdat:
             final = [bdat_reply if bdat_reply is not None else await self._send_bdat(msg)]
         else:
-            if data_reply is None or data_reply.code != 354:
-                reply = data_reply or Reply(451, "4.4.0", "DATA was not accepted")
-                return outcomes + [Outcome(r.idx, _kind(reply), str(reply)) for r in accepted]
             self._log_message(msg)
             stuffer = C.DotStuffer(normalised=msg.lines_normalised)
             pending = b""
@@ -417,13 +506,8 @@ class SmtpConnection:
                 final = [await self._reply() for _ in accepted]
             else:
                 final = [await self._reply()]
-        self.messages_sent += 1
         self._in_transaction = use_bdat and final[0].code != 250   # a refused BDAT chunk leaves it open
-        for i, r in enumerate(accepted):
-            reply = final[i] if self.settings.lmtp else final[0]
-            kind = "delivered" if reply.code == 250 else _kind(reply)
-            outcomes.append(Outcome(r.idx, kind, str(reply), relayed=kind == "delivered" and not dsn))
-        return outcomes
+        return outcomes + self._final_outcomes(accepted, final, envelope.dsn)
 
     async def _send_bdat(self, msg: OutboundMessage) -> Reply:
         """The body as BDAT chunks; every chunk but the last is answered before the next goes out."""
@@ -482,8 +566,22 @@ class _HostRefused(Exception):
         self.fatal = fatal
 
 
+@dataclass(slots=True)
+class _Envelope:
+    mail: bytes
+    rcpts: list[bytes]
+    use_bdat: bool
+    pipelining: bool
+    dsn: bool
+
+
 def _chunks(body: Any) -> Any:
     return [body] if isinstance(body, bytes) else body.chunks()
+
+
+def _in_memory(body: Any) -> bytes | None:
+    """The whole body, unless it is large enough to be read from its file piece by piece."""
+    return body if isinstance(body, bytes) else None if body.large else body.read()
 
 
 def _kind(reply: Reply) -> str:

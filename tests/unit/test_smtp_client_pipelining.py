@@ -1,0 +1,84 @@
+"""The outbound client against a peer that pipelines but has no CHUNKING (older Postfix, sendmail, smtp-sink):
+a message's body and dot share a write with the next message's MAIL, RCPT and DATA (RFC 2920), and every
+message still gets its own outcome — also when the peer refuses part of a transaction or hangs up mid-batch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from peers import PipeliningPeer
+
+from mailgate.routing.dns import Host
+from mailgate.send.smtp import ConnectionLost, OutboundMessage, Outcome, OutRecipient, SessionSettings, SmtpConnection
+
+
+def message(n: int, *recipients: str) -> OutboundMessage:
+    body = f"Subject: message {n}\r\n\r\nbody of message {n}\r\n.leading dot\r\n".encode()
+    return OutboundMessage(id=n, sender=f"s{n}@sender.test", size=len(body), body=body, lines_normalised=True,
+                           recipients=[OutRecipient(i, a) for i, a in enumerate(recipients or (f"r{n}@peer.test",))])
+
+
+async def send_all(peer: PipeliningPeer, msgs: list[OutboundMessage]) -> tuple[SmtpConnection, dict[int, list[Outcome]], Exception | None]:
+    port = await peer.start()
+    conn = await SmtpConnection.open([Host("peer.test", ("127.0.0.1",), port)], SessionSettings(helo_name="mg.test"))
+    results: dict[int, list[Outcome]] = {}
+    error: Exception | None = None
+    try:
+        await conn.send_many(msgs, results.__setitem__)
+    except Exception as exc:  # noqa: BLE001 - the test looks at it
+        error = exc
+    await conn.close(quit=error is None)
+    await peer.stop()
+    return conn, results, error
+
+
+def test_each_body_shares_a_write_with_the_next_envelope():
+    peer = PipeliningPeer()
+    conn, results, error = asyncio.run(send_all(peer, [message(1), message(2), message(3)]))
+    assert error is None
+    assert [o.kind for i in range(3) for o in results[i]] == ["delivered"] * 3
+    assert [m[0] for m in peer.messages] == ["s1@sender.test", "s2@sender.test", "s3@sender.test"]
+    assert peer.messages[0][2].endswith(b"body of message 1\r\n..leading dot\r\n")   # dot-stuffed on the wire
+    # The end of message 1 and the start of message 2 came in one read: body, dot, MAIL, RCPT, DATA.
+    joined = [r for r in peer.reads if b"body of message 1" in r]
+    assert len(joined) == 1 and joined[0].endswith(
+        b"..leading dot\r\n.\r\nMAIL FROM:<s2@sender.test>\r\nRCPT TO:<r2@peer.test>\r\nDATA\r\n")
+    # Three messages in four writes (six without the chaining): the first envelope, then each body with
+    # the envelope after it.
+    transactions = [r for r in peer.reads if r.startswith((b"MAIL", b"Subject"))]
+    assert [r.startswith(b"MAIL") for r in transactions] == [True, False, False, False]
+    assert [r.endswith(b"DATA\r\n") for r in transactions] == [True, True, True, False]
+    assert conn.messages_sent == 3
+
+
+def test_a_refused_transaction_in_the_chain_leaves_the_others_alone():
+    peer = PipeliningPeer(rcpt_reply=lambda a: "550 5.1.1 <%s>: unknown" % a if a.startswith("nobody") else "250 Ok")
+    msgs = [message(1), message(2, "nobody@peer.test"), message(3, "nobody@peer.test", "r3@peer.test"), message(4)]
+    conn, results, error = asyncio.run(send_all(peer, msgs))
+    assert error is None
+    assert [o.kind for o in results[0]] == ["delivered"]
+    assert [(o.kind, o.reply[:3]) for o in results[1]] == [("permanent", "550")]
+    assert sorted((o.idx, o.kind) for o in results[2]) == [(0, "permanent"), (1, "delivered")]
+    assert [o.kind for o in results[3]] == ["delivered"]
+    assert [m[1] for m in peer.messages] == [["r1@peer.test"], ["r3@peer.test"], ["r4@peer.test"]]
+    assert all(b"message 2" not in m[2] for m in peer.messages)
+
+
+def test_a_peer_that_hangs_up_mid_chain_leaves_the_unanswered_messages_unreported():
+    peer = PipeliningPeer(hang_up_after_dots=2)   # takes message 1, drops the line when message 2 ends
+    conn, results, error = asyncio.run(send_all(peer, [message(1), message(2), message(3)]))
+    assert isinstance(error, ConnectionLost)
+    assert list(results) == [0] and results[0][0].kind == "delivered"
+    # Message 3's envelope went out with message 2's dot: both are the ones whose outcome is unknown.
+    assert conn.current == 2
+    assert [m[0] for m in peer.messages] == ["s1@sender.test"]
+
+
+@pytest.mark.parametrize("hang_up", [1, 3])
+def test_a_hang_up_at_the_first_or_last_dot(hang_up):
+    peer = PipeliningPeer(hang_up_after_dots=hang_up)
+    conn, results, error = asyncio.run(send_all(peer, [message(1), message(2), message(3)]))
+    assert isinstance(error, ConnectionLost)
+    assert sorted(results) == list(range(hang_up - 1))
+    assert len(peer.messages) == hang_up - 1
