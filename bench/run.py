@@ -1,6 +1,6 @@
 """mailgate against Postfix on this machine, with Postfix's own load tools.
 
-    .venv/bin/python bench/run.py            # the full matrix (about 20 minutes)
+    .venv/bin/python bench/run.py            # the full matrix (about 17 minutes)
     .venv/bin/python bench/run.py --quick    # a smoke run with tiny counts
 
 Servers, all on loopback in the same run, loads interleaved so machine drift hits all alike:

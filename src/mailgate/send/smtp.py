@@ -349,8 +349,9 @@ class SmtpConnection:
             if isinstance(envelope, list):
                 on_result(i, envelope)
                 continue
-            body = _in_memory(msg.body)
-            if not (envelope.pipelining and not envelope.use_bdat and not self.settings.lmtp and body is not None):
+            chainable = envelope.pipelining and not envelope.use_bdat and not self.settings.lmtp
+            body = _in_memory(msg.body) if chainable else None
+            if body is None:
                 if awaiting is not None:
                     await self._end_carried(carry, awaiting, on_result)
                     carry, awaiting = b"", None
