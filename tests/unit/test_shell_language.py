@@ -188,3 +188,14 @@ def test_a_cmdlet_that_raises_is_reported_and_the_session_goes_on():
     assert not ok
     assert "Set-TransportService failed with an internal error (AttributeError" in err
     assert "still here" in out
+
+
+@pytest.mark.parametrize("nested", [
+    "(" * 3000 + "1" + ")" * 3000,                                        # brackets
+    "@(" * 3000 + "1" + ")" * 3000,                                       # array subexpressions
+    "1 | ForEach-Object " + "{ 1 | ForEach-Object " * 400 + "{ $_ }" + " }" * 400,   # script blocks
+])
+def test_input_nested_thousands_deep_is_a_clear_error_and_the_session_goes_on(nested):
+    ok, out, err = run(f"$a = {nested}\n'still here'")
+    assert not ok and "nested too deeply" in err and "Traceback" not in err and "RecursionError" not in err
+    assert "still here" in out

@@ -34,7 +34,7 @@ from mailgate.manage.psvalues import (
 )
 from mailgate.shell import binder
 from mailgate.shell.format import Formatted, get_property
-from mailgate.shell.parser import parse
+from mailgate.shell.parser import NESTED_TOO_DEEPLY, parse
 
 log = logging.getLogger("mailgate.shell")
 
@@ -111,6 +111,8 @@ class Evaluator:
                 self.emit(self.eval_pipeline(stmt))
         except UserError as exc:
             self._fail(exc, stmt)
+        except RecursionError:   # brackets or script blocks nested thousands deep
+            self._fail(UserError(NESTED_TOO_DEEPLY), stmt)
         for cmdlet_name, message in self._deferred_errors:
             self._fail(UserError(message), stmt, cmdlet_name)
         self._deferred_errors = []
@@ -266,7 +268,7 @@ class Evaluator:
         ctx.shell = self
         try:
             result = cmd.handler(ctx, args)
-        except UserError:
+        except (UserError, RecursionError):
             raise
         except Exception as exc:  # a bug is reported like any error; it doesn't end the administrator's session
             log.debug("%s raised", cmd.name, exc_info=True)

@@ -13,6 +13,10 @@ from mailgate.errors import ParseError
 GRAMMAR = Path(__file__).with_name("grammar.lark")
 
 
+NESTED_TOO_DEEPLY = ("The statement is nested too deeply to run: split it into several statements, or use "
+                     "variables for the inner expressions.")
+
+
 @functools.cache
 def _parser() -> lark.Lark:
     return lark.Lark(GRAMMAR.read_text(encoding="utf-8"), parser="lalr", lexer="contextual",
@@ -44,6 +48,8 @@ def parse(text: str) -> Tree:
         raise ParseError(f"At line:{line} char:{column}\n+ {src_line}\n+ {pointer}\n{reason}") from None
     except lark.exceptions.LarkError as exc:  # pragma: no cover - defensive: never crash on input
         raise ParseError(f"The input could not be parsed: {exc}") from None
+    except RecursionError:
+        raise ParseError(NESTED_TOO_DEEPLY) from None
 
 
 def is_incomplete(text: str) -> bool:
@@ -57,6 +63,6 @@ def is_incomplete(text: str) -> bool:
     except lark.exceptions.UnexpectedCharacters as exc:
         rest = text[exc.pos_in_stream:]
         return rest[:1] in "\"'" and rest.count(rest[0]) % 2 == 1
-    except lark.exceptions.LarkError:
+    except (lark.exceptions.LarkError, RecursionError):
         return False
     return False
