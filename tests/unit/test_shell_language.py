@@ -199,3 +199,14 @@ def test_input_nested_thousands_deep_is_a_clear_error_and_the_session_goes_on(ne
     ok, out, err = run(f"$a = {nested}\n'still here'")
     assert not ok and "nested too deeply" in err and "Traceback" not in err and "RecursionError" not in err
     assert "still here" in out
+
+
+def test_the_range_operator():
+    ok, out, err = run('1..3 | ForEach-Object { $_ * 2 }\n$x = 5..1; "$($x.Count) $($x[0]) $($x[4])"\n'
+                       '(1..2+3).Count\n$n = 2; 1..$n | % { "m$_" }')
+    assert ok, err
+    assert out.split() == ["2", "4", "6", "5", "5", "1", "3", "m1", "m2"]
+    ok, out, err = run("1..10000000")
+    assert not ok and "too large" in err
+    ok, out, err = run('"a"..2')
+    assert not ok and 'Cannot convert "a"' in err

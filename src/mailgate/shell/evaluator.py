@@ -39,6 +39,7 @@ from mailgate.shell.parser import NESTED_TOO_DEEPLY, parse
 log = logging.getLogger("mailgate.shell")
 
 _MISSING = object()
+MAX_RANGE = 1_000_000   # values one range operator may make (PowerShell allows more; a shell typo shouldn't eat memory)
 
 
 class TypeRef:
@@ -379,6 +380,19 @@ class Evaluator:
         if op in ("+", "-", "*", "/", "%"):
             return arithmetic(op, left, right)
         return compare(op, left, right, self.variables)
+
+    def _e_range(self, node: Tree) -> Any:
+        ends = []
+        for value in (self.eval(node.children[0]), self.eval(node.children[2])):
+            try:
+                ends.append(int(round(float(parse_number(value) if isinstance(value, str) else value))))
+            except (TypeError, ValueError):
+                raise ShellError(f'Cannot convert "{to_text(value)}" to an integer for the range operator.') from None
+        first, last = ends
+        if abs(last - first) >= MAX_RANGE:
+            raise ShellError(f"The range {first}..{last} is too large: at most {MAX_RANGE:,} values.")
+        step = 1 if last >= first else -1
+        return list(range(first, last + step, step))
 
     def _e_member(self, node: Tree) -> Any:
         target = self.eval(node.children[0])
