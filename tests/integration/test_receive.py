@@ -309,7 +309,8 @@ def _rss_kb(pid: int) -> int:
 def test_memory_stays_bounded_for_idle_sessions_and_a_30mb_message(home, server):
     shell(home, 'New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com\n'
                 'Set-ReceiveConnector "Default Frontend EX01" -MaxInboundConnectionPerSource unlimited '
-                '-MaxInboundConnection unlimited -MaxMessageSize 64MB')
+                '-MaxInboundConnection unlimited -MaxMessageSize 64MB\n'
+                'Set-TransportConfig -MaxReceiveSize 64MB')   # the organisation's own limit is 10 MB
     synced(home)
     pid = server.proc.pid
     base = _rss_kb(pid)
@@ -332,3 +333,48 @@ def test_memory_stays_bounded_for_idle_sessions_and_a_30mb_message(home, server)
     growth_mb = (_rss_kb(pid) - before) / 1024
     assert growth_mb < 20, f"RSS grew {growth_mb:.1f} MB while receiving a 30 MB message"
     assert wait_for(lambda: maildir_messages(home, "admin@domain.com"), timeout=60)[0].endswith(line)
+
+
+def test_organisation_size_limits_give_exchange_ndrs(home, server):
+    """Set-TransportConfig's MaxReceiveSize (to mailboxes) and MaxSendSize (from authenticated senders of the
+    organisation): a message above one is accepted by SMTP (the connector's 36 MB allows it) and answered with
+    Exchange's NDR when categorised; below both, or after the administrator raises a limit, it is delivered."""
+    shell(home, 'New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com\n'
+                'New-Mailbox -Name Kate -PrimarySmtpAddress kate@domain.com '
+                '-Password (ConvertTo-SecureString "Corr3ct-Horse" -AsPlainText -Force)')
+    assert "MaxReceiveSize : 10 MB (10,485,760 bytes)" in shell(home, "Get-TransportConfig | fl MaxReceiveSize").out
+    r = shell(home, "Set-TransportConfig -MaxReceiveSize 1MB -MaxSendSize 2MB")
+    assert r.ok, r.err
+    synced(home)
+    line = b"y" * 998 + b"\r\n"
+    big = b"Subject: big\r\n\r\n" + line * (1536 * 1024 // len(line))        # 1.5 MB
+    with smtp(server.ports["frontend"]) as c:   # anonymous, from outside: only MaxReceiveSize applies
+        assert c.sendmail("someone@remote.example", ["admin@domain.com"], b"Subject: small\r\n\r\nok\r\n") == {}
+        assert c.sendmail("kate@domain.com", ["admin@domain.com"], big) == {}
+    with smtp(server.ports["client"]) as c:     # Kate, authenticated: MaxSendSize applies to everything she sends
+        c.ehlo("laptop")
+        c.starttls(context=unverified())
+        c.ehlo("laptop")
+        c.login("kate@domain.com", "Corr3ct-Horse")
+        assert c.sendmail("kate@domain.com", ["friend@remote.example"], big + line * 1024) == {}   # 2.5 MB
+    ndrs = wait_for(lambda: [m for m in maildir_messages(home, "kate@domain.com")] if
+                    len(maildir_messages(home, "kate@domain.com")) >= 2 else None, timeout=30, message="two NDRs")
+    text = b"\n".join(ndrs)
+    assert b"RESOLVER.RST.RecipSizeLimit; message too large for this recipient" in text
+    assert b"RESOLVER.RST.SendSizeLimit.Org; message too large for this organization" in text
+    assert [m for m in maildir_messages(home, "admin@domain.com") if b"Subject: small" in m]
+    assert not [m for m in maildir_messages(home, "admin@domain.com") if b"Subject: big" in m]
+    # One FAIL and one NDR per refused message (a rescan of Submission must not categorise it twice); the
+    # NDRs themselves, each with the 1.5 MB original attached, are not held to the 1 MB limit.
+    def failed() -> list[str]:
+        return sorted(shell(home, 'Get-MessageTrackingLog -EventId FAIL | ForEach-Object { "$($_.Recipients)" }').out.split())
+
+    wait_for(lambda: len(failed()) >= 2, message="both FAIL events")
+    time.sleep(1.5)   # a second categorisation would have logged by now
+    assert failed() == ["admin@domain.com", "friend@remote.example"]
+    # The administrator raises the organisation's limit: the same message is delivered.
+    assert shell(home, "Set-TransportConfig -MaxReceiveSize 10MB").ok
+    synced(home)
+    with smtp(server.ports["frontend"]) as c:
+        assert c.sendmail("someone@remote.example", ["admin@domain.com"], big) == {}
+    wait_for(lambda: [m for m in maildir_messages(home, "admin@domain.com") if b"Subject: big" in m], timeout=30)

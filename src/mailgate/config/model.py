@@ -469,8 +469,10 @@ class TransportConfig(ConfigObject):
     kind: ClassVar[str] = "TransportConfig"
 
     name: str = "Transport Settings"
-    max_receive_size: ByteSizeField = ByteSize(None)
-    max_send_size: ByteSizeField = ByteSize(None)
+    # Exchange's organisation limits, 10 MB each: messages to mailboxes, and from senders of the organisation
+    # (authenticated submissions), above them get an NDR when they are categorised (routing/table.py).
+    max_receive_size: ByteSizeField = ByteSize(10 * 1024 * 1024)
+    max_send_size: ByteSizeField = ByteSize(10 * 1024 * 1024)
     max_recipient_envelope_limit: UnlimitedIntField = UnlimitedInt(500)
     tls_send_domain_secure_list: list[str] = Field(default_factory=list, alias="TLSSendDomainSecureList")
     tls_receive_domain_secure_list: list[str] = Field(default_factory=list, alias="TLSReceiveDomainSecureList")

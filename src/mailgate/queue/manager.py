@@ -267,20 +267,17 @@ class QueueManager:
                     q.held.clear()
 
     # -- intake -------------------------------------------------------------------------
-    def route(self, address: str, size: int) -> Route | Failure:
-        assert self.settings is not None
-        return self.settings.routing.route(address, size)
-
     def categorise(self, recipients: list[tuple[str, str | None, str | None]], size: int,
-                   config: Any = None) -> list[NewRecipient]:
-        """Queue keys for new recipients; failures and a suspended Submission queue stay in Submission."""
+                   config: Any = None, *, originating: bool = False, system: bool = False) -> list[NewRecipient]:
+        """Queue keys for new recipients; failures and a suspended Submission queue stay in Submission.
+        ``originating`` and ``system`` as for ``RoutingTable.route`` (the organisation's size limits)."""
         assert self.settings is not None
         routing = config.routing if config is not None else self.settings.routing
         suspended = self.queue(SUBMISSION).suspended
         out = []
 
         def add(address: str, orcpt: str | None, notify: str | None, **tracking: Any) -> None:
-            route = None if suspended else routing.route(address, size)
+            route = None if suspended else routing.route(address, size, originating=originating, system=system)
             key = route.queue if isinstance(route, Route) else SUBMISSION
             out.append(NewRecipient(address=address, queue=key, orcpt=orcpt, notify=notify, **tracking))
 
@@ -561,8 +558,11 @@ class QueueManager:
             return
         msg, rcpts = loaded
         updates, extra, failures, targets = [], [], [], set()
+        assert self.settings is not None
+        routing = self.settings.routing
         for r in rcpts:
-            route = self.route(r["address"], msg["size"])
+            route = routing.route(r["address"], msg["size"], originating=msg["directionality"] == "Originating",
+                                  system=bool(msg["is_dsn"]))
             if isinstance(route, Failure):
                 failures.append((r, route.reply))
                 continue
@@ -573,8 +573,15 @@ class QueueManager:
         dsns, fail_updates = self._failure_effects(msg, [r for r, _ in failures], outcomes, source="ROUTING")
         updates += fail_updates
         fut = self._store_record(message_id, updates, dsns, extra)
-        fut.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._after_record, f, dsns, targets, message_id)
-                              if self.loop else None)
+        # Until this commits the message is still in Submission: a rescan must not categorise it again (its
+        # failures would give a second NDR).
+        self._accepting.add(message_id)
+
+        def committed(f: concurrent.futures.Future[Any]) -> None:
+            self._accepting.discard(message_id)
+            self._after_record(f, dsns, targets, message_id)
+
+        fut.add_done_callback(lambda f: self.loop.call_soon_threadsafe(committed, f) if self.loop else None)
 
     def _store_record(self, message_id: int, updates: list[tuple[Any, ...]], dsns: list[NewMessage],
                       extra: list[tuple[str, tuple[Any, ...]]] | None = None) -> concurrent.futures.Future[Any]:
@@ -718,7 +725,7 @@ class QueueManager:
         now = time.time()
         prefix = {"failed": "Undeliverable", "delayed": "Delivery delayed", "delivered": "Delivered",
                   "relayed": "Relayed"}[action]
-        target = self.categorise([(msg["sender"], None, "NEVER")], len(content))
+        target = self.categorise([(msg["sender"], None, "NEVER")], len(content), system=True)
         message_id = content.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0].decode()
         return NewMessage(network_id=str(uuid.uuid4()), message_id=message_id, sender="",
                           subject=f"{prefix}: {msg['subject'] or ''}", size=len(content), received_at=now,

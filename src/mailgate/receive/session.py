@@ -784,15 +784,17 @@ class SmtpSession(asyncio.Protocol):
         params = self.mail_params
         now = time.time()
         pipeline = self.server.pipeline
+        directionality = self.relayed_directionality or ("Originating" if self.authenticated else "Incoming")
         recipients = pipeline.categorise([(str(a), p.orcpt, ",".join(p.notify) if p.notify else None)
-                                          for a, p in self.recipients], msg.stored_size, self.config)
+                                          for a, p in self.recipients], msg.stored_size, self.config,
+                                         originating=directionality == "Originating")
         new = NewMessage(
             id=self.internal_id, network_id=self.network_id, message_id=self.message_id, sender=str(sender),
             subject=self.subject, size=msg.stored_size, received_at=now,
             expires_at=now + self.config.server.message_expiration_timeout.seconds, recipients=recipients, body=body,
             source=f"SMTP:{self.connector.identity}", source_ip=self.client_ip, client_hostname=self.helo,
             connector=self.connector.identity, auth_as=self.authenticated,
-            directionality=self.relayed_directionality or ("Originating" if self.authenticated else "Incoming"),
+            directionality=directionality,
             envid=params.envid if params else None, ret=params.ret if params else None,
             body_type=params.body if params else None, smtputf8=bool(params and params.smtputf8),
             in_submission=any(r.queue == "Submission" for r in recipients),

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mailgate.config.model import AcceptedDomain, Mailbox, SendConnector
+from mailgate.config.model import AcceptedDomain, Mailbox, SendConnector, TransportConfig
 from mailgate.config.values import AuthMechanism, DomainType, PermissionGroups
 
 # Queue keys. Delivery queues are created per next hop, as Exchange does.
@@ -24,6 +24,8 @@ POISON = "Poison"
 
 NO_CONNECTOR = "A matching connector cannot be found to route the external recipient"
 RECIPIENT_NOT_FOUND = "550 5.1.1 RESOLVER.ADR.ExRecipNotFound; not found"
+RECIPIENT_SIZE_LIMIT = "550 5.2.3 RESOLVER.RST.RecipSizeLimit; message too large for this recipient"
+SENDER_SIZE_LIMIT = "550 5.2.3 RESOLVER.RST.SendSizeLimit.Org; message too large for this organization"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,8 @@ class RoutingTable:
             for address in box.addresses():
                 self.mailboxes[address] = box
         self.connectors: list[SendConnector] = [c for c in snapshot.get("SendConnector", []) if c.enabled]
+        org = next(iter(snapshot.get("TransportConfig", [])), None) or TransportConfig()
+        self.org_max_receive, self.org_max_send = org.max_receive_size, org.max_send_size
         default = next((d for d in self.domains if d.default), None)
         self.default_domain = default.domain_name.removeprefix("*.") if default else ""
         self._route_cache: dict[str, Route | Failure] = {}
@@ -104,9 +108,16 @@ class RoutingTable:
         return accepted is not None and accepted.domain_type is DomainType.Authoritative
 
     # -- routing --------------------------------------------------------------------
-    def route(self, address: str, size: int = 0) -> Route | Failure:
+    def route(self, address: str, size: int = 0, *, originating: bool = False, system: bool = False) -> Route | Failure:
+        """Where a recipient's copy goes. The organisation's MaxReceiveSize applies to every mailbox, its
+        MaxSendSize to ``originating`` mail (an authenticated sender of the organisation); neither to a
+        ``system`` message (a DSN this organisation made, whose size follows the message it reports on)."""
+        if originating and not system and not self.org_max_send.allows(size):
+            return Failure("5.2.3", SENDER_SIZE_LIMIT)
         res = self.resolve(address)
         if res.kind == "mailbox":
+            if not system and not self.org_max_receive.allows(size):
+                return Failure("5.2.3", RECIPIENT_SIZE_LIMIT)
             domain = res.domain
             if domain is not None and domain.lmtp_target:
                 return Route(f"lmtp:{domain.lmtp_target}", "SmtpDeliveryToMailbox", domain.lmtp_target, None, "Internal")
