@@ -210,3 +210,23 @@ def test_the_range_operator():
     assert not ok and "too large" in err
     ok, out, err = run('"a"..2')
     assert not ok and 'Cannot convert "a"' in err
+
+
+def test_group_object_and_script_block_properties():
+    ok, out, err = run('@{a=1;b="p"},@{a=2;b="q"},@{a=1;b="r"} | Group-Object a | ForEach-Object { "$($_.Name):$($_.Count)" }\n'
+                       '"x","X","y" | group -NoElement | % { "$($_.Name)=$($_.Count)" }\n'
+                       '1..5 | Group-Object { $_ % 2 } | % { "$($_.Name)/$($_.Group -join \'\')" }\n'
+                       '3,1,2 | Sort-Object { -$_ }')
+    assert ok, err
+    assert out.split() == ["1:2", "2:1", "x=2", "y=1", "1/135", "0/24", "3", "2", "1"]
+    ok, out, err = run('"a","b","a" | Group-Object')
+    assert ok and out.split()[:3] == ["Count", "Name", "Group"] and "{a, a}" in out
+
+
+def test_join_split_and_replace():
+    ok, out, err = run('@("a","b") -join ";"\n("a,b;c" -split "[,;]").Count\n'
+                       '"Default Frontend EX01" -replace "frontend (\\w+)", "FE-$1"\n("A-B" -csplit "b").Count')
+    assert ok, err
+    assert out.split("\n")[:4] == ["a;b", "3", "Default FE-EX01", "1"]
+    ok, out, err = run('"x" -split "("')
+    assert not ok and "is not valid" in err

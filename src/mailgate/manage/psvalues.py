@@ -176,6 +176,29 @@ def _scalar_compare(op: str, left: Any, right: Any, variables: dict[str, Any] | 
     raise ShellError(f"Unknown comparison operator {op}")
 
 
+def text_operator(op: str, left: Any, right: Any) -> Any:
+    """-join, -split and -replace (regular expressions, case-insensitive unless -csplit/-creplace)."""
+    base = op.lstrip("-").lower()
+    if base == "join":
+        return to_text(right).join(to_text(i) for i in (left if isinstance(left, list) else [left]))
+    flags = 0 if base.startswith("c") else re.IGNORECASE
+    if base.endswith("split"):
+        pattern = to_text(right[0] if isinstance(right, list) and right else right)
+        items = left if isinstance(left, list) else [left]
+        try:
+            return [part for i in items for part in re.split(pattern, to_text(i), flags=flags)]
+        except re.error as exc:
+            raise ValueError(f'The regular expression pattern "{pattern}" is not valid: {exc}.') from None
+    pattern, replacement = (right + [""])[:2] if isinstance(right, list) else (right, "")
+    pattern, replacement = to_text(pattern), re.sub(r"\$(\d+)", r"\\\1", to_text(replacement))   # $1 → \1
+    try:
+        if isinstance(left, list):
+            return [re.sub(pattern, replacement, to_text(i), flags=flags) for i in left]
+        return re.sub(pattern, replacement, to_text(left), flags=flags)
+    except re.error as exc:
+        raise ValueError(f'The regular expression pattern "{pattern}" is not valid: {exc}.') from None
+
+
 def compare(op: str, left: Any, right: Any, variables: dict[str, Any] | None = None) -> Any:
     base = op.lstrip("-").lower()
     if base in ("contains", "notcontains", "ccontains", "icontains"):

@@ -1,5 +1,5 @@
 """PowerShell's utility commands that Exchange administrators pipe into:
-Format-Table/List, Select/Where/Sort/Measure/ForEach-Object, Get-Command,
+Format-Table/List, Select/Where/Sort/Measure/Group/ForEach-Object, Get-Command,
 Get-Help, Get-Date, Write-Host/Output, Out-Null/String/File, Export-Csv,
 Start-Sleep."""
 
@@ -44,6 +44,14 @@ def _inputs(args: dict[str, Any]) -> list[Any]:
 
 def _props(args: dict[str, Any]) -> list[Any]:
     return as_list(args.get("Property"))
+
+
+def _value_of(item: Any, prop: Any) -> Any:
+    """A -Property value of an object: a name, a calculated property @{Expression=...}, or a script block."""
+    if isinstance(prop, ScriptBlock):
+        result = prop.invoke(item)
+        return result[0] if len(result) == 1 else (result or None)
+    return fmt._column_value(item, prop if isinstance(prop, dict) else to_text(prop), None)
 
 
 @cmdlet("Format-Table", [Param("Property", position=0, raw=True), Param("AutoSize", switch=True),
@@ -164,7 +172,7 @@ def sort_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     props = _props(args)
 
     def key(item: Any) -> tuple:
-        values = [fmt._column_value(item, p, None) for p in props] if props else [item]
+        values = [_value_of(item, p) for p in props] if props else [item]
         return tuple(_sort_key(v) for v in values)
 
     result = sorted(items, key=key, reverse=bool(args.get("Descending")))
@@ -207,6 +215,28 @@ def measure_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     if args.get("Minimum"):
         result["Minimum"] = min(numbers) if numbers else None
     return [Record("MeasureInfo", result)]
+
+
+@cmdlet("Group-Object", [Param("Property", position=0, raw=True), Param("NoElement", switch=True),
+                         Param("CaseSensitive", switch=True), _INPUT],
+        synopsis="Group objects by the values of properties (alias group).", builtin=True)
+def group_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """One GroupInfo per distinct value (Count, Name, Group), in the order the values first appear."""
+    props = _props(args)
+    groups: dict[Any, tuple[list[Any], list[Any]]] = {}
+    for item in _inputs(args):
+        values = [_value_of(item, p) for p in props] if props else [item]
+        name = ", ".join(fmt.format_value(v, -1) for v in values)
+        key = name if args.get("CaseSensitive") else name.lower()
+        groups.setdefault(key, (values, []))[1].append(item)
+    out = []
+    for values, members in groups.values():
+        record = {"Count": len(members), "Name": ", ".join(fmt.format_value(v, -1) for v in values)}
+        if args.get("NoElement"):
+            out.append(Record("GroupInfoNoElement", {**record, "Values": values}))
+        else:
+            out.append(Record("GroupInfo", {**record, "Group": members, "Values": values}))
+    return out
 
 
 @cmdlet("ForEach-Object", [Param("Process", position=0, raw=True), Param("MemberName", convert=to_str), _INPUT],
@@ -380,7 +410,7 @@ def clear_host(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
 
 for _alias, _name in [("ft", "Format-Table"), ("fl", "Format-List"), ("select", "Select-Object"),
                       ("where", "Where-Object"), ("?", "Where-Object"), ("sort", "Sort-Object"),
-                      ("measure", "Measure-Object"), ("%", "ForEach-Object"), ("foreach", "ForEach-Object"),
+                      ("measure", "Measure-Object"), ("group", "Group-Object"), ("%", "ForEach-Object"), ("foreach", "ForEach-Object"),
                       ("gcm", "Get-Command"), ("help", "Get-Help"), ("echo", "Write-Output"),
                       ("sleep", "Start-Sleep"), ("cls", "Clear-Host"), ("clear", "Clear-Host")]:
     registry.alias(_alias, _name)

@@ -29,6 +29,7 @@ from mailgate.manage.psvalues import (
     ShellError,
     compare,
     parse_number,
+    text_operator,
     to_text,
     truthy,
 )
@@ -379,6 +380,11 @@ class Evaluator:
             return truthy(left) != truthy(right)
         if op in ("+", "-", "*", "/", "%"):
             return arithmetic(op, left, right)
+        if op in ("-join", "-split", "-isplit", "-csplit", "-replace", "-ireplace", "-creplace"):
+            try:
+                return text_operator(op, left, right)
+            except ValueError as exc:
+                raise ShellError(str(exc)) from None
         return compare(op, left, right, self.variables)
 
     def _e_range(self, node: Tree) -> Any:
@@ -560,6 +566,13 @@ def cast(type_name: str, value: Any) -> Any:
 
 
 def member(target: Any, name: str) -> Any:
+    value = _member(target, name)
+    if value is None and name.lower() == "count" and target is not None:
+        return 1   # PowerShell: a single object has a Count of 1 (unless it has a Count of its own)
+    return value
+
+
+def _member(target: Any, name: str) -> Any:
     key = name.lower()
     if isinstance(target, list):
         if key in ("count", "length"):

@@ -32,6 +32,8 @@ DEFAULT_VIEWS: dict[str, tuple[str, list[str] | None]] = {
     "BestPracticeFinding": ("table", ["Severity", "Object", "Rule", "Detail"]),
     "Command": ("table", ["CommandType", "Name", "Synopsis"]),
     "ExportedMessage": ("table", ["Identity", "Path", "Size"]),
+    "GroupInfo": ("table", ["Count", "Name", "Group"]),
+    "GroupInfoNoElement": ("table", ["Count", "Name"]),
 }
 
 
