@@ -140,6 +140,8 @@ def test_exchange_server_authentication_needs_the_organisations_key(organisation
 
 def test_another_servers_queues_are_managed_from_this_shell(organisation):
     ex01, ex02, ports = organisation
+    servers = shell(ex02, "Get-ExchangeServer | Sort-Object Name | ft Name,ServerRole -HideTableHeaders")
+    assert servers.ok and servers.out.split() == ["EX01", "Mailbox", "EX02", "Mailbox"]
     sink_port = free_port()
     r = shell(ex01, f"New-SendConnector ToSink -AddressSpaces sink.test -SmartHosts 127.0.0.1 -Port {sink_port} "
                     f"-SourceTransportServers EX02")

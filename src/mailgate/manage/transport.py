@@ -65,6 +65,18 @@ def get_transport_service(ctx: ManagementContext, args: dict[str, Any]) -> list[
     return [present(s) for s in items]
 
 
+@cmdlet("Get-ExchangeServer", [Param("Identity", position=0, from_pipeline=True)],
+        synopsis="List the servers of the organisation.", default_view="ExchangeServer")
+def get_exchange_server(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """The servers of the organisation as Exchange lists them (each is a mailgate transport server)."""
+    with ctx.store.reader() as tx:
+        items = tx.list(TransportServer) if args.get("Identity") is None else [_resolve_server(ctx, tx, args["Identity"])]
+    return [Record("ExchangeServer", {
+        "Name": s.name, "Site": "Default-First-Site-Name", "ServerRole": s.server_role, "Edition": "Standard",
+        "AdminDisplayVersion": s.admin_display_version, "Fqdn": s.fqdn, "Domain": s.fqdn.partition(".")[2],
+        "IsMemberOfCluster": "No", "Identity": s.name}) for s in items]
+
+
 @cmdlet("Set-TransportService", [Param("Identity", position=0, from_pipeline=True), *_SERVICE_PARAMS, *_DNS_PARAMS],
         synopsis="Change transport server settings.", mutates=True,
         examples=["Set-TransportService EX01 -TransientFailureRetryInterval 00:00:10 -MessageRetryInterval 00:00:10",
