@@ -373,8 +373,21 @@ def test_organisation_size_limits_give_exchange_ndrs(home, server):
     time.sleep(1.5)   # a second categorisation would have logged by now
     assert failed() == ["admin@domain.com", "friend@remote.example"]
     # The administrator raises the organisation's limit: the same message is delivered.
-    assert shell(home, "Set-TransportConfig -MaxReceiveSize 10MB").ok
+    assert shell(home, "Set-TransportConfig -MaxReceiveSize 10MB -MaxRecipientEnvelopeLimit 2").ok
     synced(home)
     with smtp(server.ports["frontend"]) as c:
         assert c.sendmail("someone@remote.example", ["admin@domain.com"], big) == {}
     wait_for(lambda: [m for m in maildir_messages(home, "admin@domain.com") if b"Subject: big" in m], timeout=30)
+    # MaxRecipientEnvelopeLimit: Kate may address two recipients, not three (the connector would take 200).
+    with smtp(server.ports["client"]) as c:
+        c.ehlo("laptop")
+        c.starttls(context=unverified())
+        c.ehlo("laptop")
+        c.login("kate@domain.com", "Corr3ct-Horse")
+        assert c.sendmail("kate@domain.com", ["admin@domain.com", "kate@domain.com"], b"Subject: two\r\n\nok\r\n") == {}
+        assert c.sendmail("kate@domain.com", ["admin@domain.com", "kate@domain.com", "x@remote.example"],
+                          b"Subject: three\r\n\nno\r\n") == {}
+    ndr = wait_for(lambda: [m for m in maildir_messages(home, "kate@domain.com") if b"RecipLimit" in m], timeout=30)
+    assert b"550 5.5.3 RESOLVER.ADR.RecipLimit; too many recipients" in ndr[0]
+    wait_for(lambda: [m for m in maildir_messages(home, "admin@domain.com") if b"Subject: two" in m], timeout=30)
+    assert not [m for m in maildir_messages(home, "admin@domain.com") if b"Subject: three" in m]

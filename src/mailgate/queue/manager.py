@@ -277,7 +277,8 @@ class QueueManager:
         out = []
 
         def add(address: str, orcpt: str | None, notify: str | None, **tracking: Any) -> None:
-            route = None if suspended else routing.route(address, size, originating=originating, system=system)
+            route = None if suspended else routing.route(address, size, originating=originating, system=system,
+                                                         recipients=len(recipients))
             key = route.queue if isinstance(route, Route) else SUBMISSION
             out.append(NewRecipient(address=address, queue=key, orcpt=orcpt, notify=notify, **tracking))
 
@@ -560,9 +561,11 @@ class QueueManager:
         updates, extra, failures, targets = [], [], [], set()
         assert self.settings is not None
         routing = self.settings.routing
+        total = self.store.reader().execute("SELECT count(*) FROM recipient WHERE message=?",
+                                            (message_id,)).fetchone()[0]
         for r in rcpts:
             route = routing.route(r["address"], msg["size"], originating=msg["directionality"] == "Originating",
-                                  system=bool(msg["is_dsn"]))
+                                  system=bool(msg["is_dsn"]), recipients=total)
             if isinstance(route, Failure):
                 failures.append((r, route.reply))
                 continue

@@ -26,6 +26,7 @@ NO_CONNECTOR = "A matching connector cannot be found to route the external recip
 RECIPIENT_NOT_FOUND = "550 5.1.1 RESOLVER.ADR.ExRecipNotFound; not found"
 RECIPIENT_SIZE_LIMIT = "550 5.2.3 RESOLVER.RST.RecipSizeLimit; message too large for this recipient"
 SENDER_SIZE_LIMIT = "550 5.2.3 RESOLVER.RST.SendSizeLimit.Org; message too large for this organization"
+TOO_MANY_RECIPIENTS = "550 5.5.3 RESOLVER.ADR.RecipLimit; too many recipients"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,7 @@ class RoutingTable:
         self.connectors: list[SendConnector] = [c for c in snapshot.get("SendConnector", []) if c.enabled]
         org = next(iter(snapshot.get("TransportConfig", [])), None) or TransportConfig()
         self.org_max_receive, self.org_max_send = org.max_receive_size, org.max_send_size
+        self.org_max_recipients = org.max_recipient_envelope_limit.value   # None: unlimited
         default = next((d for d in self.domains if d.default), None)
         self.default_domain = default.domain_name.removeprefix("*.") if default else ""
         self._route_cache: dict[str, Route | Failure] = {}
@@ -108,12 +110,17 @@ class RoutingTable:
         return accepted is not None and accepted.domain_type is DomainType.Authoritative
 
     # -- routing --------------------------------------------------------------------
-    def route(self, address: str, size: int = 0, *, originating: bool = False, system: bool = False) -> Route | Failure:
+    def route(self, address: str, size: int = 0, *, originating: bool = False, system: bool = False,
+              recipients: int = 1) -> Route | Failure:
         """Where a recipient's copy goes. The organisation's MaxReceiveSize applies to every mailbox, its
-        MaxSendSize to ``originating`` mail (an authenticated sender of the organisation); neither to a
-        ``system`` message (a DSN this organisation made, whose size follows the message it reports on)."""
-        if originating and not system and not self.org_max_send.allows(size):
-            return Failure("5.2.3", SENDER_SIZE_LIMIT)
+        MaxSendSize and MaxRecipientEnvelopeLimit to ``originating`` mail (an authenticated sender of the
+        organisation) of ``recipients`` recipients; none to a ``system`` message (a DSN this organisation made,
+        whose size follows the message it reports on)."""
+        if originating and not system:
+            if not self.org_max_send.allows(size):
+                return Failure("5.2.3", SENDER_SIZE_LIMIT)
+            if self.org_max_recipients is not None and recipients > self.org_max_recipients:
+                return Failure("5.5.3", TOO_MANY_RECIPIENTS)
         res = self.resolve(address)
         if res.kind == "mailbox":
             if not system and not self.org_max_receive.allows(size):
