@@ -230,3 +230,20 @@ def test_join_split_and_replace():
     assert out.split("\n")[:4] == ["a;b", "3", "Default FE-EX01", "1"]
     ok, out, err = run('"x" -split "("')
     assert not ok and "is not valid" in err
+
+
+def test_wildcards_from_users_are_bounded():
+    """Identities and -like patterns reach the shell from the API's clients too: a pattern without wildcards
+    is compared as text (a 2 MB identity was compiled into a regular expression, seconds and gigabytes), and
+    a wildcard pattern has a length limit."""
+    from mailgate.manage.psvalues import _wildcard_regex, wildcard_match
+
+    assert wildcard_match("Default*", "default frontend EX01") and not wildcard_match("Def?ult", "Default!")
+    assert wildcard_match("[cd]efault", "Default") and not wildcard_match("a" * 2_000_000, "a")
+    before = _wildcard_regex.cache_info().currsize
+    assert wildcard_match("x" * 2_000_000, "x" * 2_000_000)
+    assert _wildcard_regex.cache_info().currsize == before
+    ok, out, err = run(f'"abc" -like "{"*a" * 600}"')
+    assert not ok and "too long" in err
+    ok, out, err = run('"abc" -like "a*"\n"ABC" -clike "a*"')
+    assert ok and out.split() == ["True", "False"]

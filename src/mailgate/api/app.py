@@ -36,6 +36,58 @@ STATIC = Path(__file__).with_name("static")
 REMOTE_RUNTIME_OPS = frozenset({"queues", "messages", "queue_action", "message_action", "export", "status"})
 
 
+MAX_BODY_BYTES = 4 * 1024 * 1024   # a request body larger than this is refused (413) before it is read
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse request bodies over ``MAX_BODY_BYTES`` — by Content-Length at once, and a body
+    without one once that much has streamed in — so that nobody, with the token or without (FastAPI reads the
+    body before it checks the token), can make the server hold more. The body is read here and replayed."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            await self._refuse(send)
+            return
+        chunks: list[bytes] = []
+        received = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return   # the client went away
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:
+                await self._refuse(send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(send: Any) -> None:
+        body = (b'{"detail":"the request body is larger than %d bytes, or its Content-Length is not a number"}'
+                % MAX_BODY_BYTES)
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
 class InProcessRuntime:
     """The runtime operations of the server this API runs in, callable from worker threads."""
 
@@ -67,6 +119,7 @@ def build_app(service: Any, loop: asyncio.AbstractEventLoop) -> FastAPI:
     app = FastAPI(title="mailgate", version="0.1.0",
                   description="Every management cmdlet of mailgate over HTTP. Send the admin token from "
                               "mailgate.toml as 'Authorization: Bearer <token>'.")
+    app.add_middleware(_BodyLimit)
     # With several worker processes, the supervisor's control socket answers for all of them.
     runtime: Any = InProcessRuntime(service, loop) if service.workers == 1 else RuntimeClient(service.home)
     metrics: Metrics = service.metrics

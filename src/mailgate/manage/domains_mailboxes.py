@@ -13,9 +13,10 @@ from mailgate.errors import ConflictError, InvalidValueError, ParameterError, Us
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.credentials import SecureString
-from mailgate.manage.objects import apply_changes, field_params, find_one, validate, wildcard_match
+from mailgate.manage.objects import apply_changes, field_params, find_one, validate
 from mailgate.manage.params import MultiValuedChange, as_list, scalar, to_bool, to_str
 from mailgate.manage.present import present
+from mailgate.manage.psvalues import wildcard_match
 
 # ---------------------------------------------------------------------------
 # Accepted domains

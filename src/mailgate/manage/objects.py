@@ -148,9 +148,3 @@ def find(tx: ConfigTransaction, model: type[T], identity: Any, *, match: Any = N
     if match is not None:
         return [o for o in objects if match(o, key)]
     return [o for o in objects if getattr(o, "name", "").lower() == key]
-
-
-def wildcard_match(pattern: str, text: str) -> bool:
-    import fnmatch
-
-    return fnmatch.fnmatchcase(text.lower(), pattern.lower())

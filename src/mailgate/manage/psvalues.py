@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
+import functools
 import math
 import re
 from typing import Any
@@ -136,6 +137,27 @@ def comparable(value: Any) -> Any:
     return str(value).lower()
 
 
+MAX_WILDCARD_PATTERN = 1024   # characters; identities and -like patterns come from clients of the API too
+
+
+def wildcard_match(pattern: str, text: str, *, case_sensitive: bool = False) -> bool:
+    """PowerShell's wildcards (``*``, ``?``, ``[set]``), as -like and identities use them. A pattern without
+    them is compared as text; one with them is compiled once (a small cache: patterns come from users)."""
+    if not case_sensitive:
+        pattern, text = pattern.lower(), text.lower()
+    if not any(c in pattern for c in "*?["):
+        return text == pattern
+    if len(pattern) > MAX_WILDCARD_PATTERN:
+        raise ShellError(f"The wildcard pattern is too long ({len(pattern):,} characters; at most "
+                         f"{MAX_WILDCARD_PATTERN:,}).")
+    return _wildcard_regex(pattern).match(text) is not None
+
+
+@functools.lru_cache(maxsize=256)
+def _wildcard_regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(fnmatch.translate(pattern))
+
+
 def _scalar_compare(op: str, left: Any, right: Any, variables: dict[str, Any] | None) -> bool:
     base = op.lstrip("-")
     case_sensitive = base.startswith("c") and base not in ("contains",)
@@ -143,7 +165,7 @@ def _scalar_compare(op: str, left: Any, right: Any, variables: dict[str, Any] | 
         base = base[1:]
     if base in ("like", "notlike"):
         text, pattern = to_text(left), to_text(right)
-        ok = fnmatch.fnmatchcase(text, pattern) if case_sensitive else fnmatch.fnmatchcase(text.lower(), pattern.lower())
+        ok = wildcard_match(pattern, text, case_sensitive=case_sensitive)
         return ok if base == "like" else not ok
     if base in ("match", "notmatch"):
         try:

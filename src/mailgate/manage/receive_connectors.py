@@ -19,9 +19,10 @@ from mailgate.config.values import (
 from mailgate.errors import ConflictError, ParameterError
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
-from mailgate.manage.objects import apply_changes, field_params, find, find_one, validate, wildcard_match
+from mailgate.manage.objects import apply_changes, field_params, find, find_one, validate
 from mailgate.manage.params import enum_converter, to_str
 from mailgate.manage.present import present
+from mailgate.manage.psvalues import wildcard_match
 
 KIND = "Receive connectors"
 

@@ -11,9 +11,10 @@ from mailgate.errors import ConflictError, ParameterError
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.credentials import store_credential, to_credential
-from mailgate.manage.objects import apply_changes, field_params, find_one, wildcard_match
+from mailgate.manage.objects import apply_changes, field_params, find_one
 from mailgate.manage.params import enum_converter, to_str
 from mailgate.manage.present import present
+from mailgate.manage.psvalues import wildcard_match
 from mailgate.manage.receive_connectors import chosen_usage
 
 KIND = "Send connectors"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import fnmatch
 import io
 import shutil
 import sys
@@ -19,8 +18,8 @@ from mailgate.manage.cmdlets import Param, cmdlet, registry
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.params import as_list, to_int, to_str
 from mailgate.manage.present import Record
+from mailgate.manage.psvalues import comparable, compare, to_text, truthy, wildcard_match
 from mailgate.shell import format as fmt
-from mailgate.manage.psvalues import comparable, compare, to_text, truthy
 from mailgate.shell.evaluator import ScriptBlock
 
 _INPUT = Param("InputObject", from_pipeline=True, raw=True, help="The objects to process (from the pipeline).")
@@ -263,11 +262,11 @@ def get_command(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     out = []
     for c in registry.all():
         verb, _, noun = c.name.partition("-")
-        if args.get("Name") and not fnmatch.fnmatchcase(c.name.lower(), args["Name"].lower()):
+        if args.get("Name") and not wildcard_match(args["Name"], c.name):
             continue
-        if args.get("Verb") and not fnmatch.fnmatchcase(verb.lower(), args["Verb"].lower()):
+        if args.get("Verb") and not wildcard_match(args["Verb"], verb):
             continue
-        if args.get("Noun") and not fnmatch.fnmatchcase(noun.lower(), args["Noun"].lower()):
+        if args.get("Noun") and not wildcard_match(args["Noun"], noun):
             continue
         out.append(Record("Command", {"CommandType": "Cmdlet", "Name": c.name, "Verb": verb, "Noun": noun,
                                       "Synopsis": c.synopsis, "Source": "mailgate"}))
@@ -303,7 +302,7 @@ def get_help(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     if args.get("Full") or args.get("Detailed") or args.get("Parameter"):
         lines.append("PARAMETERS")
         for p in c.params:
-            if args.get("Parameter") and not fnmatch.fnmatchcase(p.name.lower(), args["Parameter"].lower()):
+            if args.get("Parameter") and not wildcard_match(args["Parameter"], p.name):
                 continue
             lines.append(f"    -{p.name} <{p.type_name}>")
             if p.help:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import fnmatch
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from mailgate.manage.present import Record
+from mailgate.manage.psvalues import wildcard_match
 
 # Default view of each output type: ("table", columns) or ("list", properties or None = all).
 DEFAULT_VIEWS: dict[str, tuple[str, list[str] | None]] = {
@@ -118,7 +118,7 @@ def expand_columns(objects: list[Any], patterns: list[Any] | None) -> list[Any]:
             out.append(pattern)  # a calculated property (hashtable)
             continue
         if any(ch in pattern for ch in "*?["):
-            out += [a for a in available if fnmatch.fnmatchcase(a.lower(), pattern.lower()) and a not in out]
+            out += [a for a in available if wildcard_match(pattern, a) and a not in out]
         else:
             match = next((a for a in available if a.lower() == pattern.lower()), pattern)
             out.append(match)
