@@ -247,6 +247,11 @@ def test_queue_cmdlets_suspend_resume_remove_export(home, org, dns_server, peer_
         filtered = shell(home, 'Get-Queue -Filter "MessageCount -gt 1"').out
         assert [line.split()[0] for line in filtered.splitlines() if "remote" in line] == ["EX01\\remote.example"]
         assert "remote" not in shell(home, 'Get-Queue -Filter "MessageCount -gt 2"').out
+        # The script-block form Exchange's documentation uses is the same filter.
+        block = shell(home, 'Get-Queue -Filter {MessageCount -gt 1 -and NextHopDomain -like "remote.*"} | ft Identity')
+        assert block.ok and "EX01\\remote.example" in block.out, block.err
+        held = shell(home, "Get-Message -Filter {Subject -like 'held*'} | Measure-Object | % Count")
+        assert held.out.split() == ["2"], held.err
         shell(home, "Resume-Queue EX01\\remote.example")
         wait_for(lambda: len(peer.received) == 2, message="the unsuspended message")
         assert b"held 2" in peer.received[1].data

@@ -247,3 +247,20 @@ def test_wildcards_from_users_are_bounded():
     assert not ok and "too long" in err
     ok, out, err = run('"abc" -like "a*"\n"ABC" -clike "a*"')
     assert ok and out.split() == ["True", "False"]
+
+
+def test_a_script_block_as_a_string_is_its_code():
+    ok, out, err = run('$b = { MessageCount -gt 0 }; "[$b]"\n"$({ 1 })".Length')
+    assert ok, err
+    assert out.split("\n")[:2] == ["[ MessageCount -gt 0 ]", "3"]
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("Get-MessageTrackingLog -ResultSize 99999999999999999999", 'type "System.Int32". Error: "Value was either too large'),
+    ("Get-MessageTrackingLog -InternalMessageId 99999999999999999999", "too large or too small for an Int64"),
+    ("Get-Mailbox -ResultSize abc", 'Cannot convert value "abc" to type "System.Int32"'),
+    ("Get-Queue -ResultSize 0", "ResultSize must be a positive number or Unlimited"),
+])
+def test_numbers_out_of_range_are_binding_errors_not_internal_ones(command, expected):
+    ok, out, err = run(command)
+    assert not ok and expected in err and "internal error" not in err and "ParameterBindingException" in err

@@ -14,7 +14,7 @@ from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.credentials import SecureString
 from mailgate.manage.objects import apply_changes, field_params, find_one, validate
-from mailgate.manage.params import MultiValuedChange, as_list, scalar, to_bool, to_str
+from mailgate.manage.params import MultiValuedChange, as_list, scalar, to_bool, to_result_size, to_str
 from mailgate.manage.present import present
 from mailgate.manage.psvalues import wildcard_match
 
@@ -219,7 +219,7 @@ _MAILBOX_COMMON = [
 @cmdlet("Get-Mailbox",
         [Param("Identity", position=0, from_pipeline=True), Param("Arbitration", switch=True,
                                                                   help="List the system mailboxes instead."),
-         Param("ResultSize", convert=to_str)],
+         Param("ResultSize", convert=to_result_size)],
         synopsis="List mailboxes.", default_view="Mailbox")
 def get_mailbox(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """List mailboxes (-Arbitration lists the system mailbox Test-Mailflow sends from)."""
@@ -230,8 +230,8 @@ def get_mailbox(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
             system = bool(args.get("Arbitration"))
             items = [m for m in tx.list(Mailbox) if (m.recipient_type_details != "UserMailbox") == system]
     limit = args.get("ResultSize")
-    if limit and limit.lower() != "unlimited":
-        items = items[: int(limit)]
+    if limit is not None:
+        items = items[:limit]
     return [present(m) for m in items]
 
 

@@ -87,15 +87,35 @@ def to_optional_str(value: Any) -> str | None:
     return text or None
 
 
-def to_int(value: Any) -> int:
+def to_int(value: Any, *, bits: int = 32) -> int:
+    """A System.Int32 (``bits=64``: Int64), from a number or its text."""
     value = scalar(value)
+    type_name = f"System.Int{bits}"
     if isinstance(value, bool):
-        raise ValueError(f'Cannot convert value "{value}" to type "System.Int32"')
+        raise ValueError(f'Cannot convert value "{value}" to type "{type_name}"')
     try:
-        return int(str(value).replace(",", "").strip()) if not isinstance(value, int) else value
+        number = int(str(value).replace(",", "").strip()) if not isinstance(value, int) else value
     except ValueError:
-        raise ValueError(f'Cannot convert value "{value}" to type "System.Int32". Error: "Input string was not '
+        raise ValueError(f'Cannot convert value "{value}" to type "{type_name}". Error: "Input string was not '
                          'in a correct format."') from None
+    if not -(1 << (bits - 1)) <= number < 1 << (bits - 1):
+        raise ValueError(f'Cannot convert value "{value}" to type "{type_name}". Error: "Value was either too '
+                         f'large or too small for an Int{bits}."')
+    return number
+
+
+def to_int64(value: Any) -> int:
+    return to_int(value, bits=64)
+
+
+def to_result_size(value: Any) -> int | None:
+    """-ResultSize: 1 to 2,147,483,647, or Unlimited (None)."""
+    if to_str(value).strip().lower() == "unlimited":
+        return None
+    size = to_int(value)
+    if size < 1:
+        raise ValueError("ResultSize must be a positive number or Unlimited")
+    return size
 
 
 def smtp_address(value: Any) -> str:

@@ -11,7 +11,7 @@ from mailgate.errors import ParameterError, UserError
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.filters import parse_filter
-from mailgate.manage.params import as_list, to_bool, to_str
+from mailgate.manage.params import as_list, to_bool, to_result_size, to_str
 from mailgate.manage.present import Record
 from mailgate.manage.psvalues import compare
 
@@ -45,14 +45,6 @@ def _filter(records: list[Record], text: str | None) -> list[Record]:
     return [r for r in records if predicate(r)]
 
 
-def _result_size(value: Any) -> int | None:
-    text = to_str(value)
-    if text.lower() == "unlimited":
-        return None
-    size = int(text)
-    if size < 1:
-        raise ValueError("ResultSize must be a positive number or Unlimited")
-    return size
 
 
 def _include(record: Record, kinds: list[str]) -> bool:
@@ -103,7 +95,7 @@ _QUEUE_PARAMS = [
 
 @cmdlet("Get-Queue", [*_QUEUE_PARAMS, Param("Include", convert=lambda v: [to_str(x) for x in as_list(v)]),
                       Param("Exclude", convert=lambda v: [to_str(x) for x in as_list(v)]),
-                      Param("ResultSize", convert=_result_size), Param("SortOrder", convert=to_str)],
+                      Param("ResultSize", convert=to_result_size), Param("SortOrder", convert=to_str)],
         synopsis="Show the queues of the transport server.", needs_runtime=True, default_view="Queue",
         examples=["Get-Queue", 'Get-Queue -Filter "MessageCount -gt 10"', "Get-Queue -Exclude Empty",
                   "Get-Queue EX01\\Unreachable | fl"])
@@ -123,7 +115,7 @@ def get_queue(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
 @cmdlet("Get-QueueDigest", [Param("Server", convert=lambda v: [to_str(x) for x in as_list(v)]),
                             Param("Forest", switch=True), Param("Filter", convert=to_str),
                             Param("GroupBy", convert=to_str), Param("DetailsLevel", convert=to_str),
-                            Param("ResultSize", convert=_result_size), Param("Timeout", convert=to_str),
+                            Param("ResultSize", convert=to_result_size), Param("Timeout", convert=to_str),
                             Param("IncludeLowMessageCount", switch=True,
                                   help="Also show groups with fewer than 10 messages.")],
         synopsis="Summarise the delivery queues, grouped.", needs_runtime=True, default_view="QueueDigest")
@@ -237,7 +229,7 @@ _MESSAGE_PARAMS = [
 
 
 @cmdlet("Get-Message", [*_MESSAGE_PARAMS, Param("Queue", convert=to_str, help="e.g. EX01\\Submission."),
-                        Param("IncludeRecipientInfo", switch=True), Param("ResultSize", convert=_result_size),
+                        Param("IncludeRecipientInfo", switch=True), Param("ResultSize", convert=to_result_size),
                         Param("SortOrder", convert=to_str), Param("IncludeComponentLatencyInfo", switch=True)],
         synopsis="Show messages in the queues.", needs_runtime=True, default_view="Message",
         examples=['Get-Message -Queue "EX01\\Submission"', 'Get-Message -Filter "Status -eq \'Retry\'" | fl'])

@@ -7,7 +7,7 @@ from typing import Any
 
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
-from mailgate.manage.params import as_list, to_datetime, to_int, to_str
+from mailgate.manage.params import as_list, to_datetime, to_int, to_int64, to_result_size, to_str
 from mailgate.manage.present import Record
 
 _ORDER = [
@@ -35,19 +35,16 @@ def tracking_record(row: dict[str, Any]) -> Record:
     return Record("MessageTrackingLog", props)
 
 
-def _result_size(value: Any) -> int | None:
-    text = to_str(value)
-    return None if text.lower() == "unlimited" else max(1, to_int(text))
 
 
 _PARAMS = [
     Param("Start", convert=to_datetime, type_name="DateTime", help='e.g. "03/13/2026 09:00:00" or (Get-Date).AddHours(-1)'),
     Param("End", convert=to_datetime, type_name="DateTime"),
     Param("Sender", convert=to_str), Param("Recipients", convert=lambda v: [to_str(x) for x in as_list(v)], multi=True),
-    Param("MessageId", convert=to_str), Param("InternalMessageId", convert=to_int),
+    Param("MessageId", convert=to_str), Param("InternalMessageId", convert=to_int64),
     Param("NetworkMessageId", convert=to_str), Param("MessageSubject", convert=to_str), Param("EventId", convert=to_str),
     Param("Source", convert=to_str), Param("Reference", convert=to_str), Param("Server", convert=to_str),
-    Param("ResultSize", convert=_result_size, help="Default 1000; Unlimited for all."),
+    Param("ResultSize", convert=to_result_size, help="Default 1000; Unlimited for all."),
     Param("Follow", switch=True, help="Keep printing new events as they happen (mailgate extension)."),
     Param("FollowSeconds", convert=to_int, help="With -Follow: stop after this many seconds."),
 ]

@@ -61,7 +61,10 @@ class ScriptBlock:
         return self.evaluator.invoke_block(self.statements, dollar_)
 
     def __str__(self) -> str:
-        return self.text
+        """The code between the braces, as PowerShell converts a script block to a string: so that
+        ``-Filter {MessageCount -gt 0}`` is the filter "MessageCount -gt 0"."""
+        text = self.text.strip()
+        return text[1:-1] if text.startswith("{") and text.endswith("}") else text
 
 
 def unwrap(values: list[Any]) -> Any:
