@@ -252,6 +252,8 @@ def test_queue_cmdlets_suspend_resume_remove_export(home, org, dns_server, peer_
         assert block.ok and "EX01\\remote.example" in block.out, block.err
         held = shell(home, "Get-Message -Filter {Subject -like 'held*'} | Measure-Object | % Count")
         assert held.out.split() == ["2"], held.err
+        piped = shell(home, "Get-Queue EX01\\remote.example | Get-Message | ft Subject -HideTableHeaders")
+        assert sorted(piped.out.split()) == ["1", "2", "held", "held"], piped.err
         shell(home, "Resume-Queue EX01\\remote.example")
         wait_for(lambda: len(peer.received) == 2, message="the unsuspended message")
         assert b"held 2" in peer.received[1].data

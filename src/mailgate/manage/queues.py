@@ -235,6 +235,9 @@ _MESSAGE_PARAMS = [
         examples=['Get-Message -Queue "EX01\\Submission"', 'Get-Message -Filter "Status -eq \'Retry\'" | fl'])
 def get_message(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """Show the messages waiting in a queue (or all queues), with -IncludeRecipientInfo for each recipient."""
+    piped = args.get("Identity")
+    if isinstance(piped, Record) and piped.type_name == "Queue":   # Get-Queue ... | Get-Message: that queue's
+        args = {**args, "Identity": None, "Queue": piped.get("Identity")}
     if args.get("Queue") and args.get("Identity") is not None:
         raise ParameterError("-Queue and -Identity can't be used together.", parameter="Queue")
     return messages(ctx, args)
