@@ -360,6 +360,7 @@ def test_organisation_size_limits_give_exchange_ndrs(home, server):
     ndrs = wait_for(lambda: [m for m in maildir_messages(home, "kate@domain.com")] if
                     len(maildir_messages(home, "kate@domain.com")) >= 2 else None, timeout=30, message="two NDRs")
     text = b"\n".join(ndrs)
+    assert all(len(n) > 1_000_000 for n in ndrs)   # the originals attached (InternalDsnMaxMessageAttachSize 10 MB)
     assert b"RESOLVER.RST.RecipSizeLimit; message too large for this recipient" in text
     assert b"RESOLVER.RST.SendSizeLimit.Org; message too large for this organization" in text
     assert [m for m in maildir_messages(home, "admin@domain.com") if b"Subject: small" in m]
@@ -373,7 +374,8 @@ def test_organisation_size_limits_give_exchange_ndrs(home, server):
     time.sleep(1.5)   # a second categorisation would have logged by now
     assert failed() == ["admin@domain.com", "friend@remote.example"]
     # The administrator raises the organisation's limit: the same message is delivered.
-    assert shell(home, "Set-TransportConfig -MaxReceiveSize 10MB -MaxRecipientEnvelopeLimit 2").ok
+    assert shell(home, "Set-TransportConfig -MaxReceiveSize 10MB -MaxRecipientEnvelopeLimit 2 "
+                       "-InternalDsnMaxMessageAttachSize 512KB").ok
     synced(home)
     with smtp(server.ports["frontend"]) as c:
         assert c.sendmail("someone@remote.example", ["admin@domain.com"], big) == {}
@@ -386,8 +388,10 @@ def test_organisation_size_limits_give_exchange_ndrs(home, server):
         c.login("kate@domain.com", "Corr3ct-Horse")
         assert c.sendmail("kate@domain.com", ["admin@domain.com", "kate@domain.com"], b"Subject: two\r\n\nok\r\n") == {}
         assert c.sendmail("kate@domain.com", ["admin@domain.com", "kate@domain.com", "x@remote.example"],
-                          b"Subject: three\r\n\nno\r\n") == {}
+                          b"Subject: three\r\n\n" + big[big.index(b"\r\n\r\n") + 4:]) == {}
     ndr = wait_for(lambda: [m for m in maildir_messages(home, "kate@domain.com") if b"RecipLimit" in m], timeout=30)
     assert b"550 5.5.3 RESOLVER.ADR.RecipLimit; too many recipients" in ndr[0]
+    # Kate is internal: over InternalDsnMaxMessageAttachSize, her NDR carries the original's headers only.
+    assert b"Subject: three" in ndr[0] and len(ndr[0]) < 100_000
     wait_for(lambda: [m for m in maildir_messages(home, "admin@domain.com") if b"Subject: two" in m], timeout=30)
     assert not [m for m in maildir_messages(home, "admin@domain.com") if b"Subject: three" in m]

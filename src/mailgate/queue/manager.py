@@ -717,7 +717,9 @@ class QueueManager:
         routing = self.settings.routing
         org = self.settings.org
         postmaster = org.external_postmaster_address or f"postmaster@{routing.default_domain or self.settings.server.fqdn}"
-        limit = org.external_dsn_max_message_attach_size.bytes
+        # An internal DSN goes to a sender of the organisation's own (authoritative) domains.
+        internal = bool(msg["sender"]) and routing.is_authoritative(msg["sender"].rpartition("@")[2])
+        limit = (org.internal_dsn_max_message_attach_size if internal else org.external_dsn_max_message_attach_size).bytes
         attach_full = action == "failed" and (msg["ret"] or "FULL").upper() == "FULL" and \
             (limit is None or original.size <= limit)
         content = DSN.build(action=action, reporting_mta=self.settings.server.fqdn, postmaster=postmaster,
