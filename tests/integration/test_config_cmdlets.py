@@ -176,6 +176,8 @@ def test_mailboxes_accepted_domains_and_transport_settings(home):
     assert r.ok, r.err
     assert "EmailAddresses     : {SMTP:kate@contoso.com, smtp:k@domain.com}" in r.out
     assert "MessageRetryInterval : 00:00:10" in r.out and "{127.0.0.53#5353}" in r.out
+    kept = shell(home, "Set-TransportService EX01 -MaxConnectionRatePerMinute 600")
+    assert kept.ok and "MaxConnectionRatePerMinute is stored for compatibility" in kept.out + kept.err
     assert "TLSSendDomainSecureList : {partner.example}" in r.out
     bad = shell(home, 'New-Mailbox -Name Out -PrimarySmtpAddress out@elsewhere.example')
     assert not bad.ok and "isn't an Authoritative" in bad.err

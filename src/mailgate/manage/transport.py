@@ -49,6 +49,17 @@ _DNS_PARAMS = [Param(n, convert=_dns_list, multi=True, type_name="MultiValuedPro
                      help="DNS servers as IP or IP#port.") for n in ("ExternalDNSServers", "InternalDNSServers")]
 
 
+# Settings of Exchange's transport service that mailgate keeps but does not act on (say so when they are set).
+NOT_ENFORCED_WHY = {
+    "MaxConnectionRatePerMinute": "limit connections per receive connector (MaxInboundConnection, "
+                                  "MaxInboundConnectionPerSource) instead.",
+    "ExternalDNSAdapterEnabled": "lookups use ExternalDNSServers (for send connectors with "
+                                 "UseExternalDNSServersEnabled) or InternalDNSServers when set, else the system's "
+                                 "resolver.",
+}
+NOT_ENFORCED = frozenset(NOT_ENFORCED_WHY)
+
+
 def _resolve_server(ctx: ManagementContext, tx: Any, identity: Any) -> TransportServer:
     if identity is None:
         return ctx.local_server(tx)
@@ -91,6 +102,9 @@ def set_transport_service(ctx: ManagementContext, args: dict[str, Any]) -> list[
                                                           * updated.transient_failure_retry_interval.seconds):
             ctx.warn("DelayNotificationTimeout is not greater than TransientFailureRetryCount × "
                      "TransientFailureRetryInterval: delay notifications may go out before the quick retries end.")
+        for name in NOT_ENFORCED & set(changes):
+            ctx.warn(f"{name} is stored for compatibility with Exchange, but mailgate doesn't apply it: "
+                     f"{NOT_ENFORCED_WHY[name]}")
         if not ctx.should_process(f'Setting transport service "{server.name}".'):
             return []
         tx.put(updated)
