@@ -395,3 +395,21 @@ def test_organisation_size_limits_give_exchange_ndrs(home, server):
     assert b"Subject: three" in ndr[0] and len(ndr[0]) < 100_000
     wait_for(lambda: [m for m in maildir_messages(home, "admin@domain.com") if b"Subject: two" in m], timeout=30)
     assert not [m for m in maildir_messages(home, "admin@domain.com") if b"Subject: three" in m]
+
+
+def test_message_rate_limit_per_source_across_workers(home, server):
+    """MessageRateLimit 3 per minute from one IP address: the fourth transaction, on a new connection (which
+    may land on the other worker process), gets Exchange's 421 4.4.2; another address is not affected."""
+    shell(home, 'New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com\n'
+                'Set-ReceiveConnector "Default Frontend EX01" -MessageRateLimit 3 -TarpitInterval 00:00:00')
+    synced(home)
+    for n in range(3):
+        with smtp(server.ports["frontend"], source="127.0.0.31") as c:
+            assert c.sendmail("a@remote.example", ["admin@domain.com"], f"Subject: {n}\r\n\r\nx\r\n".encode()) == {}
+    with smtp(server.ports["frontend"], source="127.0.0.31") as c:
+        c.ehlo("x")
+        code, text = c.mail("a@remote.example")
+        assert (code, text) == (421, b"4.4.2 Message submission rate for this client has exceeded the configured limit")
+    with smtp(server.ports["frontend"], source="127.0.0.32") as c:
+        assert c.sendmail("b@remote.example", ["admin@domain.com"], b"Subject: other\r\n\r\nx\r\n") == {}
+    assert "MessageRateLimit : 3" in shell(home, 'Get-ReceiveConnector "Default Frontend EX01" | fl MessageRateLimit').out

@@ -610,10 +610,29 @@ class SmtpSession(asyncio.Protocol):
                     R.Right.AcceptAuthoritativeDomainSender not in self.rights:
                 self._reply(RP.NO_SEND_AS_PERMISSION)
                 return
+        if c.message_rate_limit.value is not None and not self._within_message_rate(c):
+            self._reply(RP.RATE_EXCEEDED)
+            return
         self.sender = sender
         self.mail_params = ev.params
         self.recipients = []
         self._reply(RP.SENDER_OK)
+
+    def _within_message_rate(self, c: Any) -> bool:
+        """MessageRateLimit: transactions per minute from one source (MessageRateSource: the client's IP address,
+        the authenticated user, or both), counted across the worker processes; each count lasts a minute."""
+        source = c.message_rate_source.value
+        keys = []
+        if source in ("IPAddress", "All"):
+            keys.append(f"rate|{c.guid}|ip|{self.client_ip}")
+        if source in ("User", "All") and self.authenticated:
+            keys.append(f"rate|{c.guid}|user|{self.authenticated.lower()}")
+        if not keys:
+            return True
+        if self.server.counter.acquire([(key, c.message_rate_limit) for key in keys]) is not None:
+            return False
+        asyncio.get_running_loop().call_later(60, self.server.counter.release, *keys)
+        return True
 
     def _on_rcpt(self, ev: S.RcptTo) -> None:
         c = self.connector
