@@ -195,6 +195,18 @@ def test_connection_limits_and_timeouts(home, server):
     assert b"421 4.4.1 Connection timed out" in got
     for s in held + [third, other]:
         s.close()
+    # MaxInboundConnectionPercentagePerSource: 3 % of MaxInboundConnection 100 is 3 connections per source,
+    # fewer than MaxInboundConnectionPerSource 10.
+    shell(home, 'Set-ReceiveConnector "Default Frontend EX01" -MaxInboundConnectionPerSource 10 '
+                '-MaxInboundConnection 100 -MaxInboundConnectionPercentagePerSource 3 -ConnectionInactivityTimeout 00:01:00 '
+                '-ConnectionTimeout 00:02:00')
+    synced(home)
+    time.sleep(0.5)   # the closed sessions above are released
+    held = [socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.7", 0)) for _ in range(4)]
+    greetings = sorted(s.recv(200)[:9] for s in held)   # two workers may accept them in either order
+    assert greetings == [b"220 ex01."] * 3 + [b"421 4.3.2"], greetings
+    for s in held:
+        s.close()
 
 
 def test_tarpit_delays_refusals_of_anonymous_recipients(home, server):

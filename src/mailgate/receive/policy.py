@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailgate.config.model import ReceiveConnector, TransportServer
-from mailgate.config.values import AuthMechanism, PermissionGroups, SizeMode
+from mailgate.config.values import AuthMechanism, PermissionGroups, SizeMode, UnlimitedInt
 from mailgate.receive import rights as R
 from mailgate.receive.selection import select_connector
 from mailgate.routing.table import RoutingTable
@@ -44,6 +44,17 @@ class ConnectorPolicy:
     @property
     def verbose_log(self) -> bool:
         return self.connector.protocol_logging_level.value == "Verbose"
+
+    @functools.cached_property
+    def per_source_limit(self) -> UnlimitedInt:
+        """Connections at once from one IP address: MaxInboundConnectionPerSource, or fewer if
+        MaxInboundConnectionPercentagePerSource of MaxInboundConnection is fewer (Exchange applies both)."""
+        c = self.connector
+        per_source, total = c.max_inbound_connection_per_source.value, c.max_inbound_connection.value
+        if total is None:
+            return c.max_inbound_connection_per_source
+        share = max(1, total * c.max_inbound_connection_percentage_per_source // 100)
+        return UnlimitedInt(share if per_source is None else min(per_source, share))
 
     @property
     def offers_tls(self) -> bool:

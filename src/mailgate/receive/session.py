@@ -108,8 +108,7 @@ class SmtpSession(asyncio.Protocol):
             self.plog.write("+")
         # Connections are counted only under the limits that are set: an unlimited count is never read.
         limits = [(k, limit) for k, limit in ((connector.guid, connector.max_inbound_connection),
-                                              (f"{connector.guid}|{self.client_ip}",
-                                               connector.max_inbound_connection_per_source))
+                                              (f"{connector.guid}|{self.client_ip}", self.policy.per_source_limit))
                   if limit.value is not None]
         if limits:
             exceeded = self.server.counter.acquire(limits)
