@@ -98,7 +98,8 @@ class TransportService:
             policies[c.guid] = ConnectorPolicy(c, server, ctx,
                                                frozenset(d.lower() for d in org.tls_receive_domain_secure_list))
         config = ReceiveConfig(revision, server, mine, policies, routing,
-                               org_servers={s.name.lower(): s.name for s in snapshot.get("TransportServer", [])})
+                               org_servers={s.name.lower(): s.name for s in snapshot.get("TransportServer", [])},
+                               org_fqdns=frozenset(s.fqdn.lower() for s in snapshot.get("TransportServer", [])))
         return config, RuntimeSettings(server, org, routing)
 
     async def reload(self, force: bool = False) -> bool:

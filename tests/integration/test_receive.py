@@ -425,3 +425,27 @@ def test_message_rate_limit_per_source_across_workers(home, server):
     with smtp(server.ports["frontend"], source="127.0.0.32") as c:
         assert c.sendmail("b@remote.example", ["admin@domain.com"], b"Subject: other\r\n\r\nx\r\n") == {}
     assert "MessageRateLimit : 3" in shell(home, 'Get-ReceiveConnector "Default Frontend EX01" | fl MessageRateLimit').out
+
+
+def test_local_hops_are_counted_against_max_local_hop_count(home, server):
+    """A message that has passed through this organisation's own servers more than MaxLocalHopCount (8) times is
+    a loop (554 5.4.6); as many Received headers from other hosts are within MaxHopCount (30)."""
+    shell(home, 'New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com\n'
+                'Set-ReceiveConnector "Default Frontend EX01" -TarpitInterval 00:00:00')
+    synced(home)
+
+    def message(hops: int, by: str) -> bytes:
+        received = "".join(f"Received: from hop{i}.example (10.0.0.{i}) by {by} (10.1.0.1) with ESMTP id {i}; "
+                           f"Fri, 4 Dec 2026 10:00:0{i % 10} +0000\r\n" for i in range(hops))
+        return f"{received}Subject: hops\r\n\r\nx\r\n".encode()
+
+    with smtp(server.ports["frontend"]) as c:
+        assert c.sendmail("a@remote.example", ["admin@domain.com"], message(8, "EX01.domain.com")) == {}
+        assert c.sendmail("a@remote.example", ["admin@domain.com"], message(12, "mx.remote.example")) == {}
+        with pytest.raises(smtplib.SMTPDataError) as looped:
+            c.sendmail("a@remote.example", ["admin@domain.com"], message(9, "ex01.domain.com"))
+        assert looped.value.smtp_code == 554 and b"5.4.6" in looped.value.smtp_error
+    shell(home, 'Set-ReceiveConnector "Default Frontend EX01" -MaxLocalHopCount 0')   # 0: no local limit
+    synced(home)
+    with smtp(server.ports["frontend"]) as c:
+        assert c.sendmail("a@remote.example", ["admin@domain.com"], message(9, "ex01.domain.com")) == {}

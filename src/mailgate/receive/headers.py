@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from mailgate.receive.rights import Right
 
 _FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+_RECEIVED_BY = re.compile(rb"\bby\s+([A-Za-z0-9.\-]+)", re.IGNORECASE)
 
 
 @dataclass
@@ -45,6 +46,15 @@ class HeaderBlock:
                 value = raw.split(b":", 1)[1]
                 return re.sub(rb"\r\n[ \t]+", b" ", value).strip().decode("utf-8", "replace")
         return None
+
+    def received_by(self) -> list[str]:
+        """The host after "by" in each Received header (lower case; "" where there is none)."""
+        hosts = []
+        for n, raw in self.fields:
+            if n == b"received":
+                m = _RECEIVED_BY.search(raw)
+                hosts.append(m.group(1).decode("ascii", "replace").lower().rstrip(".") if m else "")
+        return hosts
 
     def count(self, name: str) -> int:
         key = name.lower().encode()

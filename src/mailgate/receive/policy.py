@@ -165,6 +165,7 @@ class ReceiveConfig:
     routing: RoutingTable
     submission_suspended: bool = False
     org_servers: dict[str, str] = field(default_factory=dict)   # the organisation's servers, lower-case name → name
+    org_fqdns: frozenset[str] = frozenset()                      # and their FQDNs, lower case (local hops)
 
     _selection: dict[tuple[str, int, str], tuple[ReceiveConnector | None, Any]] = field(default_factory=dict)
 

@@ -712,13 +712,23 @@ class SmtpSession(asyncio.Protocol):
         error = msg.error
         if error is None and ev.bare_linefeeds and self.connector.bare_linefeed_rejection_enabled:
             error = RP.BARE_LINEFEEDS
-        if error is None and msg.headers is not None and msg.headers.count("Received") > self.connector.max_hop_count:
+        if error is None and msg.headers is not None and self._hops_exceeded(msg.headers):
             error = RP.HOP_COUNT_EXCEEDED
         if error is not None:
             self._reply(error)
             self._reset_envelope()
             return
         self._commit(msg)
+
+    def _hops_exceeded(self, headers: HeaderBlock) -> bool:
+        """A loop: more Received headers than MaxHopCount, or more added by the organisation's own servers than
+        MaxLocalHopCount (0: no local limit)."""
+        c = self.connector
+        if headers.count("Received") > c.max_hop_count:
+            return True
+        if not c.max_local_hop_count:
+            return False
+        return sum(1 for host in headers.received_by() if host in self.config.org_fqdns) > c.max_local_hop_count
 
     # -- headers ---------------------------------------------------------------------------------------
     def _stamp_headers(self, block: HeaderBlock) -> bytes:
