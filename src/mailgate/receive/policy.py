@@ -33,15 +33,15 @@ class ConnectorPolicy:
     _extensions_cache: dict[bool, Extensions] = field(default_factory=dict)
     _banner_cache: tuple[int, bytes] = (0, b"")
 
-    @property
+    @functools.cached_property
     def identity(self) -> str:
         return self.connector.identity
 
-    @property
+    @functools.cached_property
     def fqdn(self) -> str:
         return self.connector.fqdn or self.server.fqdn
 
-    @property
+    @functools.cached_property
     def verbose_log(self) -> bool:
         return self.connector.protocol_logging_level.value == "Verbose"
 
@@ -60,7 +60,7 @@ class ConnectorPolicy:
     def offers_tls(self) -> bool:
         return AuthMechanism.Tls in self.connector.auth_mechanism and self.ssl_context is not None
 
-    @property
+    @functools.cached_property
     def externally_secured(self) -> bool:
         return AuthMechanism.ExternalAuthoritative in self.connector.auth_mechanism
 

@@ -782,7 +782,7 @@ class SmtpSession(asyncio.Protocol):
             ("X-MS-Exchange-Organization-AuthMechanism", mech),
             ("X-MS-Exchange-Organization-MessageDirectionality", "Originating" if self.authenticated else "Incoming"),
             ("X-MS-Exchange-Organization-OriginalClientIPAddress", self.client_ip),
-            ("X-Source", f"SMTP:{self.connector.identity}"),
+            ("X-Source", f"SMTP:{self.policy.identity}"),
             ("X-Source-IP", self.client_ip),
             ("X-Source-Auth", self.authenticated or "anonymous"),
             ("X-Source-AuthMechanism", {"none": "None", "login": "Login", "tlsauthlogin": "TLSAuthLogin"}.get(
@@ -820,8 +820,8 @@ class SmtpSession(asyncio.Protocol):
             id=self.internal_id, network_id=self.network_id, message_id=self.message_id, sender=str(sender),
             subject=self.subject, size=msg.stored_size, received_at=now,
             expires_at=now + self.config.server.message_expiration_timeout.seconds, recipients=recipients, body=body,
-            source=f"SMTP:{self.connector.identity}", source_ip=self.client_ip, client_hostname=self.helo,
-            connector=self.connector.identity, auth_as=self.authenticated,
+            source=f"SMTP:{self.policy.identity}", source_ip=self.client_ip, client_hostname=self.helo,
+            connector=self.policy.identity, auth_as=self.authenticated,
             directionality=directionality,
             envid=params.envid if params else None, ret=params.ret if params else None,
             body_type=params.body if params else None, smtputf8=bool(params and params.smtputf8),
@@ -849,7 +849,7 @@ class SmtpSession(asyncio.Protocol):
 
     def _receive_event_fields(self, new: NewMessage) -> dict[str, Any]:
         return dict(client_ip=self.client_ip, client_hostname=self.helo, server_ip=self.local_address,
-                    server_hostname=self.policy.fqdn, connector_id=self.connector.identity,
+                    server_hostname=self.policy.fqdn, connector_id=self.policy.identity,
                     source_context=f"{self.plog.session_id if self.plog else ''};{len(self.recipients)} recipients",
                     original_client_ip=self.client_ip,
                     message_info=" ".join(filter(None, [*(self.tls_info or ()), _subject_of(self.peer_cert)
