@@ -151,6 +151,9 @@ class PipeliningPeer:
 
     def __init__(self, rcpt_reply: Callable[[str], str] | None = None, hang_up_after_dots: int | None = None) -> None:
         self.reads: list[bytes] = []
+        self.connections: list[list[bytes]] = []   # the reads of each connection, in the order they opened
+        self.accepted_on: list[int] = []           # for each message taken, the index of its connection
+        self.hung_up_on: int | None = None         # the connection closed at the dot
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.rcpt_reply = rcpt_reply or (lambda address: "250 2.1.5 Ok")
         self.hang_up_after_dots = hang_up_after_dots
@@ -173,6 +176,9 @@ class PipeliningPeer:
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 peer.test ESMTP\r\n")
+        mine: list[bytes] = []
+        self.connections.append(mine)
+        index = len(self.connections) - 1
         buffer, in_data, sender, rcpts, body = b"", False, "", [], b""
         try:
             while True:
@@ -180,6 +186,7 @@ class PipeliningPeer:
                 if not chunk:
                     return
                 self.reads.append(chunk)
+                mine.append(chunk)
                 buffer += chunk
                 out = b""
                 while True:
@@ -190,10 +197,12 @@ class PipeliningPeer:
                         body, buffer, in_data = body + buffer[:end + 2], buffer[end + 5:], False
                         self.dots += 1
                         if self.dots == self.hang_up_after_dots:
+                            self.hung_up_on = index
                             writer.write(out)
                             writer.close()
                             return
                         self.messages.append((sender, rcpts, body))
+                        self.accepted_on.append(index)
                         out += b"250 2.0.0 Ok: queued\r\n"
                         continue
                     line, sep, rest = buffer.partition(b"\r\n")
