@@ -264,3 +264,11 @@ def test_a_script_block_as_a_string_is_its_code():
 def test_numbers_out_of_range_are_binding_errors_not_internal_ones(command, expected):
     ok, out, err = run(command)
     assert not ok and expected in err and "internal error" not in err and "ParameterBindingException" in err
+
+
+def test_get_member_lists_properties():
+    ok, out, err = run('@{Alpha=1; Beta="x"; Gamma=$true} | Get-Member | % { "$($_.Name)=$($_.Definition)" }\n'
+                       '@{Alpha=1; Beta="x"} | gm B* | % Name')
+    assert ok, err
+    assert out.split() == ["Alpha=int", "Alpha", "{get;set;}", "Beta=string", "Beta", "{get;set;}", "Gamma=bool",
+                           "Gamma", "{get;set;}", "Beta"]

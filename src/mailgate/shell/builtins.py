@@ -1,5 +1,5 @@
 """PowerShell's utility commands that Exchange administrators pipe into:
-Format-Table/List, Select/Where/Sort/Measure/Group/ForEach-Object, Get-Command,
+Format-Table/List, Select/Where/Sort/Measure/Group/ForEach-Object, Get-Member, Get-Command,
 Get-Help, Get-Date, Write-Host/Output, Out-Null/String/File, Export-Csv,
 Start-Sleep."""
 
@@ -238,6 +238,47 @@ def group_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     return out
 
 
+def _type_label(value: Any) -> str:
+    """The .NET-style type name Get-Member shows for a property's value."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "double"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "MultiValuedProperty"
+    if isinstance(value, dt.datetime):
+        return "datetime"
+    if value is None:
+        return "System.Object"
+    return type(value).__name__
+
+
+@cmdlet("Get-Member", [Param("Name", position=0, raw=True), _INPUT],
+        synopsis="List the properties of objects (alias gm).", builtin=True)
+def get_member(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """One row per property of each type of input object (wildcards in -Name), as PowerShell lists them."""
+    patterns = [to_text(p) for p in as_list(args.get("Name"))]
+    out: list[Any] = []
+    seen_types: set[str] = set()
+    for item in _inputs(args):
+        type_name = item.type_name if isinstance(item, Record) else type(item).__name__
+        if type_name in seen_types:
+            continue
+        seen_types.add(type_name)
+        for name in fmt.properties_of(item):
+            if patterns and not any(wildcard_match(p, name) for p in patterns):
+                continue
+            value = fmt.get_property(item, name)
+            out.append(Record("MemberDefinition", {
+                "TypeName": type_name, "Name": name, "MemberType": "Property",
+                "Definition": f"{_type_label(value)} {name} {{get;set;}}"}))
+    return out
+
+
 @cmdlet("ForEach-Object", [Param("Process", position=0, raw=True), Param("MemberName", convert=to_str), _INPUT],
         synopsis="Run a script block for each object (alias %, foreach).", builtin=True)
 def foreach_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
@@ -409,7 +450,7 @@ def clear_host(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
 
 for _alias, _name in [("ft", "Format-Table"), ("fl", "Format-List"), ("select", "Select-Object"),
                       ("where", "Where-Object"), ("?", "Where-Object"), ("sort", "Sort-Object"),
-                      ("measure", "Measure-Object"), ("group", "Group-Object"), ("%", "ForEach-Object"), ("foreach", "ForEach-Object"),
+                      ("measure", "Measure-Object"), ("group", "Group-Object"), ("gm", "Get-Member"), ("%", "ForEach-Object"), ("foreach", "ForEach-Object"),
                       ("gcm", "Get-Command"), ("help", "Get-Help"), ("echo", "Write-Output"),
                       ("sleep", "Start-Sleep"), ("cls", "Clear-Host"), ("clear", "Clear-Host")]:
     registry.alias(_alias, _name)

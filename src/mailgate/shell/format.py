@@ -35,6 +35,7 @@ DEFAULT_VIEWS: dict[str, tuple[str, list[str] | None]] = {
     "ExportedMessage": ("table", ["Identity", "Path", "Size"]),
     "GroupInfo": ("table", ["Count", "Name", "Group"]),
     "GroupInfoNoElement": ("table", ["Count", "Name"]),
+    "MemberDefinition": ("table", ["Name", "MemberType", "Definition"]),
 }
 
 
