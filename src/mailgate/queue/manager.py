@@ -561,11 +561,13 @@ class QueueManager:
         updates, extra, failures, targets = [], [], [], set()
         assert self.settings is not None
         routing = self.settings.routing
+        originating = msg["directionality"] == "Originating"
+        # MaxRecipientEnvelopeLimit counts all of the message's recipients; it applies to originating mail only.
         total = self.store.reader().execute("SELECT count(*) FROM recipient WHERE message=?",
-                                            (message_id,)).fetchone()[0]
+                                            (message_id,)).fetchone()[0] if originating else 1
         for r in rcpts:
-            route = routing.route(r["address"], msg["size"], originating=msg["directionality"] == "Originating",
-                                  system=bool(msg["is_dsn"]), recipients=total)
+            route = routing.route(r["address"], msg["size"], originating=originating, system=bool(msg["is_dsn"]),
+                                  recipients=total)
             if isinstance(route, Failure):
                 failures.append((r, route.reply))
                 continue
