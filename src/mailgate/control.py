@@ -21,6 +21,7 @@ from mailgate import errors
 from mailgate.errors import RuntimeUnavailableError, UserError
 from mailgate.home import Home
 from mailgate.manage.present import Record
+from mailgate.queue.pressure import is_disk_full
 
 MAX_REQUEST = 16 * 1024 * 1024
 
@@ -202,8 +203,13 @@ class ControlServer:
             except UserError as exc:
                 reply = {"ok": False, "error": error_payload(exc)}
             except Exception as exc:  # noqa: BLE001 - a bug: log it, answer the client
-                self.log.exception("control operation %s failed", op)
-                reply = {"ok": False, "error": {"type": "UserError", "message": f"internal error in {op}: {exc}"}}
+                if is_disk_full(exc):   # not a bug: say what the administrator can do
+                    problem = UserError(f"The queue's disk is full, so {op} could not be recorded ({exc}). Free "
+                                        "space on it; delivery and the queue's bookkeeping resume by themselves.")
+                else:
+                    self.log.exception("control operation %s failed", op)
+                    problem = UserError(f"internal error in {op}: {exc}")
+                reply = {"ok": False, "error": error_payload(problem)}
             writer.write(json.dumps(reply).encode())
             await writer.drain()
         except (ValueError, ConnectionError):

@@ -1,9 +1,9 @@
 """The data directory: where each part of a server keeps its files.
 
-    mailgate.toml        server name, store URL, admin endpoint
+    mailgate.toml        server name, store URL, admin endpoint, back pressure settings
     mailgate.db          configuration + tracking index (SQLite back end)
     secret.key           key that encrypts stored secrets
-    queue/               the durable queue (queue.db + body segments)
+    queue/               the durable queue (queue.db + body segments; space.reserve, see queue/pressure.py)
     mailboxes/           Maildir per mailbox
     logs/MessageTracking, logs/ProtocolLog/SmtpReceive, logs/ProtocolLog/SmtpSend
     run/                 control socket and pid file of a running server
@@ -14,14 +14,39 @@ from __future__ import annotations
 import os
 import secrets
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mailgate.errors import UserError
 
 ENV_HOME = "MAILGATE_HOME"
 CONFIG_FILE = "mailgate.toml"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:8440"
+
+
+@dataclass(frozen=True)
+class BackPressureSettings:
+    """``[back_pressure]`` in mailgate.toml (queue/pressure.py applies them)."""
+    enabled: bool = True
+    queue_disk_high_percent: int = 0
+
+    @classmethod
+    def parse(cls, section: Any, source: Path) -> "BackPressureSettings":
+        if not isinstance(section, dict):
+            raise UserError(f"{source}: [back_pressure] must be a table.")
+        unknown = set(section) - {"enabled", "queue_disk_high_percent"}
+        if unknown:
+            raise UserError(f"{source}: [back_pressure] has no setting {', '.join(sorted(unknown))} "
+                            "(known: enabled, queue_disk_high_percent).")
+        enabled = section.get("enabled", True)
+        high = section.get("queue_disk_high_percent", 0)
+        if not isinstance(enabled, bool):
+            raise UserError(f"{source}: [back_pressure] enabled must be true or false.")
+        if isinstance(high, bool) or not isinstance(high, int) or not (high == 0 or 5 <= high <= 100):
+            raise UserError(f"{source}: [back_pressure] queue_disk_high_percent must be 0 (Exchange's rule) "
+                            "or a whole number from 5 to 100.")
+        return cls(enabled=enabled, queue_disk_high_percent=high)
 
 
 @dataclass
@@ -32,6 +57,7 @@ class Home:
     admin_listen: str
     admin_token: str
     workers: int | str = "auto"
+    back_pressure: BackPressureSettings = field(default_factory=BackPressureSettings)
 
     # -- locations --------------------------------------------------------------
     @property
@@ -79,13 +105,18 @@ class Home:
         if not config.exists():
             raise UserError(f"{path} is not a mailgate data directory (no {CONFIG_FILE}). "
                             f"Create it with: mailgate --home {path} init")
-        with config.open("rb") as fh:
-            data = tomllib.load(fh)
+        try:
+            with config.open("rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"{config} is not valid TOML: {exc}. Correct it by hand (mailgate init wrote it).") \
+                from None
         try:
             return cls(path=path, server=data["server"]["name"], store_url=data["store"]["url"],
                        admin_listen=data.get("admin", {}).get("listen", DEFAULT_ADMIN_LISTEN),
                        admin_token=data.get("admin", {}).get("token", ""),
-                       workers=data["server"].get("workers", "auto"))
+                       workers=data["server"].get("workers", "auto"),
+                       back_pressure=BackPressureSettings.parse(data.get("back_pressure", {}), config))
         except KeyError as exc:
             raise UserError(f"{config} lacks the setting {exc}.") from None
 
@@ -103,7 +134,12 @@ class Home:
             "workers = \"auto\"\n\n"
             f"[store]\nurl = {_toml_str(store_url)}\n\n"
             "[admin]\n# REST API and web admin center; the token authenticates API clients\n"
-            f"listen = {_toml_str(admin_listen)}\ntoken = {_toml_str(home.admin_token)}\n"
+            f"listen = {_toml_str(admin_listen)}\ntoken = {_toml_str(home.admin_token)}\n\n"
+            "[back_pressure]\n# refuse new mail (452 4.3.1) while the queue's disk is nearly full, as Exchange does\n"
+            "enabled = true\n"
+            "# percent of the queue disk in use at which all mail is refused; 0 = Exchange's rule (all but\n"
+            "# 500 MB, at most 99); authoritative senders only from 2 points below, everyone from 4 below\n"
+            "queue_disk_high_percent = 0\n"
         )
         config = path / CONFIG_FILE
         fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

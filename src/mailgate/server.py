@@ -28,6 +28,7 @@ from mailgate.home import Home
 from mailgate.manage.organisation import smtp_certificate
 from mailgate.queue.admin import QueueAdmin
 from mailgate.queue.manager import QueueManager, RuntimeSettings
+from mailgate.queue.pressure import SAMPLE_SECONDS, DiskPressure
 from mailgate.queue.store import NewMessage, QueueStore, merge_queue
 from mailgate.receive.listeners import ReceiveServer
 from mailgate.receive.policy import ConnectorPolicy, ReceiveConfig
@@ -144,6 +145,14 @@ class TransportService:
             except Exception:  # noqa: BLE001 - keep serving with the last good configuration
                 log.exception("reloading the configuration failed")
 
+    async def _watch_disk(self) -> None:
+        """Back pressure: the queue disk's level, sampled while the server runs (queue/pressure.py)."""
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), SAMPLE_SECONDS)
+            except asyncio.TimeoutError:
+                self.pressure.sample()
+
     async def _maintenance(self) -> None:
         while not self._stop.is_set():
             try:
@@ -203,7 +212,9 @@ class TransportService:
                 "listeners": self.receive.status(), "sessions": len(self.receive.sessions),
                 "uptime": time.time() - self.started, "received": self.manager.received_total,
                 "delivered": self.manager.delivered_total, "failed": self.manager.failed_total,
-                "commits": self.queue_store.commits, "admin": self.admin_url}
+                "commits": self.queue_store.commits, "admin": self.admin_url,
+                "back_pressure": {"level": self.pressure.level, "used_percent": self.pressure.used_percent,
+                                  "path": str(self.pressure.path)}}
 
     async def submit_local(self, sender: str, recipients: list[str], body: bytes, *, source: str) -> dict[str, Any]:
         """Submit a message generated on this server (Test-Mailflow's probe) as mailbox submission does."""
@@ -262,6 +273,11 @@ class TransportService:
             from mailgate.receive.limits import SharedCounter
 
             self.receive.counter = SharedCounter(home.run_dir / "connections.map")
+        self.pressure = DiskPressure(home.worker_queue_dir(self.worker), enabled=home.back_pressure.enabled,
+                                     high_percent=home.back_pressure.queue_disk_high_percent)
+        self.pressure.sample()
+        self.queue_store.on_disk_full = self.pressure.disk_full
+        self.receive.pressure = self.pressure
         self.receive.server_auth_key = self.secrets.derive(exps.KEY_PURPOSE)
         self.receive.on_change = self.announce
         self.receive.on_event = self.metrics.on_event
@@ -280,7 +296,7 @@ class TransportService:
                 self.announce(f"{exc.message} Mail flow is not affected.")
         await self.reload(force=True)
         self._tasks = [asyncio.ensure_future(self.manager.run()), asyncio.ensure_future(self._watch_config()),
-                       asyncio.ensure_future(self._maintenance())]
+                       asyncio.ensure_future(self._maintenance()), asyncio.ensure_future(self._watch_disk())]
         if self.workers == 1:
             home.pid_file.write_text(f"{os.getpid()}\n")
 

@@ -26,6 +26,7 @@ from mailgate.control import ControlServer, call_socket
 from mailgate.errors import NotFoundError, UserError
 from mailgate.home import Home
 from mailgate.manage.present import Record
+from mailgate.queue.pressure import LEVELS
 from mailgate.receive.limits import SharedCounter
 
 log = logging.getLogger("mailgate.supervisor")
@@ -167,6 +168,8 @@ class Supervisor:
             for key in ("received", "delivered", "failed", "commits", "sessions"):
                 first[key] = sum(s.get(key, 0) for s in statuses)
             first["revision"] = min(s["revision"] for s in statuses)
+            first["back_pressure"] = max((s["back_pressure"] for s in statuses if s.get("back_pressure")),
+                                         key=lambda bp: LEVELS.index(bp["level"]), default=None)
             first["workers"] = len(statuses)
             return first
         raise UserError(f"Unknown runtime operation '{op}'.")

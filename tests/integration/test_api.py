@@ -106,6 +106,7 @@ def test_metrics_count_every_worker(admin_server):
     text = httpx.get(f"{srv.url}/metrics", timeout=30).text
     assert 'mailgate_queue_messages{delivery_type="Undefined",queue="EX01\\\\Submission"}' in text
     assert "mailgate_smtp_sessions_open" in text
+    assert "mailgate_back_pressure_level 0.0" in text          # the queue's disk has room: Normal
     delivered = [line for line in text.splitlines() if line.startswith("mailgate_messages_delivered_total{")]
     assert delivered and sum(float(line.rsplit(" ", 1)[1]) for line in delivered) >= 0
     # Each worker's series carry its index; the exposition is valid for a Prometheus parser.

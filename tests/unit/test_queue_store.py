@@ -146,3 +146,56 @@ def test_a_queue_from_before_inline_bodies_is_upgraded_at_open(tmp_path):
         assert [row["lines_normalised"] for row in rows] == [0, 0]   # not known for the old one: checked on sending
     finally:
         store.close()
+
+
+def segment_body(tag: bytes, size: int = INLINE_BYTES + 1000) -> list[bytes]:
+    """A body too large for its row: it goes to the active segment."""
+    return [b"Subject: " + tag + b"\r\n\r\n" + tag[:1] * size + b"\r\n"]
+
+
+def test_a_body_on_its_way_to_a_commit_keeps_its_segment_when_the_segment_is_rotated_and_freed(store, monkeypatch):
+    """A body is appended before its rows are committed, possibly in the next commit batch. If the segment
+    rotates meanwhile and its last committed message is delivered (freed), the segment must still stay:
+    the body about to be acknowledged is in it."""
+    import mailgate.queue.store as qs
+
+    first = store.append_body(segment_body(b"first"))
+    store.submit(message(first, "first")).result(timeout=10)
+    waiting = store.append_body(segment_body(b"waiting"))            # appended; its commit comes later
+    monkeypatch.setattr(qs, "SEGMENT_BYTES", waiting.offset + waiting.length + 1)
+    rotated = store.append_body(segment_body(b"rotated"))            # does not fit: a new segment
+    assert rotated.segment != waiting.segment == first.segment
+    store.remove_messages([store.reader().execute("SELECT id FROM message").fetchone()[0]]).result(timeout=10)
+    store.submit(message(waiting, "waiting")).result(timeout=10)     # acknowledged now
+    row = store.reader().execute("SELECT * FROM message WHERE subject='waiting'").fetchone()
+    assert store.read_body(row).startswith(b"Subject: waiting\r\n")
+
+
+def test_the_active_segment_gives_its_space_back_once_nothing_refers_to_it(store, tmp_path):
+    """On a disk that mail filled, the queue must be able to drain it: once every body in the active
+    segment has been delivered (or its message failed to commit), the segment's space is returned."""
+    refs = [store.append_body(segment_body(b"m%d" % i)) for i in range(3)]
+    for i, ref in enumerate(refs):
+        store.submit(message(ref, f"m{i}")).result(timeout=10)
+    segment = tmp_path / "queue" / "segments" / f"{refs[0].segment:08d}.seg"
+    assert segment.stat().st_size >= 3 * INLINE_BYTES
+    ids = [row[0] for row in store.reader().execute("SELECT id FROM message")]
+    store.remove_messages(ids[:2]).result(timeout=10)
+    assert segment.stat().st_size >= 3 * INLINE_BYTES                # one body is still queued
+    store.remove_messages(ids[2:]).result(timeout=10)
+    assert segment.stat().st_size == 0
+    again = store.append_body(segment_body(b"again"))               # the segment is used from its start again
+    store.submit(message(again, "again")).result(timeout=10)
+    row = store.reader().execute("SELECT * FROM message WHERE subject='again'").fetchone()
+    assert store.read_body(row).startswith(b"Subject: again\r\n")
+
+
+def test_a_body_whose_message_failed_to_commit_does_not_hold_its_segment(store, tmp_path):
+    with sqlite3.connect(tmp_path / "queue" / "queue.db") as db:
+        db.execute("CREATE TRIGGER full BEFORE INSERT ON message WHEN NEW.subject='full' "
+                   "BEGIN SELECT RAISE(ROLLBACK, 'database or disk is full'); END")
+    ref = store.append_body(segment_body(b"full"))
+    with pytest.raises(sqlite3.Error):
+        store.submit(message(ref, "full")).result(timeout=10)
+    segment = tmp_path / "queue" / "segments" / f"{ref.segment:08d}.seg"
+    assert segment.stat().st_size == 0

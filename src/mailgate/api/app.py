@@ -188,7 +188,7 @@ def build_app(service: Any, loop: asyncio.AbstractEventLoop) -> FastAPI:
         queues = await run_in_threadpool(runtime.call, "queues")
         status = await run_in_threadpool(runtime.call, "status")
         workers = await run_in_threadpool(runtime.call, "metrics")
-        return Response(content=metrics.render(workers, queues, status.get("sessions", 0)), media_type=CONTENT_TYPE)
+        return Response(content=metrics.render(workers, queues, status), media_type=CONTENT_TYPE)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

@@ -18,6 +18,8 @@ from typing import Any, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram, Metric, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from mailgate.queue.pressure import LEVELS
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -63,10 +65,10 @@ class Metrics:
         return {"worker": worker, "samples": [[family.name, s.name, s.labels, s.value]
                                               for family in self.registry.collect() for s in family.samples]}
 
-    def render(self, workers: list[dict[str, Any]], queues: list[Any], sessions: int) -> bytes:
+    def render(self, workers: list[dict[str, Any]], queues: list[Any], status: dict[str, Any]) -> bytes:
         registry = CollectorRegistry()
         registry.register(_WorkerSeries(self.registry, workers))
-        registry.register(_LiveState(queues, sessions))
+        registry.register(_LiveState(queues, status))
         return generate_latest(registry)
 
 
@@ -90,13 +92,22 @@ class _WorkerSeries:
 class _LiveState:
     """Gauges read from the runtime at scrape time."""
 
-    def __init__(self, queues: list[Any], sessions: int) -> None:
+    def __init__(self, queues: list[Any], status: dict[str, Any]) -> None:
         self.queues = queues
-        self.sessions = sessions
+        self.sessions = status.get("sessions", 0)
+        self.pressure = status.get("back_pressure")
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         depth = GaugeMetricFamily("mailgate_queue_messages", "Messages in each queue", labels=["queue", "delivery_type"])
         for record in self.queues:
             depth.add_metric([record["Identity"], str(record["DeliveryType"])], record["MessageCount"])
         yield depth
-        yield GaugeMetricFamily("mailgate_smtp_sessions_open", "Open inbound SMTP sessions", value=self.sessions)
+        yield GaugeMetricFamily("mailgate_smtp_sessions_open", "Open inbound SMTP sessions",
+                                value=self.sessions)
+        if self.pressure:
+            yield GaugeMetricFamily("mailgate_back_pressure_level",
+                                    "Back pressure on the queue disk: 0 Normal, 1 Medium (authoritative senders only), "
+                                    "2 High (no new mail)", value=LEVELS.index(self.pressure["level"]))
+            if self.pressure.get("used_percent") is not None:
+                yield GaugeMetricFamily("mailgate_queue_disk_used_percent", "Share of the queue's disk in use",
+                                        value=self.pressure["used_percent"])

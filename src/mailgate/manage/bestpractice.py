@@ -261,9 +261,20 @@ def rule_queues(f: Facts) -> Iterator[Finding]:
                           f"last error: {q['LastError']}", f"Retry-Queue {_q(q['Identity'])}")
 
 
+def rule_back_pressure(f: Facts) -> Iterator[Finding]:
+    bp = (f.runtime_status or {}).get("back_pressure")
+    if bp and bp["level"] != "Normal":
+        refused = "all new mail" if bp["level"] == "High" else "mail from outside the authoritative domains"
+        yield Finding("Error" if bp["level"] == "High" else "Warning", f.server.name, "BackPressure",
+                      f"The queue disk {bp['path']} is {bp['used_percent']}% used: back pressure is {bp['level']} "
+                      f"and {refused} is refused with 452 4.3.1", "Free space on the queue's disk "
+                      "(or set [back_pressure] in mailgate.toml)")
+
+
 RULES: list[Callable[[Facts], Iterator[Finding]]] = [
     rule_anonymous_relay, rule_basic_auth_without_tls, rule_send_credentials_in_clear, rule_partner_security,
     rule_protocol_logging, rule_certificates, rule_overlapping_address_spaces, rule_bindings, rule_queues,
+    rule_back_pressure,
 ]
 
 

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from mailgate.queue.pressure import is_disk_full
+
 log = logging.getLogger("mailgate.queue")
 
 SEGMENT_BYTES = 64 * 1024 * 1024
@@ -256,7 +258,9 @@ class QueueStore:
         self._segment_no = 0
         self._segment_size = 0
         self._segment_dirty = False
-        self._live: dict[int, int] = {}              # segment → messages referencing it
+        # segment → bodies in it that a committed row refers to or that are on their way to a commit (counted
+        # at append, so a segment never goes while a body in it may still be acknowledged)
+        self._live: dict[int, int] = {}
         self._read_fds: dict[int, int] = {}
         self._next_id = 1
         self._read_local = threading.local()
@@ -264,6 +268,7 @@ class QueueStore:
         self._checkpoint_stop = threading.Event()
         self.commits = 0
         self.committed_messages = 0
+        self.on_disk_full: Callable[[], None] = lambda: None   # back pressure's hook (queue/pressure.py)
 
     # -- opening and recovery ------------------------------------------------------
     def open(self) -> None:
@@ -398,7 +403,48 @@ class QueueStore:
                 view = view[written:]
             self._segment_size += len(data)
             self._segment_dirty = True
+            self._live[self._segment_no] = self._live.get(self._segment_no, 0) + 1
             return BodyRef(self._segment_no, offset, len(data))
+
+    def _drop_references(self, segments: Iterable[int]) -> None:
+        """Bodies in these segments are no longer needed (delivered, or their message never committed).
+        A segment nothing refers to any more is deleted; the active one is emptied and used again from its
+        start, so a queue that mail filled gives its disk back as it drains."""
+        with self._lock:
+            for seg in segments:
+                left = self._live.get(seg, 0) - 1
+                if left > 0:
+                    self._live[seg] = left
+                    continue
+                self._live.pop(seg, None)
+                if seg == self._segment_no:
+                    os.ftruncate(self._segment_fd, 0)
+                    self._segment_size = 0
+                    continue
+                fd = self._read_fds.pop(seg, None)
+                if fd is not None:
+                    os.close(fd)
+                self._segment_path(seg).unlink(missing_ok=True)
+
+    @staticmethod
+    def _new_bodies(job: "_Job") -> list[int]:
+        """The segments of the bodies a job's new messages bring (an insert's message, a record's DSNs)."""
+        if job.kind == "insert":
+            messages = [job.payload]
+        elif job.kind == "record":
+            messages = job.payload[2]
+        else:
+            return []
+        return [m.body.segment for m in messages if m.body.segment is not None]
+
+    def _fail(self, jobs: Iterable["_Job"], exc: BaseException) -> None:
+        """Jobs whose statements were rolled back: their waiters hear why, their bodies are let go."""
+        if is_disk_full(exc):
+            self.on_disk_full()
+        for job in jobs:
+            self._drop_references(self._new_bodies(job))
+            if job.future is not None and not job.future.done():
+                job.future.set_exception(exc)
 
     def new_spool_file(self) -> tuple[str, int]:
         """A file for a large body; the caller writes it and passes the path to ``submit``."""
@@ -501,13 +547,10 @@ class QueueStore:
                     raise
                 conn.execute("RELEASE job")
             except Exception as exc:  # noqa: BLE001 - the waiter hears about it
-                if job.future is not None:
-                    job.future.set_exception(exc)
+                self._fail([job], exc)
                 if self._in_transaction and not conn.in_transaction:
                     # SQLite rolled the whole transaction back (disk full, I/O error): so went every job in it.
-                    for pending in self._pending:
-                        if pending.future is not None and not pending.future.done():
-                            pending.future.set_exception(exc)
+                    self._fail(self._pending, exc)
                     self._pending = []
                     self._in_transaction = False
                 return
@@ -558,12 +601,19 @@ class QueueStore:
         """Copy the WAL into the database off the event loop and the commit thread. This connection keeps
         ``synchronous=FULL``: it syncs the database file before SQLite may reuse the copied part of the WAL."""
         conn = self._connect()
+        failing = False
         try:
             while not self._checkpoint_stop.wait(CHECKPOINT_SECONDS):
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error:
-                    log.exception("queue checkpoint failed")
+                except sqlite3.Error as exc:
+                    if not failing:   # once per outage (a full disk fails it twice a second)
+                        log.warning("queue checkpoint failed (%s); the WAL grows until it succeeds", exc)
+                    failing = True
+                else:
+                    if failing:
+                        log.warning("queue checkpoint works again")
+                    failing = False
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             conn.close()
@@ -591,9 +641,7 @@ class QueueStore:
                         self.commits += 1
                         self._bound_wal()
             if error is not None:
-                for job in jobs:
-                    if job.future is not None and not job.future.done():
-                        job.future.set_exception(error)
+                self._fail(jobs, error)
             elif jobs:
                 self._finish(jobs)
             if stopping:
@@ -637,28 +685,18 @@ class QueueStore:
                         os.close(dir_fd)
                 os.fdatasync(self._wal_fd)
         except OSError as exc:
-            log.exception("queue sync failed")
+            # The rows are committed but may not be on disk: the waiters hear of a failure (nothing is
+            # acknowledged); the bodies keep their references, so nothing they may still need is freed.
+            log.error("queue sync failed: %s", exc)
+            if is_disk_full(exc):
+                self.on_disk_full()
             for job in jobs:
                 if job.future is not None and not job.future.done():
                     job.future.set_exception(exc)
             return
-        inserted = [m for job in jobs for m in job.inserted]
-        with self._lock:
-            for msg in inserted:
-                if msg.body.segment is not None:
-                    self._live[msg.body.segment] = self._live.get(msg.body.segment, 0) + 1
-        self.committed_messages += len(inserted)
+        self.committed_messages += sum(len(job.inserted) for job in jobs)
         for job in jobs:
-            for seg in job.freed_segments:
-                with self._lock:
-                    left = self._live.get(seg, 0) - 1
-                    self._live[seg] = left
-                    if left <= 0 and seg != self._segment_no:
-                        self._live.pop(seg, None)
-                        fd = self._read_fds.pop(seg, None)
-                        if fd is not None:
-                            os.close(fd)
-                        self._segment_path(seg).unlink(missing_ok=True)
+            self._drop_references(job.freed_segments)
             for path in job.freed_spools:
                 try:
                     os.unlink(path)

@@ -80,6 +80,7 @@ class ReceiveServer:
         self.reuse_port = reuse_port
         self.sessions: set[SmtpSession] = set()
         self.counter: Any = LocalCounter()     # a SharedCounter when several workers share the limits
+        self.pressure: Any = None              # the queue disk's back pressure (queue/pressure.py), when watched
         self.refused = 0
         self.listeners: dict[Endpoint, asyncio.AbstractServer] = {}
         self.bind_errors: dict[Endpoint, BindError] = {}

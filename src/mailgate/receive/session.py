@@ -18,6 +18,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from mailgate.queue.pressure import NORMAL, is_disk_full
 from mailgate.queue.store import NewMessage
 from mailgate.receive import rights as R
 from mailgate.receive.headers import HeaderBlock, fold, message_id_of, rfc5322_date
@@ -609,6 +610,11 @@ class SmtpSession(asyncio.Protocol):
                     R.Right.AcceptAuthoritativeDomainSender not in self.rights:
                 self._reply(RP.NO_SEND_AS_PERMISSION)
                 return
+        pressure = self.server.pressure
+        if pressure is not None and pressure.current() != NORMAL and \
+                pressure.refuses(not sender.is_null and self.config.routing.is_authoritative(sender.domain)):
+            self._reply(RP.INSUFFICIENT_RESOURCES)
+            return
         if c.message_rate_limit.value is not None and not self._within_message_rate(c):
             self._reply(RP.RATE_EXCEEDED)
             return
@@ -803,8 +809,8 @@ class SmtpSession(asyncio.Protocol):
     def _commit(self, msg: IncomingMessage) -> None:
         try:
             body = msg.finish()
-        except OSError:
-            log.exception("storing a message body failed")
+        except OSError as exc:
+            self._storage_failed(exc, "storing a message body failed")
             self._reply(RP.INSUFFICIENT_RESOURCES)
             self._reset_envelope()
             return
@@ -834,9 +840,10 @@ class SmtpSession(asyncio.Protocol):
         def done(fut: Any) -> None:
             if self._closing and self.transport is None:
                 return
-            if fut.exception() is not None:
-                log.error("committing message %s failed: %s", new.id, fut.exception())
-                reply = RP.LOCAL_ERROR
+            exc = fut.exception()
+            if exc is not None:
+                reply = RP.INSUFFICIENT_RESOURCES if self._storage_failed(exc, f"committing message {new.id} failed") \
+                    else RP.LOCAL_ERROR
             else:
                 reply = Reply(250, "2.6.0", RP.QUEUED.format(message_id=new.message_id, internal_id=new.id,
                                                              host=self.policy.fqdn))
@@ -846,6 +853,16 @@ class SmtpSession(asyncio.Protocol):
                 self._unblock()
 
         pipeline.submit(new, self._receive_event_fields(new), on_durable=done)
+
+    def _storage_failed(self, exc: BaseException, what: str) -> bool:
+        """Log a failed write of the queue; True when the disk is full (back pressure goes High)."""
+        if is_disk_full(exc):
+            log.warning("%s: the queue disk is full (%s)", what, exc)
+            if self.server.pressure is not None:
+                self.server.pressure.disk_full()
+            return True
+        log.error("%s: %s", what, exc)
+        return False
 
     def _receive_event_fields(self, new: NewMessage) -> dict[str, Any]:
         return dict(client_ip=self.client_ip, client_hostname=self.helo, server_ip=self.local_address,

@@ -116,8 +116,16 @@ class CsvLogWriter:
         fd = self._file_for(now)
         data = "".join(lines).encode("utf-8")
         view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            try:   # no half line is left behind: the caller may write the same lines again
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -152,10 +160,15 @@ class CsvLogWriter:
 class BufferedLog:
     """A thread that flushes buffered rows to a writer (and an optional sink) every ``interval``."""
 
-    def __init__(self, name: str, flush: Callable[[list[Any]], None], interval: float = 0.25) -> None:
+    def __init__(self, name: str, flush: Callable[[list[Any]], None], interval: float = 0.25,
+                 pending: Callable[[], bool] = lambda: False) -> None:
+        self.name = name
         self._rows: list[Any] = []
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()   # one flush at a time: rows reach the files in order
         self._flush = flush
+        self._pending = pending               # the writer holds rows from a failed flush to write again
+        self._failed = False
         self._interval = interval
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -167,13 +180,22 @@ class BufferedLog:
             self._rows.append(row)
 
     def flush_now(self) -> None:
-        with self._lock:
-            rows, self._rows = self._rows, []
-        if rows:
+        with self._write_lock:
+            with self._lock:
+                rows, self._rows = self._rows, []
+            if not rows and not self._pending():
+                return
             try:
                 self._flush(rows)
-            except Exception:  # noqa: BLE001 - logging must never take the server down
-                log.exception("writing %d log rows failed", len(rows))
+            except Exception as exc:  # noqa: BLE001 - logging must never take the server down
+                if not self._failed:   # once per outage, not every quarter second of a full disk
+                    log.warning("%s: writing %d log rows failed (%s); rows are dropped until writing works again",
+                                self.name, len(rows), exc)
+                self._failed = True
+            else:
+                if self._failed:
+                    log.warning("%s: writing works again", self.name)
+                self._failed = False
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):

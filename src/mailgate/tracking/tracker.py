@@ -15,6 +15,7 @@ from mailgate.tracking.logs import (PROTOCOL_FIELDS, SCHEMA_VERSION, TRACKING_FI
                                    csv_line, iso)
 
 log = logging.getLogger("mailgate.tracking")
+HELD_EVENTS = 100_000   # events kept for a later write while the log files or the index cannot be written
 
 # Exchange's tracking file field → the key this module uses for it.
 _FIELD_KEYS = {f: f.replace("-", "_") for f in TRACKING_FIELDS}
@@ -37,7 +38,11 @@ class MessageTracker:
         self.enabled = True
         self.subject_logging = True
         self.files = CsvLogWriter(log_dir, "MSGTRK", "Message Tracking Log", TRACKING_FIELDS)
-        self._buffer = BufferedLog("tracking-writer", self._flush)
+        self._held_lines: list[str] = []                          # written by the writer thread only
+        self._held_rows: list[tuple[tuple[Any, ...], tuple[str, ...]]] = []
+        self._failing: set[str] = set()
+        self._buffer = BufferedLog("tracking-writer", self._flush,
+                                   pending=lambda: bool(self._held_lines or self._held_rows))
         self._log_ids = itertools.count(1)
         self._pid = os.getpid()
 
@@ -83,11 +88,31 @@ class MessageTracker:
         return row
 
     def _flush(self, events: list[tuple[str, tuple[Any, ...], tuple[str, ...]]]) -> None:
+        """Write events to the files and to the index. A part that fails (a full disk, the PostgreSQL server
+        away) keeps its events, up to HELD_EVENTS, and writes them with the next batch."""
+        lines = self._held_lines + [line for line, _, _ in events]
+        rows = self._held_rows + [(values, rcpts) for _, values, rcpts in events]
+        self._held_lines = self._attempt("the message tracking log files", lines,
+                                         lambda: self.files.write_lines(lines, _now()))
+        self._held_rows = self._attempt("the message tracking index", rows, lambda: self.store.insert_tracking_values(
+            [values for values, _ in rows], [rcpts for _, rcpts in rows]))
+
+    def _attempt(self, what: str, items: list[Any], write: Any) -> list[Any]:
+        """Run ``write``; return what is still to be written (nothing when it succeeded)."""
         try:
-            self.files.write_lines([line for line, _, _ in events], _now())
-        except OSError:
-            log.exception("writing the message tracking log failed")
-        self.store.insert_tracking_values([values for _, values, _ in events], [rcpts for _, _, rcpts in events])
+            write()
+        except Exception as exc:  # noqa: BLE001 - tracking must never stop mail flow
+            if what not in self._failing:
+                self._failing.add(what)
+                log.warning("writing %s failed (%s); keeping up to %d events to write when it works again",
+                            what, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, HELD_EVENTS)
+            if len(items) > HELD_EVENTS:
+                log.error("%s: %d events dropped (more than %d waiting)", what, len(items) - HELD_EVENTS, HELD_EVENTS)
+            return items[-HELD_EVENTS:]
+        if what in self._failing:
+            self._failing.discard(what)
+            log.warning("writing %s works again", what)
+        return []
 
     def prune(self) -> None:
         self.files.prune()

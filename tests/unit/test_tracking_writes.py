@@ -1,0 +1,85 @@
+"""Tracking while the disk is full: events that could not be written are kept and written when writing
+works again, and a log file never keeps half a line from a failed write."""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import sqlite3
+
+import mailgate.tracking.logs as logs
+from mailgate.tracking.logs import TRACKING_FIELDS, CsvLogWriter
+from mailgate.tracking.tracker import MessageTracker
+
+
+class FlakyIndex:
+    """The store's tracking index, failing like a full disk until ``full`` is cleared."""
+
+    def __init__(self) -> None:
+        self.full = True
+        self.rows: list[tuple] = []
+
+    def tracking_values(self, r: dict) -> tuple:
+        return (r["event_id"], r.get("message_id"))
+
+    def insert_tracking_values(self, values: list[tuple], recipients: list[tuple]) -> None:
+        if self.full:
+            raise sqlite3.OperationalError("database or disk is full")
+        self.rows += values
+
+
+def test_events_that_could_not_be_written_are_written_once_the_disk_has_room(tmp_path, monkeypatch):
+    index = FlakyIndex()
+    tracker = MessageTracker(index, "EX01", tmp_path / "MessageTracking")
+    real_write = tracker.files.write_lines
+    disk_full = True
+
+    def write_lines(lines, now):
+        if disk_full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(lines, now)
+
+    monkeypatch.setattr(tracker.files, "write_lines", write_lines)
+    try:
+        for n in range(3):
+            tracker.event("RECEIVE", "SMTP", message_id=f"<m{n}@test>", recipients=["a@example.com"])
+        tracker.flush()
+        assert index.rows == [] and not list((tmp_path / "MessageTracking").glob("*.LOG"))
+        index.full, disk_full = False, False
+        tracker.event("SEND", "SMTP", message_id="<m0@test>", recipients=["a@example.com"])
+        tracker.flush()
+        assert index.rows == [("RECEIVE", "<m0@test>"), ("RECEIVE", "<m1@test>"), ("RECEIVE", "<m2@test>"),
+                              ("SEND", "<m0@test>")]
+        text = next((tmp_path / "MessageTracking").glob("*.LOG")).read_text()
+        assert [line.count("<m") for line in text.splitlines() if not line.startswith("#")] == [1, 1, 1, 1]
+        tracker.flush()                                        # nothing held any more: nothing written twice
+        assert len(index.rows) == 4
+    finally:
+        tracker.close()
+
+
+def test_a_failed_write_leaves_no_half_line_in_the_log_file(tmp_path, monkeypatch):
+    writer = CsvLogWriter(tmp_path, "MSGTRK", "Message Tracking Log", TRACKING_FIELDS)
+    now = dt.datetime.now(dt.timezone.utc)
+    writer.write_lines(["first,line\r\n"], now)
+    path = next(tmp_path.glob("*.LOG"))
+    before = path.read_bytes()
+    real_write = logs.os.write
+
+    def half_then_full(fd, data):
+        if len(data) > 4:
+            return real_write(fd, bytes(data[:4]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(logs.os, "write", half_then_full)
+    try:
+        writer.write_lines(["second,line\r\n"], now)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    else:
+        raise AssertionError("the write should have failed")
+    monkeypatch.setattr(logs.os, "write", real_write)
+    assert path.read_bytes() == before
+    writer.write_lines(["second,line\r\n"], now)
+    assert path.read_bytes() == before + b"second,line\r\n"
+    writer.close()
