@@ -30,7 +30,9 @@ class DnsServer:
         self.sock.bind((host, 0))
         self.host, self.port = self.sock.getsockname()
         self.queries: list[tuple[str, str]] = []
-        self.fail = False   # answer SERVFAIL to everything
+        self.fail = False     # answer SERVFAIL to everything
+        self.silent = False   # answer nothing (a resolver times out)
+        self.negative_ttl: int | None = 1   # how long a "no such name/record" may be cached (None: no SOA)
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._running = True
         self._thread.start()
@@ -52,10 +54,14 @@ class DnsServer:
                 query = dns.message.from_wire(data)
             except Exception:  # noqa: BLE001 - garbage in a test: ignore it
                 continue
+            if self.silent:
+                continue
             response = dns.message.make_response(query)
             response.flags |= dns.flags.AA
             if self.fail:
                 response.set_rcode(dns.rcode.SERVFAIL)
+                self.sock.sendto(response.to_wire(), addr)
+                continue
             for question in query.question:
                 name = question.name.to_text(omit_final_dot=True).lower()
                 rtype = dns.rdatatype.to_text(question.rdtype)
@@ -63,8 +69,13 @@ class DnsServer:
                 values = self.records.get((name, rtype))
                 if values:
                     response.answer.append(dns.rrset.from_text(question.name, 60, "IN", rtype, *values))
-                elif not any(n == name for n, _ in self.records):
+                    continue
+                if not any(n == name for n, _ in self.records):
                     response.set_rcode(dns.rcode.NXDOMAIN)
+                if self.negative_ttl is not None:   # as a real server: an SOA whose minimum bounds the caching
+                    response.authority.append(dns.rrset.from_text(
+                        question.name, self.negative_ttl, "IN", "SOA",
+                        f"ns.test. hostmaster.test. 1 60 60 60 {self.negative_ttl}"))
             self.sock.sendto(response.to_wire(), addr)
 
     def close(self) -> None:
@@ -142,6 +153,34 @@ class SmtpPeer:
 
     def stop(self) -> None:
         self.controller.stop()
+
+
+class StallingPeer:
+    """A TCP server that accepts connections and never says a word (a hung or overloaded next hop)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.create_server((host, port))
+        self.connections: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+
+    def stop(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)   # wakes the accepting thread, so the port is free at once
+        except OSError:
+            pass
+        self.sock.close()
+        self._thread.join(5)
+        for conn in self.connections:
+            conn.close()
 
 
 class PipeliningPeer:

@@ -377,3 +377,93 @@ def test_a_peer_hanging_up_mid_batch_loses_and_duplicates_nothing(home, org, dns
         assert {a for a in delivered if a in deferred} == on_the_wire - taken != set()
     finally:
         peer.stop_thread()
+
+
+def retrying(home, domain: str) -> dict[str, str] | None:
+    """Status, MessageCount and LastError of the delivery queue for ``domain`` once it is in Retry."""
+    r = shell(home, f'Get-Queue | Where-Object {{ $_.NextHopDomain -eq "{domain}" }} | fl Status,MessageCount,LastError')
+    assert r.ok, r.err
+    queue = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in r.out.splitlines()) if v}
+    return queue if queue.get("Status") == "Retry" else None
+
+
+@pytest.mark.parametrize("failure", ["servfail", "silent"])
+def test_a_dns_failure_defers_mail_and_delivery_follows_when_dns_answers_again(home, org, dns_server, peer_port,
+                                                                                failure):
+    """DNS servers that fail (SERVFAIL) or don't answer (timeout) are a transient failure: the message waits
+    in Retry with a 4.4.3 error, no NDR, and goes out once DNS works again."""
+    dns_server.add("remote.example", "MX", "10 mx1.remote.example.")
+    dns_server.add("mx1.remote.example", "A", "127.0.0.20")
+    setattr(dns_server, "fail" if failure == "servfail" else "silent", True)
+    peer = SmtpPeer("127.0.0.20", peer_port)
+    try:
+        submit(org, "sender@domain.com", ["kate@remote.example"], b"Subject: dns down\r\n\r\nx\r\n")
+        queue = wait_for(lambda: retrying(home, "remote.example"), timeout=60, message="the queue in Retry")
+        assert "4.4.3" in queue["LastError"] and "DNS" in queue["LastError"], queue
+        assert queue["MessageCount"] == "1" and not peer.received and not ndrs(home)
+        dns_server.fail = dns_server.silent = False
+        got = wait_for(lambda: peer.received, timeout=60, message="delivery once DNS answers")[0]
+        assert got.rcpt_tos == ["kate@remote.example"]
+        assert not ndrs(home)
+        assert tracking_events(home, "-Recipients kate@remote.example", until=["RECEIVE", "SEND"])[-1] == "SEND"
+    finally:
+        peer.stop()
+
+
+def test_a_next_hop_that_hangs_is_given_up_after_the_inactivity_timeout_and_holds_up_no_other(
+        home, org, dns_server, peer_port):
+    """A next hop that accepts the connection and never answers: the attempt ends after the send connector's
+    ConnectionInactivityTimeOut and the message waits in Retry, while mail for other next hops flows; when
+    the host answers again, the message is delivered."""
+    from peers import StallingPeer
+
+    dns_server.add("slow.example", "MX", "10 mx.slow.example.")
+    dns_server.add("mx.slow.example", "A", "127.0.0.21")
+    dns_server.add("fast.example", "MX", "10 mx.fast.example.")
+    dns_server.add("mx.fast.example", "A", "127.0.0.20")
+    assert shell(home, "Set-SendConnector Outbound -ConnectionInactivityTimeOut 00:00:02").ok
+    synced(home)
+    stalling = StallingPeer("127.0.0.21", peer_port)
+    fast = SmtpPeer("127.0.0.20", peer_port)
+    slow = None
+    try:
+        submit(org, "sender@domain.com", ["kate@slow.example"], b"Subject: to the slow one\r\n\r\nx\r\n")
+        wait_for(lambda: stalling.connections, message="a connection to the hung host")
+        submit(org, "sender@domain.com", ["joe@fast.example"], b"Subject: to the fast one\r\n\r\nx\r\n")
+        assert wait_for(lambda: fast.received, timeout=10, message="the other next hop served meanwhile")[0] \
+            .rcpt_tos == ["joe@fast.example"]
+        queue = wait_for(lambda: retrying(home, "slow.example"), timeout=30, message="the hung next hop's queue in Retry")
+        assert queue["MessageCount"] == "1" and "LED=4" in queue["LastError"], queue     # transient: no NDR
+        assert "timed out" in queue["LastError"] and "mx.slow.example" in queue["LastError"], queue
+        stalling.stop()
+        slow = SmtpPeer("127.0.0.21", peer_port)
+        got = wait_for(lambda: slow.received, timeout=60, message="delivery once the host answers")[0]
+        assert got.rcpt_tos == ["kate@slow.example"] and not ndrs(home)
+    finally:
+        stalling.stop()
+        fast.stop()
+        if slow:
+            slow.stop()
+
+
+def test_error_policies_downgrade_dns_failures_keeps_mail_for_a_domain_dns_does_not_know(home, org, dns_server,
+                                                                                          peer_port):
+    """A nonexistent domain is an NDR by default; with -ErrorPolicies DowngradeDnsFailures the connector
+    treats every DNS error as transient, and the message goes out once the domain resolves."""
+    peer = SmtpPeer("127.0.0.20", peer_port)
+    try:
+        submit(org, "sender@domain.com", ["a@unknown.example"], b"Subject: default policy\r\n\r\nx\r\n")
+        ndr = wait_for(lambda: ndrs(home), message="the NDR for a nonexistent domain")[0]
+        assert "5.4.4" in str(ndr.get_payload()[1])
+        assert shell(home, "Set-SendConnector Outbound -ErrorPolicies DowngradeDnsFailures").ok
+        synced(home)
+        submit(org, "sender@domain.com", ["b@later.example"], b"Subject: downgraded\r\n\r\nx\r\n")
+        queue = wait_for(lambda: retrying(home, "later.example"), timeout=30, message="the queue in Retry")
+        assert "5.4.4" in queue["LastError"] and queue["MessageCount"] == "1"
+        time.sleep(2)                                            # retried meanwhile (1 s interval): no NDR
+        assert len(ndrs(home)) == 1 and not peer.received
+        dns_server.add("later.example", "A", "127.0.0.20")
+        assert wait_for(lambda: peer.received, timeout=30)[0].rcpt_tos == ["b@later.example"]
+        assert len(ndrs(home)) == 1
+    finally:
+        peer.stop()

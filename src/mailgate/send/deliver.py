@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mailgate.config.model import SendConnector
-from mailgate.config.values import SmartHostAuthMechanism
+from mailgate.config.values import ErrorPolicies, SmartHostAuthMechanism
 from mailgate.routing import dns as D
 from mailgate.send import maildir
 from mailgate.send.smtp import (
@@ -147,7 +147,10 @@ class Delivery:
         try:
             hosts = await self.hosts_for(manager, q, connector)
         except D.DnsFailure as failure:
-            if failure.permanent:
+            # ErrorPolicies DowngradeDnsFailures: every DNS error is transient (a nonexistent domain too), for a
+            # connector whose next hop is expected to be there (a cloud filter, a partner).
+            downgraded = connector is not None and connector.error_policies == ErrorPolicies.DowngradeDnsFailures
+            if failure.permanent and not downgraded:
                 self._fail_window(manager, q, failure.reply)
             else:
                 manager.connection_failed(q, failure.reply)
