@@ -84,8 +84,9 @@ def cli(home: Home | Path | None, *args: str, stdin: str | None = None, timeout:
 class Server:
     """`mailgate serve` in a child process."""
 
-    def __init__(self, home: Home, *, admin: bool = False) -> None:
+    def __init__(self, home: Home, *, admin: bool = False, preexec: Any = None) -> None:
         self.home = home
+        self.preexec = preexec   # run in the child before mailgate starts (e.g. to lower a resource limit)
         self.admin_port = free_port() if admin else None
         self.proc: subprocess.Popen[str] | None = None
         self.log = home.path / "serve.log"
@@ -96,7 +97,8 @@ class Server:
         self._fh = open(self.log, "a")
         self.proc = subprocess.Popen([PYTHON, "-m", "mailgate.cli", "--home", str(self.home.path), "serve",
                                       "--admin-listen", admin], stdout=self._fh, stderr=subprocess.STDOUT, text=True,
-                                     cwd=ROOT, env={**os.environ, "MAILGATE_LOG_LEVEL": "WARNING"})
+                                     cwd=ROOT, env={**os.environ, "MAILGATE_LOG_LEVEL": "WARNING"},
+                                     preexec_fn=self.preexec)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

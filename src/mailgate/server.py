@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -369,6 +370,7 @@ class TransportService:
 
 _DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 WORKER_ID_BASE = 1_000_000_000_000   # worker n numbers its messages from n × this
+LOW_OPEN_FILES = 8192                 # below this, a warning at start (raise_open_files_limit)
 
 
 def worker_count(home: Home, requested: int | None) -> int:
@@ -384,6 +386,21 @@ def worker_count(home: Home, requested: int | None) -> int:
     if not 1 <= count <= 64:
         raise UserError("workers must be between 1 and 64")
     return count
+
+
+def raise_open_files_limit() -> int:
+    """Each SMTP session holds a socket: the soft limit on open files (often 1,024, from systemd or a login
+    shell) would cap a process far below MaxInboundConnection (5,000 by default). Raise it to the hard
+    limit, as nginx's worker_rlimit_nofile does; worker processes inherit it. Returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def run_event_loop(main: Any) -> None:
@@ -405,6 +422,12 @@ def run_server(home: Home, admin_listen: str | None = None, workers: int | None 
 
     try:
         count = worker_count(home, workers)
+        if worker_index is None:
+            limit = raise_open_files_limit()
+            if limit < LOW_OPEN_FILES:
+                announce(f"Warning: this process may open only {limit} files, so each worker holds at most about "
+                         f"{max(limit - 64, 0)} SMTP sessions; raise the limit (ulimit -n, LimitNOFILE=) to "
+                         f"{LOW_OPEN_FILES} or more for Exchange's MaxInboundConnection of 5000.")
         if worker_index is None and count > 1:
             from mailgate.supervisor import Supervisor
 

@@ -449,3 +449,35 @@ def test_local_hops_are_counted_against_max_local_hop_count(home, server):
     synced(home)
     with smtp(server.ports["frontend"]) as c:
         assert c.sendmail("a@remote.example", ["admin@domain.com"], message(9, "ex01.domain.com")) == {}
+
+
+def test_a_low_open_files_limit_is_raised_so_sessions_are_not_capped_by_it(home, ports):
+    """Started with a soft limit of 256 open files (a login shell's or systemd's default is 1,024), the server
+    raises it to the hard limit: 600 sessions from 30 addresses are all greeted."""
+    import resource
+
+    from helpers import Server
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard limit on open files here is {hard}")
+    server = Server(home, preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))).start()
+    sockets = []
+    try:
+        for pid in [server.proc.pid] + [int(p) for p in subprocess.run(
+                ["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout.split()]:
+            limits = open(f"/proc/{pid}/limits").read()
+            line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+            assert int(line.split()[3]) > 256, line
+        for i in range(600):
+            sockets.append(socket.create_connection(("127.0.0.1", ports["frontend"]), timeout=10,
+                                                    source_address=(f"127.0.2.{1 + i // 20}", 0)))
+        greeted = 0
+        for s in sockets:
+            s.settimeout(10)
+            greeted += s.recv(4).startswith(b"220")
+        assert greeted == 600
+    finally:
+        for s in sockets:
+            s.close()
+        server.stop()
