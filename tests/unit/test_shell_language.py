@@ -272,3 +272,36 @@ def test_get_member_lists_properties():
     assert ok, err
     assert out.split() == ["Alpha=int", "Alpha", "{get;set;}", "Beta=string", "Beta", "{get;set;}", "Gamma=bool",
                            "Gamma", "{get;set;}", "Beta"]
+
+
+def test_convert_to_json_writes_records_with_powershell_depth_and_array_rules(tmp_path):
+    import json
+
+    from helpers import make_home, shell
+
+    home = make_home(tmp_path / "home")
+    r = shell(home, "Get-AcceptedDomain | Select-Object Name,DomainType,Default | ConvertTo-Json", runtime=None)
+    assert r.ok, r.err
+    assert json.loads(r.out) == {"Name": "domain.com", "DomainType": "Authoritative", "Default": True}
+    r = shell(home, "Get-ReceiveConnector | Select-Object Name,Bindings | ConvertTo-Json -Compress", runtime=None)
+    connectors = json.loads(r.out)
+    assert isinstance(connectors, list) and len(connectors) == 2 and "\n" not in r.out.strip()
+    assert {"[::]:25", "0.0.0.0:25"} == set(next(c for c in connectors if c["Name"].startswith("Default"))["Bindings"])
+    r = shell(home, "@{a=@{b=@{c=1}}} | ConvertTo-Json -Depth 1 -Compress; 'x' | ConvertTo-Json -AsArray -Compress",
+              runtime=None)
+    assert r.out.split() == ['{"a":{"b":"System.Collections.Hashtable"}}', '["x"]']
+    r = shell(home, "1 | ConvertTo-Json -Depth 101", runtime=None)
+    assert not r.ok and "Depth" in r.err
+
+
+def test_exchange_2010_names_of_the_transport_service_cmdlets_still_run_with_a_warning(tmp_path):
+    from helpers import make_home, shell
+
+    home = make_home(tmp_path / "home")
+    r = shell(home, "Set-TransportServer EX01 -MessageRetryInterval 00:02:00; Get-TransportServer | fl Name,MessageRetryInterval",
+              runtime=None)
+    assert r.ok, r.err
+    assert "MessageRetryInterval : 00:02:00" in r.out
+    assert "The Get-TransportServer cmdlet will be removed in a future version of Exchange. Use the " \
+           "Get-TransportService cmdlet instead." in r.err + r.out
+    assert "Set-TransportServer cmdlet will be removed" in r.err + r.out

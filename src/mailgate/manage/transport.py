@@ -3,7 +3,7 @@ and Add/Get/Remove-ADPermission on receive connectors."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from mailgate.config.model import ADPermissionEntry, Mailbox, TransportConfig, TransportServer
 from mailgate.config.values import PermissionGroups, is_domain, normalise_domain
@@ -109,6 +109,22 @@ def set_transport_service(ctx: ManagementContext, args: dict[str, Any]) -> list[
             return []
         tx.put(updated)
     return []
+
+
+def _deprecated(old: str, new: str, handler: Callable[[ManagementContext, dict[str, Any]], list[Any]]) -> Any:
+    """Exchange 2010's name of a cmdlet, which Exchange 2013 and later still run with a warning."""
+    def run(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+        ctx.warn(f"The {old} cmdlet will be removed in a future version of Exchange. Use the {new} cmdlet instead.")
+        return handler(ctx, args)
+    return run
+
+
+cmdlet("Get-TransportServer", [Param("Identity", position=0, from_pipeline=True)],
+       synopsis="Exchange 2010's name of Get-TransportService (deprecated).", default_view="TransportServer")(
+    _deprecated("Get-TransportServer", "Get-TransportService", get_transport_service))
+cmdlet("Set-TransportServer", [Param("Identity", position=0, from_pipeline=True), *_SERVICE_PARAMS, *_DNS_PARAMS],
+       synopsis="Exchange 2010's name of Set-TransportService (deprecated).", mutates=True)(
+    _deprecated("Set-TransportServer", "Set-TransportService", set_transport_service))
 
 
 # ---------------------------------------------------------------------------

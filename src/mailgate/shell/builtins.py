@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import json
 import shutil
 import sys
 import time
@@ -17,7 +18,7 @@ from mailgate.errors import UserError
 from mailgate.manage.cmdlets import Param, cmdlet, registry
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.params import as_list, to_int, to_str
-from mailgate.manage.present import Record
+from mailgate.manage.present import Record, to_json
 from mailgate.manage.psvalues import comparable, compare, to_text, truthy, wildcard_match
 from mailgate.shell import format as fmt
 from mailgate.shell.evaluator import ScriptBlock
@@ -427,6 +428,44 @@ def export_csv(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     with open(args["Path"], "w", encoding="utf-8", newline="") as fh:
         fh.write(buf.getvalue())
     return []
+
+
+def _json_value(value: Any, depth: int) -> Any:
+    """``to_json`` cut at ``depth`` levels of objects, below which an object is its text (PowerShell's -Depth)."""
+    if isinstance(value, (Record, dict)):
+        if depth < 0:   # a record as its identity; a hashtable as its type name, as PowerShell writes them
+            return str(value) if isinstance(value, Record) else "System.Collections.Hashtable"
+        return {str(k): _json_value(v, depth - 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        if depth < 0:
+            return to_text(value)
+        return [_json_value(v, depth - 1) for v in value]
+    return to_json(value)
+
+
+def _json_depth(value: Any) -> int:
+    depth = to_int(value)
+    if not 0 <= depth <= 100:
+        raise ValueError(f"The {depth} argument is less than the minimum allowed range of 0 or greater than the "
+                         "maximum allowed range of 100")
+    return depth
+
+
+@cmdlet("ConvertTo-Json", [Param("Depth", convert=_json_depth),
+                           Param("Compress", switch=True), Param("AsArray", switch=True), _INPUT],
+        synopsis="Convert objects to JSON text.", builtin=True,
+        examples=["Get-ReceiveConnector | Select-Object Name,Bindings,RemoteIPRanges | ConvertTo-Json",
+                  "Get-Queue | ConvertTo-Json -Compress"])
+def convert_to_json(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """One JSON text for all the piped objects: an object for one (unless -AsArray), an array for several.
+    Objects nested deeper than -Depth (default 2) are written as their text, as PowerShell does."""
+    items = _inputs(args)
+    depth = args.get("Depth")
+    values = [_json_value(item, 2 if depth is None else depth) for item in items]
+    data: Any = values[0] if len(values) == 1 and not args.get("AsArray") else values
+    if args.get("Compress"):
+        return [json.dumps(data, separators=(",", ":"), ensure_ascii=False)]
+    return [json.dumps(data, indent=2, ensure_ascii=False)]
 
 
 @cmdlet("Start-Sleep", [Param("Seconds", position=0, convert=lambda v: float(to_str(v))),
