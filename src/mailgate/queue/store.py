@@ -379,10 +379,10 @@ class QueueStore:
     def _segment_path(self, seg: int) -> Path:
         return self.segment_dir / f"{seg:08d}.seg"
 
-    def _open_new_segment(self) -> None:
+    def _open_new_segment(self, sync: bool = True) -> None:
         if self._segment_fd >= 0:
-            # Sync before closing: bodies appended since the writer's last sync must not be lost.
-            os.fdatasync(self._segment_fd)
+            if sync:   # bodies appended since the writer's last sync must not be lost
+                os.fdatasync(self._segment_fd)
             os.close(self._segment_fd)
         self._segment_no += 1
         self._segment_fd = os.open(self._segment_path(self._segment_no), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -408,8 +408,10 @@ class QueueStore:
 
     def _drop_references(self, segments: Iterable[int]) -> None:
         """Bodies in these segments are no longer needed (delivered, or their message never committed).
-        A segment nothing refers to any more is deleted; the active one is emptied and used again from its
-        start, so a queue that mail filled gives its disk back as it drains."""
+        A segment nothing refers to any more is deleted — the active one too, once it holds anything, after
+        opening the next — so a queue that mail filled gives its disk back as it drains. (Never emptied and
+        reused in place: the delete of a delivered message is not synced, and a row that a power loss brought
+        back must find its segment gone, and be dropped at start-up, not point into other messages' bodies.)"""
         with self._lock:
             for seg in segments:
                 left = self._live.get(seg, 0) - 1
@@ -418,9 +420,9 @@ class QueueStore:
                     continue
                 self._live.pop(seg, None)
                 if seg == self._segment_no:
-                    os.ftruncate(self._segment_fd, 0)
-                    self._segment_size = 0
-                    continue
+                    if not self._segment_size:
+                        continue
+                    self._open_new_segment(sync=False)
                 fd = self._read_fds.pop(seg, None)
                 if fd is not None:
                     os.close(fd)
