@@ -147,3 +147,32 @@ def test_a_disk_another_program_filled_still_lets_the_queue_deliver_and_record_i
         server.stop()
         if peer:
             peer.stop()
+
+
+def test_at_medium_only_senders_of_the_authoritative_domains_get_through(home, ports):
+    """Medium back pressure (here: High set 2 points above what the disk has in use now) refuses mail from
+    outside senders at MAIL FROM and still takes mail from the organisation's own, authenticated, users."""
+    import ssl
+
+    used = round(100 * (1 - shutil.disk_usage(home.path).free / shutil.disk_usage(home.path).total))
+    if not 10 <= used <= 95:
+        pytest.skip(f"the disk here is {used}% used")
+    config = home.path / "mailgate.toml"
+    config.write_text(config.read_text().replace("queue_disk_high_percent = 0", f"queue_disk_high_percent = {used + 2}"))
+    r = shell(home, 'New-Mailbox -Name Kate -PrimarySmtpAddress kate@domain.com '
+                    '-Password (ConvertTo-SecureString "Corr3ct-Horse" -AsPlainText -Force)', runtime=None)
+    assert r.ok, r.err
+    server = Server(home).start()
+    try:
+        assert pressure(home)["level"] == "Medium"
+        with smtplib.SMTP("127.0.0.1", ports["frontend"], timeout=30) as c:
+            c.ehlo("outside.example")
+            code, reply = c.mail("someone@outside.example")
+            assert (code, reply) == (452, b"4.3.1 Insufficient system resources")
+        with smtplib.SMTP("127.0.0.1", ports["client"], timeout=30) as c:
+            c.starttls(context=ssl._create_unverified_context())
+            c.login("kate@domain.com", "Corr3ct-Horse")
+            assert c.sendmail("kate@domain.com", ["friend@remote.example"], b"Subject: out\r\n\r\nhi\r\n") == {}
+        assert "kate@domain.com" in shell(home, "Get-Message | fl FromAddress").out
+    finally:
+        server.stop()
