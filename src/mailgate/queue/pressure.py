@@ -1,6 +1,7 @@
 """Back pressure on the queue's disk, as Exchange's transport applies it (its DatabaseUsedSpace resource).
 
-The share of the queue's file system in use is sampled every second and put in one of three levels:
+The share of the queue's file system in use is sampled every second (and at a MAIL FROM when the last
+sample is older than 0.1 s) and put in one of three levels:
 
     Normal   mail is accepted
     Medium   only mail from senders in the organisation's authoritative domains is accepted
@@ -14,8 +15,9 @@ threshold does not flap. A write that fails with ENOSPC puts the level at High a
 Refusing at MAIL, before the body is sent, keeps room for what the queue itself must still write — the
 rows that record deliveries, the WAL, the tracking log — so it can drain a disk that mail filled. In case
 the disk fills anyway (a burst between two samples, another program), each queue keeps a reserve file of
-up to 16 MB (2 % of the disk at most): a write failing for want of space deletes it, which gives the queue
-the room to record its deliveries and so free its segments; it is made again when the level is Normal.
+up to 16 MB (2 % of the disk at most): when less than that is free, or a write fails for want of space,
+it is deleted, which gives the queue the room to record its deliveries and so free its segments; it is
+made again when the level is Normal.
 Settings: ``[back_pressure]`` in ``mailgate.toml`` (``home.BackPressureSettings``).
 """
 
