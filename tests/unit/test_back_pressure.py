@@ -77,6 +77,11 @@ def test_the_reserve_is_made_at_normal_and_given_up_when_the_disk_fills_or_a_wri
     assert bp.sample() == NORMAL and reserve.exists()
     bp.disk_full()                                           # ENOSPC from a write: High at once, reserve gone
     assert bp.level == HIGH and not reserve.exists()
+    disk.set(10)
+    bp.sample()
+    assert reserve.exists()
+    disk.free = 1024 ** 2                                    # restarted on a disk filled meanwhile: the
+    assert DiskPressure(tmp_path, usage=disk).sample() == HIGH and not reserve.exists()   # old reserve goes
     (tmp_path / "big").mkdir()
     DiskPressure(tmp_path / "big", usage=FakeDisk(2000 * GB, 10)).sample()   # a large disk: the 16 MB cap
     assert (tmp_path / "big" / "space.reserve").stat().st_size == RESERVE_MAX_BYTES

@@ -88,6 +88,8 @@ class DiskPressure:
         self._sampled_at = 0.0
         if not enabled:
             self.reserve.unlink(missing_ok=True)
+        elif self.reserve.exists():   # left by the last run: it counts (and goes first if the disk is full)
+            self._reserve_bytes = self.reserve.stat().st_size
 
     def thresholds(self, total: int) -> tuple[int, int, int]:
         """(Normal, Medium, High) in percent used."""
