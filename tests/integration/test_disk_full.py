@@ -88,6 +88,8 @@ def test_mail_that_fills_the_queue_disk_is_refused_at_mail_from_and_the_queue_dr
         assert usage.free > 4 * 1024 ** 2, "back pressure came too late: the disk ran out"
         assert 40 <= len(acked) < 150
         assert pressure(home)["level"] in ("Medium", "High")     # Medium refuses outside senders too
+        report = shell(home, "Test-MailflowBestPractice | Where-Object Rule -eq BackPressure | fl Severity,Detail")
+        assert "is refused with 452 4.3.1" in report.out and "back pressure is" in report.out, report
         assert "No space left" not in server.output()
         peer = SmtpPeer(PEER, peer_port)                        # the next hop comes back: the queue drains
         wait_for(lambda: {m.message["X-Tag"] for m in peer.received} >= set(acked), timeout=90,
