@@ -83,6 +83,14 @@ def test_every_cmdlet_is_an_authenticated_documented_endpoint(admin_server):
     assert long_identity.status_code == 400 and "couldn't be found" in long_identity.json()["error"]
     assert call(srv, "Get-AcceptedDomain", Identity="a*" * 2000).json()["error"].startswith("The wildcard pattern is too long")
 
+    # Input a fuzzer (schemathesis) sent: several identities where one is taken is a binding error, not a
+    # server error; -Follow, which streams to a shell, is refused instead of holding a request open forever.
+    for cmdlet in ("Get-Queue", "Get-Message", "Export-Message", "Retry-Queue", "Get-ReceiveConnector"):
+        several = call(srv, cmdlet, Identity=[None, None])
+        assert several.status_code == 400 and several.json()["parameter"] == "Identity", (cmdlet, several.text)
+    follow = call(srv, "Get-MessageTrackingLog", Follow=True)
+    assert follow.status_code == 400 and follow.json()["parameter"] == "Follow"
+
     # -WhatIf through the API reports and changes nothing.
     whatif = call(srv, "Set-ReceiveConnector", Identity="Default Frontend EX01", Enabled=False, WhatIf=True).json()
     assert whatif["messages"] and whatif["messages"][0].startswith("What if:")

@@ -305,3 +305,15 @@ def test_exchange_2010_names_of_the_transport_service_cmdlets_still_run_with_a_w
     assert "The Get-TransportServer cmdlet will be removed in a future version of Exchange. Use the " \
            "Get-TransportService cmdlet instead." in r.err + r.out
     assert "Set-TransportServer cmdlet will be removed" in r.err + r.out
+
+
+def test_identity_takes_one_object_a_list_is_a_binding_error_and_a_pipeline_runs_once_per_object(tmp_path):
+    from helpers import make_home, shell
+
+    home = make_home(tmp_path / "home")
+    r = shell(home, 'Get-ReceiveConnector -Identity "Default Frontend EX01","Client Frontend EX01"', runtime=None)
+    assert not r.ok and "parameter 'Identity'" in r.err and "internal error" not in r.err
+    r = shell(home, 'Get-ReceiveConnector -Identity @("Default Frontend EX01") | ft Name', runtime=None)
+    assert r.ok and "Default Frontend EX01" in r.out
+    r = shell(home, '"Default Frontend EX01","Client Frontend EX01" | Get-ReceiveConnector | ft Name', runtime=None)
+    assert r.ok and "Default Frontend EX01" in r.out and "Client Frontend EX01" in r.out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from mailgate.errors import InvalidValueError
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.params import as_list, to_datetime, to_int, to_int64, to_result_size, to_str
@@ -69,6 +70,9 @@ def query(ctx: ManagementContext, args: dict[str, Any], *, after_id: int | None 
                   "Get-MessageTrackingLog -Follow"])
 def get_message_tracking_log(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """Events of messages on this server (or -Server), oldest first; filters combine with AND, -Recipients with OR."""
+    if args.get("Follow") and ctx.shell is None:   # nothing to stream to: the request would never end
+        raise InvalidValueError("-Follow streams events to the management shell; over the REST API, ask again "
+                                "with -Start set to the time of the last event you have.", parameter="Follow")
     limit = args.get("ResultSize", 1000)
     rows = query(ctx, args, limit=limit)
     records = [tracking_record(r) for r in rows]

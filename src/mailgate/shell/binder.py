@@ -83,7 +83,7 @@ def convert(cmdlet: Cmdlet, bound: dict[str, Any]) -> dict[str, Any]:
     for name, value in bound.items():
         param = cmdlet.param(name)
         if param.switch or param.raw or param.from_pipeline and not _has_converter(param):
-            out[name] = value
+            out[name] = _one_identity(value) if param.name == "Identity" else value
             continue
         try:
             out[name] = param.convert(value)
@@ -97,6 +97,19 @@ def convert(cmdlet: Cmdlet, bound: dict[str, Any]) -> dict[str, Any]:
         raise ParameterError("Cannot process command because of one or more missing mandatory parameters: "
                              f"{' '.join(missing)}.", parameter=missing[0])
     return out
+
+
+def _one_identity(value: Any) -> Any:
+    """Exchange's -Identity takes one object (an IdParameter): a one-element list is that element, more or
+    fewer is a binding error, not a list the cmdlet has to cope with."""
+    if not isinstance(value, list):
+        return value
+    if len(value) == 1 and not isinstance(value[0], list):
+        return value[0]
+    raise InvalidValueError("Cannot process argument transformation on parameter 'Identity'. Cannot convert the "
+                            '"System.Object[]" value of type "System.Object[]" to the single identity the parameter '
+                            "takes; run the command once per object (for example through a pipeline).",
+                            parameter="Identity")
 
 
 def _has_converter(param: Param) -> bool:
