@@ -9,12 +9,14 @@ step with the organisation's configuration, and stops them gracefully.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
 import logging
 import os
 import resource
 import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -388,6 +390,29 @@ def worker_count(home: Home, requested: int | None) -> int:
     return count
 
 
+_serve_lock: int | None = None   # the open lock file, held while this process serves
+
+
+def hold_serve_lock(home: Home) -> None:
+    """One server per data directory: two would write the same queue files (and SO_REUSEPORT would let the
+    second bind the same ports without a word). The lock is the kernel's, so it goes with the process, even
+    killed with -9; the worker processes a supervisor starts don't take it."""
+    global _serve_lock
+    home.run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(home.run_dir / "serve.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            pid = f" (pid {int(home.pid_file.read_text().split()[0])})"
+        except (OSError, ValueError, IndexError):
+            pid = ""
+        raise UserError(f"mailgate {home.server} is already running from {home.path}{pid}. Stop it first "
+                        "(SIGTERM), or give this server its own data directory.") from None
+    _serve_lock = fd
+
+
 def raise_open_files_limit() -> int:
     """Each SMTP session holds a socket: the soft limit on open files (often 1,024, from systemd or a login
     shell) would cap a process far below MaxInboundConnection (5,000 by default). Raise it to the hard
@@ -423,6 +448,7 @@ def run_server(home: Home, admin_listen: str | None = None, workers: int | None 
     try:
         count = worker_count(home, workers)
         if worker_index is None:
+            hold_serve_lock(home)
             limit = raise_open_files_limit()
             if limit < LOW_OPEN_FILES:
                 announce(f"Warning: this process may open only {limit} files, so each worker holds at most about "
@@ -439,4 +465,23 @@ def run_server(home: Home, admin_listen: str | None = None, workers: int | None 
     except UserError as exc:
         print(f"mailgate: {exc.message}", file=sys.stderr)
         return 2
+    _leave_stuck_threads()
     return 0
+
+
+def _leave_stuck_threads(wait: float = 5.0) -> None:
+    """The server has stopped and its stores are closed. A thread still running (an admin API request that
+    runs a long cmdlet) would keep the process from exiting — Python waits for such threads — so after a
+    short wait the process leaves without it."""
+    deadline = time.monotonic() + wait
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon
+             and t.is_alive()]
+    if stuck:
+        log.warning("exiting with %d thread(s) still busy: %s", len(stuck), ", ".join(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

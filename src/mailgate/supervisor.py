@@ -30,6 +30,7 @@ from mailgate.queue.pressure import LEVELS
 from mailgate.receive.limits import SharedCounter
 
 log = logging.getLogger("mailgate.supervisor")
+WORKER_STOP_SECONDS = 60   # a worker drains for 10 s; past this it is killed
 PR_SET_PDEATHSIG = 1
 
 
@@ -101,7 +102,14 @@ class Supervisor:
         for proc in self.procs.values():
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
-        await asyncio.gather(*(p.wait() for p in self.procs.values()))
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in self.procs.values())), WORKER_STOP_SECONDS)
+        except asyncio.TimeoutError:   # a worker that doesn't stop must not keep the server (and its lock)
+            for index, proc in self.procs.items():
+                if proc.returncode is None:
+                    self.announce(f"Worker {index} didn't stop within {WORKER_STOP_SECONDS} s; killing it.")
+                    proc.kill()
+            await asyncio.gather(*(p.wait() for p in self.procs.values()))
         await control.stop()
         try:
             self.home.pid_file.unlink()

@@ -91,3 +91,36 @@ def test_connection_limits_hold_across_workers(home, ports):
     finally:
         stop(proc)
     assert cli(home, "shell", "-c", "Get-ReceiveConnector").returncode == 0
+
+
+def test_a_second_serve_on_the_same_data_directory_is_refused_and_the_first_goes_on(home, ports):
+    """Two servers on one data directory would write the same queue files, and SO_REUSEPORT would let the
+    second bind the same ports silently: the second `serve` stops at once with the reason."""
+    from helpers import Server
+
+    first = Server(home).start()
+    try:
+        second = cli(home, "serve", "--admin-listen", "off", timeout=60)
+        assert second.returncode == 2
+        assert "already running" in second.stderr and str(first.proc.pid) in second.stderr, second.stderr
+        with smtplib.SMTP("127.0.0.1", ports["frontend"], timeout=10) as c:
+            assert c.ehlo()[0] == 250
+    finally:
+        first.stop()
+    again = Server(home).start()   # once stopped, the directory is free again (also after kill -9)
+    again.kill()
+    Server(home).start().stop()
+
+
+def test_a_stopped_worker_exits_even_if_a_request_thread_is_still_busy():
+    """A thread still running when the server has stopped (an admin API request running a long cmdlet)
+    does not keep the process alive: it leaves after a short wait, saying which thread was busy."""
+    code = ("import threading, time\n"
+            "from mailgate.server import _leave_stuck_threads\n"
+            "threading.Thread(target=time.sleep, args=(3600,), name='busy-request').start()\n"
+            "_leave_stuck_threads(wait=0.5)\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 0 and time.monotonic() - started < 30
+    assert "busy-request" in done.stderr
