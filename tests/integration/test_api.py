@@ -88,6 +88,8 @@ def test_every_cmdlet_is_an_authenticated_documented_endpoint(admin_server):
     for cmdlet in ("Get-Queue", "Get-Message", "Export-Message", "Retry-Queue", "Get-ReceiveConnector"):
         several = call(srv, cmdlet, Identity=[None, None])
         assert several.status_code == 400 and several.json()["parameter"] == "Identity", (cmdlet, several.text)
+    missing = call(srv, "Export-Message", Identity=[None])
+    assert missing.status_code == 400 and missing.json()["parameter"] == "Identity", missing.text
     follow = call(srv, "Get-MessageTrackingLog", Follow=True)
     assert follow.status_code == 400 and follow.json()["parameter"] == "Follow"
 

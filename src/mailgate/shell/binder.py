@@ -83,7 +83,11 @@ def convert(cmdlet: Cmdlet, bound: dict[str, Any]) -> dict[str, Any]:
     for name, value in bound.items():
         param = cmdlet.param(name)
         if param.switch or param.raw or param.from_pipeline and not _has_converter(param):
-            out[name] = _one_identity(value) if param.name == "Identity" else value
+            if param.name == "Identity":
+                value = _one_identity(value)
+                if value is None:   # as if not given: a mandatory identity is then reported missing
+                    continue
+            out[name] = value
             continue
         try:
             out[name] = param.convert(value)
