@@ -398,8 +398,12 @@ def hold_serve_lock(home: Home) -> None:
     second bind the same ports without a word). The lock is the kernel's, so it goes with the process, even
     killed with -9; the worker processes a supervisor starts don't take it."""
     global _serve_lock
-    home.run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(home.run_dir / "serve.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        home.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(home.run_dir / "serve.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise UserError(f"Can't use the data directory {home.path}: {exc.strerror} ({exc.filename}). Run mailgate "
+                        "as the user that owns it.") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
