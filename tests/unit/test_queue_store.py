@@ -171,9 +171,13 @@ def test_a_body_on_its_way_to_a_commit_keeps_its_segment_when_the_segment_is_rot
     assert store.read_body(row).startswith(b"Subject: waiting\r\n")
 
 
-def test_the_active_segment_gives_its_space_back_once_nothing_refers_to_it(store, tmp_path):
+def test_the_active_segment_gives_its_space_back_once_nothing_refers_to_it(store, tmp_path, monkeypatch):
     """On a disk that mail filled, the queue must be able to drain it: once every body in the active
-    segment has been delivered (or its message failed to commit), the segment's space is returned."""
+    segment has been delivered (or its message failed to commit), the segment's space is returned
+    (from RECLAIM_ACTIVE_BYTES up; a smaller one is kept for the next bodies rather than churn files)."""
+    import mailgate.queue.store as qs
+
+    monkeypatch.setattr(qs, "RECLAIM_ACTIVE_BYTES", 2 * INLINE_BYTES)
     refs = [store.append_body(segment_body(b"m%d" % i)) for i in range(3)]
     for i, ref in enumerate(refs):
         store.submit(message(ref, f"m{i}")).result(timeout=10)
@@ -184,14 +188,21 @@ def test_the_active_segment_gives_its_space_back_once_nothing_refers_to_it(store
     assert segment.stat().st_size >= 3 * INLINE_BYTES                # one body is still queued
     store.remove_messages(ids[2:]).result(timeout=10)
     assert not segment.exists()                                      # deleted, not reused in place
+    small = store.append_body(segment_body(b"small"))                # under RECLAIM_ACTIVE_BYTES: kept
+    store.submit(message(small, "small")).result(timeout=10)
+    store.remove_messages([store.reader().execute("SELECT id FROM message").fetchone()[0]]).result(timeout=10)
+    assert (tmp_path / "queue" / "segments" / f"{small.segment:08d}.seg").exists()
     again = store.append_body(segment_body(b"again"))               # bodies go on in the next segment
-    assert again.segment == refs[0].segment + 1 and again.offset == 0
+    assert again.segment == small.segment and again.offset == small.length
     store.submit(message(again, "again")).result(timeout=10)
     row = store.reader().execute("SELECT * FROM message WHERE subject='again'").fetchone()
     assert store.read_body(row).startswith(b"Subject: again\r\n")
 
 
-def test_a_body_whose_message_failed_to_commit_does_not_hold_its_segment(store, tmp_path):
+def test_a_body_whose_message_failed_to_commit_does_not_hold_its_segment(store, tmp_path, monkeypatch):
+    import mailgate.queue.store as qs
+
+    monkeypatch.setattr(qs, "RECLAIM_ACTIVE_BYTES", 1)
     with sqlite3.connect(tmp_path / "queue" / "queue.db") as db:
         db.execute("CREATE TRIGGER full BEFORE INSERT ON message WHEN NEW.subject='full' "
                    "BEGIN SELECT RAISE(ROLLBACK, 'database or disk is full'); END")
@@ -202,9 +213,12 @@ def test_a_body_whose_message_failed_to_commit_does_not_hold_its_segment(store, 
     assert not segment.exists()
 
 
-def test_a_delivered_message_that_a_power_loss_brings_back_never_points_at_another_body(tmp_path):
+def test_a_delivered_message_that_a_power_loss_brings_back_never_points_at_another_body(tmp_path, monkeypatch):
     """The delete of a delivered message is not synced: after a power loss its rows may come back while its
     segment is gone. They must be dropped at start-up — never read bytes that now belong to other mail."""
+    import mailgate.queue.store as qs
+
+    monkeypatch.setattr(qs, "RECLAIM_ACTIVE_BYTES", 1)
     directory = tmp_path / "queue"
     store = QueueStore(directory)
     store.open()

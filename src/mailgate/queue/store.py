@@ -46,6 +46,7 @@ from mailgate.queue.pressure import is_disk_full
 log = logging.getLogger("mailgate.queue")
 
 SEGMENT_BYTES = 64 * 1024 * 1024
+RECLAIM_ACTIVE_BYTES = 4 * 1024 * 1024   # an unused active segment this large is deleted, the next one opened
 INLINE_BYTES = 16 * 1024
 SPILL_BYTES = 1024 * 1024
 CHECKPOINT_SECONDS = 0.5
@@ -408,8 +409,9 @@ class QueueStore:
 
     def _drop_references(self, segments: Iterable[int]) -> None:
         """Bodies in these segments are no longer needed (delivered, or their message never committed).
-        A segment nothing refers to any more is deleted — the active one too, once it holds anything, after
-        opening the next — so a queue that mail filled gives its disk back as it drains. (Never emptied and
+        A segment nothing refers to any more is deleted — the active one too, once it holds
+        RECLAIM_ACTIVE_BYTES, after opening the next — so a queue that mail filled gives its disk back as it
+        drains. (Never emptied and
         reused in place: the delete of a delivered message is not synced, and a row that a power loss brought
         back must find its segment gone, and be dropped at start-up, not point into other messages' bodies.)"""
         with self._lock:
@@ -420,7 +422,7 @@ class QueueStore:
                     continue
                 self._live.pop(seg, None)
                 if seg == self._segment_no:
-                    if not self._segment_size:
+                    if self._segment_size < RECLAIM_ACTIVE_BYTES:   # not worth a new file yet: keep appending
                         continue
                     self._open_new_segment(sync=False)
                 fd = self._read_fds.pop(seg, None)
