@@ -455,7 +455,7 @@ def test_error_policies_downgrade_dns_failures_keeps_mail_for_a_domain_dns_does_
         submit(org, "sender@domain.com", ["a@unknown.example"], b"Subject: default policy\r\n\r\nx\r\n")
         ndr = wait_for(lambda: ndrs(home), message="the NDR for a nonexistent domain")[0]
         assert "5.4.4" in str(ndr.get_payload()[1])
-        assert shell(home, "Set-SendConnector Outbound -ErrorPolicies DowngradeDnsFailures").ok
+        assert shell(home, "Set-SendConnector Outbound -ErrorPolicies DowngradeDnsFailures,DowngradeCustomFailures").ok
         synced(home)
         submit(org, "sender@domain.com", ["b@later.example"], b"Subject: downgraded\r\n\r\nx\r\n")
         queue = wait_for(lambda: retrying(home, "later.example"), timeout=30, message="the queue in Retry")

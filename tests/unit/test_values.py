@@ -124,3 +124,20 @@ def test_flags_print_in_exchange_order():
     with pytest.raises(ValueError, match="not a valid value"):
         AuthMechanism.parse("Kerberos")
     assert str(UnlimitedInt.parse("unlimited")) == "Unlimited" and UnlimitedInt.parse("20").exceeded_by(21)
+
+
+def test_error_policies_are_flags_several_at_once_and_none_is_default():
+    from mailgate.config.model import SendConnector
+    from mailgate.config.values import ErrorPolicies
+
+    both = ErrorPolicies.parse("DowngradeDnsFailures, UpgradeCustomFailures")
+    assert ErrorPolicies.DowngradeDnsFailures in both and str(both) == "DowngradeDnsFailures, UpgradeCustomFailures"
+    assert ErrorPolicies.parse(["DowngradeDnsFailures", "DowngradeCustomFailures"]) == 3
+    assert str(ErrorPolicies.parse("Default")) == "Default" and ErrorPolicies.parse("default") == 0
+    with pytest.raises(ValueError, match="valid values are: Default, DowngradeDnsFailures"):
+        ErrorPolicies.parse("Bogus")
+    # A connector stored before this was a flag (one name as text) loads, and saves as a list of names.
+    old = SendConnector.model_validate({"name": "X", "error_policies": "DowngradeDnsFailures"})
+    assert old.error_policies == ErrorPolicies.DowngradeDnsFailures
+    assert SendConnector.model_validate({"name": "Y", "error_policies": "Default"}).error_policies == 0
+    assert old.model_dump(mode="json")["error_policies"] == ["DowngradeDnsFailures"]

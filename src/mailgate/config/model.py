@@ -26,6 +26,7 @@ from mailgate.config.values import (
     ByteSizeField,
     DomainType,
     ErrorPolicies,
+    ErrorPoliciesField,
     ExchangeServices,
     ExchangeServicesField,
     IPBinding,
@@ -272,7 +273,7 @@ class SendConnector(ConfigObject):
     is_scoped_connector: bool = False
     protocol_logging_level: ProtocolLoggingLevel = ProtocolLoggingLevel.None_
     use_external_dns_servers_enabled: bool = Field(False, alias="UseExternalDNSServersEnabled")
-    error_policies: ErrorPolicies = ErrorPolicies.Default
+    error_policies: ErrorPoliciesField = ErrorPolicies(0)
     cloud_services_mail_enabled: bool = False
     connector_type: str = "Default"
     enabled: bool = True

@@ -454,31 +454,34 @@ def parse_smtp_address(value: Any) -> str:
 
 
 class ExchangeFlag(enum.IntFlag):
+    """An Exchange [Flags] value: names joined with commas, as a list or in one text; no flag is ``EMPTY``."""
+
+    @classmethod
+    def _empty_name(cls) -> str:
+        return "None"
+
     @classmethod
     def parse(cls, value: Any) -> "ExchangeFlag":
         if isinstance(value, cls):
             return value
         if isinstance(value, int) and not isinstance(value, bool):
             return cls(value)
-        items: list[Any]
-        if isinstance(value, (list, tuple)):
-            items = list(value)
-        else:
-            items = [part for part in str(value).split(",")]
+        items: list[Any] = []
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            items += [item] if isinstance(item, cls) else str(item).split(",")
         result = cls(0)
         names = {m.name.lower(): m for m in cls}  # type: ignore[union-attr]
+        empty = cls._empty_name()
         for item in items:
             if isinstance(item, cls):
                 result |= item
                 continue
             key = str(item).strip().lower()
-            if not key:
-                continue
-            if key == "none":
+            if not key or key in ("none", empty.lower()):
                 continue
             if key not in names:
                 valid = ", ".join(m.name for m in cls)  # type: ignore[misc]
-                raise ValueError(f'"{str(item).strip()}" is not a valid value; valid values are: None, {valid}')
+                raise ValueError(f'"{str(item).strip()}" is not a valid value; valid values are: {empty}, {valid}')
             result |= names[key]
         return result
 
@@ -486,8 +489,7 @@ class ExchangeFlag(enum.IntFlag):
         return [m.name for m in type(self) if m.value and m in self]  # type: ignore[misc]
 
     def __str__(self) -> str:
-        names = self.names()
-        return ", ".join(names) if names else "None"
+        return ", ".join(self.names()) or self._empty_name()
 
 
 class ExchangeEnum(str, enum.Enum):
@@ -575,11 +577,15 @@ class DomainType(ExchangeEnum):
     ExternalRelay = "ExternalRelay"
 
 
-class ErrorPolicies(ExchangeEnum):
-    Default = "Default"
-    DowngradeDnsFailures = "DowngradeDnsFailures"
-    DowngradeCustomFailures = "DowngradeCustomFailures"
-    UpgradeCustomFailures = "UpgradeCustomFailures"
+class ErrorPolicies(ExchangeFlag):
+    """A send connector's error policies (several, comma-separated); none is Default."""
+    DowngradeDnsFailures = 1
+    DowngradeCustomFailures = 2
+    UpgradeCustomFailures = 4
+
+    @classmethod
+    def _empty_name(cls) -> str:
+        return "Default"
 
 
 class MessageRateSource(ExchangeEnum):
@@ -623,3 +629,4 @@ class ExchangeServices(ExchangeFlag):
 AuthMechanismField = flag_field(AuthMechanism)
 PermissionGroupsField = flag_field(PermissionGroups)
 ExchangeServicesField = flag_field(ExchangeServices)
+ErrorPoliciesField = flag_field(ErrorPolicies)

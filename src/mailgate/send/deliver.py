@@ -149,7 +149,7 @@ class Delivery:
         except D.DnsFailure as failure:
             # ErrorPolicies DowngradeDnsFailures: every DNS error is transient (a nonexistent domain too), for a
             # connector whose next hop is expected to be there (a cloud filter, a partner).
-            downgraded = connector is not None and connector.error_policies == ErrorPolicies.DowngradeDnsFailures
+            downgraded = connector is not None and ErrorPolicies.DowngradeDnsFailures in connector.error_policies
             if failure.permanent and not downgraded:
                 self._fail_window(manager, q, failure.reply)
             else:
