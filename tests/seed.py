@@ -34,3 +34,10 @@ def commands(*numbers: int) -> str:
 def configuration_script() -> str:
     """The configuration commands of sections 1-3 (connectors and TLS)."""
     return commands(1, 2, 3)
+
+
+def command_containing(text: str) -> str:
+    """The one block of the document that contains ``text``, as written (continuation lines and all)."""
+    found = [block for blocks in sections().values() for block in blocks if text in block]
+    assert len(found) == 1, f"{len(found)} blocks of the document contain {text!r}"
+    return found[0].rstrip("\n")

@@ -317,3 +317,12 @@ def test_identity_takes_one_object_a_list_is_a_binding_error_and_a_pipeline_runs
     assert r.ok and "Default Frontend EX01" in r.out
     r = shell(home, '"Default Frontend EX01","Client Frontend EX01" | Get-ReceiveConnector | ft Name', runtime=None)
     assert r.ok and "Default Frontend EX01" in r.out and "Client Frontend EX01" in r.out
+
+
+def test_a_credential_lists_its_user_name_and_never_its_password():
+    ok, out, err = run('$c = New-Object System.Management.Automation.PSCredential("relay@contoso.com", '
+                       '(ConvertTo-SecureString "S3cret!" -AsPlainText -Force)); $c | fl; $c.UserName; $c')
+    assert ok, err
+    assert "UserName : relay@contoso.com" in out and "Password : System.Security.SecureString" in out, out
+    assert "\nrelay@contoso.com\n" in out and "System.Management.Automation.PSCredential" in out, out
+    assert "S3cret!" not in out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_pascal
@@ -241,6 +241,12 @@ class Credential(BaseModel):
 
     user_name: str
     encrypted_password: str
+
+    # seen in the shell as a PSCredential whose password stays write-only
+    property_names: ClassVar[tuple[str, ...]] = ("UserName", "Password")
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return {"username": self.user_name, "password": "System.Security.SecureString"}.get(name.lower(), default)
 
     def __str__(self) -> str:
         return "System.Management.Automation.PSCredential"

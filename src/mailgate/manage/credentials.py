@@ -31,6 +31,7 @@ class SecureString:
 
 class PSCredential:
     type_name = "System.Management.Automation.PSCredential"
+    property_names = ("UserName", "Password")
 
     def __init__(self, user_name: str, password: SecureString) -> None:
         if not user_name:

@@ -84,7 +84,7 @@ def properties_of(obj: Any) -> list[str]:
         return obj.keys()
     if isinstance(obj, dict):
         return [str(k) for k in obj]
-    return []
+    return list(getattr(obj, "property_names", ()))
 
 
 def get_property(obj: Any, name: str) -> Any:

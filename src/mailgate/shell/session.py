@@ -121,7 +121,8 @@ class Shell:
         return ok
 
     def interactive(self, history_file: Path) -> bool:
-        session: PromptSession[str] = PromptSession(history=FileHistory(str(history_file)), completer=CmdletCompleter(),
+        completer = CmdletCompleter()
+        session: PromptSession[str] = PromptSession(history=FileHistory(str(history_file)), completer=completer,
                                                     complete_while_typing=False)
         self.out.write("mailgate management shell. Get-Command lists cmdlets; Get-Help <cmdlet> explains one; "
                        "exit quits.\n")
@@ -131,11 +132,14 @@ class Shell:
             try:
                 text = session.prompt(prompt)
                 while is_incomplete(text):
+                    completer.earlier_lines = text
                     text += "\n" + session.prompt(">> ")
             except KeyboardInterrupt:
                 continue
             except EOFError:
                 break
+            finally:
+                completer.earlier_lines = ""
             if text.strip().lower() in ("exit", "quit"):
                 break
             if text.strip():
@@ -144,10 +148,15 @@ class Shell:
 
 
 class CmdletCompleter(Completer):
-    """Tab completion of cmdlet names and of the parameters of the cmdlet being typed."""
+    """Tab completion of cmdlet names and of the parameters of the cmdlet being typed, also on the
+    continuation lines of a command (``>>`` after a backtick or an open pipe)."""
+
+    def __init__(self) -> None:
+        self.earlier_lines = ""     # the lines of the command typed so far, before the one being edited
 
     def get_completions(self, document: Any, complete_event: Any) -> Iterable[Completion]:
-        text = document.text_before_cursor
+        line = document.text_before_cursor
+        text = f"{self.earlier_lines}\n{line}" if self.earlier_lines else line
         word = document.get_word_before_cursor(WORD=True)
         segment = text.rsplit("|", 1)[-1].lstrip()
         words = segment.split()
@@ -160,7 +169,7 @@ class CmdletCompleter(Completer):
                 if p.name.lower().startswith(word[1:].lower()):
                     yield Completion("-" + p.name, start_position=-len(word))
             return
-        if len(words) <= 1 and not text.endswith(" "):
+        if len(words) <= 1 and not line.endswith(" "):
             for c in registry.all():
                 if c.name.lower().startswith(word.lower()):
                     yield Completion(c.name, start_position=-len(word))
