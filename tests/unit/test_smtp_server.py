@@ -151,6 +151,10 @@ def test_sequence_errors():
     (b"FROB", b"500 5.3.3 Unrecognized command"),
     (b"EHLO", b"501 5.0.0 EHLO requires domain address"),
     (b"MAIL FROM:<\xc3\xa9@b.example>", b"553 5.6.7"),
+    (b"MAIL FROM:<a@b.example> ENVID=a+ZZb", b"501 5.5.4 Unrecognized parameter"),    # "+" is only "+HH"
+    (b"MAIL FROM:<a@b.example> ENVID=a+2b", b"501 5.5.4 Unrecognized parameter"),     # upper-case hex only
+    (b"MAIL FROM:<a@b.example> ENVID=a=b", b"501 5.5.4 Unrecognized parameter"),
+    (b"MAIL FROM:<a@b.example> ENVID=a+2Bb", b"250 2.1.0"),
 ])
 def test_malformed_commands(line, code):
     m = S.ServerProtocol()
@@ -158,6 +162,15 @@ def test_malformed_commands(line, code):
         drive(m, b"EHLO c\r\n")
     _, out, _ = drive(m, line + b"\r\n")
     assert out.startswith(code), out
+
+
+def test_xtext_parameters_are_decoded():
+    m = S.ServerProtocol()
+    events, out, _ = drive(m, b"EHLO c\r\nMAIL FROM:<a@b.example> ENVID=Q+2B1+3D2\r\n"
+                              b"RCPT TO:<x@y.example> ORCPT=rfc822;x+2Bt@y.example\r\n"
+                              b"RCPT TO:<z@y.example> ORCPT=rfc822;z+@y.example\r\n")
+    assert events[1].params.envid == "Q+1=2" and events[2].params.orcpt == "rfc822;x+t@y.example"
+    assert out.endswith(b"501 5.5.4 Unrecognized parameter\r\n"), out
 
 
 def test_smtputf8_addresses():

@@ -147,7 +147,8 @@ _XTEXT = re.compile(r"\+([0-9A-F]{2})")
 
 
 def xtext_decode(text: str) -> str:
-    if any(ord(c) < 33 or ord(c) > 126 or c == "=" for c in text):
+    """RFC 3461 xtext: printable ASCII but "=", and "+" only as "+HH" (two upper-case hex digits)."""
+    if any(ord(c) < 33 or ord(c) > 126 or c == "=" for c in text) or text.count("+") != len(_XTEXT.findall(text)):
         raise AddressError("invalid xtext")
     return _XTEXT.sub(lambda m: chr(int(m.group(1), 16)), text)
 
@@ -175,6 +176,13 @@ class RcptParams:
 
 class ParamError(ValueError):
     """An ESMTP parameter that is unknown, not enabled, or malformed."""
+
+
+def _xtext_param(key: str, value: str) -> str:
+    try:
+        return xtext_decode(value)
+    except AddressError:
+        raise ParamError(f"{key} is not valid xtext") from None
 
 
 def _split_params(text: str) -> list[tuple[str, str | None]]:
@@ -215,9 +223,9 @@ def parse_mail_params(text: str, *, eightbit: bool, binary: bool, smtputf8: bool
         elif key == "ENVID" and dsn:
             if value is None or len(value) > 100:
                 raise ParamError("ENVID needs an xtext value of at most 100 characters")
-            params.envid = xtext_decode(value)
+            params.envid = _xtext_param(key, value)
         elif key == "AUTH":
-            params.auth = xtext_decode(value or "<>")
+            params.auth = _xtext_param(key, value or "<>")
         else:
             raise ParamError(f"unrecognized parameter {key}")
     return params
@@ -240,7 +248,7 @@ def parse_rcpt_params(text: str, *, dsn: bool) -> RcptParams:
             if value is None or ";" not in value or len(value) > 500:
                 raise ParamError("ORCPT needs addr-type;xtext")
             addr_type, _, addr = value.partition(";")
-            params.orcpt = f"{addr_type};{xtext_decode(addr)}"
+            params.orcpt = f"{addr_type};{_xtext_param(key, addr)}"
         else:
             raise ParamError(f"unrecognized parameter {key}")
     return params
