@@ -7,7 +7,7 @@ import socket
 
 import pytest
 import seed
-from helpers import Server, cli, shell, synced, wait_for
+from helpers import Server, cli, maildir_messages, shell, synced, wait_for
 
 
 def findings(home, runtime=None) -> list[dict[str, str]]:
@@ -53,6 +53,8 @@ BREAKS = [
      'Set-ReceiveConnector "Default Frontend EX01" -ProtocolLoggingLevel None', "EX01\\Default Frontend EX01"),
     ("AmbiguousRoute", "Warning",
      'New-SendConnector A1 -AddressSpaces contoso.example\nNew-SendConnector B1 -AddressSpaces contoso.example', "B1"),
+    ("NoPostmaster", "Warning",
+     "New-AcceptedDomain Fabrikam -DomainName fabrikam.example -DomainType Authoritative", "Fabrikam"),
     ("CertificateExpiring", "Warning",
      None, None),
 ]
@@ -170,3 +172,29 @@ def test_connector_selection_agrees_with_the_live_server(home, server):
             replies = [f.readline() for _ in range(20)]
             rcpt = [r for r in replies if r[:3] in (b"250", b"550") and (b"2.1.5" in r or b"5.7.54" in r)][0]
             assert rcpt.startswith(b"250") == can_relay, (source, connector, rcpt)
+
+
+def test_postmaster_refused_until_the_printed_fix_then_delivered_to_its_mailbox(home, server):
+    """Exchange creates no postmaster; the rule's Fix gives the address to the system mailbox, and the running
+    server then takes mail for <postmaster> (RFC 5321 §4.5.1) and delivers it there."""
+    def rcpt_reply(path: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", server.ports["frontend"]), timeout=10) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"EHLO x\r\nMAIL FROM:<someone@remote.example>\r\nRCPT TO:" + path + b"\r\nQUIT\r\n")
+            replies = [f.readline() for _ in range(20)]
+            return [r for r in replies if b"2.1.5" in r or b"5.1.10" in r][0]
+
+    assert rcpt_reply(b"<postmaster>").startswith(b"550 5.1.10")
+    found = finding(home, "NoPostmaster", "domain.com")
+    assert found is not None and "postmaster@domain.com" in found["Fix"], findings(home)
+    assert shell(home, found["Fix"]).ok
+    synced(home)
+    assert finding(home, "NoPostmaster", "domain.com") is None
+    assert rcpt_reply(b"<Postmaster>").startswith(b"250 2.1.5")
+    import smtplib
+    with smtplib.SMTP("127.0.0.1", server.ports["frontend"], timeout=30) as c:
+        c.sendmail("someone@remote.example", ["postmaster@domain.com"], b"Subject: abuse report\r\n\r\nhello\r\n")
+    system = "SystemMailbox{EX01}@domain.com"
+    wait_for(lambda: maildir_messages(home, system), timeout=20, message="the report in the system mailbox")
+    assert b"Subject: abuse report" in maildir_messages(home, system)[0]

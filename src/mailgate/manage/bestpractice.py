@@ -14,7 +14,15 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from mailgate.config.model import Certificate, ReceiveConnector, SendConnector, TransportConfig, TransportServer
+from mailgate.config.model import (
+    AcceptedDomain,
+    Certificate,
+    Mailbox,
+    ReceiveConnector,
+    SendConnector,
+    TransportConfig,
+    TransportServer,
+)
 from mailgate.config.values import (
     AuthMechanism,
     ExchangeServices,
@@ -59,6 +67,8 @@ class Facts:
     runtime_status: dict[str, Any] | None
     queues: list[Record] | None
     retry_threshold: float
+    domains: list[AcceptedDomain]
+    mailboxes: list[Mailbox]
 
 
 def _q(text: str) -> str:
@@ -271,10 +281,26 @@ def rule_back_pressure(f: Facts) -> Iterator[Finding]:
                       "(or set [back_pressure] in mailgate.toml)")
 
 
+def rule_postmaster(f: Facts) -> Iterator[Finding]:
+    """RFC 5321 §4.5.1: a domain that receives mail accepts postmaster@domain. Exchange creates no such
+    recipient, so mail to it (and to the bare <postmaster>) is refused until one has the address."""
+    addresses = {a.split(":", 1)[-1].lower() for m in f.mailboxes for a in [m.primary_smtp_address, *m.email_addresses]}
+    system = next((m for m in f.mailboxes if m.recipient_type_details == "ArbitrationMailbox"), None)
+    for d in f.domains:
+        if d.domain_type.value != "Authoritative" or d.domain_name.startswith("*"):
+            continue
+        address = f"postmaster@{d.domain_name.lower()}"
+        if address not in addresses:
+            owner = _q(system.name) if system else "<mailbox>"
+            yield Finding("Warning", d.name, "NoPostmaster",
+                          f"No recipient has the address {address}, which RFC 5321 requires: mail to it is refused "
+                          "with 550 5.1.10.", f'Set-Mailbox {owner} -EmailAddresses @{{Add="{address}"}}')
+
+
 RULES: list[Callable[[Facts], Iterator[Finding]]] = [
     rule_anonymous_relay, rule_basic_auth_without_tls, rule_send_credentials_in_clear, rule_partner_security,
     rule_protocol_logging, rule_certificates, rule_overlapping_address_spaces, rule_bindings, rule_queues,
-    rule_back_pressure,
+    rule_back_pressure, rule_postmaster,
 ]
 
 
@@ -285,6 +311,8 @@ def facts(ctx: ManagementContext, retry_threshold: float = 3600.0) -> Facts:
         send = tx.list(SendConnector)
         certificates = tx.list(Certificate)
         org = ctx.transport_config(tx)
+        domains = tx.list(AcceptedDomain)
+        mailboxes = tx.list(Mailbox)
     status, queues = None, None
     if ctx.has_runtime():
         try:
@@ -292,7 +320,7 @@ def facts(ctx: ManagementContext, retry_threshold: float = 3600.0) -> Facts:
             queues = ctx.runtime.call("queues")
         except UserError:
             status, queues = None, None
-    return Facts(server, org, receive, send, certificates, status, queues, retry_threshold)
+    return Facts(server, org, receive, send, certificates, status, queues, retry_threshold, domains, mailboxes)
 
 
 def findings(f: Facts) -> list[Finding]:
