@@ -467,3 +467,33 @@ def test_error_policies_downgrade_dns_failures_keeps_mail_for_a_domain_dns_does_
         assert len(ndrs(home)) == 1
     finally:
         peer.stop()
+
+
+def test_organisation_headers_leave_only_over_internal_connectors(home, org, dns_server, peer_port):
+    """The outbound header firewall: X-MS-Exchange-Organization-* (and -Forest-*) go only to the organisation's
+    own servers — over an Internet connector they are removed from small, segment and spooled bodies alike,
+    over an Internal one they stay; the rest of the message is sent byte for byte."""
+    dns_server.add("remote.example", "MX", "10 mx1.remote.example.")
+    dns_server.add("mx1.remote.example", "A", "127.0.0.20")
+    internet, internal = SmtpPeer("127.0.0.20", peer_port), SmtpPeer("127.0.0.23", peer_port)
+    try:
+        assert shell(home, f"New-SendConnector ToBranch -Usage Internal -AddressSpaces branch.example "
+                           f"-SmartHosts 127.0.0.23 -Port {peer_port} -DNSRoutingEnabled $false").ok
+        synced(home)
+        forest = b"X-MS-Exchange-Forest-RulesExecuted: kept\r\n"   # trusted only from the organisation's servers
+        for n, size in enumerate((100, 100_000, 1_500_000)):       # in the row, in a segment, spooled to a file
+            text = b"".join(b"line %d X-MS-Exchange-Organization-AuthAs: in the body\r\n" % i for i in range(size // 48))
+            body = b"Subject: size %d\r\nX-Mailer: app\r\n\r\n" % n + text
+            submit(org, "sender@domain.com", ["kate@remote.example", "bo@branch.example"], forest + body)
+            out = wait_for(lambda: len(internet.received) > n and internet.received[n], message="the Internet copy")
+            kept = wait_for(lambda: len(internal.received) > n and internal.received[n], message="the Internal copy")
+            head, _, rest = out.data.partition(b"\r\n\r\n")
+            assert b"x-ms-exchange-" not in head.lower(), head
+            assert rest == text and b"X-Mailer: app" in head and b"X-Source: SMTP:EX01\\Relay" in head
+            kept_head = kept.data.partition(b"\r\n\r\n")[0]
+            assert b"X-MS-Exchange-Organization-AuthAs: Anonymous" in kept_head, kept_head
+            assert b"X-MS-Exchange-Organization-Network-Message-Id:" in kept_head
+            assert kept.data.endswith(text) and len(kept.data) > len(out.data)
+    finally:
+        internet.stop()
+        internal.stop()

@@ -277,3 +277,17 @@ def test_content_received_with_data_is_sent_on_unchanged_by_the_short_path(piece
         outputs.append(b"".join(s.feed(c) for c in chunks) + s.finish())
     assert outputs[0] == outputs[1]
     assert _received_body([outputs[1]]) == stored    # and the next hop stores what we stored
+
+
+def test_organisation_headers_are_removed_with_their_folded_lines_and_nothing_else():
+    from mailgate.receive.headers import without_organisation_headers
+    head = (b"Received: from a\r\n\tby b; Sat, 5 Dec 2026\r\n"
+            b"X-MS-Exchange-Organization-AuthAs: Anonymous\r\n"
+            b"x-ms-exchange-organization-network-message-id:\r\n\tabc\r\n"
+            b"X-MS-Exchange-Forest-RulesExecuted: r1\r\n"
+            b"X-MS-Exchange-Organizational: not an organisation header\r\n"
+            b"Subject: X-MS-Exchange-Organization-AuthAs: in a value\r\n\r\n")
+    assert without_organisation_headers(head) == (
+        b"Received: from a\r\n\tby b; Sat, 5 Dec 2026\r\n"
+        b"X-MS-Exchange-Organizational: not an organisation header\r\n"
+        b"Subject: X-MS-Exchange-Organization-AuthAs: in a value\r\n\r\n")

@@ -82,6 +82,17 @@ class HeaderBlock:
         return b"".join(raw for _, raw in self.fields)
 
 
+# Organisation and forest headers in a header block: a field and its folded lines (the outbound header firewall).
+_ORGANISATION_FIELDS = re.compile(rb"^x-ms-exchange-(?:organization|forest)-[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*",
+                                  re.IGNORECASE | re.MULTILINE)
+
+
+def without_organisation_headers(head: bytes) -> bytes:
+    """The header block ``head`` (CRLF line endings) without X-MS-Exchange-Organization-* and -Forest-* fields,
+    which Exchange sends only over connectors to its own servers (ms-Exch-Send-Headers-Organization/-Forest)."""
+    return _ORGANISATION_FIELDS.sub(b"", head)
+
+
 def message_id_of(block: HeaderBlock) -> str | None:
     value = block.get("Message-ID")
     if not value:

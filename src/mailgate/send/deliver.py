@@ -12,6 +12,8 @@ from typing import Any
 
 from mailgate.config.model import SendConnector
 from mailgate.config.values import ErrorPolicies, SmartHostAuthMechanism
+from mailgate.queue.store import StoredBody
+from mailgate.receive.headers import without_organisation_headers
 from mailgate.routing import dns as D
 from mailgate.send import maildir
 from mailgate.send.smtp import (
@@ -164,6 +166,10 @@ class Delivery:
             settings.port = int(q.next_hop.rpartition(":")[2] or 24)
             settings.tls = TlsPolicy()
         max_per_connection = connector.smtp_max_messages_per_connection if connector else 20
+        # The outbound header firewall: organisation headers go only to the organisation's own servers (the
+        # intra-organisation connector, an Internal connector, the LMTP mailbox store).
+        keep_organisation_headers = connector is None or connector.usage == "Internal" or \
+            q.delivery_type == "SmtpRelayToConnectorSourceServers"
         conn: SmtpConnection | None = None
         try:
             while not manager._stopping and not q.suspended:
@@ -187,7 +193,7 @@ class Delivery:
                     return
                 recorded: set[int] = set()
                 try:
-                    work = self._load_batch(manager, q, ids)
+                    work = self._load_batch(manager, q, ids, keep_organisation_headers)
                     if not work:
                         continue
                     if conn is None:
@@ -209,9 +215,10 @@ class Delivery:
                 await conn.close()
 
     @staticmethod
-    def _load_batch(manager: Any, q: Any, ids: list[int]) -> list[tuple[Any, list[Any], Any, OutboundMessage]]:
-        """Each taken message's row, pending recipients here, body and outbound form; a message that can't be
-        loaded heads for Poison alone."""
+    def _load_batch(manager: Any, q: Any, ids: list[int],
+                    keep_organisation_headers: bool) -> list[tuple[Any, list[Any], Any, OutboundMessage]]:
+        """Each taken message's row, pending recipients here, body and outbound form (without organisation
+        headers unless they may be kept); a message that can't be loaded heads for Poison alone."""
         work = []
         for message_id in ids:
             try:
@@ -220,8 +227,9 @@ class Delivery:
                     continue
                 msg, rcpts = loaded
                 body = manager.store.body(msg)
+                sent = body if keep_organisation_headers else _for_outside(body)
                 out = OutboundMessage(
-                    id=msg["id"], sender=msg["sender"], size=body.size, body=body, body_type=msg["body_type"],
+                    id=msg["id"], sender=msg["sender"], size=len(sent) if isinstance(sent, bytes) else sent.size, body=sent, body_type=msg["body_type"],
                     smtputf8=bool(msg["smtputf8"]), envid=msg["envid"], ret=msg["ret"],
                     lines_normalised=bool(msg["lines_normalised"]),
                     recipients=[OutRecipient(r["idx"], r["address"], r["orcpt"], r["notify"]) for r in rcpts])
@@ -304,6 +312,37 @@ class Delivery:
                 outcomes.append(Outcome(r["idx"], "delivered", f"250 2.0.0 Delivered to {box.primary_smtp_address}"))
             results.append(outcomes)
         return results
+
+
+def _for_outside(body: StoredBody) -> Any:
+    """The body as it leaves the organisation: its header block without organisation headers."""
+    head = body.head()
+    outside = without_organisation_headers(head)
+    if len(outside) == len(head):
+        return body
+    if not body.large:
+        return outside + body.read()[len(head):]
+    return _HeadReplaced(body, len(head), outside)
+
+
+class _HeadReplaced:
+    """A large (spooled) body read in chunks with a different header block in front."""
+
+    large = True
+
+    def __init__(self, body: StoredBody, old_head_length: int, head: bytes) -> None:
+        self._body, self._skip, self._head = body, old_head_length, head
+        self.size = body.size - old_head_length + len(head)
+
+    def chunks(self) -> Any:
+        yield self._head
+        with open(self._body.spool_path, "rb") as fh:  # type: ignore[arg-type]
+            fh.seek(self._skip)
+            while chunk := fh.read(StoredBody.CHUNK):
+                yield chunk
+
+    def read(self) -> bytes:
+        return b"".join(self.chunks())
 
 
 def _is_ip(text: str) -> bool:
