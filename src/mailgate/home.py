@@ -25,6 +25,12 @@ CONFIG_FILE = "mailgate.toml"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:8440"
 
 
+# Each log's directory under <data directory>/logs/ when Set-TransportService gives it no path.
+DEFAULT_LOG_DIRS = {"MessageTrackingLogPath": ("MessageTracking",),
+                    "ReceiveProtocolLogPath": ("ProtocolLog", "SmtpReceive"),
+                    "SendProtocolLogPath": ("ProtocolLog", "SmtpSend")}
+
+
 @dataclass(frozen=True)
 class BackPressureSettings:
     """``[back_pressure]`` in mailgate.toml (queue/pressure.py applies them)."""
@@ -71,6 +77,11 @@ class Home:
     @property
     def log_dir(self) -> Path:
         return self.path / "logs"
+
+    def log_path(self, configured: str, setting: str) -> Path:
+        """Where a log of this server is written: its configured path (``setting`` of Set-TransportService),
+        else its place under the data directory's logs/."""
+        return Path(configured) if configured else self.log_dir.joinpath(*DEFAULT_LOG_DIRS[setting])
 
     @property
     def run_dir(self) -> Path:

@@ -118,15 +118,13 @@ class TransportService:
         self.manager.server_fqdns = {s.name.lower(): s.fqdn for s in snapshot.get("TransportServer", [])}
         self.manager.server_endpoints = intra_org_endpoints(snapshot)
         self.manager.apply(settings)
-        self.tracker.configure(config.server, self.home.log_dir / "MessageTracking")
         s = config.server
-        self.receive_log.configure(Path(s.receive_protocol_log_path) if s.receive_protocol_log_path
-                                   else self.home.log_dir / "ProtocolLog" / "SmtpReceive",
+        self.tracker.configure(s, self.home.log_path(s.message_tracking_log_path, "MessageTrackingLogPath"))
+        self.receive_log.configure(self.home.log_path(s.receive_protocol_log_path, "ReceiveProtocolLogPath"),
                                    max_age=s.receive_protocol_log_max_age.seconds,
                                    max_directory_size=s.receive_protocol_log_max_directory_size.bytes,
                                    max_file_size=s.receive_protocol_log_max_file_size.bytes)
-        self.send_log.configure(Path(s.send_protocol_log_path) if s.send_protocol_log_path
-                                else self.home.log_dir / "ProtocolLog" / "SmtpSend",
+        self.send_log.configure(self.home.log_path(s.send_protocol_log_path, "SendProtocolLogPath"),
                                 max_age=s.send_protocol_log_max_age.seconds,
                                 max_directory_size=s.send_protocol_log_max_directory_size.bytes,
                                 max_file_size=s.send_protocol_log_max_file_size.bytes)
@@ -250,9 +248,9 @@ class TransportService:
         self.queue_store = QueueStore(home.worker_queue_dir(self.worker), id_base=self.worker * WORKER_ID_BASE)
         await asyncio.to_thread(self.queue_store.open)
         self.queue_store.attach_loop(loop)
-        self.tracker = MessageTracker(self.store, home.server, home.log_dir / "MessageTracking")
-        self.receive_log = ProtocolLog(home.log_dir / "ProtocolLog" / "SmtpReceive", "receive")
-        self.send_log = ProtocolLog(home.log_dir / "ProtocolLog" / "SmtpSend", "send")
+        self.tracker = MessageTracker(self.store, home.server, home.log_path("", "MessageTrackingLogPath"))
+        self.receive_log = ProtocolLog(home.log_path("", "ReceiveProtocolLogPath"), "receive")
+        self.send_log = ProtocolLog(home.log_path("", "SendProtocolLogPath"), "send")
         from mailgate.tls.runtime import TlsMaterial
 
         self.tls = TlsMaterial(self)

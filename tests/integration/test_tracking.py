@@ -200,3 +200,18 @@ def test_log_retention_by_age_and_size(tmp_path):
     writer.configure(tmp_path, max_file_size=None, max_age=None, max_directory_size=2500)
     assert writer.prune() == 1
     assert len(list(tmp_path.glob("*.LOG"))) == 2
+
+
+def test_log_paths_are_shown_where_the_logs_are_and_a_new_path_is_used_at_once(home, flow, tmp_path):
+    server, peer = flow
+    shown = shell(home, "Get-TransportService EX01 | fl *LogPath").out
+    assert f"MessageTrackingLogPath : {home.log_dir / 'MessageTracking'}" in shown, shown
+    assert f"ReceiveProtocolLogPath : {home.log_dir / 'ProtocolLog' / 'SmtpReceive'}" in shown, shown
+    assert f"SendProtocolLogPath    : {home.log_dir / 'ProtocolLog' / 'SmtpSend'}" in shown, shown
+    moved = tmp_path / "receive-logs"
+    assert shell(home, f"Set-TransportService EX01 -ReceiveProtocolLogPath {moved}").ok
+    synced(home)
+    assert f"ReceiveProtocolLogPath : {moved}" in shell(home, "Get-TransportService EX01 | fl *LogPath").out
+    send(server.ports["frontend"], "app@domain.com", "kate@remote.example", "logged elsewhere")
+    wait_for(lambda: "EX01\\Relay" in "".join(p.read_text() for p in moved.glob("RECV*.LOG")),
+             message="the session logged in the new place")

@@ -83,3 +83,23 @@ def test_a_failed_write_leaves_no_half_line_in_the_log_file(tmp_path, monkeypatc
     writer.write_lines(["second,line\r\n"], now)
     assert path.read_bytes() == before + b"second,line\r\n"
     writer.close()
+
+
+def test_each_recipients_status_comes_back_whole_though_statuses_contain_semicolons(tmp_path):
+    from mailgate.config.store import ConfigStore
+    store = ConfigStore(f"sqlite:///{tmp_path / 'config.db'}")
+    statuses = ["550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
+                "554 5.4.4 SMTPSEND.DNS.NonExistentDomain; nonexistent domain b.example"]
+    now = dt.datetime.now(dt.timezone.utc)
+    store.insert_tracking([{"timestamp": now, "event_id": "FAIL", "source": "SMTP", "server": "EX01",
+                            "recipients": ["a@a.example", "b@b.example"], "recipient_status": statuses},
+                           {"timestamp": now, "event_id": "FAIL", "source": "SMTP", "server": "EX01",
+                            "recipients": ["c@c.example"], "recipient_status": statuses[:1]}])
+    # a row written before the separator changed: the statuses joined with ";" are told apart by their codes
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO message_tracking (timestamp, event_id, source, server, recipients, "
+                             "recipient_status) VALUES (?, 'DEFER', 'SMTP', 'EX01', 'a@a.example;b@b.example', ?)",
+                             (now.replace(tzinfo=None).isoformat(" ", "microseconds"), ";".join(statuses)))
+    rows = store.query_tracking()
+    assert [r["recipient_status"] for r in rows] == [statuses, statuses[:1], statuses]
+    store.dispose()

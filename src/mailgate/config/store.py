@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import re
 import threading
 from pathlib import Path
 from typing import Any, Iterator, TypeVar
@@ -49,6 +50,17 @@ config_revision = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("revision", sa.BigInteger, nullable=False),
 )
+
+# Each recipient's status in the tracking index, one per recipient. A status has ";" in its text ("550 5.1.10
+# RESOLVER.ADR.RecipientNotFound; Recipient not found..."), so they are kept apart by a record separator.
+STATUS_SEPARATOR = "\x1e"
+_LEGACY_STATUS_BOUNDARY = re.compile(r";(?=\d{3}[ -]|\[\{)")   # rows from before: ";" ahead of the next reply
+
+
+def split_recipient_status(text: str) -> list[str]:
+    parts = text.split(STATUS_SEPARATOR) if STATUS_SEPARATOR in text else _LEGACY_STATUS_BOUNDARY.split(text)
+    return [part for part in parts if part]
+
 
 TRACKING_FIELDS = [
     "timestamp", "client_ip", "client_hostname", "server_ip", "server_hostname", "source_context",
@@ -213,7 +225,7 @@ class ConfigStore:
         # SQLite: the text form SQLAlchemy's DateTime uses there.
         derived = {"timestamp": timestamp.isoformat(" ", "microseconds") if self.is_sqlite else timestamp,
                    "recipients": ";".join(r.get("recipients") or []),
-                   "recipient_status": ";".join(status) if isinstance(status, list) else status}
+                   "recipient_status": STATUS_SEPARATOR.join(status) if isinstance(status, list) else status}
         return tuple(derived[c] if c in derived else r.get(c) for c in _TRACKING_INSERT_COLUMNS)
 
     def insert_tracking_values(self, values: list[tuple[Any, ...]], recipients: list[tuple[str, ...]]) -> None:
@@ -289,8 +301,7 @@ class ConfigStore:
         for row in rows:
             item = dict(row)
             item["recipients"] = [a for a in (item.get("recipients") or "").split(";") if a]
-            item["recipient_status"] = [a for a in (item.get("recipient_status") or "").split(";") if a] \
-                if item.get("recipient_status") else []
+            item["recipient_status"] = split_recipient_status(item.get("recipient_status") or "")
             item["timestamp"] = item["timestamp"].replace(tzinfo=dt.timezone.utc)
             out.append(item)
         return out

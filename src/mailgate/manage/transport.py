@@ -8,6 +8,7 @@ from typing import Any, Callable
 from mailgate.config.model import ADPermissionEntry, Mailbox, TransportConfig, TransportServer
 from mailgate.config.values import PermissionGroups, is_domain, normalise_domain
 from mailgate.errors import InvalidValueError, UserError
+from mailgate.home import DEFAULT_LOG_DIRS
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.objects import apply_changes, field_params, find_one
@@ -73,7 +74,12 @@ def get_transport_service(ctx: ManagementContext, args: dict[str, Any]) -> list[
     """Show the transport settings of each server (retry, expiry, DNS, logs)."""
     with ctx.store.reader() as tx:
         items = tx.list(TransportServer) if args.get("Identity") is None else [_resolve_server(ctx, tx, args["Identity"])]
-    return [present(s) for s in items]
+    records = [present(s) for s in items]
+    for server, record in zip(items, records):
+        if server.name.lower() == ctx.home.server.lower():   # another server's data directory isn't known here
+            for setting in DEFAULT_LOG_DIRS:
+                record.set(setting, str(ctx.home.log_path(record[setting], setting)))
+    return records
 
 
 @cmdlet("Get-ExchangeServer", [Param("Identity", position=0, from_pipeline=True)],

@@ -46,10 +46,9 @@ class MessageTracker:
         self._log_ids = itertools.count(1)
         self._pid = os.getpid()
 
-    def configure(self, server: TransportServer, default_dir: Path) -> None:
+    def configure(self, server: TransportServer, directory: Path) -> None:
         self.enabled = server.message_tracking_log_enabled
         self.subject_logging = server.message_tracking_log_subject_logging_enabled
-        directory = Path(server.message_tracking_log_path) if server.message_tracking_log_path else default_dir
         self.files.configure(directory, max_file_size=server.message_tracking_log_max_file_size.bytes,
                              max_age=server.message_tracking_log_max_age.seconds,
                              max_directory_size=server.message_tracking_log_max_directory_size.bytes)
