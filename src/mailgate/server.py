@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from mailgate.config.model import Certificate, Mailbox, ReceiveConnector, TransportConfig, TransportServer
