@@ -497,3 +497,17 @@ def test_organisation_headers_leave_only_over_internal_connectors(home, org, dns
     finally:
         internet.stop()
         internal.stop()
+
+
+def test_an_mx_with_only_an_ipv6_address_is_reached_over_ipv6(home, org, dns_server, peer_port):
+    dns_server.add("six.example", "MX", "10 mx6.six.example.")
+    dns_server.add("mx6.six.example", "AAAA", "::1")
+    peer = SmtpPeer("::1", peer_port)
+    try:
+        submit(org, "sender@domain.com", ["ann@six.example"], b"Subject: over v6\r\n\r\nhello\r\n")
+        got = wait_for(lambda: peer.received, message="delivery to the IPv6 MX")[0]
+        assert got.rcpt_tos == ["ann@six.example"] and b"Subject: over v6" in got.data
+        queue = shell(home, "Get-Queue six.example | fl NextHopDomain,MessageCount,LastError").out
+        assert "NextHopDomain : six.example" in queue and "LastError     :" in queue, queue
+    finally:
+        peer.stop()

@@ -481,3 +481,25 @@ def test_a_low_open_files_limit_is_raised_so_sessions_are_not_capped_by_it(home,
         for s in sockets:
             s.close()
         server.stop()
+
+
+def test_an_ipv6_binding_listens_and_ipv6_remote_ranges_choose_the_connector(home, server):
+    """Bindings and RemoteIPRanges in IPv6: [::1]:port listens, a range that holds ::1 wins over the default
+    connector's ::/0 on the same binding, and the trace and audit headers name the IPv6 client."""
+    port = free_port("::1")
+    shell(home, 'New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com')
+    r = shell(home, f'New-ReceiveConnector Wide6 -Bindings "[::1]:{port}" -RemoteIPRanges "::/0" -Custom '
+                    f'-PermissionGroups AnonymousUsers -Banner "220 any v6" -TarpitInterval 00:00:00\n'
+                    f'New-ReceiveConnector Loop6 -Bindings "[::1]:{port}" -RemoteIPRanges "::1/128" -Custom '
+                    f'-PermissionGroups AnonymousUsers -Banner "220 loopback v6" -TarpitInterval 00:00:00')
+    assert r.ok, r.err
+    synced(home)
+    with smtplib.SMTP("::1", port, timeout=20) as c:
+        c.ehlo("v6.client.example")
+        assert c.sendmail("a@remote.example", ["admin@domain.com"], b"Subject: six\r\n\r\nover IPv6\r\n") == {}
+    with socket.create_connection(("::1", port), timeout=5) as s:
+        assert s.recv(200).startswith(b"220 loopback v6")
+    msg = wait_for(lambda: maildir_messages(home, "admin@domain.com"), message="delivery to the Maildir")[0]
+    head = msg.split(b"\r\n\r\n", 1)[0].replace(b"\r\n\t", b" ").decode()
+    assert "Received: from v6.client.example (::1) by ex01.domain.com (::1)" in head, head
+    assert "X-Source: SMTP:EX01\\Loop6" in head and "X-Source-IP: ::1" in head, head
