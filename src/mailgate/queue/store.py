@@ -781,11 +781,13 @@ class StoredBody:
         self._cache = self.store._pread(self.segment, self.size, self.offset)
         return self._cache
 
-    def chunks(self) -> Iterable[bytes]:
+    def chunks(self, start: int = 0) -> Iterable[bytes]:
+        """The body from byte ``start`` on, in pieces of at most CHUNK bytes when it is spooled."""
         if not self.spool_path:
-            yield self.read()
+            yield self.read()[start:] if start else self.read()
             return
         with open(self.spool_path, "rb") as fh:
+            fh.seek(start)
             while True:
                 chunk = fh.read(self.CHUNK)
                 if not chunk:

@@ -336,10 +336,7 @@ class _HeadReplaced:
 
     def chunks(self) -> Any:
         yield self._head
-        with open(self._body.spool_path, "rb") as fh:  # type: ignore[arg-type]
-            fh.seek(self._skip)
-            while chunk := fh.read(StoredBody.CHUNK):
-                yield chunk
+        yield from self._body.chunks(self._skip)
 
     def read(self) -> bytes:
         return b"".join(self.chunks())
