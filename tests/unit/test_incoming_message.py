@@ -16,14 +16,6 @@ from mailgate.receive import message as M
 HEAD = b"Subject: x\r\nFrom: a@b.example\r\n\r\n"
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = QueueStore(tmp_path / "queue")
-    s.open()
-    yield s
-    s.close()
-
-
 def incoming(store: QueueStore, max_header: int = 256 * 1024) -> M.IncomingMessage:
     return M.IncomingMessage(store, max_size=None, max_header=max_header, on_headers=lambda block: b"X-Stamp: 1\r\n")
 

@@ -24,14 +24,6 @@ def subjects(directory) -> list[str]:
         return [row[0] for row in db.execute("SELECT subject FROM message ORDER BY id")]
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = QueueStore(tmp_path / "queue")
-    s.open()
-    yield s
-    s.close()
-
-
 def test_an_acknowledged_message_is_committed_and_its_body_readable(store, tmp_path):
     ref = store.append_body([b"Subject: one\r\n\r\nbody\r\n"])
     store.submit(message(ref, "one")).result(timeout=10)
