@@ -188,6 +188,7 @@ def test_postmaster_refused_until_the_printed_fix_then_delivered_to_its_mailbox(
     assert rcpt_reply(b"<postmaster>").startswith(b"550 5.1.10")
     found = finding(home, "NoPostmaster", "domain.com")
     assert found is not None and "postmaster@domain.com" in found["Fix"], findings(home)
+    assert '"SystemMailbox{EX01}" -Arbitration' in found["Fix"]    # the command runs on Exchange too
     assert shell(home, found["Fix"]).ok
     synced(home)
     assert finding(home, "NoPostmaster", "domain.com") is None

@@ -292,9 +292,10 @@ def rule_postmaster(f: Facts) -> Iterator[Finding]:
         address = f"postmaster@{d.domain_name.lower()}"
         if address not in addresses:
             owner = _q(system.name) if system else "<mailbox>"
+            arbitration = " -Arbitration" if system else ""   # as Exchange wants it for a system mailbox
             yield Finding("Warning", d.name, "NoPostmaster",
                           f"No recipient has the address {address}, which RFC 5321 requires: mail to it is refused "
-                          "with 550 5.1.10.", f'Set-Mailbox {owner} -EmailAddresses @{{Add="{address}"}}')
+                          "with 550 5.1.10.", f'Set-Mailbox {owner}{arbitration} -EmailAddresses @{{Add="{address}"}}')
 
 
 RULES: list[Callable[[Facts], Iterator[Finding]]] = [

@@ -290,7 +290,10 @@ def _apply_mailbox_changes(mailbox: Mailbox, changes: dict[str, Any], password: 
 
 
 @cmdlet("Set-Mailbox", [Param("Identity", mandatory=True, position=0, from_pipeline=True),
-                        Param("Name", convert=to_str), *_MAILBOX_COMMON],
+                        Param("Name", convert=to_str), *_MAILBOX_COMMON,
+                        Param("Arbitration", switch=True,
+                              help="Exchange needs it to change a system (arbitration) mailbox; accepted here, "
+                                   "not required.")],
         synopsis="Change a mailbox.", mutates=True,
         examples=['Set-Mailbox admin -EmailAddresses @{Add="postmaster@domain.com"}'])
 def set_mailbox(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
