@@ -4,6 +4,7 @@ when another program fills the disk to the last byte; the space comes back as th
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import smtplib
@@ -51,6 +52,20 @@ New-SendConnector Out -AddressSpaces remote.example -SmartHosts {PEER} -Port {pe
 ''', runtime=None)
     assert r.ok, r.err
     return home, port, peer_port
+
+
+def fill_to_the_last_byte(path) -> None:
+    """Write zeros to `path` until the disk refuses. Unbuffered: a buffered file that hit ENOSPC mid-write keeps
+    the rest in its buffer and raises again when it is closed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+    assert shutil.disk_usage(path.parent).free < 65536
 
 
 def send(port: int, tag: str, size: int) -> None:
@@ -117,13 +132,7 @@ def test_a_disk_another_program_filled_still_lets_the_queue_deliver_and_record_i
             send(port, f"q{n:02d}", 100_000)
             acked.append(f"q{n:02d}")
         wait_for(lambda: queued(home) == 20, message="20 queued messages")
-        with open(filler, "wb") as fh:                          # another program takes every byte left
-            try:
-                while True:
-                    fh.write(b"\0" * 65536)
-                    fh.flush()
-            except OSError:
-                pass
+        fill_to_the_last_byte(filler)                           # another program takes every byte left
         wait_for(lambda: pressure(home)["level"] == "High", message="back pressure High")
         with pytest.raises(smtplib.SMTPSenderRefused) as refused:
             send(port, "refused", 1000)
