@@ -111,7 +111,8 @@ def test_kill_9_twice_during_relay_every_acknowledged_message_is_delivered(home,
         assert r.ok, r.err
         server = Server(home).start()
         load = Load(ports["frontend"], "someone@remote.example", limit=1500).start()
-        for _ in range(2):
+        kills = 2
+        for _ in range(kills):
             wait_for(lambda: len(load.acked) >= 150 + len(sink.received) // 4, timeout=60)
             time.sleep(0.3)
             server.kill()
@@ -132,7 +133,10 @@ def test_kill_9_twice_during_relay_every_acknowledged_message_is_delivered(home,
             tag = m.message["X-Tag"]
             assert m.data.count(b"y" * 98 + b"\r\n") == len(filler(int(tag[1:]))) // 100, tag
         duplicates = {t: n for t, n in delivered.items() if n > 1}
-        assert all(n <= 2 for n in delivered.values()), f"delivered more than twice: {duplicates}"
+        # At least once: each kill can repeat the deliveries it cut off between the peer's 250 and the queue's
+        # record of it, so a message in flight at both kills (retried at once after the first restart and cut
+        # off again) may arrive three times, and no more.
+        assert all(n <= 1 + kills for n in delivered.values()), f"delivered more than {1 + kills} times: {duplicates}"
         assert all(delivered[t] >= 1 for t in acked)
         print(f"acknowledged {len(acked)}, delivered {sum(delivered.values())}, duplicates {len(duplicates)}")
         server.stop()
