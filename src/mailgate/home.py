@@ -29,6 +29,10 @@ DEFAULT_ADMIN_LISTEN = "127.0.0.1:8440"
 DEFAULT_LOG_DIRS = {"MessageTrackingLogPath": ("MessageTracking",),
                     "ReceiveProtocolLogPath": ("ProtocolLog", "SmtpReceive"),
                     "SendProtocolLogPath": ("ProtocolLog", "SmtpSend")}
+# The TransportServer field that holds each of those settings.
+LOG_PATH_FIELDS = {"MessageTrackingLogPath": "message_tracking_log_path",
+                   "ReceiveProtocolLogPath": "receive_protocol_log_path",
+                   "SendProtocolLogPath": "send_protocol_log_path"}
 
 
 @dataclass(frozen=True)
@@ -78,9 +82,12 @@ class Home:
     def log_dir(self) -> Path:
         return self.path / "logs"
 
-    def log_path(self, configured: str, setting: str) -> Path:
+    def log_path(self, configured: str | None, setting: str) -> Path | None:
         """Where a log of this server is written: its configured path (``setting`` of Set-TransportService),
-        else its place under the data directory's logs/."""
+        else its place under the data directory's logs/; None when the path is $null, which turns that log off
+        as in Exchange."""
+        if configured is None:
+            return None
         return Path(configured) if configured else self.log_dir.joinpath(*DEFAULT_LOG_DIRS[setting])
 
     @property

@@ -215,3 +215,45 @@ def test_log_paths_are_shown_where_the_logs_are_and_a_new_path_is_used_at_once(h
     send(server.ports["frontend"], "app@domain.com", "kate@remote.example", "logged elsewhere")
     wait_for(lambda: "EX01\\Relay" in "".join(p.read_text() for p in moved.glob("RECV*.LOG")),
              message="the session logged in the new place")
+
+
+def test_a_log_path_of_null_turns_that_log_off_and_a_relative_path_is_refused(home, flow):
+    """Exchange: a log path set to $null turns that log off (the preferred way is ProtocolLoggingLevel None or
+    MessageTrackingLogEnabled $false, so it warns); a log path must be a full path."""
+    server, peer = flow
+    port = server.ports["frontend"]
+
+    def sessions() -> set[str]:   # the receive protocol log's session ids
+        return {row[2] for p in home.log_dir.joinpath("ProtocolLog", "SmtpReceive").glob("RECV*.LOG")
+                for row in csv.reader(p.read_text().splitlines()) if row and not row[0].startswith("#")}
+
+    send(port, "app@domain.com", "kate@remote.example", "before")
+    tracking_events(home, '-MessageSubject "before"', until=["RECEIVE", "SEND"])
+    logged_before = wait_for(sessions, message="the first session in the receive protocol log")
+    off = shell(home, "Set-TransportService EX01 -ReceiveProtocolLogPath $null -MessageTrackingLogPath $null")
+    assert off.ok, off.err
+    unlogged = [line for line in off.out.splitlines() if line.startswith("WARNING: ReceiveProtocolLogPath is $null")]
+    assert len(unlogged) == 1 and "Relay" in unlogged[0] and "Default Frontend EX01" in unlogged[0], off
+    assert "WARNING: MessageTrackingLogPath is $null" in off.out, off
+    shown = shell(home, "Get-TransportService EX01 | fl *LogPath").out
+    assert "ReceiveProtocolLogPath :\n" in shown and "MessageTrackingLogPath :\n" in shown, shown
+    synced(home)
+    send(port, "app@domain.com", "kate@remote.example", "unlogged")
+    wait_for(lambda: any(m.message["Subject"] == "unlogged" for m in peer.received), message="delivered")
+
+    back = shell(home, 'Set-TransportService EX01 -ReceiveProtocolLogPath "" -MessageTrackingLogPath ""')
+    assert back.ok and "WARNING" not in back.out, back
+    synced(home)
+    send(port, "app@domain.com", "kate@remote.example", "logged again")
+    tracking_events(home, '-MessageSubject "logged again"', until=["RECEIVE", "SEND"])
+    wait_for(lambda: len(sessions()) == len(logged_before) + 1, message="the third session logged")
+    assert tracking_events(home, '-MessageSubject "unlogged"') == []
+    # The send protocol log stayed on: all three deliveries are in it.
+    wait_for(lambda: "".join(p.read_text() for p in home.log_dir.joinpath("ProtocolLog", "SmtpSend").glob(
+        "SEND*.LOG")).count("sending message with RecordId") == 3, message="three deliveries in the send log")
+
+    for bad in ("logs/relative", "relative"):
+        r = shell(home, f"Set-TransportService EX01 -SendProtocolLogPath {bad}")
+        assert not r.ok and "is not a full path" in r.err, r
+    assert f"SendProtocolLogPath    : {home.log_dir / 'ProtocolLog' / 'SmtpSend'}" in \
+        shell(home, "Get-TransportService EX01 | fl *LogPath").out

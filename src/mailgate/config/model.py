@@ -429,16 +429,16 @@ class TransportServer(ConfigObject):
     internal_dns_servers: list[str] = Field(default_factory=list, alias="InternalDNSServers")
     external_dns_adapter_enabled: bool = Field(True, alias="ExternalDNSAdapterEnabled")
     message_tracking_log_enabled: bool = True
-    message_tracking_log_path: str = ""
+    message_tracking_log_path: str | None = ""   # "": under the data directory; None ($null): that log is off
     message_tracking_log_max_age: TimeSpanField = TimeSpan(30 * 86400)
     message_tracking_log_max_directory_size: ByteSizeField = ByteSize(1000 * 1024 * 1024)
     message_tracking_log_max_file_size: ByteSizeField = ByteSize(10 * 1024 * 1024)
     message_tracking_log_subject_logging_enabled: bool = True
-    receive_protocol_log_path: str = ""
+    receive_protocol_log_path: str | None = ""   # "": under the data directory; None ($null): that log is off
     receive_protocol_log_max_age: TimeSpanField = TimeSpan(30 * 86400)
     receive_protocol_log_max_directory_size: ByteSizeField = ByteSize(250 * 1024 * 1024)
     receive_protocol_log_max_file_size: ByteSizeField = ByteSize(10 * 1024 * 1024)
-    send_protocol_log_path: str = ""
+    send_protocol_log_path: str | None = ""   # "": under the data directory; None ($null): that log is off
     send_protocol_log_max_age: TimeSpanField = TimeSpan(30 * 86400)
     send_protocol_log_max_directory_size: ByteSizeField = ByteSize(250 * 1024 * 1024)
     send_protocol_log_max_file_size: ByteSizeField = ByteSize(10 * 1024 * 1024)

@@ -612,6 +612,19 @@ AddressSpaceField = _field(AddressSpace)
 SmartHostField = _field(SmartHost)
 
 
+def parse_log_path(value: Any) -> str | None:
+    """A log directory given to Set-TransportService: a full path (Exchange's LocalLongFullPath), "" for the
+    data directory's logs/, or None ($null: that log is off). Checked where it is given, not where it is
+    stored, so a value an older version kept still loads."""
+    if value is None:
+        return None
+    text = str(value)
+    if text and (not text.startswith("/") or "\0" in text):
+        raise ValueError(f'"{text}" is not a full path: give one that starts with "/", "" for the data '
+                         "directory's logs/, or $null to turn the log off")
+    return text
+
+
 def flag_field(cls: Any) -> Any:
     return Annotated[cls, BeforeValidator(cls.parse), PlainSerializer(lambda v: v.names(), return_type=list)]
 

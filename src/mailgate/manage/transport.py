@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from mailgate.config.model import ADPermissionEntry, Mailbox, TransportConfig, TransportServer
-from mailgate.config.values import PermissionGroups, is_domain, normalise_domain
+from mailgate.config.model import (ADPermissionEntry, Mailbox, ProtocolLoggingLevel, ReceiveConnector, SendConnector,
+                                   TransportConfig, TransportServer)
+from mailgate.config.values import PermissionGroups, is_domain, normalise_domain, parse_log_path
 from mailgate.errors import InvalidValueError, UserError
-from mailgate.home import DEFAULT_LOG_DIRS
+from mailgate.home import DEFAULT_LOG_DIRS, LOG_PATH_FIELDS
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.objects import apply_changes, field_params, find_one
@@ -37,7 +38,10 @@ def _dns_server(value: Any) -> str:
 
 _SERVICE_PARAMS = field_params(TransportServer, exclude={"name", "fqdn", "server_role", "admin_display_version",
                                                          "external_dns_servers", "internal_dns_servers",
-                                                         "admin_api_url"})
+                                                         "admin_api_url", *LOG_PATH_FIELDS.values()})
+_LOG_PATH_PARAMS = [Param(name, convert=parse_log_path, type_name="LocalLongFullPath",
+                          help='A full path; "" for the data directory\'s logs/; $null turns the log off.')
+                    for name in LOG_PATH_FIELDS]
 def _dns_list(value: Any) -> Any:
     if isinstance(value, dict):
         keys = {k.lower(): v for k, v in value.items()}
@@ -78,7 +82,8 @@ def get_transport_service(ctx: ManagementContext, args: dict[str, Any]) -> list[
     for server, record in zip(items, records):
         if server.name.lower() == ctx.home.server.lower():   # another server's data directory isn't known here
             for setting in DEFAULT_LOG_DIRS:
-                record.set(setting, str(ctx.home.log_path(record[setting], setting)))
+                path = ctx.home.log_path(record[setting], setting)
+                record.set(setting, None if path is None else str(path))
     return records
 
 
@@ -94,7 +99,8 @@ def get_exchange_server(ctx: ManagementContext, args: dict[str, Any]) -> list[An
         "IsMemberOfCluster": "No", "Identity": s.name}) for s in items]
 
 
-@cmdlet("Set-TransportService", [Param("Identity", position=0, from_pipeline=True), *_SERVICE_PARAMS, *_DNS_PARAMS],
+@cmdlet("Set-TransportService", [Param("Identity", position=0, from_pipeline=True), *_SERVICE_PARAMS, *_LOG_PATH_PARAMS,
+                                 *_DNS_PARAMS],
         synopsis="Change transport server settings.", mutates=True,
         examples=["Set-TransportService EX01 -TransientFailureRetryInterval 00:00:10 -MessageRetryInterval 00:00:10",
                   "Set-TransportService EX01 -ExternalDNSServers 127.0.0.53"])
@@ -108,6 +114,8 @@ def set_transport_service(ctx: ManagementContext, args: dict[str, Any]) -> list[
                                                           * updated.transient_failure_retry_interval.seconds):
             ctx.warn("DelayNotificationTimeout is not greater than TransientFailureRetryCount × "
                      "TransientFailureRetryInterval: delay notifications may go out before the quick retries end.")
+        for warning in _logs_turned_off(tx, server, updated):
+            ctx.warn(warning)
         for name in NOT_ENFORCED & set(changes):
             ctx.warn(f"{name} is stored for compatibility with Exchange, but mailgate doesn't apply it: "
                      f"{NOT_ENFORCED_WHY[name]}")
@@ -115,6 +123,34 @@ def set_transport_service(ctx: ManagementContext, args: dict[str, Any]) -> list[
             return []
         tx.put(updated)
     return []
+
+
+def _logs_turned_off(tx: Any, before: TransportServer, after: TransportServer) -> list[str]:
+    """Exchange's word on a log path set to $null: it turns that log off, and connectors that still ask for
+    protocol logging write event log errors instead. Here: a warning that names what goes unlogged."""
+    warnings = []
+    if before.message_tracking_log_path is not None and after.message_tracking_log_path is None \
+            and after.message_tracking_log_enabled:
+        warnings.append(f"MessageTrackingLogPath is $null: message tracking on {after.name} is off although "
+                        "MessageTrackingLogEnabled is $true. The preferred way to turn it off is "
+                        "-MessageTrackingLogEnabled $false.")
+    server = after.name.lower()
+    verbose_receive = [c.name for c in tx.list(ReceiveConnector)
+                       if c.server.lower() == server and c.protocol_logging_level is ProtocolLoggingLevel.Verbose]
+    verbose_send = [c.name for c in tx.list(SendConnector)
+                    if c.protocol_logging_level is ProtocolLoggingLevel.Verbose
+                    and (not c.source_transport_servers or server in (s.lower() for s in c.source_transport_servers))]
+    if after.intra_org_connector_protocol_logging_level is ProtocolLoggingLevel.Verbose:
+        verbose_send.append("the intra-organization send connector")
+    for setting, connectors, fix in (
+            ("ReceiveProtocolLogPath", verbose_receive, "Set-ReceiveConnector -ProtocolLoggingLevel None"),
+            ("SendProtocolLogPath", verbose_send, "Set-SendConnector -ProtocolLoggingLevel None")):
+        field = LOG_PATH_FIELDS[setting]
+        if getattr(before, field) is not None and getattr(after, field) is None and connectors:
+            warnings.append(f"{setting} is $null: nothing is logged for {', '.join(connectors)} although "
+                            f"ProtocolLoggingLevel is Verbose. The preferred way to turn protocol logging off is "
+                            f"{fix}.")
+    return warnings
 
 
 def _deprecated(old: str, new: str, handler: Callable[[ManagementContext, dict[str, Any]], list[Any]]) -> Any:
@@ -128,7 +164,8 @@ def _deprecated(old: str, new: str, handler: Callable[[ManagementContext, dict[s
 cmdlet("Get-TransportServer", [Param("Identity", position=0, from_pipeline=True)],
        synopsis="Exchange 2010's name of Get-TransportService (deprecated).", default_view="TransportServer")(
     _deprecated("Get-TransportServer", "Get-TransportService", get_transport_service))
-cmdlet("Set-TransportServer", [Param("Identity", position=0, from_pipeline=True), *_SERVICE_PARAMS, *_DNS_PARAMS],
+cmdlet("Set-TransportServer", [Param("Identity", position=0, from_pipeline=True), *_SERVICE_PARAMS, *_LOG_PATH_PARAMS,
+                               *_DNS_PARAMS],
        synopsis="Exchange 2010's name of Set-TransportService (deprecated).", mutates=True)(
     _deprecated("Set-TransportServer", "Set-TransportService", set_transport_service))
 

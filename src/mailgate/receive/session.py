@@ -104,7 +104,7 @@ class SmtpSession(asyncio.Protocol):
         self.connector = connector
         self.machine = S.ServerProtocol(self.policy.extensions(tls=False))
         self.plog = self.server.protocol_log.session(connector.identity, self.local, self.remote) \
-            if self.policy.verbose_log else None
+            if self.policy.verbose_log and self.server.protocol_log.enabled else None
         if self.plog:
             self.plog.write("+")
         # Connections are counted only under the limits that are set: an unlimited count is never read.

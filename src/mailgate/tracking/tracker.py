@@ -46,10 +46,12 @@ class MessageTracker:
         self._log_ids = itertools.count(1)
         self._pid = os.getpid()
 
-    def configure(self, server: TransportServer, directory: Path) -> None:
-        self.enabled = server.message_tracking_log_enabled
+    def configure(self, server: TransportServer, directory: Path | None) -> None:
+        """``directory`` None: MessageTrackingLogPath is $null, which (as in Exchange) turns tracking off."""
+        self.enabled = server.message_tracking_log_enabled and directory is not None
         self.subject_logging = server.message_tracking_log_subject_logging_enabled
-        self.files.configure(directory, max_file_size=server.message_tracking_log_max_file_size.bytes,
+        self.files.configure(directory or self.files.directory,
+                             max_file_size=server.message_tracking_log_max_file_size.bytes,
                              max_age=server.message_tracking_log_max_age.seconds,
                              max_directory_size=server.message_tracking_log_max_directory_size.bytes)
         self.max_age = server.message_tracking_log_max_age.seconds
@@ -128,15 +130,22 @@ class ProtocolLog:
         self.files = CsvLogWriter(directory, prefix, log_type, PROTOCOL_FIELDS)
         self._buffer = BufferedLog(f"protocol-log-{direction}", self._flush)
         self._ids = itertools.count(int(time.time() * 1000) << 12)
+        self.enabled = True
 
-    def configure(self, directory: Path, *, max_age: float, max_directory_size: int | None, max_file_size: int | None) -> None:
-        self.files.configure(directory, max_file_size=max_file_size, max_age=max_age, max_directory_size=max_directory_size)
+    def configure(self, directory: Path | None, *, max_age: float, max_directory_size: int | None,
+                  max_file_size: int | None) -> None:
+        """``directory`` None: the log's path is $null, which (as in Exchange) turns this log off for every
+        connector; the files already written are still pruned by age and size."""
+        self.enabled = directory is not None
+        self.files.configure(directory or self.files.directory, max_file_size=max_file_size, max_age=max_age,
+                             max_directory_size=max_directory_size)
 
     def session(self, connector_id: str, local: str, remote: str) -> "ProtocolSession":
         return ProtocolSession(self, connector_id, f"{next(self._ids) & 0xFFFFFFFFFFFFFFFF:016X}", local, remote)
 
     def add(self, row: list[Any]) -> None:
-        self._buffer.add(csv_line(row))
+        if self.enabled:
+            self._buffer.add(csv_line(row))
 
     def _flush(self, lines: list[str]) -> None:
         self.files.write_lines(lines, _now())
