@@ -102,6 +102,10 @@ INVALID = [
     ('New-AcceptedDomain -Name x -DomainName "bad domain"', "DomainName", "not a valid domain"),
     ('Set-TransportService -TransientFailureRetryCount 16', "TransientFailureRetryCount", "between 0 and 15"),
     ('Set-ReceiveConnector "Client Frontend EX01" -RequireTLS maybe', "RequireTLS", "Boolean"),
+    ('Set-TransportConfig -GenerateCopyOfDSNFor 5.4.4,5.1', "GenerateCopyOfDSNFor", "not an enhanced status code"),
+    ('Set-TransportConfig -GenerateCopyOfDSNFor @{Ad="5.1.1"}', "GenerateCopyOfDSNFor", "only Add and Remove"),
+    ('Set-TransportService -SendProtocolLogPath logs/send', "SendProtocolLogPath", "not a full path"),
+    ('Set-OrganizationConfig -MicrosoftExchangeRecipientReplyRecipient nobody', "nobody", "couldn't be found"),
 ]
 
 

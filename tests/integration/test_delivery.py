@@ -511,3 +511,42 @@ def test_an_mx_with_only_an_ipv6_address_is_reached_over_ipv6(home, org, dns_ser
         assert "NextHopDomain : six.example" in queue and "LastError     :" in queue, queue
     finally:
         peer.stop()
+
+
+def test_ndrs_with_a_monitored_code_are_copied_to_the_exchange_recipients_reply_recipient(home, org, dns_server,
+                                                                                          peer_port):
+    """GenerateCopyOfDSNFor (5.4.4 among its defaults): an NDR with such a code also goes to the mailbox that
+    Set-OrganizationConfig makes the Microsoft Exchange recipient's reply recipient; without one the copies are
+    discarded, as in Exchange, and NDRs with other codes are never copied."""
+    dns_server.add("remote.example", "A", "127.0.0.20")
+    peer = SmtpPeer("127.0.0.20", peer_port)
+    peer.rcpt_reply = lambda address: "550 5.1.1 User unknown" if address.startswith("bad@") else None
+
+    def copies() -> list[email.message.Message]:
+        return [email.message_from_bytes(m) for m in maildir_messages(home, "ndr@domain.com")]
+
+    try:
+        assert shell(home, "New-Mailbox -Name 'NDR Monitor' -PrimarySmtpAddress ndr@domain.com").ok
+        synced(home)
+        submit(org, "sender@domain.com", ["a@nowhere.example"], b"Subject: no reply recipient\r\n\r\nx\r\n")
+        wait_for(lambda: len(ndrs(home)) == 1, message="the first NDR")
+
+        r = shell(home, "Set-OrganizationConfig -MicrosoftExchangeRecipientReplyRecipient 'NDR Monitor'")
+        assert r.ok, r.err
+        synced(home)
+        submit(org, "sender@domain.com", ["b@nowhere.example"], b"Subject: copied\r\n\r\nx\r\n")
+        copy = wait_for(copies, message="the copy of the 5.4.4 NDR")[0]
+        assert copy["Subject"] == "Undeliverable: copied" and "Status: 5.4.4" in str(copy.get_payload()[1])
+        assert copy["To"] and "sender@domain.com" in copy["To"]          # the same report the sender gets
+        wait_for(lambda: len(ndrs(home)) == 2, message="the sender's NDR")
+
+        submit(org, "sender@domain.com", ["bad@remote.example"], b"Subject: not monitored\r\n\r\nx\r\n")
+        wait_for(lambda: len(ndrs(home)) == 3, message="the 5.1.1 NDR")
+        assert shell(home, 'Set-TransportConfig -GenerateCopyOfDSNFor @{Add="5.1.1"}').ok
+        synced(home)
+        submit(org, "sender@domain.com", ["bad@remote.example"], b"Subject: now monitored\r\n\r\nx\r\n")
+        wait_for(lambda: len(ndrs(home)) == 4, message="the second 5.1.1 NDR")
+        wait_for(lambda: len(copies()) == 2, message="the copy of the 5.1.1 NDR")
+        assert sorted(m["Subject"] for m in copies()) == ["Undeliverable: copied", "Undeliverable: now monitored"]
+    finally:
+        peer.stop()

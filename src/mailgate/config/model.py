@@ -501,6 +501,24 @@ class TransportConfig(ConfigObject):
         return self.name
 
 
+class OrganizationConfig(ConfigObject):
+    """The organisation's settings of Set-OrganizationConfig that transport uses; a single object."""
+
+    kind: ClassVar[str] = "OrganizationConfig"
+
+    name: str = "First Organization"
+    # The mailbox (its Name) that receives what is sent to the Microsoft Exchange recipient: the copies of NDRs
+    # whose codes are in GenerateCopyOfDSNFor. None: they are discarded, as in Exchange.
+    microsoft_exchange_recipient_reply_recipient: str | None = None
+
+    def store_key(self) -> str:
+        return "organization config"
+
+    @property
+    def identity(self) -> str:
+        return self.name
+
+
 class Certificate(ConfigObject):
     kind: ClassVar[str] = "ExchangeCertificate"
 
@@ -545,7 +563,8 @@ def check_name(name: str) -> None:
 
 ALL_KINDS: dict[str, type[ConfigObject]] = {
     cls.kind: cls
-    for cls in (ReceiveConnector, SendConnector, AcceptedDomain, Mailbox, TransportServer, TransportConfig, Certificate)
+    for cls in (ReceiveConnector, SendConnector, AcceptedDomain, Mailbox, TransportServer, TransportConfig,
+                OrganizationConfig, Certificate)
 }
 
 

@@ -14,7 +14,7 @@ from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.credentials import SecureString
 from mailgate.manage.objects import apply_changes, field_params, find_one, validate
-from mailgate.manage.params import MultiValuedChange, as_list, scalar, to_bool, to_result_size, to_str
+from mailgate.manage.params import MultiValuedChange, multi_valued, scalar, to_bool, to_result_size, to_str
 from mailgate.manage.present import present
 from mailgate.manage.psvalues import wildcard_match
 
@@ -151,20 +151,15 @@ def _to_password(value: Any) -> str:
                      '(ConvertTo-SecureString "..." -AsPlainText -Force)')
 
 
-def _to_address_entries(value: Any) -> Any:
-    if isinstance(value, dict):
-        keys = {k.lower(): v for k, v in value.items()}
-        return MultiValuedChange([_address_entry(v) for v in as_list(keys.get("add"))],
-                                 [_address_entry(v) for v in as_list(keys.get("remove"))])
-    return [_address_entry(v) for v in as_list(value)]
-
-
 def _address_entry(value: Any) -> str:
     text = to_str(value).strip()
     prefix, sep, rest = text.partition(":")
     if sep and prefix.lower() == "smtp":
         return f"{prefix}:{parse_smtp_address(rest)}"
     return "smtp:" + parse_smtp_address(text)
+
+
+_address_entries = multi_valued(_address_entry)
 
 
 def _check_mailbox(tx: ConfigTransaction, mailbox: Mailbox) -> None:
@@ -207,7 +202,7 @@ _MAILBOX_COMMON = [
           type_name="SmtpAddress"),
     Param("Password", convert=_to_password, type_name="SecureString",
           help='The password for SMTP AUTH: (ConvertTo-SecureString "..." -AsPlainText -Force).'),
-    Param("EmailAddresses", convert=_to_address_entries, multi=True, type_name="ProxyAddressCollection",
+    Param("EmailAddresses", convert=_address_entries, multi=True, type_name="ProxyAddressCollection",
           help='All addresses; "SMTP:" marks the primary, "smtp:" the others. @{Add=...} adds aliases.'),
     Param("ForwardingSmtpAddress", convert=lambda v: None if scalar(v) is None else parse_smtp_address(scalar(v)),
           type_name="ProxyAddress"),

@@ -7,7 +7,8 @@ import os
 import socket
 from pathlib import Path
 
-from mailgate.config.model import AcceptedDomain, Certificate, Mailbox, ReceiveConnector, TransportConfig, TransportServer
+from mailgate.config.model import (AcceptedDomain, Certificate, Mailbox, OrganizationConfig, ReceiveConnector,
+                                   TransportConfig, TransportServer)
 from mailgate.config.secrets import ENV_KEY, SecretBox
 from mailgate.config.store import ConfigStore, default_sqlite_url
 from mailgate.config.values import ExchangeServices, is_domain, normalise_domain
@@ -66,6 +67,7 @@ def initialise(path: Path, *, server: str | None, domain: str | None, store_url:
                                f"(sharing its secret key)")
             if new_org:
                 tx.put(TransportConfig())
+                tx.put(OrganizationConfig())
                 tx.put(validate(AcceptedDomain, dict(name=domain_name, domain_name=domain_name, default=True)))
                 created.append(f"Accepted domain {domain_name} (Authoritative, default)")
             default_domain = next((d.domain_name for d in tx.list(AcceptedDomain) if d.default), domain_name)

@@ -39,6 +39,21 @@ class MultiValuedChange:
         return result
 
 
+def multi_valued(element: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The converter of a multi-valued parameter whose values ``element`` converts: a list (None: empty), or
+    ``@{Add=...; Remove=...}`` as a MultiValuedChange."""
+    def convert(value: Any) -> Any:
+        if isinstance(value, dict):
+            keys = {k.lower(): v for k, v in value.items()}
+            unknown = set(keys) - {"add", "remove"}
+            if unknown:
+                raise ValueError(f"only Add and Remove can change a multi-valued property, not {', '.join(sorted(unknown))}")
+            return MultiValuedChange([element(v) for v in as_list(keys.get("add"))],
+                                     [element(v) for v in as_list(keys.get("remove"))])
+        return [element(v) for v in as_list(value)]
+    return convert
+
+
 def as_list(value: Any) -> list[Any]:
     if value is None:
         return []
@@ -193,16 +208,7 @@ class FieldConverter:
 
     def __call__(self, value: Any) -> Any:
         if self.is_list:
-            if isinstance(value, dict):
-                keys = {k.lower(): v for k, v in value.items()}
-                unknown = set(keys) - {"add", "remove"}
-                if unknown:
-                    raise ValueError(f"only Add and Remove can change a multi-valued property, not {', '.join(sorted(unknown))}")
-                return MultiValuedChange([self.element(v) for v in as_list(keys.get("add"))],
-                                         [self.element(v) for v in as_list(keys.get("remove"))])
-            if value is None:
-                return []
-            return [self.element(v) for v in as_list(value)]
+            return multi_valued(self.element)(value)
         if self._flag:
             return self.element([to_str(v) for v in as_list(value)])
         value = scalar(value)

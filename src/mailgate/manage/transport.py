@@ -3,17 +3,18 @@ and Add/Get/Remove-ADPermission on receive connectors."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
-from mailgate.config.model import (ADPermissionEntry, Mailbox, ProtocolLoggingLevel, ReceiveConnector, SendConnector,
-                                   TransportConfig, TransportServer)
+from mailgate.config.model import (AcceptedDomain, ADPermissionEntry, Mailbox, OrganizationConfig, ProtocolLoggingLevel,
+                                   ReceiveConnector, SendConnector, TransportConfig, TransportServer)
 from mailgate.config.values import PermissionGroups, is_domain, normalise_domain, parse_log_path
 from mailgate.errors import InvalidValueError, UserError
 from mailgate.home import DEFAULT_LOG_DIRS, LOG_PATH_FIELDS
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.objects import apply_changes, field_params, find_one
-from mailgate.manage.params import MultiValuedChange, as_list, to_str, to_str_list
+from mailgate.manage.params import as_list, multi_valued, to_str, to_str_list
 from mailgate.manage.present import Record, present
 from mailgate.manage.receive_connectors import resolve as resolve_receive_connector
 from mailgate.receive import rights as R
@@ -42,15 +43,7 @@ _SERVICE_PARAMS = field_params(TransportServer, exclude={"name", "fqdn", "server
 _LOG_PATH_PARAMS = [Param(name, convert=parse_log_path, type_name="LocalLongFullPath",
                           help='A full path; "" for the data directory\'s logs/; $null turns the log off.')
                     for name in LOG_PATH_FIELDS]
-def _dns_list(value: Any) -> Any:
-    if isinstance(value, dict):
-        keys = {k.lower(): v for k, v in value.items()}
-        return MultiValuedChange([_dns_server(v) for v in as_list(keys.get("add"))],
-                                 [_dns_server(v) for v in as_list(keys.get("remove"))])
-    return [_dns_server(v) for v in as_list(value)]
-
-
-_DNS_PARAMS = [Param(n, convert=_dns_list, multi=True, type_name="MultiValuedProperty",
+_DNS_PARAMS = [Param(n, convert=multi_valued(_dns_server), multi=True, type_name="MultiValuedProperty",
                      help="DNS servers as IP or IP#port.") for n in ("ExternalDNSServers", "InternalDNSServers")]
 
 
@@ -181,18 +174,19 @@ def _secure_domain(value: Any) -> str:
     return text
 
 
-def _domain_list(value: Any) -> Any:
-    if isinstance(value, dict):
-        keys = {k.lower(): v for k, v in value.items()}
-        return MultiValuedChange([_secure_domain(v) for v in as_list(keys.get("add"))],
-                                 [_secure_domain(v) for v in as_list(keys.get("remove"))])
-    return [_secure_domain(v) for v in as_list(value)]
+def _dsn_code(value: Any) -> str:
+    text = to_str(value).strip()
+    if not re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", text):
+        raise ValueError(f'"{text}" is not an enhanced status code (class.subject.detail, for example 5.4.4)')
+    return text
 
 
-_CONFIG_PARAMS = [p for p in field_params(TransportConfig, exclude={"name"})
-                  if p.name not in ("TLSSendDomainSecureList", "TLSReceiveDomainSecureList")]
-_CONFIG_PARAMS += [Param(n, convert=_domain_list, multi=True, type_name="MultiValuedProperty")
-                   for n in ("TLSSendDomainSecureList", "TLSReceiveDomainSecureList")]
+_CHECKED_LISTS = {"TLSSendDomainSecureList": multi_valued(_secure_domain),
+                  "TLSReceiveDomainSecureList": multi_valued(_secure_domain),
+                  "GenerateCopyOfDSNFor": multi_valued(_dsn_code)}
+_CONFIG_PARAMS = [p for p in field_params(TransportConfig, exclude={"name"}) if p.name not in _CHECKED_LISTS]
+_CONFIG_PARAMS += [Param(n, convert=convert, multi=True, type_name="MultiValuedProperty")
+                   for n, convert in _CHECKED_LISTS.items()]
 
 
 @cmdlet("Get-TransportConfig", [], synopsis="Show organisation-wide transport settings.", default_view="TransportConfig")
@@ -210,6 +204,58 @@ def set_transport_config(ctx: ManagementContext, args: dict[str, Any]) -> list[A
         changes = {k: v for k, v in args.items() if k not in ("WhatIf", "Confirm", "DomainController")}
         updated = apply_changes(current, changes)
         if not ctx.should_process("Setting the organisation's transport configuration."):
+            return []
+        tx.put(updated)
+    return []
+
+
+# ---------------------------------------------------------------------------
+# Organisation config: the Microsoft Exchange recipient, which receives the copies of NDRs (GenerateCopyOfDSNFor)
+
+# The local part of the Microsoft Exchange recipient's address (the same in every Exchange organisation).
+EXCHANGE_RECIPIENT_LOCAL_PART = "MicrosoftExchange329e71ec88ae4615bbc36ab6ce41109e"
+
+
+def _organization_config(tx: Any) -> OrganizationConfig:
+    return tx.get(OrganizationConfig, "organization config") or OrganizationConfig()
+
+
+@cmdlet("Get-OrganizationConfig", [], synopsis="Show the organisation's settings (the Microsoft Exchange recipient).",
+        default_view="OrganizationConfig")
+def get_organization_config(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Show the organisation's settings that transport uses: where the Microsoft Exchange recipient's mail goes."""
+    with ctx.store.reader() as tx:
+        config = _organization_config(tx)
+        domain = next((d.domain_name for d in tx.list(AcceptedDomain) if d.default), None)
+    record = present(config)
+    address = f"{EXCHANGE_RECIPIENT_LOCAL_PART}@{domain}" if domain else None
+    record.set("MicrosoftExchangeRecipientEmailAddresses", [f"SMTP:{address}"] if address else [])
+    record.set("MicrosoftExchangeRecipientPrimarySmtpAddress", address)
+    return [record]
+
+
+def _reply_recipient(value: Any) -> str | None:
+    return None if value is None else to_str(value)
+
+
+@cmdlet("Set-OrganizationConfig",
+        [Param("MicrosoftExchangeRecipientReplyRecipient", convert=_reply_recipient, type_name="RecipientIdParameter",
+               help="The mailbox that receives copies of NDRs (GenerateCopyOfDSNFor); $null discards them.")],
+        synopsis="Change the organisation's settings.", mutates=True,
+        examples=['Set-OrganizationConfig -MicrosoftExchangeRecipientReplyRecipient "NDR Monitor"'])
+def set_organization_config(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Choose the mailbox that receives what is sent to the Microsoft Exchange recipient (copies of NDRs)."""
+    from mailgate.manage.domains_mailboxes import resolve_mailbox
+
+    with ctx.store.transaction() as tx:
+        current = _organization_config(tx)
+        changes = {}
+        if "MicrosoftExchangeRecipientReplyRecipient" in args:
+            identity = args["MicrosoftExchangeRecipientReplyRecipient"]
+            changes["MicrosoftExchangeRecipientReplyRecipient"] = \
+                None if identity is None else resolve_mailbox(tx, identity).name
+        updated = apply_changes(current, changes)
+        if not ctx.should_process("Setting the organisation's configuration."):
             return []
         tx.put(updated)
     return []

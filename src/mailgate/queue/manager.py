@@ -157,6 +157,9 @@ class RuntimeSettings:
     org: TransportConfig
     routing: RoutingTable
     submission_suspended: bool = False
+    # Where copies of NDRs with a code in GenerateCopyOfDSNFor go: the address of the Microsoft Exchange
+    # recipient's reply recipient (Set-OrganizationConfig); None discards them, as Exchange does.
+    ndr_copies_to: str | None = None
 
 
 class QueueManager:
@@ -706,14 +709,24 @@ class QueueManager:
             return [], updates
         recipients = [DSN.DsnRecipient(r["address"], r["orcpt"], DSN.status_of(results[r["idx"]][1], "5.0.0"),
                                        results[r["idx"]][1], remote) for r in notify]
-        ndr = self._make_dsn(msg, body, "failed", recipients)
+        ndr = self._make_dsn(msg, body, "failed", recipients, copy_to=self._ndr_copy_to(recipients))
         self.tracker.event("DSN", "DSN", recipients=[r["address"] for r in notify], recipient_count=len(notify),
                            internal_message_id=msg["id"], message_id=msg["message_id"],
                            network_message_id=msg["network_id"], sender=_path(msg["sender"]), reference=ndr.message_id,
                            message_subject=msg["subject"], return_path=msg["sender"])
         return [ndr], updates
 
-    def _make_dsn(self, msg: Any, body: StoredBody | None, action: str, recipients: list[DSN.DsnRecipient]) -> NewMessage:
+    def _ndr_copy_to(self, recipients: list[DSN.DsnRecipient]) -> str | None:
+        """The Microsoft Exchange recipient's reply recipient when an NDR has a code in GenerateCopyOfDSNFor."""
+        assert self.settings is not None
+        monitored = set(self.settings.org.generate_copy_of_dsn_for)
+        if self.settings.ndr_copies_to and any(r.status in monitored for r in recipients):
+            return self.settings.ndr_copies_to
+        return None
+
+    def _make_dsn(self, msg: Any, body: StoredBody | None, action: str, recipients: list[DSN.DsnRecipient],
+                  copy_to: str | None = None) -> NewMessage:
+        """A DSN to the sender of ``msg``; ``copy_to`` gets the same report as one more envelope recipient."""
         assert self.settings is not None
         original = body if body is not None else self.store.body(msg)
         routing = self.settings.routing
@@ -732,7 +745,8 @@ class QueueManager:
         now = time.time()
         prefix = {"failed": "Undeliverable", "delayed": "Delivery delayed", "delivered": "Delivered",
                   "relayed": "Relayed"}[action]
-        target = self.categorise([(msg["sender"], None, "NEVER")], len(content), system=True)
+        addressees = [msg["sender"]] + ([copy_to] if copy_to and copy_to.lower() != msg["sender"].lower() else [])
+        target = self.categorise([(a, None, "NEVER") for a in addressees], len(content), system=True)
         message_id = content.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0].decode()
         return NewMessage(network_id=str(uuid.uuid4()), message_id=message_id, sender="",
                           subject=f"{prefix}: {msg['subject'] or ''}", size=len(content), received_at=now,

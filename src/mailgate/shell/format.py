@@ -19,6 +19,7 @@ DEFAULT_VIEWS: dict[str, tuple[str, list[str] | None]] = {
     "Mailbox": ("table", ["Name", "Alias", "PrimarySmtpAddress"]),
     "TransportServer": ("table", ["Name", "Fqdn", "MessageExpirationTimeout", "ExternalDNSServers"]),
     "TransportConfig": ("list", None),
+    "OrganizationConfig": ("list", None),
     "ExchangeServer": ("table", ["Name", "Site", "ServerRole", "Edition", "AdminDisplayVersion"]),
     "Queue": ("table", ["Identity", "DeliveryType", "Status", "MessageCount", "Velocity", "RiskLevel",
                         "OutboundIPPool", "NextHopDomain"]),
