@@ -21,6 +21,8 @@ import time
 import uuid
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
+
 from mailgate.config.model import Certificate, Mailbox, ReceiveConnector, TransportConfig, TransportServer
 from mailgate.config.secrets import SecretBox, verify_password
 from mailgate.config.store import ConfigStore
@@ -59,6 +61,7 @@ class TransportService:
         self.revision = -1
         self.snapshot: dict[str, list[Any]] = {}
         self._stop = asyncio.Event()
+        self._reload_problem: str | None = None      # what the last failed reload said, until one succeeds
         self._tasks: list[asyncio.Task[Any]] = []
         self._ssl_cache: dict[tuple[str, bool], Any] = {}
         self.started = time.time()
@@ -140,10 +143,28 @@ class TransportService:
                 return
             try:
                 await self.reload()
-            except UserError as exc:
-                log.error("%s", exc.message)
-            except Exception:  # noqa: BLE001 - keep serving with the last good configuration
-                log.exception("reloading the configuration failed")
+            except Exception as exc:  # noqa: BLE001 - keep serving with the last good configuration
+                self._reload_failed(exc)
+            else:
+                if self._reload_problem is not None:
+                    log.warning("reading the configuration works again")
+                    self._reload_problem = None
+
+    def _reload_failed(self, exc: Exception) -> None:
+        """Say once per problem (not once a second) that the configuration can't be read: the store is
+        unreachable (PostgreSQL down) or holds something this version refuses. Mail goes on meanwhile."""
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        problem = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {first_line}"
+        if problem == self._reload_problem:
+            return
+        self._reload_problem = problem
+        if isinstance(exc, UserError):
+            log.error("%s (serving with the last configuration read)", exc.message)
+        elif isinstance(exc, sa_exc.OperationalError):
+            log.error("reading the configuration failed (%s); serving with the last configuration read until the "
+                      "store answers again", problem)
+        else:
+            log.exception("reading the configuration failed; serving with the last configuration read")
 
     async def _watch_disk(self) -> None:
         """Back pressure: the queue disk's level, sampled while the server runs (queue/pressure.py)."""

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import email
 import json
+import re
 import smtplib
+import time
 import ssl
 import urllib.error
 import urllib.request
 
 import pytest
 from cryptography.fernet import Fernet
-from helpers import Server, bind_ports, free_port, make_home, shell, synced, wait_for
-from peers import SmtpPeer
+from helpers import Server, bind_ports, free_port, maildir_messages, make_home, shell, synced, wait_for
+from peers import SmtpPeer, TcpProxy
 
 from mailgate.config.secrets import SecretBox
 from mailgate.smtp import exps
@@ -188,3 +190,42 @@ def test_another_servers_queues_are_managed_from_this_shell(organisation):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 401
+
+
+def test_mail_flows_while_postgresql_is_away_and_the_server_says_so_once(tmp_path, postgres_url):
+    """The store goes away (PostgreSQL stopped, the network cut): mail is still accepted, queued and delivered
+    with the configuration last read; the server says once that it can't read the configuration (not once a
+    second), and when the store is back, says so and writes the tracking events it held."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres_url)
+    proxy = TcpProxy((url.host, url.port or 5432))
+    home = make_home(tmp_path / "ex01", store=url.set(host="127.0.0.1", port=proxy.port)
+                     .render_as_string(hide_password=False))
+    port = bind_ports(home)["frontend"]
+    assert shell(home, "New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com", runtime=None).ok
+    server = Server(home).start()
+    try:
+        submit(port, "admin@domain.com", "before")
+        proxy.cut()
+        for n in range(3):
+            submit(port, "admin@domain.com", f"while away {n}")
+        wait_for(lambda: len(maildir_messages(home, "admin@domain.com")) == 4, message="four messages delivered")
+        time.sleep(4)                                       # four config polls of every worker
+        out = server.output()
+        workers = int(re.search(r"running with (\d+) worker", out).group(1))
+        said = out.count("reading the configuration failed")
+        assert 1 <= said <= workers, out[-3000:]            # once per worker process
+        assert "Traceback" not in server.output()
+        proxy.restore()
+        wait_for(lambda: "reading the configuration works again" in server.output(), message="the store back")
+        wanted = {"before"} | {f"while away {n}" for n in range(3)}
+
+        def delivered_subjects() -> set[str]:
+            return set(shell(home, "Get-MessageTrackingLog -EventId DELIVER | ForEach-Object { $_.MessageSubject }")
+                       .out.splitlines())
+
+        wait_for(lambda: delivered_subjects() >= wanted, timeout=30, message="the held tracking events written")
+    finally:
+        server.stop()
+        proxy.close()
