@@ -64,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        from mailgate.config.store import is_unreachable, unreachable_reason
+
+        if not is_unreachable(exc):
+            raise
+        print(f"mailgate: the store of this organisation can't be reached ({unreachable_reason(exc)}).",
+              file=sys.stderr)
+        return 2
     return 0
 
 
@@ -79,11 +87,19 @@ def cmd_init(path: Path, args: argparse.Namespace) -> int:
 
 
 def management_context(home: Home, *, with_runtime_client: bool = True):  # type: ignore[no-untyped-def]
-    from mailgate.config.store import ConfigStore
+    from mailgate.config.store import ConfigStore, is_unreachable, unreachable_reason
     from mailgate.control import RuntimeClient
     from mailgate.manage.context import ManagementContext
 
-    store = ConfigStore(home.store_url)
+    store = ConfigStore(home.store_url, migrate=False)
+    try:
+        store.migrate()
+    except Exception as exc:
+        if not is_unreachable(exc):
+            raise
+        # The queues of a running server are still managed through it; configuration cmdlets say what's wrong.
+        print(f"WARNING: the store of this organisation can't be reached ({unreachable_reason(exc)}): cmdlets "
+              "that read or change the configuration fail until it answers.", file=sys.stderr)
     runtime = RuntimeClient(home) if with_runtime_client else None
     return ManagementContext(home, store, runtime=runtime)
 

@@ -3,6 +3,7 @@
     mailgate.toml        server name, store URL, admin endpoint, back pressure settings
     mailgate.db          configuration + tracking index (SQLite back end)
     secret.key           key that encrypts stored secrets
+    config-cache.json    the configuration as last read, to start from while the store can't be reached
     queue/               the durable queue (queue.db + body segments; space.reserve, see queue/pressure.py)
     mailboxes/           Maildir per mailbox
     logs/MessageTracking, logs/ProtocolLog/SmtpReceive, logs/ProtocolLog/SmtpSend
@@ -89,6 +90,12 @@ class Home:
         if configured is None:
             return None
         return Path(configured) if configured else self.log_dir.joinpath(*DEFAULT_LOG_DIRS[setting])
+
+    @property
+    def config_cache(self) -> Path:
+        """The configuration as last read from the store: a server starts from it when the store can't be
+        reached (config/store.py save_snapshot)."""
+        return self.path / "config-cache.json"
 
     @property
     def run_dir(self) -> Path:

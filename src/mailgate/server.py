@@ -21,11 +21,9 @@ import time
 import uuid
 from typing import Any
 
-from sqlalchemy import exc as sa_exc
-
 from mailgate.config.model import Certificate, Mailbox, ReceiveConnector, TransportConfig, TransportServer
 from mailgate.config.secrets import SecretBox, verify_password
-from mailgate.config.store import ConfigStore
+from mailgate.config.store import ConfigStore, is_unreachable, load_snapshot, save_snapshot, unreachable_reason
 from mailgate.control import ControlServer
 from mailgate.errors import UserError
 from mailgate.home import Home
@@ -56,12 +54,14 @@ class TransportService:
         self.admin_listen = admin_listen if admin_listen is not None else home.admin_listen
         self.announce = announce   # with several workers the supervisor chooses which lines reach the terminal
         self.worker, self.workers = worker, workers
-        self.store = ConfigStore(home.store_url)
+        self.store = ConfigStore(home.store_url, migrate=False)   # migrated at the first read (_read_store)
         self.secrets = SecretBox.for_home(home.path)
         self.revision = -1
         self.snapshot: dict[str, list[Any]] = {}
         self._stop = asyncio.Event()
         self._reload_problem: str | None = None      # what the last failed reload said, until one succeeds
+        self._store_migrated = False
+        self._admin_url_published = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._ssl_cache: dict[tuple[str, bool], Any] = {}
         self.started = time.time()
@@ -108,11 +108,45 @@ class TransportService:
                                org_fqdns=frozenset(s.fqdn.lower() for s in snapshot.get("TransportServer", [])))
         return config, RuntimeSettings(server, org, routing, ndr_copies_to=_ndr_copies_to(snapshot))
 
-    async def reload(self, force: bool = False) -> bool:
-        revision = await asyncio.to_thread(self.store.revision)
-        if revision == self.revision and not force:
-            return False
-        revision, snapshot = await asyncio.to_thread(self.store.snapshot)
+    def _read_store(self, changed_since: int | None = None) -> tuple[int, dict[str, list[Any]]] | None:
+        """The store's snapshot (None when its revision is still ``changed_since``). Worker 0 keeps a copy in
+        the data directory for a start while the store can't be reached."""
+        if not self._store_migrated:
+            self.store.migrate()
+            self._store_migrated = True
+        if changed_since is not None and self.store.revision() == changed_since:
+            return None
+        revision, snapshot = self.store.snapshot()
+        if self.worker == 0:
+            save_snapshot(self.home.config_cache, revision, snapshot)
+        return revision, snapshot
+
+    def _first_configuration(self) -> tuple[int, dict[str, list[Any]]]:
+        """The store's snapshot; when the store can't be reached, the copy kept at the last start or change."""
+        try:
+            read = self._read_store()
+            assert read is not None
+            return read
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            kept = load_snapshot(self.home.config_cache)
+            if kept is None:
+                raise UserError(f"The store can't be reached ({unreachable_reason(exc)}) and this server has not "
+                                "read its "
+                                "configuration before: start it when the store answers.") from None
+            self._reload_failed(exc)
+            self.announce(f"The store can't be reached: starting with the configuration read last "
+                          f"(revision {kept[0]}); it is read again as soon as the store answers.")
+            return kept
+
+    async def reload(self, force: bool = False, read: tuple[int, dict[str, list[Any]]] | None = None) -> bool:
+        """Apply the store's configuration if it changed (or ``force``), or ``read`` when given."""
+        if read is None:
+            read = await asyncio.to_thread(self._read_store, None if force else self.revision)
+            if read is None:
+                return False
+        revision, snapshot = read
         config, settings = self.build_receive_config(revision, snapshot)
         self.snapshot = snapshot
         self.revision = revision
@@ -143,6 +177,7 @@ class TransportService:
                 return
             try:
                 await self.reload()
+                await self._publish_admin_url_once()
             except Exception as exc:  # noqa: BLE001 - keep serving with the last good configuration
                 self._reload_failed(exc)
             else:
@@ -153,14 +188,18 @@ class TransportService:
     def _reload_failed(self, exc: Exception) -> None:
         """Say once per problem (not once a second) that the configuration can't be read: the store is
         unreachable (PostgreSQL down) or holds something this version refuses. Mail goes on meanwhile."""
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        problem = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {first_line}"
+        if isinstance(exc, UserError):
+            problem = exc.message
+        elif is_unreachable(exc):
+            problem = unreachable_reason(exc)
+        else:
+            problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if problem == self._reload_problem:
             return
         self._reload_problem = problem
         if isinstance(exc, UserError):
             log.error("%s (serving with the last configuration read)", exc.message)
-        elif isinstance(exc, sa_exc.OperationalError):
+        elif is_unreachable(exc):
             log.error("reading the configuration failed (%s); serving with the last configuration read until the "
                       "store answers again", problem)
         else:
@@ -285,8 +324,8 @@ class TransportService:
         self.metrics = Metrics()
         self.manager.on_event = self.metrics.on_event
         self.admin = QueueAdmin(self.manager, home.server)
-        revision, snapshot = await asyncio.to_thread(self.store.snapshot)
-        config, settings = self.build_receive_config(revision, snapshot)
+        first = await asyncio.to_thread(self._first_configuration)
+        config, settings = self.build_receive_config(*first)
         self.receive = ReceiveServer(store=self.queue_store, pipeline=self.manager, tracker=self.tracker,
                                      protocol_log=self.receive_log, authenticate=self.authenticate, config=config,
                                      reuse_port=self.workers > 1)
@@ -312,14 +351,20 @@ class TransportService:
             try:
                 self.api = await start_api(self, self.admin_listen)
                 self.admin_url = f"http://{self.admin_listen}/"
-                await asyncio.to_thread(self._publish_admin_url, self.admin_listen)
             except UserError as exc:   # mail keeps flowing; the shell still manages the server
                 self.announce(f"{exc.message} Mail flow is not affected.")
-        await self.reload(force=True)
+        await self.reload(read=first)
+        if self._reload_problem is None:
+            await self._publish_admin_url_once()
         self._tasks = [asyncio.ensure_future(self.manager.run()), asyncio.ensure_future(self._watch_config()),
                        asyncio.ensure_future(self._maintenance()), asyncio.ensure_future(self._watch_disk())]
         if self.workers == 1:
             home.pid_file.write_text(f"{os.getpid()}\n")
+
+    async def _publish_admin_url_once(self) -> None:
+        if self.admin_url and not self._admin_url_published:
+            await asyncio.to_thread(self._publish_admin_url, self.admin_listen)
+            self._admin_url_published = True
 
     def _publish_admin_url(self, listen: str) -> None:
         """Record where the other servers of the organisation reach this one's queues (a wildcard listener

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 from mailgate.control import ControlServer, call_socket
@@ -31,6 +32,9 @@ from mailgate.receive.limits import SharedCounter
 
 log = logging.getLogger("mailgate.supervisor")
 WORKER_STOP_SECONDS = 60   # a worker drains for 10 s; past this it is killed
+# A worker that exits is started again after 1 s; one that exits again within RESTART_QUICK seconds of its
+# start waits twice as long as the last time, up to RESTART_MAX seconds (it can't start: say so seldom).
+RESTART_QUICK, RESTART_MAX = 10.0, 30.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -51,6 +55,8 @@ class Supervisor:
         self._stopping = False
         self._stop = asyncio.Event()
         self._running: set[int] = set()   # workers that have said they are running
+        self._started: dict[int, float] = {}
+        self._restart_delay: dict[int, float] = {}
         self._announced = False
 
     # -- workers ---------------------------------------------------------------------
@@ -61,6 +67,7 @@ class Supervisor:
         proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=None,
                                                     preexec_fn=_die_with_parent)
         self.procs[index] = proc
+        self._started[index] = time.monotonic()
         asyncio.ensure_future(self._relay_output(index, proc))
 
     async def _relay_output(self, index: int, proc: asyncio.subprocess.Process) -> None:
@@ -82,9 +89,15 @@ class Supervisor:
                 self.announce(text)
         code = await proc.wait()
         if not self._stopping:
-            self.announce(f"Worker {index} exited with {code}; restarting it.")
-            await asyncio.sleep(1)
-            if not self._stopping:
+            quick = time.monotonic() - self._started[index] < RESTART_QUICK
+            delay = min(2 * self._restart_delay.get(index, 0.5), RESTART_MAX) if quick else 1.0
+            self._restart_delay[index] = delay
+            self.announce(f"Worker {index} exited with {code}; restarting it in {delay:g} s.")
+            try:
+                await asyncio.wait_for(self._stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            if not self._stopping and not self._stop.is_set():
                 await self._spawn(index)
 
     async def run(self) -> None:

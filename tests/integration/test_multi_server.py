@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 from cryptography.fernet import Fernet
-from helpers import Server, bind_ports, free_port, maildir_messages, make_home, shell, synced, wait_for
+from helpers import Server, bind_ports, cli, free_port, maildir_messages, make_home, shell, synced, wait_for
 from peers import SmtpPeer, TcpProxy
 
 from mailgate.config.secrets import SecretBox
@@ -192,10 +192,9 @@ def test_another_servers_queues_are_managed_from_this_shell(organisation):
     assert refused.value.code == 401
 
 
-def test_mail_flows_while_postgresql_is_away_and_the_server_says_so_once(tmp_path, postgres_url):
-    """The store goes away (PostgreSQL stopped, the network cut): mail is still accepted, queued and delivered
-    with the configuration last read; the server says once that it can't read the configuration (not once a
-    second), and when the store is back, says so and writes the tracking events it held."""
+@pytest.fixture
+def behind_a_proxy(tmp_path, postgres_url):
+    """EX01 whose PostgreSQL is reached through a TCP proxy the test can cut, with a mailbox admin@domain.com."""
     from sqlalchemy.engine import make_url
 
     url = make_url(postgres_url)
@@ -204,6 +203,15 @@ def test_mail_flows_while_postgresql_is_away_and_the_server_says_so_once(tmp_pat
                      .render_as_string(hide_password=False))
     port = bind_ports(home)["frontend"]
     assert shell(home, "New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com", runtime=None).ok
+    yield home, port, proxy
+    proxy.close()
+
+
+def test_mail_flows_while_postgresql_is_away_and_the_server_says_so_once(behind_a_proxy):
+    """The store goes away (PostgreSQL stopped, the network cut): mail is still accepted, queued and delivered
+    with the configuration last read; the server says once that it can't read the configuration (not once a
+    second), and when the store is back, says so and writes the tracking events it held."""
+    home, port, proxy = behind_a_proxy
     server = Server(home).start()
     try:
         submit(port, "admin@domain.com", "before")
@@ -228,4 +236,42 @@ def test_mail_flows_while_postgresql_is_away_and_the_server_says_so_once(tmp_pat
         wait_for(lambda: delivered_subjects() >= wanted, timeout=30, message="the held tracking events written")
     finally:
         server.stop()
-        proxy.close()
+
+
+def test_a_server_starts_with_the_configuration_it_read_last_while_postgresql_is_away(behind_a_proxy):
+    """A server (re)started during an outage serves with the configuration it kept from its last read; one that
+    never read it says why it can't start, ever less often; the shell still manages the queues."""
+    home, port, proxy = behind_a_proxy
+    proxy.cut()
+    with pytest.raises(RuntimeError, match="did not start") as never_read:
+        Server(home).start(timeout=6)
+    assert "has not read its configuration before: start it when the store answers" in str(never_read.value)
+    assert "restarting it in 2 s" in str(never_read.value)                 # backing off, not once a second
+
+    proxy.restore()
+    server = Server(home, admin=True).start()
+    try:
+        assert home.config_cache.exists() and home.config_cache.stat().st_mode & 0o077 == 0
+        server.stop()
+        proxy.cut()
+        offset = len(server.output())
+        server.start()
+        assert "starting with the configuration read last" in server.output()[offset:]
+        submit(port, "admin@domain.com", "served from the kept configuration")
+        wait_for(lambda: maildir_messages(home, "admin@domain.com"), message="the message delivered")
+        queues = cli(home, "shell", "-c", "Get-Queue | ft Identity,MessageCount")
+        assert queues.returncode == 0 and "EX01\\Submission" in queues.stdout, queues
+        assert "the store of this organisation can't be reached" in queues.stderr
+        config = cli(home, "shell", "-c", "Get-ReceiveConnector")
+        assert config.returncode == 1 and "needs the organisation's store, which can't be reached" in config.stderr
+        assert "This is a bug" not in config.stderr
+        request = urllib.request.Request(f"http://127.0.0.1:{server.admin_port}/api/cmdlets/Get-ReceiveConnector",
+                                         method="POST", headers={"Authorization": f"Bearer {home.admin_token}"})
+        with pytest.raises(urllib.error.HTTPError) as api:
+            urllib.request.urlopen(request, timeout=30)
+        assert api.value.code == 503 and "store can't be reached" in json.loads(api.value.read())["error"]
+        proxy.restore()
+        wait_for(lambda: "reading the configuration works again" in server.output()[offset:], message="the store")
+        assert cli(home, "shell", "-c", "Get-ReceiveConnector").returncode == 0
+    finally:
+        server.stop()

@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ConfigDict, create_model
 
 from mailgate.api.metrics import CONTENT_TYPE, Metrics
+from mailgate.config.store import UNREACHABLE_ERRORS, unreachable_reason
 from mailgate.control import RuntimeClient, decode, encode, error_payload, org_runtime_token
 from mailgate.errors import UserError
 from mailgate.manage import load_cmdlets
@@ -130,6 +131,14 @@ def build_app(service: Any, loop: asyncio.AbstractEventLoop) -> FastAPI:
         if not service.home.admin_token or not hmac.compare_digest(token.encode(), service.home.admin_token.encode()):
             raise HTTPException(status_code=401, detail="missing or wrong admin token",
                                 headers={"WWW-Authenticate": "Bearer"})
+
+    def store_unreachable(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(status_code=503, content={
+            "error": f"The organisation's store can't be reached ({unreachable_reason(exc)}).",
+            "category": "ResourceUnavailable"})
+
+    for error in UNREACHABLE_ERRORS:
+        app.add_exception_handler(error, store_unreachable)
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> JSONResponse:

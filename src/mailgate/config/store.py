@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 import re
 import threading
 from pathlib import Path
@@ -204,12 +205,7 @@ class ConfigStore:
         with self.reader() as tx:
             rev = tx.conn.execute(sa.select(config_revision.c.revision).where(config_revision.c.id == 1)).scalar()
             rows = tx.conn.execute(sa.select(config_object.c.kind, config_object.c.data)).all()
-        out: dict[str, list[ConfigObject]] = {k: [] for k in ALL_KINDS}
-        for kind, data in rows:
-            cls = ALL_KINDS.get(kind)
-            if cls is not None:
-                out[kind].append(cls.model_validate(json.loads(data)))
-        return int(rev or 0), out
+        return int(rev or 0), _objects(rows)
 
     # -- tracking -------------------------------------------------------------
     def insert_tracking(self, rows: list[dict[str, Any]]) -> None:
@@ -317,6 +313,53 @@ class ConfigStore:
             conn.execute(message_tracking_recipient.delete().where(message_tracking_recipient.c.tracking_id.in_(ids)))
             result = conn.execute(t.delete().where(t.c.timestamp < _naive_utc(before), t.c.server == server))
             return result.rowcount or 0
+
+
+# What the store raises when it can't be reached or used right now (PostgreSQL down, the network cut,
+# SQLite locked): not a bug, a condition to report and wait out.
+UNREACHABLE_ERRORS: tuple[type[Exception], ...] = (sa.exc.OperationalError,)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    return isinstance(exc, UNREACHABLE_ERRORS)
+
+
+def unreachable_reason(exc: BaseException) -> str:
+    """What the database driver said, on one line (without SQLAlchemy's wrapping and links)."""
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _objects(rows: Any) -> dict[str, list[ConfigObject]]:
+    """(kind, JSON document) rows as objects grouped by kind; kinds this version doesn't know are left out."""
+    out: dict[str, list[ConfigObject]] = {k: [] for k in ALL_KINDS}
+    for kind, data in rows:
+        cls = ALL_KINDS.get(kind)
+        if cls is not None:
+            out[kind].append(cls.model_validate(json.loads(data)))
+    return out
+
+
+def save_snapshot(path: Path, revision: int, snapshot: dict[str, list[ConfigObject]]) -> None:
+    """Keep a snapshot in a local file (written whole, then renamed, readable by the owner only), so that a
+    server can start with the configuration it last read when the store can't be reached."""
+    rows = [[obj.kind, obj.model_dump_json(by_alias=True)] for objects in snapshot.values() for obj in objects]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+        json.dump({"revision": revision, "objects": rows}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_snapshot(path: Path) -> tuple[int, dict[str, list[ConfigObject]]] | None:
+    """The snapshot ``save_snapshot`` kept, or None when there is none."""
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    return int(saved["revision"]), _objects(saved["objects"])
+
 
 
 def _naive_utc(value: dt.datetime) -> dt.datetime:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from lark import Token, Tree
 
+from mailgate.config.store import is_unreachable, unreachable_reason
 from mailgate.config.values import ByteSize, TimeSpan
 from mailgate.errors import ParseError, UserError
 from mailgate.manage.cmdlets import Cmdlet, registry
@@ -276,6 +277,9 @@ class Evaluator:
         except (UserError, RecursionError):
             raise
         except Exception as exc:  # a bug is reported like any error; it doesn't end the administrator's session
+            if is_unreachable(exc):
+                raise UserError(f"{cmd.name} needs the organisation's store, which can't be reached "
+                                f"({unreachable_reason(exc)}).") from exc
             log.debug("%s raised", cmd.name, exc_info=True)
             raise UserError(f"{cmd.name} failed with an internal error ({type(exc).__name__}: {exc}). This is a bug "
                             "in mailgate.") from exc
