@@ -187,3 +187,19 @@ def test_mailboxes_accepted_domains_and_transport_settings(home):
     assert not bad.ok and "isn't an Authoritative" in bad.err
     dup = shell(home, 'New-Mailbox -Name Kate2 -PrimarySmtpAddress k@domain.com')
     assert not dup.ok and "already used" in dup.err
+
+
+def test_frontend_transport_service_cmdlets_show_and_change_the_servers_frontend_settings(home):
+    """Exchange 2013+ keeps protocol-log and DNS settings of its Front End Transport service apart; mailgate's one
+    service per server takes them from either cmdlet, and refuses what the Front End service doesn't have."""
+    r = shell(home, "Set-FrontendTransportService EX01 -ReceiveProtocolLogMaxAge 7.00:00:00 -TransientFailureRetryCount 3\n"
+                    "Get-TransportService EX01 | fl ReceiveProtocolLogMaxAge,TransientFailureRetryCount\n"
+                    "Get-FrontendTransportService | fl *")
+    assert r.ok, r.err
+    assert "ReceiveProtocolLogMaxAge   : 7.00:00:00" in r.out and "TransientFailureRetryCount : 3" in r.out, r.out
+    frontend = r.out.split("TransientFailureRetryCount : 3", 1)[1]
+    assert "ReceiveProtocolLogMaxAge" in frontend and "MessageExpirationTimeout" not in frontend, frontend
+    before = store_dump(home)
+    refused = shell(home, "Set-FrontendTransportService EX01 -MessageExpirationTimeout 1.00:00:00")
+    assert not refused.ok and "MessageExpirationTimeout" in refused.err
+    assert store_dump(home) == before

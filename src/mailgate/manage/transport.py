@@ -163,6 +163,36 @@ cmdlet("Set-TransportServer", [Param("Identity", position=0, from_pipeline=True)
     _deprecated("Set-TransportServer", "Set-TransportService", set_transport_service))
 
 
+# Exchange 2013+ runs a Front End Transport service beside the Transport service, with its own cmdlets for its
+# own settings. mailgate has one service per server: these cmdlets show and change that service's settings
+# which Exchange's Front End Transport service also has.
+FRONTEND_SETTINGS = ("ReceiveProtocolLogPath", "ReceiveProtocolLogMaxAge", "ReceiveProtocolLogMaxDirectorySize",
+                     "ReceiveProtocolLogMaxFileSize", "SendProtocolLogPath", "SendProtocolLogMaxAge",
+                     "SendProtocolLogMaxDirectorySize", "SendProtocolLogMaxFileSize",
+                     "IntraOrgConnectorProtocolLoggingLevel", "ExternalDNSServers", "InternalDNSServers",
+                     "ExternalDNSAdapterEnabled", "MaxConnectionRatePerMinute", "TransientFailureRetryCount",
+                     "TransientFailureRetryInterval")
+_FRONTEND_PARAMS = [p for p in (*_SERVICE_PARAMS, *_LOG_PATH_PARAMS, *_DNS_PARAMS) if p.name in FRONTEND_SETTINGS]
+
+
+@cmdlet("Get-FrontendTransportService", [Param("Identity", position=0, from_pipeline=True)],
+        synopsis="Show the Front End Transport settings of each server.", default_view="FrontendTransportServer")
+def get_frontend_transport_service(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Show the settings Exchange's Front End Transport service has (protocol logs, DNS, retries)."""
+    shown = ("Name", *FRONTEND_SETTINGS, "Identity", "Guid", "WhenChanged", "WhenCreated", "IsValid")
+    return [Record("FrontendTransportServer", {k: r.get(k) for k in shown if r.has(k)})
+            for r in get_transport_service(ctx, args)]
+
+
+@cmdlet("Set-FrontendTransportService", [Param("Identity", position=0, from_pipeline=True), *_FRONTEND_PARAMS],
+        synopsis="Change the Front End Transport settings of a server.", mutates=True,
+        examples=["Set-FrontendTransportService EX01 -ReceiveProtocolLogMaxAge 7.00:00:00"])
+def set_frontend_transport_service(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Change the settings Exchange's Front End Transport service has; mailgate's one transport service uses
+    them for every connector of the server."""
+    return set_transport_service(ctx, args)
+
+
 # ---------------------------------------------------------------------------
 # Transport config (organisation)
 

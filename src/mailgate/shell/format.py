@@ -18,6 +18,7 @@ DEFAULT_VIEWS: dict[str, tuple[str, list[str] | None]] = {
     "AcceptedDomain": ("table", ["Name", "DomainName", "DomainType", "Default"]),
     "Mailbox": ("table", ["Name", "Alias", "PrimarySmtpAddress"]),
     "TransportServer": ("table", ["Name", "Fqdn", "MessageExpirationTimeout", "ExternalDNSServers"]),
+    "FrontendTransportServer": ("table", ["Name", "ReceiveProtocolLogPath", "SendProtocolLogPath"]),
     "TransportConfig": ("list", None),
     "OrganizationConfig": ("list", None),
     "ExchangeServer": ("table", ["Name", "Site", "ServerRole", "Edition", "AdminDisplayVersion"]),
