@@ -250,7 +250,9 @@ class TransportService:
             return admin.queue_action(args["action"], args.get("identities", []), bool(args.get("resubmit")),
                                       keys=args.get("keys"))
         if op == "messages":
-            return admin.messages(args.get("queue"), bool(args.get("include_recipients")), int(args.get("limit", 1000)))
+            limit = args.get("limit")
+            return admin.messages(args.get("queue"), bool(args.get("include_recipients")),
+                                  None if limit is None else int(limit), args.get("message_id"))
         if op == "message_action":
             return admin.message_action(args["action"], args["identities"], bool(args.get("with_ndr", True)))
         if op == "export":

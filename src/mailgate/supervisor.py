@@ -157,9 +157,10 @@ class Supervisor:
         if op == "queues":
             return merge_queues(self._successes(await self._all(op, args)))
         if op == "messages":
+            # Each worker returns its first ``limit``; the first ``limit`` of all are among them.
             results = await self._all(op, args)
-            merged = [record for r in self._successes(results) for record in r]
-            return sorted(merged, key=lambda r: r["Identity"])
+            merged = sorted((record for r in self._successes(results) for record in r), key=message_order)
+            return merged[:args["limit"]] if args.get("limit") is not None else merged
         if op == "queue_action" and args.get("action") in ("suspend", "resume"):
             # A suspended queue stays suspended in every worker, including those that hold none of its mail yet.
             keys = sorted({key for found in self._successes(await self._all("queue_keys", args)) for key in found})
@@ -197,6 +198,12 @@ class Supervisor:
 
 
 _STATUS_ORDER = {"Suspended": 0, "Active": 1, "Retry": 2, "Ready": 3}
+
+
+def message_order(record: Record) -> tuple[int, str]:
+    """Messages in the order one worker lists them: by internal id (a number), then queue."""
+    queue, _, number = record["Identity"].rpartition("\\")
+    return (int(number) if number.isdigit() else 0, queue)
 
 
 def merge_queues(per_worker: list[list[Record]]) -> list[Record]:

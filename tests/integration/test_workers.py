@@ -124,3 +124,35 @@ def test_a_stopped_worker_exits_even_if_a_request_thread_is_still_busy():
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert done.returncode == 0 and time.monotonic() - started < 30
     assert "busy-request" in done.stderr
+
+
+def test_result_size_counts_the_messages_of_every_worker_together(home, ports):
+    """-ResultSize N gives N messages in id order however many workers hold them; without it, 1000 and
+    a warning that more exist (as in Exchange); -Identity finds one message among many."""
+    shell(home, f'Set-ReceiveConnector "Default Frontend EX01" -Bindings 127.0.0.1:{ports["frontend"]} '
+                '-TarpitInterval 00:00:00 -MaxInboundConnectionPerSource unlimited\n'
+                'Add-ADPermission "Default Frontend EX01" -User "NT AUTHORITY\\ANONYMOUS LOGON" -ExtendedRights '
+                'ms-Exch-SMTP-Accept-Any-Recipient', runtime=None)
+    proc = serve(home, 2)
+    try:
+        loaded = subprocess.run(["smtp-source", "-s", "8", "-m", "1010", "-l", "300", "-f", "a@b.example", "-t",
+                                 "x@remote.example", f"127.0.0.1:{ports['frontend']}"], capture_output=True, timeout=120)
+        assert loaded.returncode == 0, loaded.stderr
+        assert "MessageCount : 1010" in shell(home, "Get-Queue EX01\\Unreachable | fl MessageCount").out
+
+        def ids(result) -> list[int]:
+            return [int(line.rsplit("\\", 1)[1]) for line in result.out.split()]
+
+        first = shell(home, "Get-Message -ResultSize 5 | ForEach-Object { $_.Identity }")
+        assert first.ok and "WARNING" not in first.out and len(ids(first)) == 5 and ids(first) == sorted(ids(first))
+        everything = ids(shell(home, "Get-Message -ResultSize Unlimited | ForEach-Object { $_.Identity }"))
+        assert len(everything) == 1010 and any(i > 10**12 for i in everything) and any(i < 10**12 for i in everything)
+        assert ids(first) == sorted(everything)[:5]
+        default = shell(home, "Get-Message | ForEach-Object { $_.Identity }")
+        assert default.out.count("WARNING: Only the first 1000 items are shown") == 1
+        assert len([line for line in default.out.split("\n") if line.startswith("EX01\\")]) == 1000
+        wanted = max(everything)
+        one = shell(home, f"Get-Message {wanted} | ForEach-Object {{ $_.Identity }}")
+        assert one.ok and ids(one) == [wanted], one
+    finally:
+        stop(proc)

@@ -14,7 +14,8 @@ from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.credentials import SecureString
 from mailgate.manage.objects import apply_changes, field_params, find_one, validate
-from mailgate.manage.params import MultiValuedChange, multi_valued, scalar, to_bool, to_result_size, to_str
+from mailgate.manage.params import (MultiValuedChange, first_results, multi_valued, scalar, to_bool, to_result_size,
+                                    to_str)
 from mailgate.manage.present import present
 from mailgate.manage.psvalues import wildcard_match
 
@@ -224,10 +225,7 @@ def get_mailbox(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
         else:
             system = bool(args.get("Arbitration"))
             items = [m for m in tx.list(Mailbox) if (m.recipient_type_details != "UserMailbox") == system]
-    limit = args.get("ResultSize")
-    if limit is not None:
-        items = items[:limit]
-    return [present(m) for m in items]
+    return [present(m) for m in first_results(ctx, items, args)]
 
 
 @cmdlet("New-Mailbox", [Param("Name", convert=to_str, mandatory=True, position=0), *_MAILBOX_COMMON],

@@ -123,6 +123,26 @@ def to_int64(value: Any) -> int:
     return to_int(value, bits=64)
 
 
+DEFAULT_RESULT_SIZE = 1000   # what Get-Message, Get-Queue, Get-Mailbox and Get-MessageTrackingLog return unasked
+
+
+def result_size(args: dict[str, Any]) -> int | None:
+    """The most items a Get- cmdlet returns: -ResultSize, or 1000 when it isn't given; None is Unlimited.
+    Ask the source for one more, so that ``first_results`` can tell whether some were left out."""
+    return args["ResultSize"] if "ResultSize" in args else DEFAULT_RESULT_SIZE
+
+
+def first_results(ctx: Any, items: list[Any], args: dict[str, Any]) -> list[Any]:
+    """``items`` cut to the result size; as in Exchange, a warning when the default size left some out."""
+    limit = result_size(args)
+    if limit is None or len(items) <= limit:
+        return items
+    if "ResultSize" not in args:
+        ctx.warn(f"Only the first {DEFAULT_RESULT_SIZE} items are shown. -ResultSize N returns up to N, "
+                 "-ResultSize Unlimited returns them all.")
+    return items[:limit]
+
+
 def to_result_size(value: Any) -> int | None:
     """-ResultSize: 1 to 2,147,483,647, or Unlimited (None)."""
     if to_str(value).strip().lower() == "unlimited":

@@ -11,7 +11,7 @@ from mailgate.errors import ParameterError, UserError
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.filters import parse_filter
-from mailgate.manage.params import as_list, to_bool, to_result_size, to_str
+from mailgate.manage.params import as_list, first_results, result_size, to_bool, to_result_size, to_str
 from mailgate.manage.present import Record
 from mailgate.manage.psvalues import compare
 
@@ -83,8 +83,7 @@ def queues(ctx: ManagementContext, args: dict[str, Any]) -> list[Record]:
         records = [r for r in records if _include(r, args["Include"])]
     if args.get("Exclude"):
         records = [r for r in records if not _include(r, args["Exclude"])]
-    limit = args.get("ResultSize", 1000)
-    return records[:limit] if limit else records
+    return first_results(ctx, records, args)
 
 
 _QUEUE_PARAMS = [
@@ -206,19 +205,22 @@ def messages(ctx: ManagementContext, args: dict[str, Any]) -> list[Record]:
     ident = args.get("Identity")
     runtime = _runtime(ctx, args.get("Server") or (_server_part(_identity(queue), 2) if queue else None),
                        _identity(ident) if ident is not None else None, parts=3)
+    # The workers cut their lists to the result size only when nothing is picked from them here.
+    limit = result_size(args) if ident is None and not args.get("Filter") else None
+    number = _identity(ident).rpartition("\\")[2] if ident is not None else ""
     records: list[Record] = runtime.call("messages", queue=_identity(queue) if queue else None,
                                          include_recipients=bool(args.get("IncludeRecipientInfo")),
-                                         limit=args.get("ResultSize") or 250000)
+                                         limit=None if limit is None else limit + 1,
+                                         message_id=int(number) if number.isdigit() else None)
     if ident is not None:
         wanted = _identity(ident)
         parts = wanted.split("\\")
-        number = parts[-1]
         queue_part = parts[-2].lower() if len(parts) >= 2 else "*"
         records = [r for r in records if r["Identity"].split("\\")[-1] == number and
                    (queue_part == "*" or r["Queue"].split("\\")[-1].lower() == queue_part)]
         if not records:
             raise UserError(f"The message '{wanted}' couldn't be found on server {ctx.server_name}.", target=wanted)
-    return _filter(records, args.get("Filter"))
+    return first_results(ctx, _filter(records, args.get("Filter")), args)
 
 
 _MESSAGE_PARAMS = [

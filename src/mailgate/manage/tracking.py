@@ -8,7 +8,8 @@ from typing import Any
 from mailgate.errors import InvalidValueError
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
-from mailgate.manage.params import as_list, to_datetime, to_int, to_int64, to_result_size, to_str
+from mailgate.manage.params import (as_list, first_results, result_size, to_datetime, to_int, to_int64,
+                                    to_result_size, to_str)
 from mailgate.manage.present import Record
 
 _ORDER = [
@@ -73,8 +74,8 @@ def get_message_tracking_log(ctx: ManagementContext, args: dict[str, Any]) -> li
     if args.get("Follow") and ctx.shell is None:   # nothing to stream to: the request would never end
         raise InvalidValueError("-Follow streams events to the management shell; over the REST API, ask again "
                                 "with -Start set to the time of the last event you have.", parameter="Follow")
-    limit = args.get("ResultSize", 1000)
-    rows = query(ctx, args, limit=limit)
+    limit = result_size(args)
+    rows = first_results(ctx, query(ctx, args, limit=None if limit is None else limit + 1), args)
     records = [tracking_record(r) for r in rows]
     if not args.get("Follow"):
         return records

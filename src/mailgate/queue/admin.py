@@ -133,7 +133,13 @@ class QueueAdmin:
         return len(queues)
 
     # -- messages ------------------------------------------------------------------------------
-    def messages(self, queue: str | None = None, include_recipients: bool = False, limit: int = 1000) -> list[Record]:
+    def messages(self, queue: str | None = None, include_recipients: bool = False,
+                 limit: int | None = None, message_id: int | None = None) -> list[Record]:
+        """The messages of ``queue`` (or every queue) in the order of their ids; at most ``limit`` (None: all);
+        only the message ``message_id`` when it is given."""
+        if limit is None:
+            limit = -1   # SQLite's "no limit"; the count below is never reached
+        only = "" if message_id is None else f" AND m.id={int(message_id)}"
         db = self.manager.store.reader()
         if queue is not None:
             keys = [q.key for q in self.resolve_queues([queue])]
@@ -141,13 +147,13 @@ class QueueAdmin:
             keys = None
         out: list[Record] = []
         if keys is None or POISON in keys:
-            rows = db.execute("SELECT * FROM message WHERE poison=1 ORDER BY id LIMIT ?", (limit,)).fetchall()
+            rows = db.execute(f"SELECT * FROM message m WHERE poison=1{only} ORDER BY id LIMIT ?", (limit,)).fetchall()
             for m in rows:
                 rcpts = db.execute("SELECT * FROM recipient WHERE message=?", (m["id"],)).fetchall()
                 out.append(self._message_record(m, self.manager.queue(POISON), rcpts, include_recipients))
         wanted = [k for k in (keys or []) if k != POISON]
         sql = ("SELECT r.*, m.id AS mid FROM recipient r JOIN message m ON m.id=r.message WHERE m.poison=0 AND"
-               " r.status IN ('Ready','Retry')")
+               f" r.status IN ('Ready','Retry'){only}")
         params: list[Any] = []
         if keys is not None:
             if not wanted:
@@ -158,9 +164,9 @@ class QueueAdmin:
         grouped: dict[tuple[int, str], list[Any]] = {}
         for r in db.execute(sql, params):
             grouped.setdefault((r["message"], r["queue"]), []).append(r)
-            if len(grouped) > limit:
+            if len(grouped) > limit >= 0:
                 break
-        for (message_id, key), rcpts in list(grouped.items())[:limit]:
+        for (message_id, key), rcpts in list(grouped.items())[:limit if limit >= 0 else None]:
             m = db.execute("SELECT * FROM message WHERE id=?", (message_id,)).fetchone()
             if m is not None:
                 out.append(self._message_record(m, self.manager.queue(key), rcpts, include_recipients))
