@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import re
 import threading
@@ -32,6 +33,7 @@ from sqlalchemy import event
 from mailgate.config.model import ALL_KINDS, ConfigObject
 
 T = TypeVar("T", bound=ConfigObject)
+log = logging.getLogger("mailgate.store")
 
 metadata = sa.MetaData()
 
@@ -353,12 +355,15 @@ def save_snapshot(path: Path, revision: int, snapshot: dict[str, list[ConfigObje
 
 
 def load_snapshot(path: Path) -> tuple[int, dict[str, list[ConfigObject]]] | None:
-    """The snapshot ``save_snapshot`` kept, or None when there is none."""
+    """The snapshot ``save_snapshot`` kept, or None when there is none or it can't be read."""
     try:
         saved = json.loads(path.read_text())
+        return int(saved["revision"]), _objects(saved["objects"])
     except FileNotFoundError:
         return None
-    return int(saved["revision"]), _objects(saved["objects"])
+    except (ValueError, KeyError, TypeError) as exc:   # edited or damaged by hand: as good as none
+        log.warning("%s can't be read (%s)", path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
 
 
 
