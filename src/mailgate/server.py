@@ -106,7 +106,9 @@ class TransportService:
         config = ReceiveConfig(revision, server, mine, policies, routing,
                                org_servers={s.name.lower(): s.name for s in snapshot.get("TransportServer", [])},
                                org_fqdns=frozenset(s.fqdn.lower() for s in snapshot.get("TransportServer", [])))
-        return config, RuntimeSettings(server, org, routing, ndr_copies_to=_ndr_copies_to(snapshot))
+        reply = routing.exchange_recipient_reply
+        return config, RuntimeSettings(server, org, routing,
+                                       ndr_copies_to=reply.primary_smtp_address if reply else None)
 
     def _read_store(self, changed_since: int | None = None) -> tuple[int, dict[str, list[Any]]] | None:
         """The store's snapshot (None when its revision is still ``changed_since``). Worker 0 keeps a copy in
@@ -438,16 +440,6 @@ class TransportService:
 _DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 WORKER_ID_BASE = 1_000_000_000_000   # worker n numbers its messages from n × this
 LOW_OPEN_FILES = 8192                 # below this, a warning at start (raise_open_files_limit)
-
-
-def _ndr_copies_to(snapshot: dict[str, list[Any]]) -> str | None:
-    """The address of the mailbox that Set-OrganizationConfig makes the Microsoft Exchange recipient's reply
-    recipient, if it still exists."""
-    config = next(iter(snapshot.get("OrganizationConfig", [])), None)
-    name = config.microsoft_exchange_recipient_reply_recipient if config else None
-    if not name:
-        return None
-    return next((m.primary_smtp_address for m in snapshot.get("Mailbox", []) if m.name.lower() == name.lower()), None)
 
 
 def worker_count(home: Home, requested: int | None) -> int:

@@ -550,3 +550,21 @@ def test_ndrs_with_a_monitored_code_are_copied_to_the_exchange_recipients_reply_
         assert sorted(m["Subject"] for m in copies()) == ["Undeliverable: copied", "Undeliverable: now monitored"]
     finally:
         peer.stop()
+
+
+def test_mail_to_the_microsoft_exchange_recipient_goes_to_its_reply_recipient(home, org):
+    """The address Get-OrganizationConfig shows for the Microsoft Exchange recipient takes mail once a reply
+    recipient is set, and delivers it there; before that it is an unknown recipient."""
+    shown = shell(home, "(Get-OrganizationConfig).MicrosoftExchangeRecipientPrimarySmtpAddress")
+    address = shown.out.strip()
+    assert address.lower() == "microsoftexchange329e71ec88ae4615bbc36ab6ce41109e@domain.com", shown
+    with smtplib.SMTP("127.0.0.1", org.ports["frontend"], source_address=(RELAY_SOURCE, 0), timeout=30) as c:
+        c.ehlo("app.local")
+        c.mail("sender@domain.com")
+        assert c.rcpt(address)[0] == 550
+    assert shell(home, "New-Mailbox -Name Postmaster -PrimarySmtpAddress pm@domain.com\n"
+                       "Set-OrganizationConfig -MicrosoftExchangeRecipientReplyRecipient Postmaster").ok
+    synced(home)
+    submit(org, "sender@domain.com", [address], b"Subject: to the exchange recipient\r\n\r\nx\r\n")
+    got = wait_for(lambda: maildir_messages(home, "pm@domain.com"), message="delivered to the reply recipient")
+    assert b"Subject: to the exchange recipient" in got[0]

@@ -501,6 +501,11 @@ class TransportConfig(ConfigObject):
         return self.name
 
 
+# The local part of the Microsoft Exchange recipient's address at the default domain (the same in every
+# Exchange organisation); mail to it goes to OrganizationConfig's reply recipient.
+EXCHANGE_RECIPIENT_LOCAL_PART = "MicrosoftExchange329e71ec88ae4615bbc36ab6ce41109e"
+
+
 class OrganizationConfig(ConfigObject):
     """The organisation's settings of Set-OrganizationConfig that transport uses; a single object."""
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from mailgate.config.model import (AcceptedDomain, ADPermissionEntry, Mailbox, OrganizationConfig, ProtocolLoggingLevel,
+from mailgate.config.model import (EXCHANGE_RECIPIENT_LOCAL_PART, AcceptedDomain, ADPermissionEntry, Mailbox,
+                                   OrganizationConfig, ProtocolLoggingLevel,
                                    ReceiveConnector, SendConnector, TransportConfig, TransportServer)
 from mailgate.config.values import PermissionGroups, is_domain, normalise_domain, parse_log_path
 from mailgate.errors import InvalidValueError, UserError
@@ -241,10 +242,6 @@ def set_transport_config(ctx: ManagementContext, args: dict[str, Any]) -> list[A
 
 # ---------------------------------------------------------------------------
 # Organisation config: the Microsoft Exchange recipient, which receives the copies of NDRs (GenerateCopyOfDSNFor)
-
-# The local part of the Microsoft Exchange recipient's address (the same in every Exchange organisation).
-EXCHANGE_RECIPIENT_LOCAL_PART = "MicrosoftExchange329e71ec88ae4615bbc36ab6ce41109e"
-
 
 def _organization_config(tx: Any) -> OrganizationConfig:
     return tx.get(OrganizationConfig, "organization config") or OrganizationConfig()

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mailgate.config.model import AcceptedDomain, Mailbox, SendConnector, TransportConfig
+from mailgate.config.model import EXCHANGE_RECIPIENT_LOCAL_PART, AcceptedDomain, Mailbox, SendConnector, TransportConfig
 from mailgate.config.values import AuthMechanism, DomainType, PermissionGroups
 
 # Queue keys. Delivery queues are created per next hop, as Exchange does.
@@ -73,6 +73,14 @@ class RoutingTable:
         self.org_max_recipients = org.max_recipient_envelope_limit.value   # None: unlimited
         default = next((d for d in self.domains if d.default), None)
         self.default_domain = default.domain_name.removeprefix("*.") if default else ""
+        # The Microsoft Exchange recipient: its mail (and copies of NDRs) go to the reply recipient, if any.
+        organization = next(iter(snapshot.get("OrganizationConfig", [])), None)
+        reply_name = (organization.microsoft_exchange_recipient_reply_recipient or "").lower() if organization else ""
+        self.exchange_recipient_reply: Mailbox | None = next(
+            (m for m in snapshot.get("Mailbox", []) if reply_name and m.name.lower() == reply_name), None)
+        if self.exchange_recipient_reply is not None and self.default_domain:
+            self.mailboxes[f"{EXCHANGE_RECIPIENT_LOCAL_PART}@{self.default_domain}".lower()] = \
+                self.exchange_recipient_reply
         self._route_cache: dict[str, Route | Failure] = {}
         self._domain_cache: dict[str, AcceptedDomain | None] = {}
         limits = [c.max_message_size.bytes for c in self.connectors if c.max_message_size.bytes is not None]
