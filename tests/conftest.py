@@ -16,6 +16,14 @@ from helpers import Server, bind_ports, make_home  # noqa: E402
 PG_URL = os.environ.get("MAILGATE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
+@pytest.fixture(autouse=True)
+def no_server_outlives_its_test():
+    """A test that fails half way leaves no `mailgate serve` behind (it would hold ports and CPU)."""
+    yield
+    for server in list(Server.running):
+        server.stop()
+
+
 @pytest.fixture
 def home(tmp_path: Path):
     """A fresh data directory for server EX01 with accepted domain domain.com."""

@@ -84,6 +84,8 @@ def cli(home: Home | Path | None, *args: str, stdin: str | None = None, timeout:
 class Server:
     """`mailgate serve` in a child process."""
 
+    running: set["Server"] = set()   # started and not yet stopped: conftest stops them after each test
+
     def __init__(self, home: Home, *, admin: bool = False, preexec: Any = None) -> None:
         self.home = home
         self.preexec = preexec   # run in the child before mailgate starts (e.g. to lower a resource limit)
@@ -99,6 +101,7 @@ class Server:
                                       "--admin-listen", admin], stdout=self._fh, stderr=subprocess.STDOUT, text=True,
                                      cwd=ROOT, env={**os.environ, "MAILGATE_LOG_LEVEL": "WARNING"},
                                      preexec_fn=self.preexec)
+        Server.running.add(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -128,6 +131,7 @@ class Server:
         self._fh.close()
         code = self.proc.returncode
         self.proc = None
+        Server.running.discard(self)
         return code
 
     def kill(self) -> None:
@@ -136,6 +140,7 @@ class Server:
         self.proc.wait(10)
         self._fh.close()
         self.proc = None
+        Server.running.discard(self)
 
     def __enter__(self) -> "Server":
         return self.start()

@@ -102,6 +102,7 @@ def test_kill_9_twice_during_relay_every_acknowledged_message_is_delivered(home,
     dns = DnsServer()
     peer_port = free_port("127.0.0.30")
     sink = SmtpPeer("127.0.0.30", peer_port)
+    load = None
     try:
         _relay_setup(home, ports)
         dns.add("remote.example", "A", "127.0.0.30")
@@ -139,7 +140,8 @@ def test_kill_9_twice_during_relay_every_acknowledged_message_is_delivered(home,
         assert all(n <= 1 + kills for n in delivered.values()), f"delivered more than {1 + kills} times: {duplicates}"
         assert all(delivered[t] >= 1 for t in acked)
         print(f"acknowledged {len(acked)}, delivered {sum(delivered.values())}, duplicates {len(duplicates)}")
-        server.stop()
     finally:
-        sink.stop()
+        if load is not None:
+            load.finish()
+        sink.stop()          # the server is stopped by conftest's no_server_outlives_its_test
         dns.close()
