@@ -183,6 +183,70 @@ class StallingPeer:
             conn.close()
 
 
+class DeafPeer:
+    """A next hop that misbehaves slowly: ``"trickle"`` sends its greeting a byte at a time and never ends the
+    line; ``"deaf"`` speaks SMTP up to DATA's 354 and then stops reading (its receive window fills)."""
+
+    def __init__(self, host: str, port: int, mode: str) -> None:
+        assert mode in ("trickle", "deaf")
+        self.mode = mode
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # inherited: a small window
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen()
+        self.connections: list[socket.socket] = []
+        self.data_started = threading.Event()
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            if self.mode == "trickle":
+                for byte in b"220 a greeting that never ends" * 100:
+                    if self._stop.wait(0.3):
+                        return
+                    conn.sendall(bytes([byte]))
+                return
+            conn.sendall(b"220 deaf.example ESMTP\r\n")
+            lines = conn.makefile("rb")
+            while not self._stop.is_set():
+                line = lines.readline()
+                if not line:
+                    return
+                verb = line[:4].upper()
+                if verb in (b"EHLO", b"HELO"):
+                    conn.sendall(b"250 deaf.example\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"354 go ahead\r\n")
+                    self.data_started.set()
+                    self._stop.wait()            # never reads again
+                    return
+                else:
+                    conn.sendall(b"250 OK\r\n")
+        except OSError:
+            return
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        for conn in self.connections:
+            conn.close()
+
+
 class PipeliningPeer:
     """A scripted SMTP server offering PIPELINING only. It keeps every read as it arrived and the messages
     it accepted; ``rcpt_reply`` may refuse addresses and ``hang_up_after_dots`` closes the connection, without

@@ -568,3 +568,30 @@ def test_mail_to_the_microsoft_exchange_recipient_goes_to_its_reply_recipient(ho
     submit(org, "sender@domain.com", [address], b"Subject: to the exchange recipient\r\n\r\nx\r\n")
     got = wait_for(lambda: maildir_messages(home, "pm@domain.com"), message="delivered to the reply recipient")
     assert b"Subject: to the exchange recipient" in got[0]
+
+
+@pytest.mark.parametrize("mode", ["trickle", "deaf"])
+def test_a_next_hop_that_trickles_or_stops_reading_is_given_up_after_the_inactivity_timeout(
+        home, org, dns_server, peer_port, mode):
+    """A greeting sent a byte at a time (each read resets a per-read timer), or a peer that stops reading in
+    the middle of a 6 MB body (the write waits for window): each attempt ends after ConnectionInactivityTimeOut
+    and the message waits in Retry with a transient error, no NDR."""
+    from peers import DeafPeer
+
+    dns_server.add("slow.example", "A", "127.0.0.21")
+    assert shell(home, "Set-SendConnector Outbound -ConnectionInactivityTimeOut 00:00:02\n"
+                       "Set-TransportService EX01 -TransientFailureRetryInterval 00:01:00").ok   # stays in Retry
+    synced(home)
+    peer = DeafPeer("127.0.0.21", peer_port, mode)
+    try:
+        body = b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * (6_000_000 // 1000)
+        submit(org, "sender@domain.com", ["kate@slow.example"], body)
+        started = time.monotonic()
+        queue = wait_for(lambda: retrying(home, "slow.example"), timeout=30, message="the queue in Retry")
+        assert time.monotonic() - started < 20
+        assert queue["MessageCount"] == "1" and "LED=4" in queue["LastError"] and "timed out" in queue["LastError"], queue
+        if mode == "deaf":
+            assert peer.data_started.is_set()
+        assert not ndrs(home)
+    finally:
+        peer.stop()

@@ -290,15 +290,18 @@ class SmtpConnection:
 
     # -- I/O ------------------------------------------------------------------------------------
     async def _reply(self) -> Reply:
-        while not self.pending:
+        """The next reply, which must be complete within the timeout: a peer that trickles a byte at a time
+        doesn't hold the connection longer than one that says nothing."""
+        if not self.pending:
             try:
                 async with asyncio.timeout(self.settings.timeout):
-                    data = await self.reader.read(65536)
+                    while not self.pending:
+                        data = await self.reader.read(65536)
+                        if not data:
+                            raise ConnectionLost("the peer closed the connection")
+                        self.pending.extend(self.parser.feed(data))
             except TimeoutError:
                 raise ConnectionLost("timed out waiting for the peer") from None
-            if not data:
-                raise ConnectionLost("the peer closed the connection")
-            self.pending.extend(self.parser.feed(data))
         reply = self.pending.pop(0)
         if self.log:
             self.log.write("<", str(reply))
@@ -306,8 +309,17 @@ class SmtpConnection:
 
     async def _command(self, data: bytes, *, secret: bool = False) -> Reply:
         self._send(data, secret=secret)
-        await self.writer.drain()
+        await self._drain()
         return await self._reply()
+
+    async def _drain(self) -> None:
+        """Wait until what was written can be buffered again, within the timeout: a peer that stops reading
+        (a full window) ends the attempt instead of holding it for ever."""
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                await self.writer.drain()
+        except TimeoutError:
+            raise ConnectionLost("timed out sending to the peer (it stopped reading)") from None
 
     def _send(self, data: bytes, *, secret: bool = False) -> None:
         self._log_sent(data, secret=secret)
@@ -361,7 +373,7 @@ class SmtpConnection:
             self._log_sent(commands)
             self.writer.write(carry + commands)
             carry = b""
-            await self.writer.drain()
+            await self._drain()
             if awaiting is not None:
                 self._finish(awaiting, [await self._reply()], on_result)
                 awaiting = None
@@ -383,7 +395,7 @@ class SmtpConnection:
     async def _end_carried(self, carry: bytes, awaiting: tuple[int, list[OutRecipient], list[Outcome], bool],
                            on_result: Callable[[int, list[Outcome]], None]) -> None:
         self.writer.write(carry)
-        await self.writer.drain()
+        await self._drain()
         self._finish(awaiting, [await self._reply()], on_result)
 
     def _finish(self, awaiting: tuple[int, list[OutRecipient], list[Outcome], bool], final: list[Reply],
@@ -471,7 +483,7 @@ class SmtpConnection:
                 self.writer.write(commands + inline)
             else:
                 self._send(commands)
-            await self.writer.drain()
+            await self._drain()
             mail_reply = await self._reply()
             rcpt_replies = [await self._reply() for _ in rcpts]
             data_reply = await self._reply() if not use_bdat else None
@@ -499,10 +511,10 @@ class SmtpConnection:
             for chunk in _chunks(msg.body):
                 if pending:
                     self.writer.write(pending)
-                    await self.writer.drain()
+                    await self._drain()
                 pending = stuffer.feed(chunk)
             self.writer.write(pending + stuffer.finish())   # the last piece and the terminator together
-            await self.writer.drain()
+            await self._drain()
             if self.settings.lmtp:
                 final = [await self._reply() for _ in accepted]
             else:
@@ -526,7 +538,7 @@ class SmtpConnection:
     async def _abort_data(self) -> None:
         """DATA was accepted but no recipient was: send an empty body so the session stays in step."""
         self.writer.write(b".\r\n")
-        await self.writer.drain()
+        await self._drain()
         await self._reply()
 
     @staticmethod
