@@ -135,8 +135,7 @@ class TransportService:
             kept = load_snapshot(self.home.config_cache)
             if kept is None:
                 raise UserError(f"The store can't be reached ({unreachable_reason(exc)}) and this server has not "
-                                "read its "
-                                "configuration before: start it when the store answers.") from None
+                                "read its configuration before: start it when the store answers.") from None
             self._reload_failed(exc)
             self.announce(f"The store can't be reached: starting with the configuration read last "
                           f"(revision {kept[0]}); it is read again as soon as the store answers.")

@@ -139,7 +139,7 @@ class QueueAdmin:
         only the message ``message_id`` when it is given."""
         if limit is None:
             limit = -1   # SQLite's "no limit"; the count below is never reached
-        only = "" if message_id is None else f" AND m.id={int(message_id)}"
+        only, only_params = ("", []) if message_id is None else (" AND m.id=?", [int(message_id)])
         db = self.manager.store.reader()
         if queue is not None:
             keys = [q.key for q in self.resolve_queues([queue])]
@@ -147,14 +147,15 @@ class QueueAdmin:
             keys = None
         out: list[Record] = []
         if keys is None or POISON in keys:
-            rows = db.execute(f"SELECT * FROM message m WHERE poison=1{only} ORDER BY id LIMIT ?", (limit,)).fetchall()
+            rows = db.execute(f"SELECT * FROM message m WHERE poison=1{only} ORDER BY id LIMIT ?",
+                              (*only_params, limit)).fetchall()
             for m in rows:
                 rcpts = db.execute("SELECT * FROM recipient WHERE message=?", (m["id"],)).fetchall()
                 out.append(self._message_record(m, self.manager.queue(POISON), rcpts, include_recipients))
         wanted = [k for k in (keys or []) if k != POISON]
         sql = ("SELECT r.*, m.id AS mid FROM recipient r JOIN message m ON m.id=r.message WHERE m.poison=0 AND"
                f" r.status IN ('Ready','Retry'){only}")
-        params: list[Any] = []
+        params: list[Any] = list(only_params)
         if keys is not None:
             if not wanted:
                 return out
