@@ -155,12 +155,18 @@ class SmtpPeer:
         self.controller.stop()
 
 
-class StallingPeer:
-    """A TCP server that accepts connections and never says a word (a hung or overloaded next hop)."""
+class _ListeningPeer:
+    """A TCP server that keeps every connection it accepts and hands each to ``_serve`` on its own thread."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.sock = socket.create_server((host, port))
+    def __init__(self, host: str, port: int, receive_buffer: int | None = None) -> None:
+        self.sock = socket.socket()
+        if receive_buffer is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)   # inherited by connections
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen()
         self.connections: list[socket.socket] = []
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
 
@@ -171,8 +177,13 @@ class StallingPeer:
             except OSError:
                 return
             self.connections.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        pass
 
     def stop(self) -> None:
+        self._stop.set()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)   # wakes the accepting thread, so the port is free at once
         except OSError:
@@ -183,31 +194,19 @@ class StallingPeer:
             conn.close()
 
 
-class DeafPeer:
+class StallingPeer(_ListeningPeer):
+    """A TCP server that accepts connections and never says a word (a hung or overloaded next hop)."""
+
+
+class DeafPeer(_ListeningPeer):
     """A next hop that misbehaves slowly: ``"trickle"`` sends its greeting a byte at a time and never ends the
-    line; ``"deaf"`` speaks SMTP up to DATA's 354 and then stops reading (its receive window fills)."""
+    line; ``"deaf"`` speaks SMTP up to DATA's 354 and then stops reading (its small receive window fills)."""
 
     def __init__(self, host: str, port: int, mode: str) -> None:
         assert mode in ("trickle", "deaf")
         self.mode = mode
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # inherited: a small window
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen()
-        self.connections: list[socket.socket] = []
         self.data_started = threading.Event()
-        self._stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__(host, port, receive_buffer=4096)
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -235,16 +234,6 @@ class DeafPeer:
                     conn.sendall(b"250 OK\r\n")
         except OSError:
             return
-
-    def stop(self) -> None:
-        self._stop.set()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        for conn in self.connections:
-            conn.close()
 
 
 class PipeliningPeer:
