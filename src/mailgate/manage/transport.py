@@ -7,8 +7,8 @@ import re
 from typing import Any, Callable
 
 from mailgate.config.model import (EXCHANGE_RECIPIENT_LOCAL_PART, AcceptedDomain, ADPermissionEntry, Mailbox,
-                                   OrganizationConfig, ProtocolLoggingLevel,
-                                   ReceiveConnector, SendConnector, TransportConfig, TransportServer)
+                                   OrganizationConfig, ProtocolLoggingLevel, ReceiveConnector, SendConnector,
+                                   TransportConfig, TransportServer)
 from mailgate.config.values import PermissionGroups, is_domain, normalise_domain, parse_log_path
 from mailgate.errors import InvalidValueError, UserError
 from mailgate.home import DEFAULT_LOG_DIRS, LOG_PATH_FIELDS
