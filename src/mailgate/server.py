@@ -186,6 +186,16 @@ class TransportService:
                     log.warning("reading the configuration works again")
                     self._reload_problem = None
 
+    async def reload_now(self) -> None:
+        """SIGHUP, as most daemons take it: read the configuration again now (it is also read within a second
+        of every change)."""
+        if self.workers == 1:
+            self.announce("SIGHUP: reading the configuration again.")
+        try:
+            await self.reload(force=True)
+        except Exception as exc:  # noqa: BLE001 - keep serving with the last good configuration
+            self._reload_failed(exc)
+
     def _reload_failed(self, exc: Exception) -> None:
         """Say once per problem (not once a second) that the configuration can't be read: the store is
         unreachable (PostgreSQL down) or holds something this version refuses. Mail goes on meanwhile."""
@@ -419,6 +429,7 @@ class TransportService:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         await self.start()
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._tasks.append(asyncio.ensure_future(self.reload_now())))
         listening = self.receive.status()
         if not any(item["listening"] for item in listening):
             self.announce("No receive connector could listen; fix the errors above (the server keeps retrying "

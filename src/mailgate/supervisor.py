@@ -100,10 +100,19 @@ class Supervisor:
             if not self._stopping and not self._stop.is_set():
                 await self._spawn(index)
 
+    async def _reload_workers(self) -> None:
+        self.announce("SIGHUP: reading the configuration again.")
+        for result in await self._all("reload", {}):
+            if isinstance(result, BaseException):
+                log.warning("a worker didn't reload: %s", result)
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        # SIGHUP, as most daemons take it: every worker reads the configuration again (a hangup of the terminal
+        # reaches the workers too; a second read changes nothing).
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload_workers()))
         SharedCounter.reset(self.home.run_dir / "connections.map")   # no connection is open yet
         control = ControlServer(self.home.control_socket, self.handle, log)
         await control.start()

@@ -156,3 +156,22 @@ def test_result_size_counts_the_messages_of_every_worker_together(home, ports):
         assert one.ok and ids(one) == [wanted], one
     finally:
         stop(proc)
+
+
+def test_sighup_reads_the_configuration_again_and_stops_nothing(home, ports):
+    """SIGHUP, as daemons take it (and as a closed terminal sends it): with one worker or several, the server
+    reads its configuration again and goes on taking mail; it used to die of the signal's default action."""
+    shell(home, f'Set-ReceiveConnector "Default Frontend EX01" -Bindings 127.0.0.1:{ports["frontend"]}', runtime=None)
+    for workers in (2, 1):
+        proc = serve(home, workers)
+        try:
+            log = home.path / f"serve-{workers}.log"
+            children = workers_of(proc.pid)
+            proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: "SIGHUP: reading the configuration again." in log.read_text(), timeout=10)
+            time.sleep(1)
+            assert proc.poll() is None and workers_of(proc.pid) == children, log.read_text()
+            with smtplib.SMTP("127.0.0.1", ports["frontend"], timeout=20) as c:
+                assert c.noop()[0] == 250
+        finally:
+            stop(proc)
