@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--store", help="store URL: postgresql://user@host/db for a multi-server organisation "
                                       "(default: SQLite in the data directory)")
 
-    serve = sub.add_parser("serve", parents=[common], help="run the transport server until SIGTERM/SIGINT")
+    serve = sub.add_parser("serve", parents=[common], help="run the transport server until SIGTERM/SIGINT "
+                                                                "(SIGHUP re-reads the configuration)")
     serve.add_argument("--admin-listen", help="address:port of the REST API and web admin center "
                                               "(default: from mailgate.toml); 'off' disables it")
     serve.add_argument("--workers", type=int, help="worker processes sharing the listeners (default: from "
