@@ -315,6 +315,12 @@ class SmtpConnection:
     async def _drain(self) -> None:
         """Wait until what was written can be buffered again, within the timeout: a peer that stops reading
         (a full window) ends the attempt instead of holding it for ever."""
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[0]:
+            # At or below the low-water mark writing is never paused: nothing to wait for, no timer to set
+            # (drain still raises if the connection is lost).
+            await self.writer.drain()
+            return
         try:
             async with asyncio.timeout(self.settings.timeout):
                 await self.writer.drain()
