@@ -106,6 +106,18 @@ INVALID = [
     ('Set-TransportConfig -GenerateCopyOfDSNFor @{Ad="5.1.1"}', "GenerateCopyOfDSNFor", "only Add and Remove"),
     ('Set-TransportService -SendProtocolLogPath logs/send', "SendProtocolLogPath", "not a full path"),
     ('Set-OrganizationConfig -MicrosoftExchangeRecipientReplyRecipient nobody', "nobody", "couldn't be found"),
+    # What the server says on the wire: a greeting that stays one line, host names that are host names.
+    ('Set-ReceiveConnector "Default Frontend EX01" -Banner "220 hi`r`nMAIL FROM:<x@y.example>"', "Banner",
+     "one line of printable US-ASCII"),
+    ('Set-ReceiveConnector "Default Frontend EX01" -Banner "220-unfinished"', "Banner", "followed by a space"),
+    ('Set-ReceiveConnector "Default Frontend EX01" -Banner ("220 " + "x" * 600)', "Banner", "at most 510"),
+    ('Set-ReceiveConnector "Default Frontend EX01" -Fqdn "bad host name!"', "Fqdn", "not a valid FQDN"),
+    ('New-SendConnector S -AddressSpaces "*" -Fqdn "mail.contoso.com`r`nX-Injected: 1"', "Fqdn",
+     "not a valid FQDN"),
+    ('New-SendConnector S -AddressSpaces "*" -RequireTLS $true -TlsAuthLevel DomainValidation -TlsDomain "a b"',
+     "TlsDomain", "not a valid FQDN"),
+    ('Set-TransportConfig -ExternalPostmasterAddress "pm@contoso.com`r`nBcc: x@y.example"',
+     "ExternalPostmasterAddress", "not a valid SMTP address"),
 ]
 
 

@@ -212,6 +212,18 @@ def test_the_range_operator():
     assert not ok and 'Cannot convert "a"' in err
 
 
+def test_strings_and_arrays_repeat_with_the_multiplication_operator():
+    ok, out, err = run('"ab" * 3\n(@(1, 2) * 2).Count\n"x" * 2.5\n"-" * 0\n"=" * "2"')
+    assert ok, err
+    assert out.split("\n")[:5] == ["ababab", "4", "xx", "", "=="]
+    ok, out, err = run('"x" * 1e12\n"still here"')
+    assert not ok and "more than 10,000,000 items" in err and "still here" in out
+    ok, out, err = run('"x" * -1')
+    assert not ok and "can't be repeated -1 times" in err
+    ok, out, err = run('"x" * "y"')
+    assert not ok and "whole number of times" in err
+
+
 def test_group_object_and_script_block_properties():
     ok, out, err = run('@{a=1;b="p"},@{a=2;b="q"},@{a=1;b="r"} | Group-Object a | ForEach-Object { "$($_.Name):$($_.Count)" }\n'
                        '"x","X","y" | group -NoElement | % { "$($_.Name)=$($_.Count)" }\n'

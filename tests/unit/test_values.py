@@ -141,3 +141,22 @@ def test_error_policies_are_flags_several_at_once_and_none_is_default():
     assert old.error_policies == ErrorPolicies.DowngradeDnsFailures
     assert SendConnector.model_validate({"name": "Y", "error_policies": "Default"}).error_policies == 0
     assert old.model_dump(mode="json")["error_policies"] == ["DowngradeDnsFailures"]
+
+
+@pytest.mark.parametrize("stored,sent", [
+    ("220 relay ready", b"220 relay ready\r\n"),
+    ("220", b"220\r\n"),
+    ("220relay", b"220 relay\r\n"),
+    # Kept by a version that didn't check banners: still one finished line on the wire.
+    ("220-unfinished", b"220 unfinished\r\n"),
+    ("220 hi\r\nMAIL FROM:<x@y.example>", b"220 hiMAIL FROM:<x@y.example>\r\n"),
+    ("220 " + "x" * 600, b"220 " + b"x" * 506 + b"\r\n"),
+])
+def test_a_stored_banner_is_sent_as_one_reply_line(stored, sent):
+    from mailgate.config.model import ReceiveConnector, TransportServer
+    from mailgate.receive.policy import ConnectorPolicy
+
+    connector = ReceiveConnector.model_validate({"name": "R", "server": "EX01", "user": "u",
+                                                 "bindings": ["0.0.0.0:25"], "banner": stored})
+    policy = ConnectorPolicy(connector, TransportServer(name="EX01", fqdn="ex01.domain.com", user="u"))
+    assert policy.banner() == sent

@@ -45,6 +45,7 @@ from mailgate.config.values import (
     TransportRole,
     UnlimitedInt,
     UnlimitedIntField,
+    is_domain,
 )
 
 
@@ -192,8 +193,9 @@ class ReceiveConnector(ConfigObject):
             raise RuleViolation("Bindings", "A Receive connector needs at least one binding.")
         if not self.remote_ip_ranges:
             raise RuleViolation("RemoteIPRanges", "A Receive connector needs at least one remote IP range.")
-        if self.banner is not None and not self.banner.startswith("220"):
-            raise RuleViolation("Banner", 'The banner must start with "220", for example "220 mail.contoso.com".')
+        if self.banner is not None:
+            check_banner(self.banner)
+        check_fqdn("Fqdn", self.fqdn)
         if self.connection_timeout.seconds <= self.connection_inactivity_timeout.seconds:
             raise RuleViolation("ConnectionTimeout", "ConnectionTimeout must be greater than ConnectionInactivityTimeout.")
         ranges = [
@@ -319,8 +321,9 @@ class SendConnector(ConfigObject):
             raise RuleViolation("IgnoreSTARTTLS", "IgnoreSTARTTLS must be $false when RequireTLS is $true.")
         if self.tls_auth_level is not None and not self.require_tls:
             raise RuleViolation("TlsAuthLevel", "TlsAuthLevel can be set only when RequireTLS is $true.")
-        if self.tls_auth_level is TlsAuthLevel.DomainValidation and False:
-            pass  # TlsDomain empty means "the recipient domain" (Exchange's rule)
+        check_fqdn("Fqdn", self.fqdn)
+        # TlsDomain may be a wildcard (*.contoso.com); empty means "the recipient domain" (Exchange's rule).
+        check_fqdn("TlsDomain", self.tls_domain.removeprefix("*.") if self.tls_domain else None)
         if self.tls_domain and self.tls_auth_level is not TlsAuthLevel.DomainValidation:
             raise RuleViolation("TlsDomain", "TlsDomain can be set only when TlsAuthLevel is DomainValidation.")
         if self.domain_secure_enabled:
@@ -555,6 +558,32 @@ class Certificate(ConfigObject):
     @property
     def identity(self) -> str:
         return f"{self.server}\\{self.thumbprint}"
+
+
+def check_fqdn(parameter: str, value: str | None) -> None:
+    """A host name this server says on the wire (EHLO, banner, Received:) or expects in a certificate."""
+    if value and not is_domain(value):
+        raise RuleViolation(parameter, f'"{value}" is not a valid FQDN: use letters, digits, "-" and dots, '
+                            'for example mail.contoso.com.')
+
+
+BANNER_MAX = 510  # an SMTP reply line is at most 512 octets with its CRLF (RFC 5321 4.5.3.1.5)
+
+
+def check_banner(banner: str) -> None:
+    """The 220 greeting is sent as it is: one line of printable US-ASCII, so it can't end the reply early,
+    start a multi-line reply it never finishes, or put other protocol lines on the wire."""
+    if not banner.startswith("220"):
+        raise RuleViolation("Banner", 'The banner must start with "220", for example "220 mail.contoso.com".')
+    if banner[3:4] not in ("", " "):
+        raise RuleViolation("Banner", 'The banner must be "220" followed by a space and text, '
+                            'for example "220 mail.contoso.com".')
+    if not all(" " <= ch <= "~" for ch in banner):
+        raise RuleViolation("Banner", "The banner must be one line of printable US-ASCII characters "
+                            "(no line breaks or control characters).")
+    if len(banner) > BANNER_MAX:
+        raise RuleViolation("Banner", f"The banner is {len(banner)} characters long; an SMTP reply line "
+                            f"allows at most {BANNER_MAX}.")
 
 
 def check_name(name: str) -> None:

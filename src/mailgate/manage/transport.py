@@ -15,7 +15,7 @@ from mailgate.home import DEFAULT_LOG_DIRS, LOG_PATH_FIELDS
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.objects import apply_changes, field_params, find_one
-from mailgate.manage.params import as_list, multi_valued, to_str, to_str_list
+from mailgate.manage.params import as_list, multi_valued, smtp_address, to_str, to_str_list
 from mailgate.manage.present import Record, present
 from mailgate.manage.receive_connectors import resolve as resolve_receive_connector
 from mailgate.receive import rights as R
@@ -212,10 +212,18 @@ def _dsn_code(value: Any) -> str:
     return text
 
 
+def _postmaster_address(value: Any) -> str | None:
+    """The NDRs' From: address; $null means postmaster@ the default accepted domain."""
+    return None if value is None else smtp_address(value)
+
+
 _CHECKED_LISTS = {"TLSSendDomainSecureList": multi_valued(_secure_domain),
                   "TLSReceiveDomainSecureList": multi_valued(_secure_domain),
                   "GenerateCopyOfDSNFor": multi_valued(_dsn_code)}
-_CONFIG_PARAMS = [p for p in field_params(TransportConfig, exclude={"name"}) if p.name not in _CHECKED_LISTS]
+_CHECKED_VALUES = {"ExternalPostmasterAddress": Param("ExternalPostmasterAddress", convert=_postmaster_address,
+                                                      type_name="SmtpAddress")}
+_CONFIG_PARAMS = [_CHECKED_VALUES.get(p.name, p) for p in field_params(TransportConfig, exclude={"name"})
+                  if p.name not in _CHECKED_LISTS]
 _CONFIG_PARAMS += [Param(n, convert=convert, multi=True, type_name="MultiValuedProperty")
                    for n, convert in _CHECKED_LISTS.items()]
 

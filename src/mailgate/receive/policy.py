@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mailgate.config.model import ReceiveConnector, TransportServer
+from mailgate.config.model import BANNER_MAX, ReceiveConnector, TransportServer
 from mailgate.config.values import AuthMechanism, PermissionGroups, SizeMode, UnlimitedInt
 from mailgate.receive import rights as R
 from mailgate.receive.selection import select_connector
@@ -104,8 +104,10 @@ class ConnectorPolicy:
 
     def banner(self) -> bytes:
         if self.connector.banner:
-            text = self.connector.banner
-            return (text if text[3:4] in (" ", "-", "") else text[:3] + " " + text[3:]).encode() + b"\r\n"
+            # check_banner refuses anything but one printable line; a value stored before that rule is
+            # made one here, so it can never put a line break or an unfinished "220-" on the wire.
+            text = "".join(ch for ch in self.connector.banner[3:] if " " <= ch <= "~").strip(" -")
+            return (f"220 {text}"[:BANNER_MAX] if text else "220").encode() + b"\r\n"
         second = int(time.time())
         if self._banner_cache[0] != second:   # the date in the banner changes once a second
             date = email.utils.format_datetime(dt.datetime.now().astimezone())

@@ -518,6 +518,8 @@ def arithmetic(op: str, left: Any, right: Any) -> Any:
             merged = CIDict(left)
             merged.update(right)
             return merged
+    if op == "*" and isinstance(left, (str, list)):
+        return repeated(left, right)
     if isinstance(left, dt.datetime) and op == "-":
         if isinstance(right, dt.datetime):
             return TimeSpan((left - right).total_seconds())
@@ -540,6 +542,24 @@ def arithmetic(op: str, left: Any, right: Any) -> Any:
         result = a / b
         return int(result) if result.is_integer() else result
     return a % b
+
+
+REPEAT_MAX = 10_000_000  # items in a repeated string or array: more is a mistake, not a value
+
+
+def repeated(left: str | list, right: Any) -> str | list:
+    """PowerShell's "ab" * 3 and @(1, 2) * 3: the string or array that many times."""
+    try:
+        number = right if isinstance(right, (int, float)) else parse_number(to_text(right).strip())
+        count = round(number)  # [int] in .NET rounds half to even, as round() does
+    except (ValueError, TypeError):
+        raise ShellError(f'Operator "*" can\'t be applied to "{to_text(left)}" and "{to_text(right)}": '
+                         "a string or array is repeated a whole number of times.") from None
+    if count < 0:
+        raise ShellError(f"A string or array can't be repeated {count} times.")
+    if len(left) * count > REPEAT_MAX:
+        raise ShellError(f"Repeating {len(left)} items {count} times would make more than {REPEAT_MAX:,} items.")
+    return left * count
 
 
 def cast(type_name: str, value: Any) -> Any:
