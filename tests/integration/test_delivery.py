@@ -186,6 +186,8 @@ def test_a_5xx_for_one_of_three_recipients_gives_one_ndr_for_that_one(home, org,
     dns_server.add("mx1.remote.example", "A", "127.0.0.20")
     peer = SmtpPeer("127.0.0.20", peer_port)
     peer.rcpt_reply = lambda address: "550 5.1.1 User unknown" if address.startswith("bad@") else None
+    assert shell(home, "Set-TransportConfig -ExternalPostmasterAddress Bounces@Domain.com").ok
+    synced(home)
     try:
         submit(org, "sender@domain.com", ["a@remote.example", "bad@remote.example", "c@remote.example"],
                b"Subject: three\r\nMessage-ID: <three@domain.com>\r\n\r\nx\r\n")
@@ -193,6 +195,7 @@ def test_a_5xx_for_one_of_three_recipients_gives_one_ndr_for_that_one(home, org,
         assert sorted(got.rcpt_tos) == ["a@remote.example", "c@remote.example"]
         ndr = wait_for(lambda: ndrs(home))[0]
         assert ndr["Subject"] == "Undeliverable: three" and ndr.get_content_type() == "multipart/report"
+        assert ndr["From"] == "Mail Delivery System <Bounces@domain.com>"
         report = str(ndr.get_payload()[1])
         assert "Final-Recipient: rfc822;bad@remote.example" in report and "Status: 5.1.1" in report
         assert "a@remote.example" not in report and "c@remote.example" not in report
@@ -213,6 +216,7 @@ def test_expiry_gives_an_ndr_and_the_null_sender_never_gets_one(home, org, dns_s
     submit(org, "<>", ["b@down.example"], b"Subject: bounce of a bounce\r\n\r\nx\r\n")
     ndr = wait_for(lambda: ndrs(home), timeout=40, message="the expiry NDR")[0]
     assert ndr["Subject"] == "Undeliverable: expires"
+    assert ndr["From"] == "Mail Delivery System <postmaster@domain.com>"   # no ExternalPostmasterAddress set
     report = str(ndr.get_payload()[1])
     assert "Status: 4.4.7" in report and "a@down.example" in report
     wait_for(lambda: "b@down.example" not in shell(home, "Get-Message | fl Recipients -IncludeRecipientInfo").out
