@@ -338,3 +338,13 @@ def test_a_credential_lists_its_user_name_and_never_its_password():
     assert "UserName : relay@contoso.com" in out and "Password : System.Security.SecureString" in out, out
     assert "\nrelay@contoso.com\n" in out and "System.Management.Automation.PSCredential" in out, out
     assert "S3cret!" not in out
+
+
+def test_records_with_the_same_properties_share_their_index_and_a_new_property_stays_with_its_record():
+    first, second = Record("T", {"Name": "a", "Count": 1}), Record("T", {"Name": "b", "Count": 2})
+    assert first._index is second._index          # 100,000 tracking events keep one index, not 100,000
+    first.set("Added", True)
+    first.set("count", 5)
+    assert first.get("added") is True and first.get("COUNT") == 5 and first.keys() == ["Name", "Count", "Added"]
+    assert not second.has("Added") and second.get("count") == 2 and second.keys() == ["Name", "Count"]
+    assert Record("T", {"Name": "c", "Count": 3}).keys() == ["Name", "Count"]

@@ -23,9 +23,10 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -33,6 +34,7 @@ from sqlalchemy import event
 from mailgate.config.model import ALL_KINDS, ConfigObject
 
 T = TypeVar("T", bound=ConfigObject)
+Converted = TypeVar("Converted")
 log = logging.getLogger("mailgate.store")
 
 metadata = sa.MetaData()
@@ -259,7 +261,10 @@ class ConfigStore:
                        network_message_id: str | None = None, subject: str | None = None,
                        event_id: str | None = None, source: str | None = None, server: str | None = None,
                        reference: str | None = None, limit: int | None = 1000,
-                       after_id: int | None = None) -> list[dict[str, Any]]:
+                       after_id: int | None = None, convert: Callable[[dict[str, Any]], Converted] | None = None
+                       ) -> list[Converted] | list[dict[str, Any]]:
+        """Tracking events oldest first, each a dict of the row's columns, or what ``convert`` makes of that dict
+        (the dict is then let go at once: a large result is held only in its converted form)."""
         t = message_tracking
         q = sa.select(t)
         if start is not None:
@@ -293,15 +298,17 @@ class ConfigStore:
         q = q.order_by(t.c.timestamp, t.c.id)
         if limit is not None:
             q = q.limit(limit)
-        with self._connect(write=False) as conn:
-            rows = conn.execute(q).mappings().all()
         out = []
-        for row in rows:
-            item = dict(row)
-            item["recipients"] = [a for a in (item.get("recipients") or "").split(";") if a]
-            item["recipient_status"] = split_recipient_status(item.get("recipient_status") or "")
-            item["timestamp"] = item["timestamp"].replace(tzinfo=dt.timezone.utc)
-            out.append(item)
+        with self._connect(write=False) as conn:
+            for row in conn.execute(q).mappings():   # one row at a time: a large result isn't held twice
+                item = dict(row)
+                for column in _TRACKING_REPEATED_COLUMNS:   # one copy of each repeated text, not one per event
+                    if type(item[column]) is str:
+                        item[column] = sys.intern(item[column])
+                item["recipients"] = [a for a in (item.get("recipients") or "").split(";") if a]
+                item["recipient_status"] = split_recipient_status(item.get("recipient_status") or "")
+                item["timestamp"] = item["timestamp"].replace(tzinfo=dt.timezone.utc)
+                out.append(item if convert is None else convert(item))
         return out
 
     def last_tracking_id(self) -> int:
@@ -375,6 +382,10 @@ def _naive_utc(value: dt.datetime) -> dt.datetime:
 
 _TRACKING_COLUMNS = [k for k in TRACKING_FIELDS if k in message_tracking.c]
 _TRACKING_INSERT_COLUMNS = [c.name for c in message_tracking.columns if c.name != "id"]
+# Columns whose few values repeat from event to event (a query's result keeps one copy of each).
+_TRACKING_REPEATED_COLUMNS = ("server", "event_id", "source", "sender", "return_path", "client_ip", "client_hostname",
+                              "server_ip", "server_hostname", "connector_id", "directionality", "tenant_id",
+                              "original_client_ip", "original_server_ip", "transport_traffic_type")
 
 
 class ConfigTransaction:

@@ -16,6 +16,21 @@ from pydantic import BaseModel
 from mailgate.config.model import ConfigObject, Credential, ReceiveConnector, SendConnector
 
 
+# Records with the same properties (every event of Get-MessageTrackingLog, every message of Get-Message) share
+# one lower-case index of them: 100,000 events then cost their values, not 100,000 copies of the index.
+_SHARED_INDEXES: dict[tuple[str, ...], dict[str, str]] = {}
+_SHARED_INDEXES_MAX = 1024
+
+
+def _shared_index(keys: tuple[str, ...]) -> dict[str, str]:
+    index = _SHARED_INDEXES.get(keys)
+    if index is None:
+        index = {k.lower(): k for k in keys}
+        if len(_SHARED_INDEXES) < _SHARED_INDEXES_MAX:
+            _SHARED_INDEXES[keys] = index
+    return index
+
+
 class Record:
     """An output object with case-insensitive property access."""
 
@@ -24,7 +39,7 @@ class Record:
     def __init__(self, type_name: str, props: dict[str, Any]) -> None:
         self.type_name = type_name
         self._props = dict(props)
-        self._index = {k.lower(): k for k in self._props}
+        self._index = _shared_index(tuple(self._props))
 
     def get(self, name: str, default: Any = None) -> Any:
         key = self._index.get(name.lower())
@@ -39,7 +54,7 @@ class Record:
     def set(self, name: str, value: Any) -> None:
         key = self._index.get(name.lower())
         if key is None:
-            self._index[name.lower()] = name
+            self._index = {**self._index, name.lower(): name}   # a copy: other records may share the index
             key = name
         self._props[key] = value
 

@@ -52,15 +52,21 @@ _PARAMS = [
 ]
 
 
+def _id_and_record(row: dict[str, Any]) -> tuple[int, Record]:
+    return row["id"], tracking_record(row)
+
+
 def query(ctx: ManagementContext, args: dict[str, Any], *, after_id: int | None = None,
-          limit: int | None = 1000) -> list[dict[str, Any]]:
+          limit: int | None = 1000) -> list[tuple[int, Record]]:
+    """The events ``args`` select, each as its id and its record."""
     server = args.get("Server") or ctx.server_name
     return ctx.store.query_tracking(start=args.get("Start"), end=args.get("End"), sender=args.get("Sender"),
                                     recipients=args.get("Recipients"), message_id=args.get("MessageId"),
                                     internal_message_id=args.get("InternalMessageId"),
                                     network_message_id=args.get("NetworkMessageId"), subject=args.get("MessageSubject"),
                                     event_id=args.get("EventId"), source=args.get("Source"), server=server,
-                                    reference=args.get("Reference"), limit=limit, after_id=after_id)
+                                    reference=args.get("Reference"), limit=limit, after_id=after_id,
+                                    convert=_id_and_record)
 
 
 @cmdlet("Get-MessageTrackingLog", _PARAMS, synopsis="Search the message tracking log.",
@@ -75,23 +81,23 @@ def get_message_tracking_log(ctx: ManagementContext, args: dict[str, Any]) -> li
         raise InvalidValueError("-Follow streams events to the management shell; over the REST API, ask again "
                                 "with -Start set to the time of the last event you have.", parameter="Follow")
     limit = result_size(args)
-    rows = first_results(ctx, query(ctx, args, limit=None if limit is None else limit + 1), args)
-    records = [tracking_record(r) for r in rows]
+    events = first_results(ctx, query(ctx, args, limit=None if limit is None else limit + 1), args)
+    records = [record for _, record in events]
     if not args.get("Follow"):
         return records
     shell = ctx.shell
     if shell is not None:
         shell.emit(records)
-    last = rows[-1]["id"] if rows else ctx.store.last_tracking_id()
+    last = events[-1][0] if events else ctx.store.last_tracking_id()
     deadline = time.monotonic() + args["FollowSeconds"] if args.get("FollowSeconds") else None
     try:
         while deadline is None or time.monotonic() < deadline:
             time.sleep(1.0)
             new = query(ctx, {**args, "Start": None}, after_id=last, limit=None)
             if new:
-                last = new[-1]["id"]
+                last = new[-1][0]
                 if shell is not None:
-                    shell.emit([tracking_record(r) for r in new])
+                    shell.emit([record for _, record in new])
     except KeyboardInterrupt:
         pass
     return []
