@@ -215,3 +215,43 @@ def test_frontend_transport_service_cmdlets_show_and_change_the_servers_frontend
     refused = shell(home, "Set-FrontendTransportService EX01 -MessageExpirationTimeout 1.00:00:00")
     assert not refused.ok and "MessageExpirationTimeout" in refused.err
     assert store_dump(home) == before
+
+
+# Values an administrator (or a script gone wrong) may give any parameter.
+ODD_VALUES = ['""', "$null", '("x" * 5000)', "-1", "2147483648", '@{Add="x"}', '@{Remove="y"}', "$true", "1.5",
+              '"`r`n"', '"*"', "0", '"Unlimited"', '"00:00:00"', '"1.2.3.4"', '"[::1]:25"', "@()", "@(1,2)",
+              '"a@b.example"', '"EX01"', "(Get-Date)", '"99999999999999999999"', '"EX01\\Submission"', '"a,b"',
+              '"\u00e9"', '"0.0.0.0:25"']
+_WAITS_OR_PROMPTS = {"Start-Sleep", "Get-Credential", "Read-Host"}
+
+
+def test_no_value_of_any_parameter_of_any_cmdlet_is_an_internal_error(home, tmp_path, monkeypatch):
+    """Every cmdlet, every parameter, each odd value: a clear error or a result, never "This is a bug"."""
+    import io
+
+    from mailgate.cli import management_context
+    from mailgate.manage.cmdlets import registry
+    from mailgate.shell.session import LinePrompter, Shell
+
+    monkeypatch.chdir(tmp_path)   # files that cmdlets write (Out-File "*") land here
+    ctx = management_context(home)
+    ctx.prompter = LinePrompter(["user", "secret"] * 10000)
+    out, err = io.StringIO(), io.StringIO()
+    shell = Shell(ctx, out=out, err=err)
+    bugs, tried = [], 0
+    for cmd in sorted(registry.all(), key=lambda c: c.name):
+        if cmd.name in _WAITS_OR_PROMPTS:
+            continue
+        names = {p.name for p in cmd.params}
+        for param in cmd.params:
+            if param.name in ("Follow", "FollowSeconds", "Confirm"):
+                continue
+            for value in [""] if param.switch else ODD_VALUES:
+                text = f"{cmd.name} -{param.name} {value}" + (" -Confirm:$false" if "Confirm" in names else "")
+                before = len(err.getvalue())
+                shell.run_text(text)
+                tried += 1
+                reported = err.getvalue()[before:]
+                if "This is a bug" in reported or "Traceback" in reported:
+                    bugs.append(f"{text}: {reported.splitlines()[0][:200]}")
+    assert tried > 1000 and not bugs, "\n".join(bugs)

@@ -348,3 +348,17 @@ def test_records_with_the_same_properties_share_their_index_and_a_new_property_s
     assert first.get("added") is True and first.get("COUNT") == 5 and first.keys() == ["Name", "Count", "Added"]
     assert not second.has("Added") and second.get("count") == 2 and second.keys() == ["Name", "Count"]
     assert Record("T", {"Name": "c", "Count": 3}).keys() == ["Name", "Count"]
+
+
+def test_a_file_that_cant_be_written_and_a_date_that_isnt_one_are_clear_errors_not_bugs(tmp_path):
+    missing = tmp_path / "no-such-dir" / "out.txt"
+    for command, expected in [(f'"x" | Out-File {missing}', f"No such file or directory: '{missing}'"),
+                              ('"x" | Export-Csv -Path ""', "No such file or directory: ''"),
+                              ('"x" | Export-Csv ("x" * 5000)', "File name too long"),
+                              ('Get-Date -Date ""', "parameter 'Date'. Cannot convert value \"\" to type"),
+                              ("Get-Date -Date 1.5", "parameter 'Date'")]:
+        ok, out, err = run(command + '\n"still here"')
+        assert not ok and expected in err and "This is a bug" not in err, (command, err)
+        assert "still here" in out
+    ok, out, err = run('Get-Date "2026-01-02 03:04:05" -Format "yyyy-MM-dd"')
+    assert ok and out.strip() == "2026-01-02", err

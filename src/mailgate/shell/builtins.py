@@ -17,7 +17,7 @@ from typing import Any
 from mailgate.errors import UserError
 from mailgate.manage.cmdlets import Param, cmdlet, registry
 from mailgate.manage.context import ManagementContext
-from mailgate.manage.params import as_list, to_int, to_str
+from mailgate.manage.params import as_list, to_datetime, to_int, to_str
 from mailgate.manage.present import Record, to_json
 from mailgate.manage.psvalues import comparable, compare, to_text, truthy, wildcard_match
 from mailgate.shell import format as fmt
@@ -359,13 +359,12 @@ def get_help(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     return [fmt.Formatted(lines)]
 
 
-@cmdlet("Get-Date", [Param("Date", position=0, raw=True), Param("Format", convert=to_str)],
+@cmdlet("Get-Date", [Param("Date", position=0, convert=to_datetime, type_name="DateTime"),
+                     Param("Format", convert=to_str)],
         synopsis="The current date and time.", builtin=True)
 def get_date(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """The current local date and time (or -Date parsed); .AddMinutes(-5) and friends work on it."""
-    from mailgate.manage.params import to_datetime
-
-    value = to_datetime(args["Date"]) if args.get("Date") is not None else dt.datetime.now().astimezone()
+    value = args["Date"] if args.get("Date") is not None else dt.datetime.now().astimezone()
     if args.get("Format"):
         from mailgate.shell.evaluator import _dotnet_strftime
 

@@ -276,6 +276,10 @@ class Evaluator:
             result = cmd.handler(ctx, args)
         except (UserError, RecursionError):
             raise
+        except OSError as exc:   # a file the administrator named (Out-File, Export-Csv, Export-Message …)
+            name = str(exc.filename)
+            path = "" if exc.filename is None else f" '{name[:200]}…'" if len(name) > 200 else f" '{name}'"
+            raise UserError(f"{exc.strerror or exc}{':' if path else ''}{path}.") from exc
         except Exception as exc:  # a bug is reported like any error; it doesn't end the administrator's session
             if is_unreachable(exc):
                 raise UserError(f"{cmd.name} needs the organisation's store, which can't be reached "
