@@ -225,23 +225,20 @@ ODD_VALUES = ['""', "$null", '("x" * 5000)', "-1", "2147483648", '@{Add="x"}', '
 _WAITS_OR_PROMPTS = {"Start-Sleep", "Get-Credential", "Read-Host"}
 
 
-def test_no_value_of_any_parameter_of_any_cmdlet_is_an_internal_error(home, tmp_path, monkeypatch):
-    """Every cmdlet, every parameter, each odd value: a clear error or a result, never "This is a bug"."""
+def odd_value_failures(home, cmdlets) -> tuple[int, list[str]]:
+    """Run each of ``cmdlets`` with each parameter set to each odd value in one shell session: how many runs,
+    and those whose error was an internal one ("This is a bug", or an operation that failed in the server)."""
     import io
 
     from mailgate.cli import management_context
-    from mailgate.manage.cmdlets import registry
     from mailgate.shell.session import LinePrompter, Shell
 
-    monkeypatch.chdir(tmp_path)   # files that cmdlets write (Out-File "*") land here
     ctx = management_context(home)
     ctx.prompter = LinePrompter(["user", "secret"] * 10000)
     out, err = io.StringIO(), io.StringIO()
     shell = Shell(ctx, out=out, err=err)
-    bugs, tried = [], 0
-    for cmd in sorted(registry.all(), key=lambda c: c.name):
-        if cmd.name in _WAITS_OR_PROMPTS:
-            continue
+    failures, tried = [], 0
+    for cmd in cmdlets:
         names = {p.name for p in cmd.params}
         for param in cmd.params:
             if param.name in ("Follow", "FollowSeconds", "Confirm"):
@@ -252,6 +249,30 @@ def test_no_value_of_any_parameter_of_any_cmdlet_is_an_internal_error(home, tmp_
                 shell.run_text(text)
                 tried += 1
                 reported = err.getvalue()[before:]
-                if "This is a bug" in reported or "Traceback" in reported:
-                    bugs.append(f"{text}: {reported.splitlines()[0][:200]}")
-    assert tried > 1000 and not bugs, "\n".join(bugs)
+                if any(sign in reported for sign in ("This is a bug", "Traceback", "internal error")):
+                    failures.append(f"{text}: {reported.splitlines()[0][:200]}")
+    return tried, failures
+
+
+def test_no_value_of_any_parameter_of_any_cmdlet_is_an_internal_error(home, tmp_path, monkeypatch):
+    """Every cmdlet, every parameter, each odd value: a clear error or a result, never "This is a bug"."""
+    from mailgate.manage.cmdlets import registry
+
+    monkeypatch.chdir(tmp_path)   # files that cmdlets write (Out-File "*") land here
+    cmdlets = sorted((c for c in registry.all() if c.name not in _WAITS_OR_PROMPTS), key=lambda c: c.name)
+    tried, failures = odd_value_failures(home, cmdlets)
+    assert tried > 1000 and not failures, "\n".join(failures)
+
+
+def test_no_value_given_to_the_queue_cmdlets_is_an_internal_error_in_the_running_server(home, server, tmp_path,
+                                                                                        monkeypatch):
+    """The same with the server running, for the cmdlets that it answers (queues and messages)."""
+    from mailgate.manage.cmdlets import registry
+
+    monkeypatch.chdir(tmp_path)
+    cmdlets = [registry.get(name) for name in ("Get-Queue", "Get-QueueDigest", "Suspend-Queue", "Resume-Queue",
+                                               "Retry-Queue", "Get-Message", "Suspend-Message", "Resume-Message",
+                                               "Remove-Message", "Export-Message")]
+    tried, failures = odd_value_failures(home, cmdlets)
+    assert tried > 200 and not failures, "\n".join(failures)
+    assert "Traceback" not in server.output()

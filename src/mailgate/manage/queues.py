@@ -211,7 +211,7 @@ def messages(ctx: ManagementContext, args: dict[str, Any]) -> list[Record]:
     records: list[Record] = runtime.call("messages", queue=_identity(queue) if queue else None,
                                          include_recipients=bool(args.get("IncludeRecipientInfo")),
                                          limit=None if limit is None else limit + 1,
-                                         message_id=int(number) if number.isdigit() else None)
+                                         message_id=int(number) if number.isascii() and number.isdigit() else None)
     if ident is not None:
         wanted = _identity(ident)
         parts = wanted.split("\\")

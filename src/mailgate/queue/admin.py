@@ -18,6 +18,7 @@ from mailgate.routing.table import POISON, SUBMISSION, UNREACHABLE
 from mailgate.send.smtp import Outcome
 
 ZEROS = "00000000-0000-0000-0000-000000000000"
+MAX_MESSAGE_ID = 2**63 - 1   # the largest SQLite INTEGER: no message number is larger
 
 
 def _dt(ts: float | None) -> dt.datetime | None:
@@ -137,6 +138,8 @@ class QueueAdmin:
                  limit: int | None = None, message_id: int | None = None) -> list[Record]:
         """The messages of ``queue`` (or every queue) in the order of their ids; at most ``limit`` (None: all);
         only the message ``message_id`` when it is given."""
+        if message_id is not None and not 0 < message_id <= MAX_MESSAGE_ID:
+            return []   # no message has that number (and SQLite can't even compare with it)
         if limit is None:
             limit = -1   # SQLite's "no limit"; the count below is never reached
         only, only_params = ("", []) if message_id is None else (" AND m.id=?", [int(message_id)])
@@ -204,16 +207,16 @@ class QueueAdmin:
         out = []
         for ident in identities:
             parts = ident.strip().split("\\")
-            try:
-                message_id = int(parts[-1])
-            except ValueError:
+            number = parts[-1].strip()
+            if not (number.isascii() and number.isdigit()):
                 raise NotFoundError(f"'{ident}' is not a message identity; use Server\\Queue\\Number, e.g. "
-                                    f"{self.server}\\Submission\\12.", target=ident) from None
+                                    f"{self.server}\\Submission\\12.", target=ident)
+            message_id = int(number)
             queue_part = parts[-2] if len(parts) >= 2 else "*"
             if len(parts) == 3 and parts[0].lower() not in (self.server.lower(), "*"):
                 raise NotFoundError(f"The message '{ident}' is on server {parts[0]}; this server is {self.server}.")
-            matches = [r for r in self.messages(None) if r["Identity"].split("\\")[-1] == str(message_id)
-                       and (queue_part == "*" or r["Queue"].split("\\")[-1].lower() == queue_part.lower())]
+            matches = [r for r in self.messages(None, message_id=message_id)
+                       if (queue_part == "*" or r["Queue"].split("\\")[-1].lower() == queue_part.lower())]
             if not matches:
                 raise NotFoundError(f"The message '{ident}' couldn't be found in the queues of {self.server}.",
                                     target=ident)
