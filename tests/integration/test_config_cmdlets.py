@@ -118,6 +118,17 @@ INVALID = [
      "TlsDomain", "not a valid FQDN"),
     ('Set-TransportConfig -ExternalPostmasterAddress "pm@contoso.com`r`nBcc: x@y.example"',
      "ExternalPostmasterAddress", "not a valid SMTP address"),
+    # Numbers beyond what the setting's type holds, and beyond the setting's range.
+    ("Set-TransportService -MaxOutboundConnections 99999999999999999999", "MaxOutboundConnections", "Int32"),
+    ("Set-TransportService -MaxPerDomainOutboundConnections 0", "MaxPerDomainOutboundConnections", "between 1"),
+    ("Set-TransportService -MaxConnectionRatePerMinute -1", "MaxConnectionRatePerMinute", "between 1"),
+    ("Set-TransportService -MessageTrackingLogMaxAge 99999999999999999999", "MessageTrackingLogMaxAge",
+     "too large for a time span"),
+    ("Set-TransportService -SendProtocolLogMaxAge 30000", "SendProtocolLogMaxAge", "24855.03:14:07"),
+    ("Set-TransportService -MessageTrackingLogMaxDirectorySize 99999999999999999999",
+     "MessageTrackingLogMaxDirectorySize", "too large"),
+    ("Set-TransportConfig -MaxReceiveSize 3GB", "MaxReceiveSize", "between 0 and 2 GB"),
+    ("Set-TransportConfig -MaxRecipientEnvelopeLimit -1", "MaxRecipientEnvelopeLimit", "between 0"),
 ]
 
 

@@ -212,6 +212,15 @@ def test_the_range_operator():
     assert not ok and 'Cannot convert "a"' in err
 
 
+def test_a_negative_number_is_an_argument_and_a_dash_word_a_parameter():
+    assert bound("Test-Binding -Value -1").get("Value") == "-1"
+    assert bound("Test-Binding x -Value -2.5MB").get("Value") == "-2.5MB"
+    ok, out, err = run("Write-Output -1\n1..2 | % { $_ -1 }")
+    assert ok and out.split() == ["-1", "0", "1"], err
+    ok, out, err = run("Test-Binding -Value -Name")
+    assert not ok and "Missing an argument for parameter 'Value'" in err, err
+
+
 def test_strings_and_arrays_repeat_with_the_multiplication_operator():
     ok, out, err = run('"ab" * 3\n(@(1, 2) * 2).Count\n"x" * 2.5\n"-" * 0\n"=" * "2"')
     assert ok, err

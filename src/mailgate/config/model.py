@@ -407,6 +407,9 @@ class Mailbox(ConfigObject):
         check_name(self.name)
 
 
+LOG_MAX_AGE_SECONDS = 24855 * 86400 + 3 * 3600 + 14 * 60 + 7   # 24855.03:14:07, Exchange's largest log age
+
+
 class TransportServer(ConfigObject):
     """A transport server of the organisation and its Set-TransportService settings."""
 
@@ -424,7 +427,7 @@ class TransportServer(ConfigObject):
     delay_notification_timeout: TimeSpanField = TimeSpan(4 * 3600)
     queue_max_idle_time: TimeSpanField = TimeSpan(180)
     max_outbound_connections: UnlimitedIntField = UnlimitedInt(1000)
-    max_per_domain_outbound_connections: UnlimitedIntField = UnlimitedInt(20)
+    max_per_domain_outbound_connections: UnlimitedIntField = UnlimitedInt(40)
     max_connection_rate_per_minute: int = 1200
     poison_message_detection_enabled: bool = True
     poison_threshold: int = 2
@@ -468,9 +471,19 @@ class TransportServer(ConfigObject):
             ("MessageExpirationTimeout", self.message_expiration_timeout, 5, 90 * 86400),
             ("DelayNotificationTimeout", self.delay_notification_timeout, 1, 30 * 86400),
             ("QueueMaxIdleTime", self.queue_max_idle_time, 5, 3600),
+            # Log ages: 00:00:00 keeps logs whatever their age.
+            ("MessageTrackingLogMaxAge", self.message_tracking_log_max_age, 0, LOG_MAX_AGE_SECONDS),
+            ("ReceiveProtocolLogMaxAge", self.receive_protocol_log_max_age, 0, LOG_MAX_AGE_SECONDS),
+            ("SendProtocolLogMaxAge", self.send_protocol_log_max_age, 0, LOG_MAX_AGE_SECONDS),
         ]:
             if not low <= span.seconds <= high:
                 raise RuleViolation(name, f"{name} must be between {TimeSpan(low)} and {TimeSpan(high)}.")
+        for name, uvalue in [("MaxOutboundConnections", self.max_outbound_connections),
+                             ("MaxPerDomainOutboundConnections", self.max_per_domain_outbound_connections)]:
+            if uvalue.value is not None and uvalue.value < 1:
+                raise RuleViolation(name, f"{name} must be between 1 and 2147483647, or Unlimited.")
+        if not 1 <= self.max_connection_rate_per_minute <= 2147483647:
+            raise RuleViolation("MaxConnectionRatePerMinute", "MaxConnectionRatePerMinute must be between 1 and 2147483647.")
 
 
 class TransportConfig(ConfigObject):
@@ -498,6 +511,19 @@ class TransportConfig(ConfigObject):
 
     def store_key(self) -> str:
         return "transport settings"
+
+    def check(self) -> None:
+        for name, size, unlimited in [("MaxReceiveSize", self.max_receive_size, True),
+                                      ("MaxSendSize", self.max_send_size, True),
+                                      ("ExternalDsnMaxMessageAttachSize", self.external_dsn_max_message_attach_size, False),
+                                      ("InternalDsnMaxMessageAttachSize", self.internal_dsn_max_message_attach_size, False)]:
+            if (size.bytes is None and not unlimited) or (size.bytes is not None and size.bytes > 2147483647):
+                raise RuleViolation(name, f"{name} must be between 0 and 2 GB (2,147,483,647 bytes)"
+                                    + (", or Unlimited." if unlimited else "."))
+        limit = self.max_recipient_envelope_limit.value
+        if limit is not None and limit < 0:
+            raise RuleViolation("MaxRecipientEnvelopeLimit", "MaxRecipientEnvelopeLimit must be between 0 and "
+                                "2147483647, or Unlimited.")
 
     @property
     def identity(self) -> str:

@@ -21,6 +21,7 @@ from pydantic import BeforeValidator, PlainSerializer
 
 
 _UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+BYTE_SIZE_MAX = 2**64 - 1   # ByteQuantifiedSize counts bytes in a UInt64
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB)?\s*(?:\(([\d,]+) bytes\))?\s*$", re.I)
 
 
@@ -41,7 +42,7 @@ class ByteSize:
         if isinstance(value, int):
             if value < 0:
                 raise ValueError(f'"{value}" is negative')
-            return cls(value)
+            return cls._at_most_max(value, value)
         text = str(value).strip()
         if text.lower() == "unlimited":
             return cls(None)
@@ -49,10 +50,16 @@ class ByteSize:
         if not m:
             raise ValueError(f'"{text}" is not a valid size; use a number with B, KB, MB, GB or TB (for example 36MB), or Unlimited')
         if m.group(3):
-            return cls(int(m.group(3).replace(",", "")))
+            return cls._at_most_max(int(m.group(3).replace(",", "")), text)
         number = float(m.group(1))
         unit = (m.group(2) or "B").upper()
-        return cls(int(round(number * _UNITS[unit])))
+        return cls._at_most_max(int(round(number * _UNITS[unit])), text)
+
+    @classmethod
+    def _at_most_max(cls, count: int, given: Any) -> "ByteSize":
+        if count > BYTE_SIZE_MAX:
+            raise ValueError(f'"{given}" is too large: a size is at most {BYTE_SIZE_MAX:,} bytes, or Unlimited')
+        return cls(count)
 
     @property
     def unlimited(self) -> bool:
@@ -93,6 +100,9 @@ _TS_RE = re.compile(r"^\s*(-)?(?:(\d+)\.)?(\d{1,2}):(\d{1,2})(?::(\d{1,2})(?:\.(
 _DAYS_RE = re.compile(r"^\s*(\d+)\s*$")
 
 
+TIMESPAN_MAX_SECONDS = 922337203685.4775807   # .NET TimeSpan.MaxValue: 10675199.02:48:05.4775807
+
+
 @dataclass(frozen=True, order=True)
 class TimeSpan:
     """Exchange's EnhancedTimeSpan, printed as ``[d.]hh:mm:ss[.fffffff]``."""
@@ -109,7 +119,7 @@ class TimeSpan:
             raise ValueError(f'"{value}" is not a time span; use [d.]hh:mm:ss, for example 00:05:00')
         if isinstance(value, (int, float)):
             # PowerShell converts a bare number to a TimeSpan of that many days.
-            return cls(float(value) * 86400)
+            return cls._within_range(float(value) * 86400, value)
         text = str(value)
         m = _TS_RE.match(text)
         if m:
@@ -119,11 +129,18 @@ class TimeSpan:
             total = int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + int(secs or 0)
             if frac:
                 total += int(frac.ljust(7, "0")) / 1e7
-            return cls(-total if sign else float(total))
+            return cls._within_range(-total if sign else float(total), text)
         m = _DAYS_RE.match(text)
         if m:
-            return cls(int(m.group(1)) * 86400.0)
+            return cls._within_range(int(m.group(1)) * 86400.0, text)
         raise ValueError(f'"{text}" is not a valid time span; use [d.]hh:mm:ss, for example 00:05:00 or 2.00:00:00')
+
+    @classmethod
+    def _within_range(cls, seconds: float, given: Any) -> "TimeSpan":
+        """.NET's TimeSpan holds ±10675199.02:48:05.4775807; beyond that (or inf, NaN) is no time span."""
+        if not abs(seconds) <= TIMESPAN_MAX_SECONDS:
+            raise ValueError(f'"{given}" is too large for a time span; the largest is 10675199.02:48:05.4775807')
+        return cls(seconds)
 
     def __str__(self) -> str:
         total = abs(self.seconds)
@@ -166,14 +183,22 @@ class UnlimitedInt:
         if isinstance(value, bool) or value is None:
             raise ValueError(f'"{value}" is not a number or Unlimited')
         if isinstance(value, int):
-            return cls(value)
+            return cls._int32(value, value)
         text = str(value).strip()
         if text.lower() == "unlimited":
             return cls(None)
         try:
-            return cls(int(text.replace(",", "")))
+            number = int(text.replace(",", ""))
         except ValueError:
             raise ValueError(f'"{text}" is not a number or Unlimited') from None
+        return cls._int32(number, text)
+
+    @classmethod
+    def _int32(cls, number: int, given: Any) -> "UnlimitedInt":
+        """Exchange's Unlimited<int>: a 32-bit number."""
+        if not -2**31 <= number < 2**31:
+            raise ValueError(f'"{given}" is out of range: Value was either too large or too small for an Int32')
+        return cls(number)
 
     def __str__(self) -> str:
         return "Unlimited" if self.value is None else str(self.value)
