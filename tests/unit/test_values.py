@@ -160,3 +160,24 @@ def test_a_stored_banner_is_sent_as_one_reply_line(stored, sent):
                                                  "bindings": ["0.0.0.0:25"], "banner": stored})
     policy = ConnectorPolicy(connector, TransportServer(name="EX01", fqdn="ex01.domain.com", user="u"))
     assert policy.banner() == sent
+
+
+def test_a_value_beyond_its_types_limits_is_refused_when_given_and_still_loads_when_stored():
+    """An administrator can't give MaxOutboundConnections 99999999999999999999; a store written before that
+    limit existed still loads (a server that can't read its configuration can't run)."""
+    from mailgate.config.model import TransportServer
+    from mailgate.manage.params import FieldConverter
+
+    stored = {"name": "EX01", "fqdn": "ex01.domain.com", "user": "u", "MaxOutboundConnections": "99999999999999999999",
+              "MessageTrackingLogMaxAge": "99999999999999994690.23:06:50", "MessageTrackingLogMaxFileSize": str(2**70)}
+    server = TransportServer.model_validate(stored)
+    assert server.max_outbound_connections.value == 99999999999999999999
+    for field, value, reason in [("max_outbound_connections", "99999999999999999999", "Int32"),
+                                 ("message_tracking_log_max_age", "99999999999999994690.23:06:50", "too large"),
+                                 ("message_tracking_log_max_file_size", str(2**70), "too large"),
+                                 ("message_tracking_log_max_age", 1e400, "too large")]:
+        with pytest.raises(ValueError, match=reason):
+            FieldConverter(TransportServer, field)(value)
+    assert FieldConverter(TransportServer, "max_outbound_connections")("2147483647").value == 2147483647
+    with pytest.raises(ValueError):
+        TimeSpan.parse(float("inf"), given=False)   # never a time span, stored or given

@@ -10,11 +10,12 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import ipaddress
+import math
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, PlainSerializer
+from pydantic import BeforeValidator, PlainSerializer, ValidationInfo
 
 # ---------------------------------------------------------------------------
 # Sizes
@@ -32,7 +33,7 @@ class ByteSize:
     bytes: int | None
 
     @classmethod
-    def parse(cls, value: Any) -> "ByteSize":
+    def parse(cls, value: Any, *, given: bool = True) -> "ByteSize":
         if isinstance(value, ByteSize):
             return value
         if value is None:
@@ -42,7 +43,7 @@ class ByteSize:
         if isinstance(value, int):
             if value < 0:
                 raise ValueError(f'"{value}" is negative')
-            return cls._at_most_max(value, value)
+            return cls._at_most_max(value, value, given)
         text = str(value).strip()
         if text.lower() == "unlimited":
             return cls(None)
@@ -50,15 +51,15 @@ class ByteSize:
         if not m:
             raise ValueError(f'"{text}" is not a valid size; use a number with B, KB, MB, GB or TB (for example 36MB), or Unlimited')
         if m.group(3):
-            return cls._at_most_max(int(m.group(3).replace(",", "")), text)
+            return cls._at_most_max(int(m.group(3).replace(",", "")), text, given)
         number = float(m.group(1))
         unit = (m.group(2) or "B").upper()
-        return cls._at_most_max(int(round(number * _UNITS[unit])), text)
+        return cls._at_most_max(int(round(number * _UNITS[unit])), text, given)
 
     @classmethod
-    def _at_most_max(cls, count: int, given: Any) -> "ByteSize":
-        if count > BYTE_SIZE_MAX:
-            raise ValueError(f'"{given}" is too large: a size is at most {BYTE_SIZE_MAX:,} bytes, or Unlimited')
+    def _at_most_max(cls, count: int, text: Any, given: bool) -> "ByteSize":
+        if given and count > BYTE_SIZE_MAX:
+            raise ValueError(f'"{text}" is too large: a size is at most {BYTE_SIZE_MAX:,} bytes, or Unlimited')
         return cls(count)
 
     @property
@@ -110,7 +111,7 @@ class TimeSpan:
     seconds: float
 
     @classmethod
-    def parse(cls, value: Any) -> "TimeSpan":
+    def parse(cls, value: Any, *, given: bool = True) -> "TimeSpan":
         if isinstance(value, TimeSpan):
             return value
         if isinstance(value, dt.timedelta):
@@ -119,7 +120,7 @@ class TimeSpan:
             raise ValueError(f'"{value}" is not a time span; use [d.]hh:mm:ss, for example 00:05:00')
         if isinstance(value, (int, float)):
             # PowerShell converts a bare number to a TimeSpan of that many days.
-            return cls._within_range(float(value) * 86400, value)
+            return cls._within_range(float(value) * 86400, value, given)
         text = str(value)
         m = _TS_RE.match(text)
         if m:
@@ -129,17 +130,17 @@ class TimeSpan:
             total = int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + int(secs or 0)
             if frac:
                 total += int(frac.ljust(7, "0")) / 1e7
-            return cls._within_range(-total if sign else float(total), text)
+            return cls._within_range(-total if sign else float(total), text, given)
         m = _DAYS_RE.match(text)
         if m:
-            return cls._within_range(int(m.group(1)) * 86400.0, text)
+            return cls._within_range(int(m.group(1)) * 86400.0, text, given)
         raise ValueError(f'"{text}" is not a valid time span; use [d.]hh:mm:ss, for example 00:05:00 or 2.00:00:00')
 
     @classmethod
-    def _within_range(cls, seconds: float, given: Any) -> "TimeSpan":
+    def _within_range(cls, seconds: float, text: Any, given: bool) -> "TimeSpan":
         """.NET's TimeSpan holds ±10675199.02:48:05.4775807; beyond that (or inf, NaN) is no time span."""
-        if not abs(seconds) <= TIMESPAN_MAX_SECONDS:
-            raise ValueError(f'"{given}" is too large for a time span; the largest is 10675199.02:48:05.4775807')
+        if not math.isfinite(seconds) or (given and abs(seconds) > TIMESPAN_MAX_SECONDS):
+            raise ValueError(f'"{text}" is too large for a time span; the largest is 10675199.02:48:05.4775807')
         return cls(seconds)
 
     def __str__(self) -> str:
@@ -177,13 +178,13 @@ class UnlimitedInt:
     value: int | None  # None = Unlimited
 
     @classmethod
-    def parse(cls, value: Any) -> "UnlimitedInt":
+    def parse(cls, value: Any, *, given: bool = True) -> "UnlimitedInt":
         if isinstance(value, UnlimitedInt):
             return value
         if isinstance(value, bool) or value is None:
             raise ValueError(f'"{value}" is not a number or Unlimited')
         if isinstance(value, int):
-            return cls._int32(value, value)
+            return cls._int32(value, value, given)
         text = str(value).strip()
         if text.lower() == "unlimited":
             return cls(None)
@@ -191,13 +192,13 @@ class UnlimitedInt:
             number = int(text.replace(",", ""))
         except ValueError:
             raise ValueError(f'"{text}" is not a number or Unlimited') from None
-        return cls._int32(number, text)
+        return cls._int32(number, text, given)
 
     @classmethod
-    def _int32(cls, number: int, given: Any) -> "UnlimitedInt":
+    def _int32(cls, number: int, text: Any, given: bool) -> "UnlimitedInt":
         """Exchange's Unlimited<int>: a 32-bit number."""
-        if not -2**31 <= number < 2**31:
-            raise ValueError(f'"{given}" is out of range: Value was either too large or too small for an Int32')
+        if given and not -2**31 <= number < 2**31:
+            raise ValueError(f'"{text}" is out of range: Value was either too large or too small for an Int32')
         return cls(number)
 
     def __str__(self) -> str:
@@ -628,9 +629,20 @@ def _field(cls: Any) -> Any:
     return Annotated[cls, BeforeValidator(cls.parse), PlainSerializer(str, return_type=str)]
 
 
-ByteSizeField = _field(ByteSize)
-TimeSpanField = _field(TimeSpan)
-UnlimitedIntField = _field(UnlimitedInt)
+# Validation context of a value an administrator gives now: its type's limits apply. A value read from the
+# store is validated without it, so one kept before a limit existed still loads (and can be changed).
+GIVEN = {"given": True}
+
+
+def _limited_field(cls: Any) -> Any:
+    def parse(value: Any, info: ValidationInfo) -> Any:
+        return cls.parse(value, given=bool(info.context and info.context.get("given")))
+    return Annotated[cls, BeforeValidator(parse), PlainSerializer(str, return_type=str)]
+
+
+ByteSizeField = _limited_field(ByteSize)
+TimeSpanField = _limited_field(TimeSpan)
+UnlimitedIntField = _limited_field(UnlimitedInt)
 IPRangeField = _field(IPRange)
 IPBindingField = _field(IPBinding)
 AddressSpaceField = _field(AddressSpace)

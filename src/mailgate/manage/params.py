@@ -16,7 +16,7 @@ from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
 from mailgate.config.model import ConfigObject
-from mailgate.config.values import ExchangeEnum, ExchangeFlag
+from mailgate.config.values import GIVEN, ExchangeEnum, ExchangeFlag
 
 
 @dataclass
@@ -222,7 +222,7 @@ class FieldConverter:
         if self.annotation in (int, int | None):
             return to_int(value) if value is not None else None
         try:
-            return self._element.validate_python(value)
+            return self._element.validate_python(value, context=GIVEN)
         except PydanticValidationError as exc:
             raise ValueError(_pydantic_message(exc)) from None
 
