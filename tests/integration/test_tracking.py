@@ -154,6 +154,20 @@ def test_test_mailflow_success_and_failure_with_the_reason(home, flow):
     assert "Unreachable" in broken.err and "New-SendConnector" in broken.err
 
 
+def test_test_mailflow_tells_the_outcome_with_message_tracking_off(home, flow):
+    """MessageTrackingLogEnabled $false: the probe is still followed — it reaching the system mailbox, or its NDR
+    coming back there, or it leaving the queue with none — instead of waiting out ExecutionTimeout."""
+    assert shell(home, "Set-TransportService EX01 -MessageTrackingLogEnabled $false").ok
+    synced(home)
+    local = shell(home, "Test-Mailflow -ExecutionTimeout 60 | fl TestMailflowResult,Details")
+    assert local.ok and "TestMailflowResult : Success" in local.out and "DELIVER" in local.out, local.out + local.err
+    remote = shell(home, 'Test-Mailflow -TargetEmailAddress "kate@remote.example" -ExecutionTimeout 60 | fl Details')
+    assert remote.ok and "SEND to kate@remote.example" in remote.out, remote.out + remote.err
+    failed = shell(home, 'Test-Mailflow -TargetEmailAddress "bad@failing.example" -ExecutionTimeout 60')
+    assert not failed.ok and "Failure" in failed.out and "5.1.1" in failed.err, failed.out + failed.err
+    assert not shell(home, "Get-MessageTrackingLog -ResultSize Unlimited").out.strip()
+
+
 def test_test_smtp_connectivity_reports_each_binding(home, flow):
     server, _ = flow
     held = socket.socket()

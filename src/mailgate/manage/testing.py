@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import email
 import email.utils
+import os
 import socket
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from mailgate.config.model import Mailbox, ReceiveConnector, TransportServer
@@ -15,6 +18,7 @@ from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.params import smtp_address, to_bool, to_int, to_str
 from mailgate.manage.present import Record
+from mailgate.send import maildir
 
 
 def _system_mailbox(ctx: ManagementContext, server: str) -> Mailbox:
@@ -78,23 +82,67 @@ def test_mailflow(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
             f"Subject: Test-Mailflow {probe_id}\r\nDate: {email.utils.formatdate(localtime=True)}\r\n"
             f"Message-ID: <{probe_id}@{fqdn}>\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n"
             f"\r\nThis is a Test-Mailflow probe message\r\n").encode()
-    started = time.monotonic()
+    tracked = ctx.local_server().message_tracking_log_enabled
+    started, wall_started = time.monotonic(), time.time()
     submitted = ctx.runtime.call("submit", sender=sender, recipients=[target], body=body, source="STOREDRIVER")
     internal_id = submitted["internal_id"]
     deadline = started + timeout
+    left_queue_at: float | None = None
     while time.monotonic() < deadline:
-        rows = ctx.store.query_tracking(network_message_id=submitted["network_id"], server=ctx.server_name,
-                                        limit=None)
-        for row in rows:
-            if row["event_id"] == "DELIVER" or row["event_id"] == "SEND":
-                latency = time.monotonic() - started
-                return [_result("Success", latency, remote, f"{row['event_id']} to {target} at "
-                                f"{row.get('server_hostname') or fqdn}")]
-            if row["event_id"] == "FAIL":
-                status = ";".join(row["recipient_status"]) or "the message failed"
-                return _failure(ctx, remote, f"The probe to {target} failed: {status}")
+        if tracked:
+            rows = ctx.store.query_tracking(network_message_id=submitted["network_id"], server=ctx.server_name,
+                                            limit=None)
+            for row in rows:
+                if row["event_id"] == "DELIVER" or row["event_id"] == "SEND":
+                    latency = time.monotonic() - started
+                    return [_result("Success", latency, remote, f"{row['event_id']} to {target} at "
+                                    f"{row.get('server_hostname') or fqdn}")]
+                if row["event_id"] == "FAIL":
+                    status = ";".join(row["recipient_status"]) or "the message failed"
+                    return _failure(ctx, remote, f"The probe to {target} failed: {status}")
+        else:
+            # Message tracking is off (MessageTrackingLogEnabled $false): what the system mailbox receives — the
+            # probe itself, or an NDR of it — and whether the probe is still queued tell the outcome instead.
+            arrived = _arrived_in_mailbox(ctx, sender, str(probe_id), wall_started)
+            if arrived is not None:
+                subject, report = arrived
+                if subject.startswith("Undeliverable:"):
+                    return _failure(ctx, remote, f"The probe to {target} failed: {report or 'an NDR came back'}")
+                return [_result("Success", time.monotonic() - started, remote, f"DELIVER to {target} at {fqdn}")]
+            if left_queue_at is None and not ctx.runtime.call("messages", message_id=internal_id):
+                left_queue_at = time.monotonic()
+            if left_queue_at is not None and time.monotonic() - left_queue_at > _NDR_GRACE_SECONDS:
+                return [_result("Success", left_queue_at - started, remote,
+                                f"SEND to {target}: the probe left the queues and no NDR came back (message "
+                                "tracking is off on this server, so that is all Test-Mailflow can see)")]
         time.sleep(0.2)
     return _failure(ctx, remote, _why_pending(ctx, internal_id, target, timeout))
+
+
+# With tracking off, a probe that has left the queues is taken as sent once this long has passed without an NDR.
+_NDR_GRACE_SECONDS = 3.0
+
+
+def _arrived_in_mailbox(ctx: ManagementContext, mailbox: str, probe_id: str, since: float) -> tuple[str, str] | None:
+    """(Subject, the NDR's status lines) of the first message that reached ``mailbox``'s Maildir since ``since``
+    and names ``probe_id`` (the probe itself, or the NDR that quotes it); None if none has yet."""
+    folder = maildir.mailbox_path(ctx.home.mailbox_dir, mailbox)
+    for sub in ("new", "cur"):
+        try:
+            entries = [e for e in os.scandir(folder / sub) if e.stat().st_mtime >= since - 1]
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            try:
+                data = Path(entry.path).read_bytes()
+            except FileNotFoundError:   # moved from new/ to cur/ by a mail reader
+                continue
+            if probe_id.encode() in data:
+                message = email.message_from_bytes(data)
+                status = [line.strip() for line in data.decode("utf-8", "replace").splitlines()
+                          if line.startswith(("Status:", "Diagnostic-Code:"))]
+                return str(message.get("Subject", "")), "; ".join(status)
+    return None
 
 
 def _why_pending(ctx: ManagementContext, internal_id: int, target: str, timeout: int) -> str:
