@@ -235,3 +235,23 @@ def test_a_delivered_message_that_a_power_loss_brings_back_never_points_at_anoth
         assert store.read_body(kept).startswith(b"Subject: later\r\n")
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("damage", ["overwritten", "garbled"])
+def test_a_damaged_queue_database_is_a_clear_error_that_names_the_file_and_the_way_out(tmp_path, damage):
+    from mailgate.errors import UserError
+
+    first = QueueStore(tmp_path / "q")
+    first.open()
+    first.close()
+    path = tmp_path / "q" / "queue.db"
+    if damage == "overwritten":
+        path.write_bytes(b"\x13" * 4096)
+    else:   # a page in the middle of the file scribbled over
+        data = bytearray(path.read_bytes())
+        data[100:4096] = b"\xff" * (4096 - 100)
+        path.write_bytes(bytes(data))
+    with pytest.raises(UserError) as raised:
+        QueueStore(tmp_path / "q").open()
+    message = raised.value.message
+    assert f"The queue database {path} is damaged" in message and ".recover" in message and "aside" in message

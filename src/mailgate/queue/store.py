@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from mailgate.errors import UserError
 from mailgate.queue.pressure import is_disk_full
 
 log = logging.getLogger("mailgate.queue")
@@ -236,6 +237,10 @@ class _Job:
         return bool(self.inserted) or self.kind == "remove"
 
 
+# What SQLite says of a file that isn't (or is no longer) a sound database.
+DAMAGED_DATABASE_ERRORS = {"SQLITE_NOTADB", "SQLITE_CORRUPT"}
+
+
 class QueueStore:
     def __init__(self, directory: Path, id_base: int = 0) -> None:
         self.dir = directory
@@ -273,6 +278,18 @@ class QueueStore:
 
     # -- opening and recovery ------------------------------------------------------
     def open(self) -> None:
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorname", "") not in DAMAGED_DATABASE_ERRORS:
+                raise
+            raise UserError(
+                f"The queue database {self.db_path} is damaged ({exc}), so the messages queued in it can't be "
+                f"read and this queue can't start. To try to save them: sqlite3 {self.db_path} .recover > "
+                f"recovered.sql. To start this queue empty (its messages are lost): stop mailgate and move "
+                f"{self.db_path} and its -wal and -shm files aside.") from None
+
+    def _open(self) -> None:
         for d in (self.dir, self.segment_dir, self.spool_dir):
             d.mkdir(parents=True, exist_ok=True)
         conn = self._connect()
