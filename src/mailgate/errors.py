@@ -8,6 +8,14 @@ The class names follow the exception names Exchange prints in its
 from __future__ import annotations
 
 
+# What SQLite says of a file that isn't (or is no longer) a sound database: a disk fault, a file overwritten.
+SQLITE_DAMAGED = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
+
+
+def is_damaged_sqlite(exc: BaseException | None) -> bool:
+    return getattr(exc, "sqlite_errorname", "") in SQLITE_DAMAGED
+
+
 class UserError(Exception):
     """Base class: an error caused by input, shown to the user without a traceback."""
 

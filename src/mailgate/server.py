@@ -233,8 +233,11 @@ class TransportService:
             for job in (self.tracker.prune, self.receive_log.files.prune, self.send_log.files.prune):
                 try:
                     await asyncio.to_thread(job)
-                except Exception:  # noqa: BLE001
-                    log.exception("log retention failed")
+                except Exception as exc:  # noqa: BLE001
+                    if is_unreachable(exc):   # tracking retention deletes from the store: it waits for it
+                        log.warning("log retention postponed: the store can't be used (%s)", unreachable_reason(exc))
+                    else:
+                        log.exception("log retention failed")
 
     # -- authentication ---------------------------------------------------------------------
     async def authenticate(self, user: str, password: str) -> Mailbox | None:

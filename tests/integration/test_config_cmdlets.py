@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import seed
 from helpers import cli, shell
@@ -286,4 +288,34 @@ def test_no_value_given_to_the_queue_cmdlets_is_an_internal_error_in_the_running
                                                "Remove-Message", "Export-Message")]
     tried, failures = odd_value_failures(home, cmdlets)
     assert tried > 200 and not failures, "\n".join(failures)
+    assert "Traceback" not in server.output()
+
+
+def test_a_damaged_sqlite_store_is_named_as_such_and_a_server_runs_on_the_configuration_it_read_last(home, ports):
+    """mailgate.db overwritten (a disk fault): the shell says the store is damaged (no traceback), and the server
+    starts from the configuration it kept and takes mail."""
+    import smtplib
+
+    from helpers import Server, wait_for
+
+    assert shell(home, "New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com").ok
+    server = Server(home).start()   # reads the configuration and keeps a copy of it
+    wait_for(lambda: home.config_cache.exists(), message="the kept configuration")
+    server.stop()
+    database = home.store_url.removeprefix("sqlite:///")
+    with open(database, "r+b") as fh:
+        fh.write(b"\x13" * 8192)
+    for leftover in (database + "-wal", database + "-shm"):
+        if os.path.exists(leftover):
+            os.unlink(leftover)
+    shown = cli(home, "shell", "-c", "Get-ReceiveConnector")
+    assert shown.returncode != 0 and "Traceback" not in shown.stderr
+    assert "the store's SQLite file is damaged; restore it from a backup" in shown.stderr, shown.stderr
+    server = Server(home).start()
+    try:
+        assert "starting with the configuration read last" in server.output()
+        with smtplib.SMTP("127.0.0.1", ports["frontend"], timeout=30) as c:
+            assert c.sendmail("a@remote.example", ["admin@domain.com"], b"Subject: still here\r\n\r\nx\r\n") == {}
+    finally:
+        server.stop()
     assert "Traceback" not in server.output()

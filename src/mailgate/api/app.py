@@ -16,6 +16,7 @@ import socket
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import sqlalchemy as sa
 import uvicorn
 from fastapi import Body, Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -24,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ConfigDict, create_model
 
 from mailgate.api.metrics import CONTENT_TYPE, Metrics
-from mailgate.config.store import UNREACHABLE_ERRORS, unreachable_reason
+from mailgate.config.store import UNREACHABLE_ERRORS, is_unreachable, unreachable_reason
 from mailgate.control import RuntimeClient, decode, encode, error_payload, org_runtime_token
 from mailgate.errors import UserError
 from mailgate.manage import load_cmdlets
@@ -139,6 +140,12 @@ def build_app(service: Any, loop: asyncio.AbstractEventLoop) -> FastAPI:
 
     for error in UNREACHABLE_ERRORS:
         app.add_exception_handler(error, store_unreachable)
+
+    @app.exception_handler(sa.exc.DatabaseError)
+    async def store_damaged(request: Request, exc: Exception) -> JSONResponse:
+        if not is_unreachable(exc):   # any other database error is a bug: the server's own 500
+            raise exc
+        return store_unreachable(request, exc)
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> JSONResponse:

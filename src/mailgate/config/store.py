@@ -32,6 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from mailgate.config.model import ALL_KINDS, ConfigObject
+from mailgate.errors import is_damaged_sqlite
 
 T = TypeVar("T", bound=ConfigObject)
 Converted = TypeVar("Converted")
@@ -325,18 +326,23 @@ class ConfigStore:
 
 
 # What the store raises when it can't be reached or used right now (PostgreSQL down, the network cut,
-# SQLite locked): not a bug, a condition to report and wait out.
+# SQLite locked), and, among the other database errors, a SQLite file that is damaged: not a bug, a
+# condition to report (a server then runs on the configuration it read last, see server.py).
 UNREACHABLE_ERRORS: tuple[type[Exception], ...] = (sa.exc.OperationalError,)
 
 
 def is_unreachable(exc: BaseException) -> bool:
-    return isinstance(exc, UNREACHABLE_ERRORS)
+    return isinstance(exc, UNREACHABLE_ERRORS) or (isinstance(exc, sa.exc.DatabaseError)
+                                                  and is_damaged_sqlite(exc.orig))
 
 
 def unreachable_reason(exc: BaseException) -> str:
     """What the database driver said, on one line (without SQLAlchemy's wrapping and links)."""
     text = str(getattr(exc, "orig", None) or exc)
-    return text.splitlines()[0] if text else type(exc).__name__
+    reason = text.splitlines()[0] if text else type(exc).__name__
+    if is_damaged_sqlite(getattr(exc, "orig", None)):
+        reason += ": the store's SQLite file is damaged; restore it from a backup"
+    return reason
 
 
 def _objects(rows: Any) -> dict[str, list[ConfigObject]]:

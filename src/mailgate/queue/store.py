@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from mailgate.errors import UserError
+from mailgate.errors import UserError, is_damaged_sqlite
 from mailgate.queue.pressure import is_disk_full
 
 log = logging.getLogger("mailgate.queue")
@@ -237,10 +237,6 @@ class _Job:
         return bool(self.inserted) or self.kind == "remove"
 
 
-# What SQLite says of a file that isn't (or is no longer) a sound database.
-DAMAGED_DATABASE_ERRORS = {"SQLITE_NOTADB", "SQLITE_CORRUPT"}
-
-
 class QueueStore:
     def __init__(self, directory: Path, id_base: int = 0) -> None:
         self.dir = directory
@@ -281,7 +277,7 @@ class QueueStore:
         try:
             self._open()
         except sqlite3.DatabaseError as exc:
-            if getattr(exc, "sqlite_errorname", "") not in DAMAGED_DATABASE_ERRORS:
+            if not is_damaged_sqlite(exc):
                 raise
             raise UserError(
                 f"The queue database {self.db_path} is damaged ({exc}), so the messages queued in it can't be "
