@@ -161,6 +161,8 @@ def test_test_mailflow_tells_the_outcome_with_message_tracking_off(home, flow):
     synced(home)
     local = shell(home, "Test-Mailflow -ExecutionTimeout 60 | fl TestMailflowResult,Details")
     assert local.ok and "TestMailflowResult : Success" in local.out and "DELIVER" in local.out, local.out + local.err
+    mailbox = shell(home, 'Test-Mailflow -TargetEmailAddress "admin@domain.com" -ExecutionTimeout 60 | fl Details')
+    assert mailbox.ok and "DELIVER to admin@domain.com" in mailbox.out, mailbox.out + mailbox.err
     remote = shell(home, 'Test-Mailflow -TargetEmailAddress "kate@remote.example" -ExecutionTimeout 60 | fl Details')
     assert remote.ok and "SEND to kate@remote.example" in remote.out, remote.out + remote.err
     failed = shell(home, 'Test-Mailflow -TargetEmailAddress "bad@failing.example" -ExecutionTimeout 60')

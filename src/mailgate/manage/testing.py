@@ -101,9 +101,10 @@ def test_mailflow(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
                     status = ";".join(row["recipient_status"]) or "the message failed"
                     return _failure(ctx, remote, f"The probe to {target} failed: {status}")
         else:
-            # Message tracking is off (MessageTrackingLogEnabled $false): what the system mailbox receives — the
-            # probe itself, or an NDR of it — and whether the probe is still queued tell the outcome instead.
-            arrived = _arrived_in_mailbox(ctx, sender, str(probe_id), wall_started)
+            # Message tracking is off (MessageTrackingLogEnabled $false): what reaches the target's or the system
+            # mailbox here — the probe, or its NDR — and whether the probe is still queued tell the outcome instead.
+            arrived = _arrived_in_mailbox(ctx, sender, str(probe_id), wall_started) or (
+                _arrived_in_mailbox(ctx, target, str(probe_id), wall_started) if target != sender else None)
             if arrived is not None:
                 subject, report = arrived
                 if subject.startswith("Undeliverable:"):
