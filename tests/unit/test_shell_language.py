@@ -371,3 +371,15 @@ def test_a_file_that_cant_be_written_and_a_date_that_isnt_one_are_clear_errors_n
         assert "still here" in out
     ok, out, err = run('Get-Date "2026-01-02 03:04:05" -Format "yyyy-MM-dd"')
     assert ok and out.strip() == "2026-01-02", err
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('"x" * 1e400', "whole number of times"),
+    ("[int]1e400", 'Cannot convert value "inf" to type "int"'),
+    ('[int]"1e400"', 'Cannot convert value "1e400" to type "int"'),
+    ('[long]"nan"', 'Cannot convert value "nan" to type "long"'),
+])
+def test_numbers_too_large_for_their_use_are_errors_and_the_session_goes_on(text, expected):
+    ok, out, err = run(text + '\n"still here"')
+    assert not ok and expected in err and "Traceback" not in err, err
+    assert "still here" in out

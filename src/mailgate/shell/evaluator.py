@@ -119,6 +119,10 @@ class Evaluator:
             self._fail(exc, stmt)
         except RecursionError:   # brackets or script blocks nested thousands deep
             self._fail(UserError(NESTED_TOO_DEEPLY), stmt)
+        except Exception as exc:  # noqa: BLE001 - a bug in evaluating the language: reported, the session goes on
+            log.debug("statement raised", exc_info=True)
+            self._fail(UserError(f"The statement failed with an internal error ({type(exc).__name__}: {exc}). "
+                                 "This is a bug in mailgate."), stmt)
         for cmdlet_name, message in self._deferred_errors:
             self._fail(UserError(message), stmt, cmdlet_name)
         self._deferred_errors = []
@@ -556,7 +560,7 @@ def repeated(left: str | list, right: Any) -> str | list:
     try:
         number = right if isinstance(right, (int, float)) else parse_number(to_text(right).strip())
         count = round(number)  # [int] in .NET rounds half to even, as round() does
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         raise ShellError(f'Operator "*" can\'t be applied to "{to_text(left)}" and "{to_text(right)}": '
                          "a string or array is repeated a whole number of times.") from None
     if count < 0:
@@ -587,7 +591,7 @@ def cast(type_name: str, value: Any) -> Any:
             return value if isinstance(value, list) else [value]
         if name == "pscredential":
             return PSCredential(*value) if isinstance(value, list) and len(value) == 2 else value
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         raise ShellError(f'Cannot convert value "{to_text(value)}" to type "{type_name}": {exc}') from None
     raise ShellError(f"Unable to find type [{type_name}].")
 
