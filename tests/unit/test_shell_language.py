@@ -383,3 +383,22 @@ def test_numbers_too_large_for_their_use_are_errors_and_the_session_goes_on(text
     ok, out, err = run(text + '\n"still here"')
     assert not ok and expected in err and "Traceback" not in err, err
     assert "still here" in out
+
+
+# Expressions from values and operators at their edges: a number too large, a bad pattern, a width or an index
+# no string can have. Whatever they combine to, the answer is a value or a clear error, never an internal one.
+EDGE_VALUES = ["1e400", "-1", "0", "0x7fffffffffffffff", "2147483648", "1.5", "1MB", "'a'", '"b"', "'('", "@()",
+               "@(1,2)", "@{a=1}", "$null", "$true", "(Get-Date)", "[int]", "[long]", "[string]", "[datetime]",
+               "[timespan]", "[bool]", "[double]", "1..3", "'{0}{1}'", "'{99999999999}'", "(1,2)[99999999999]",
+               "'abc'.Substring(5)", "'a'.PadLeft(99999999999)", "(Get-Date).AddDays(1e400)",
+               "(Get-Date).AddYears(99999)", "[char]99999999"]
+EDGE_OPERATORS = ["+", "-", "*", "/", "%", "-join", "-split", "-replace", "-eq", "-like", "-match", "-gt", "-and",
+                  "-not", ",", "..", "-contains", "-in", "-f", "-bor"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(EDGE_VALUES + EDGE_OPERATORS), min_size=1, max_size=6))
+def test_expressions_at_the_edges_are_values_or_clear_errors(tokens):
+    text = " ".join(tokens)
+    ok, out, err = run(text)
+    assert "internal error" not in err, (text, err)

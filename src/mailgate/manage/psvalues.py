@@ -170,7 +170,7 @@ def _scalar_compare(op: str, left: Any, right: Any, variables: dict[str, Any] | 
     if base in ("match", "notmatch"):
         try:
             m = re.search(to_text(right), to_text(left), 0 if case_sensitive else re.IGNORECASE)
-        except re.error as exc:
+        except (re.error, OverflowError) as exc:   # OverflowError: a repetition {n} too large
             raise ShellError(f'The regular expression "{right}" is not valid: {exc}') from None
         if m and base == "match" and variables is not None:
             variables["matches"] = CIDict({i: g for i, g in enumerate([m.group(0), *m.groups()])})
@@ -209,7 +209,7 @@ def text_operator(op: str, left: Any, right: Any) -> Any:
         items = left if isinstance(left, list) else [left]
         try:
             return [part for i in items for part in re.split(pattern, to_text(i), flags=flags)]
-        except re.error as exc:
+        except (re.error, OverflowError) as exc:   # OverflowError: a repetition {n} too large
             raise ValueError(f'The regular expression pattern "{pattern}" is not valid: {exc}.') from None
     pattern, replacement = (right + [""])[:2] if isinstance(right, list) else (right, "")
     pattern, replacement = to_text(pattern), re.sub(r"\$(\d+)", r"\\\1", to_text(replacement))   # $1 → \1
@@ -217,7 +217,7 @@ def text_operator(op: str, left: Any, right: Any) -> Any:
         if isinstance(left, list):
             return [re.sub(pattern, replacement, to_text(i), flags=flags) for i in left]
         return re.sub(pattern, replacement, to_text(left), flags=flags)
-    except re.error as exc:
+    except (re.error, OverflowError) as exc:
         raise ValueError(f'The regular expression pattern "{pattern}" is not valid: {exc}.') from None
 
 

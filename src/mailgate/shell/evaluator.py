@@ -374,7 +374,10 @@ class Evaluator:
             return not truthy(operand)
         if op == "-":
             if isinstance(operand, str):
-                operand = parse_number(operand)
+                try:
+                    operand = parse_number(operand.strip())
+                except ValueError:
+                    raise ShellError(f'Cannot convert value "{operand}" to a number to negate it.') from None
             if not isinstance(operand, (int, float)):
                 raise ShellError(f'Cannot negate "{to_text(operand)}".')
             return -operand
@@ -673,7 +676,11 @@ def call_method(target: Any, name: str, args: list[Any]) -> Any:
     if isinstance(target, dt.datetime):
         units = {"addseconds": 1, "addminutes": 60, "addhours": 3600, "adddays": 86400, "addmilliseconds": 0.001}
         if key in units and len(args) == 1:
-            return target + dt.timedelta(seconds=float(args[0]) * units[key])
+            try:
+                return target + dt.timedelta(seconds=float(args[0]) * units[key])
+            except (ValueError, TypeError, OverflowError):
+                raise ShellError(f'Exception calling "{name}" with "1" argument(s): "The added or subtracted value '
+                                 f'results in an un-representable DateTime." ({to_text(args[0])})') from None
         if key == "touniversaltime":
             return target.astimezone(dt.timezone.utc)
         if key == "tolocaltime":
@@ -704,14 +711,22 @@ def _string_method(s: str, key: str, args: list[Any]) -> Any:
         "replace": lambda: s.replace(a[0], a[1]), "contains": lambda: a[0] in s,
         "startswith": lambda: s.startswith(a[0]), "endswith": lambda: s.endswith(a[0]),
         "substring": lambda: s[int(args[0]):] if len(args) == 1 else s[int(args[0]):int(args[0]) + int(args[1])],
-        "indexof": lambda: s.find(a[0]), "padleft": lambda: s.rjust(int(args[0])), "padright": lambda: s.ljust(int(args[0])),
+        "indexof": lambda: s.find(a[0]), "padleft": lambda: s.rjust(_width(args[0])),
+        "padright": lambda: s.ljust(_width(args[0])),
     }
     if key not in table:
         raise ShellError(f"Method invocation failed because [System.String] does not contain a method named '{key}'.")
     try:
         return table[key]()
-    except (IndexError, ValueError) as exc:
+    except (IndexError, ValueError, TypeError, OverflowError) as exc:
         raise ShellError(f"Method invocation failed: {exc}") from None
+
+
+def _width(value: Any) -> int:
+    width = int(value)
+    if width > REPEAT_MAX:
+        raise ValueError(f"a string of {width:,} characters is more than {REPEAT_MAX:,}")
+    return width
 
 
 def _dotnet_strftime(value: dt.datetime, fmt: str) -> str:
