@@ -93,6 +93,22 @@ def test_every_cmdlet_is_an_authenticated_documented_endpoint(admin_server):
     follow = call(srv, "Get-MessageTrackingLog", Follow=True)
     assert follow.status_code == 400 and follow.json()["parameter"] == "Follow"
 
+    # A file named in a parameter would be the server's, read or written with its rights: refused, and nothing
+    # is written; the content travels as FileData instead.
+    planted = srv.home.path / "planted.txt"
+    for cmdlet, params in [("New-ExchangeCertificate", {"DomainName": "mail.domain.com", "GenerateRequest": True,
+                                                        "RequestFile": str(planted)}),
+                           ("Import-ExchangeCertificate", {"FileName": "/etc/ssl/private/ssl-cert-snakeoil.key"}),
+                           ("Export-ExchangeCertificate", {"Thumbprint": "00", "FileName": str(planted)}),
+                           ("Export-Message", {"Identity": "EX01\\Submission\\1", "Path": str(planted)})]:
+        refused = call(srv, cmdlet, **params)
+        assert refused.status_code == 400 and "names a file" in refused.json()["error"], (cmdlet, refused.text)
+    assert not planted.exists()
+    cert = shell(srv.home, "New-ExchangeCertificate -DomainName api.domain.com -PrivateKeyExportable $true | "
+                           "ForEach-Object { $_.Thumbprint }").out.split()[-1]
+    exported = call(srv, "Export-ExchangeCertificate", Thumbprint=cert)
+    assert exported.status_code == 200 and "BEGIN CERTIFICATE" in exported.json()["output"][0], exported.text
+
     # -WhatIf through the API reports and changes nothing.
     whatif = call(srv, "Set-ReceiveConnector", Identity="Default Frontend EX01", Enabled=False, WhatIf=True).json()
     assert whatif["messages"] and whatif["messages"][0].startswith("What if:")

@@ -27,7 +27,7 @@ from pydantic import ConfigDict, create_model
 from mailgate.api.metrics import CONTENT_TYPE, Metrics
 from mailgate.config.store import UNREACHABLE_ERRORS, is_unreachable, unreachable_reason
 from mailgate.control import RuntimeClient, decode, encode, error_payload, org_runtime_token
-from mailgate.errors import UserError
+from mailgate.errors import ParameterError, UserError
 from mailgate.manage import load_cmdlets
 from mailgate.manage.cmdlets import Cmdlet, registry
 from mailgate.manage.context import ManagementContext
@@ -106,6 +106,11 @@ def _invoke(service: Any, runtime: InProcessRuntime, cmd: Cmdlet, params: dict[s
     from mailgate.shell.binder import NamedArg, bind, convert
 
     ctx = ManagementContext(service.home, service.store, runtime=runtime, secrets=service.secrets)
+    for name, value in params.items():
+        if value is not None and cmd.param(name).local_file:
+            raise ParameterError(f"-{name} names a file, which over the REST API would be a file of the server, "
+                                 "read or written with its rights. Leave it out: send the content as FileData, or "
+                                 "take it from the result's FileData.", parameter=name)
     elements = [NamedArg(name, value) for name, value in params.items() if value is not None]
     for name, value in params.items():
         if value is True and cmd.param(name).switch:

@@ -121,7 +121,7 @@ def get_exchange_certificate(ctx: ManagementContext, args: dict[str, Any]) -> li
          Param("DomainName", convert=lambda v: [to_str(x) for x in as_list(v)], multi=True),
          _SERVICES, Param("KeySize", convert=to_int), Param("PrivateKeyExportable", convert=to_bool),
          Param("FriendlyName", convert=to_str), Param("GenerateRequest", switch=True),
-         Param("RequestFile", convert=to_str), Param("BinaryEncoded", switch=True), Param("Server", convert=to_str),
+         Param("RequestFile", convert=to_str, local_file=True), Param("BinaryEncoded", switch=True), Param("Server", convert=to_str),
          Param("Force", switch=True)],
         synopsis="Create a self-signed certificate or a certificate request.", mutates=True,
         default_view="ExchangeCertificate",
@@ -202,7 +202,7 @@ def _load_import(data: bytes, password: str | None) -> tuple[bytes, bytes | None
 
 
 @cmdlet("Import-ExchangeCertificate",
-        [Param("FileData", convert=_file_data, type_name="Byte[]"), Param("FileName", convert=to_str),
+        [Param("FileData", convert=_file_data, type_name="Byte[]"), Param("FileName", convert=to_str, local_file=True),
          Param("Password", convert=_password, type_name="SecureString"), Param("PrivateKeyExportable", convert=to_bool),
          Param("FriendlyName", convert=to_str), Param("Server", convert=to_str)],
         synopsis="Import a certificate (PEM or PFX), or the answer to a certificate request.", mutates=True,
@@ -281,7 +281,7 @@ def enable_exchange_certificate(ctx: ManagementContext, args: dict[str, Any]) ->
 @cmdlet("Export-ExchangeCertificate",
         [Param("Thumbprint", position=0, mandatory=True, convert=_thumbprint, from_pipeline=True),
          Param("Password", convert=_password, type_name="SecureString"), Param("BinaryEncoded", switch=True),
-         Param("FileName", convert=to_str), Param("Server", convert=to_str)],
+         Param("FileName", convert=to_str, local_file=True), Param("Server", convert=to_str)],
         synopsis="Export a certificate (PFX with its key when exportable, else PEM).")
 def export_exchange_certificate(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """With -Password: PFX including the private key (only if PrivateKeyExportable). Otherwise the certificate as PEM."""

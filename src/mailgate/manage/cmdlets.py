@@ -34,6 +34,9 @@ class Param:
     sets: tuple[str, ...] = ()       # parameter sets this parameter belongs to; () = all
     multi: bool = False              # multi-valued: lists and @{Add=...;Remove=...}
     raw: bool = False                # hand the shell value over unconverted (scripts, hashtables)
+    # Names a file to read or write where the cmdlet runs. In the shell that is the administrator's own machine
+    # and account; over the REST API it would be the server's, so the API refuses such a parameter.
+    local_file: bool = False
 
 
 @dataclass

@@ -298,7 +298,8 @@ class BinaryData(bytes):
 
 
 @cmdlet("Export-Message", [Param("Identity", position=0, from_pipeline=True, mandatory=True),
-                           Param("Path", convert=to_str, help="A .eml file or a folder to write the message to.")],
+                           Param("Path", convert=to_str, local_file=True,
+                                 help="A .eml file or a folder to write the message to.")],
         synopsis="Copy a suspended message out as an .eml file.", needs_runtime=True,
         default_view="ExportedMessage",
         examples=['Export-Message EX01\\contoso.com\\12 -Path C:\\Temp\\message.eml',
