@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         home_path = Home.resolve_path(getattr(args, "home", None))
+        if args.command in ("init", "serve"):
+            os.umask(0o077)   # queued mail, mailboxes, logs and keys: for the server's own account only
         if args.command == "init":
             return cmd_init(home_path, args)
         home = Home.load(home_path)

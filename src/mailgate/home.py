@@ -148,6 +148,7 @@ class Home:
     @classmethod
     def create(cls, path: Path, server: str, store_url: str, admin_listen: str = DEFAULT_ADMIN_LISTEN) -> "Home":
         path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o700)   # it will hold queued mail and mailboxes: other users may not even look in
         home = cls(path=path, server=server, store_url=store_url, admin_listen=admin_listen,
                    admin_token=secrets.token_urlsafe(24))
         for d in (home.queue_dir, home.mailbox_dir, home.log_dir, home.run_dir):

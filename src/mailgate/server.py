@@ -533,6 +533,11 @@ def run_server(home: Home, admin_listen: str | None = None, workers: int | None 
         count = worker_count(home, workers)
         if worker_index is None:
             hold_serve_lock(home)
+            mode = home.path.stat().st_mode & 0o777
+            if mode & 0o077:
+                announce(f"Warning: other users of this machine can look into the data directory {home.path} "
+                         f"(mode {mode:o}), where queued mail, mailboxes and logs are kept; make it private: "
+                         f"chmod 700 {home.path}")
             limit = raise_open_files_limit()
             if limit < LOW_OPEN_FILES:
                 announce(f"Warning: this process may open only {limit} files, so each worker holds at most about "

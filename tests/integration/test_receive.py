@@ -503,3 +503,25 @@ def test_an_ipv6_binding_listens_and_ipv6_remote_ranges_choose_the_connector(hom
     head = msg.split(b"\r\n\r\n", 1)[0].replace(b"\r\n\t", b" ").decode()
     assert "Received: from v6.client.example (::1) by ex01.domain.com (::1)" in head, head
     assert "X-Source: SMTP:EX01\\Loop6" in head and "X-Source-IP: ::1" in head, head
+
+
+def test_queued_mail_and_mailboxes_are_private_to_the_servers_account(home, server):
+    """The data directory is private from init on, and what the server writes in it (queue, Maildir, logs, its
+    kept configuration) has no group or other permissions; a directory others can look into is warned about."""
+    import stat
+
+    assert home.path.stat().st_mode & 0o777 == 0o700
+    shell(home, "New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com")
+    synced(home)
+    with smtp(server.ports["frontend"]) as c:
+        c.sendmail("a@remote.example", ["admin@domain.com"], b"Subject: private\r\n\r\nsecret\r\n")
+    wait_for(lambda: maildir_messages(home, "admin@domain.com"))
+    written = [p for d in ("queue", "mailboxes", "logs", "run") for p in (home.path / d).rglob("*")]
+    written.append(home.path / "config-cache.json")
+    assert any(p.name == "queue.db" for p in written) and any(p.parent.name == "new" for p in written)
+    exposed = [f"{p} {stat.filemode(p.stat().st_mode)}" for p in written if p.stat().st_mode & 0o077]
+    assert not exposed, exposed
+    server.stop()
+    home.path.chmod(0o755)
+    server.start()
+    assert f"chmod 700 {home.path}" in server.output()
