@@ -47,6 +47,10 @@ def test_every_cmdlet_is_an_authenticated_documented_endpoint(admin_server):
     assert call(srv, "Get-ReceiveConnector", token="wrong").status_code == 401
     assert httpx.post(f"{srv.url}/api/cmdlets/Get-Queue", json={}).status_code == 401
 
+    page = httpx.get(f"{srv.url}/", timeout=30)
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
+
     schema = httpx.get(f"{srv.url}/openapi.json", timeout=30).json()
     for name in ("Get-ReceiveConnector", "New-SendConnector", "Get-Queue", "Test-Mailflow", "Get-MessageTrackingLog",
                  "New-ExchangeCertificate", "Test-MailflowBestPractice"):
