@@ -324,8 +324,9 @@ class TransportService:
         await asyncio.to_thread(self.queue_store.open)
         self.queue_store.attach_loop(loop)
         self.tracker = MessageTracker(self.store, home.server, home.log_path("", "MessageTrackingLogPath"))
-        self.receive_log = ProtocolLog(home.log_path("", "ReceiveProtocolLogPath"), "receive")
-        self.send_log = ProtocolLog(home.log_path("", "SendProtocolLogPath"), "send")
+        workers = {"worker": self.worker, "workers": self.workers}
+        self.receive_log = ProtocolLog(home.log_path("", "ReceiveProtocolLogPath"), "receive", **workers)
+        self.send_log = ProtocolLog(home.log_path("", "SendProtocolLogPath"), "send", **workers)
         from mailgate.tls.runtime import TlsMaterial
 
         self.tls = TlsMaterial(self)

@@ -103,3 +103,19 @@ def test_each_recipients_status_comes_back_whole_though_statuses_contain_semicol
     rows = store.query_tracking()
     assert [r["recipient_status"] for r in rows] == [statuses, statuses[:1], statuses]
     store.dispose()
+
+
+def test_workers_started_in_the_same_millisecond_never_share_a_protocol_log_session_id(tmp_path, monkeypatch):
+    import time as time_module
+
+    from mailgate.tracking.tracker import ProtocolLog
+
+    monkeypatch.setattr(time_module, "time", lambda: 1796450000.123)
+    logs = [ProtocolLog(tmp_path, "receive", worker=w, workers=2) for w in (0, 1)]
+    try:
+        ids = [log.session("EX01\\R", "127.0.0.1:25", "127.0.0.2:5000").session_id for log in logs for _ in range(500)]
+        assert len(set(ids)) == len(ids) == 1000
+        assert all(len(i) == 16 for i in ids)
+    finally:
+        for log in logs:
+            log.close()

@@ -124,12 +124,14 @@ class MessageTracker:
 class ProtocolLog:
     """SmtpReceive or SmtpSend protocol log shared by every connector of one server."""
 
-    def __init__(self, directory: Path, direction: str) -> None:
+    def __init__(self, directory: Path, direction: str, *, worker: int = 0, workers: int = 1) -> None:
         prefix, log_type = ("RECV", "SMTP Receive Protocol Log") if direction == "receive" else \
             ("SEND", "SMTP Send Protocol Log")
         self.files = CsvLogWriter(directory, prefix, log_type, PROTOCOL_FIELDS)
         self._buffer = BufferedLog(f"protocol-log-{direction}", self._flush)
-        self._ids = itertools.count(int(time.time() * 1000) << 12)
+        # Session ids from the start time, each worker on its own residue modulo the worker count: workers that
+        # start in the same millisecond share the log files and must never hand out the same id.
+        self._ids = itertools.count((int(time.time() * 1000) << 12) * workers + worker, workers)
         self.enabled = True
 
     def configure(self, directory: Path | None, *, max_age: float, max_directory_size: int | None,
