@@ -274,6 +274,11 @@ def test_no_connector_means_unreachable_until_one_is_created(home, org, dns_serv
     synced(home)
     submit(org, "sender@domain.com", ["a@elsewhere.example"], b"Subject: nowhere\r\n\r\nx\r\n")
     wait_for(lambda: "MessageCount : 1" in shell(home, "Get-Queue EX01\\Unreachable | fl MessageCount").out)
+    # Each message says why it is there, as Exchange's Get-Message does.
+    why = shell(home, "Get-Message -Queue EX01\\Unreachable | fl LastError")
+    assert "LastError : A matching connector cannot be found to route the external recipient" in why.out, why.err
+    listed = shell(home, "Get-Message -Queue EX01\\Unreachable -IncludeRecipientInfo | fl Recipients").out
+    assert "a@elsewhere.example;Ready;0;A matching connector cannot be found" in listed
     dns_server.add("elsewhere.example", "A", "127.0.0.20")
     peer = SmtpPeer("127.0.0.20", peer_port)
     try:

@@ -33,7 +33,8 @@ from mailgate.queue.store import (
     QueueStore,
     StoredBody,
 )
-from mailgate.routing.table import POISON, SUBMISSION, UNREACHABLE, Failure, Route, RoutingTable, mailbox_database
+from mailgate.routing.table import (NO_CONNECTOR, POISON, SUBMISSION, UNREACHABLE, Failure, Route, RoutingTable,
+                                    mailbox_database)
 from mailgate.send import dsn as DSN
 from mailgate.tracking.tracker import MessageTracker
 
@@ -283,7 +284,8 @@ class QueueManager:
             route = None if suspended else routing.route(address, size, originating=originating, system=system,
                                                          recipients=len(recipients))
             key = route.queue if isinstance(route, Route) else SUBMISSION
-            out.append(NewRecipient(address=address, queue=key, orcpt=orcpt, notify=notify, **tracking))
+            out.append(NewRecipient(address=address, queue=key, orcpt=orcpt, notify=notify,
+                                    last_error=NO_CONNECTOR if key == UNREACHABLE else None, **tracking))
 
         for address, orcpt, notify in recipients:
             resolution = routing.resolve(address)
@@ -574,7 +576,11 @@ class QueueManager:
             if isinstance(route, Failure):
                 failures.append((r, route.reply))
                 continue
-            extra.append(("UPDATE recipient SET queue=? WHERE message=? AND idx=?", (route.queue, message_id, r["idx"])))
+            # Unreachable says why, as Exchange's Get-Message does; a route found again clears that reason.
+            last_error = NO_CONNECTOR if route.queue == UNREACHABLE else (
+                None if r["last_error"] == NO_CONNECTOR else r["last_error"])
+            extra.append(("UPDATE recipient SET queue=?, last_error=? WHERE message=? AND idx=?",
+                          (route.queue, last_error, message_id, r["idx"])))
             targets.add(route.queue)
         extra.append(("UPDATE message SET in_submission=0 WHERE id=?", (message_id,)))
         outcomes = {r["idx"]: ("permanent", reply) for r, reply in failures}
