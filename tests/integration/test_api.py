@@ -46,6 +46,8 @@ def test_every_cmdlet_is_an_authenticated_documented_endpoint(admin_server):
     srv = admin_server
     assert call(srv, "Get-ReceiveConnector", token="wrong").status_code == 401
     assert httpx.post(f"{srv.url}/api/cmdlets/Get-Queue", json={}).status_code == 401
+    in_url = httpx.post(f"{srv.url}/api/cmdlets/Get-Queue", params={"token": srv.home.admin_token}, json={})
+    assert in_url.status_code == 401
 
     page = httpx.get(f"{srv.url}/", timeout=30)
     assert "frame-ancestors 'none'" in page.headers["content-security-policy"]

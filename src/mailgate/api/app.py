@@ -140,7 +140,8 @@ def build_app(service: Any, loop: asyncio.AbstractEventLoop) -> FastAPI:
 
     def authorise(request: Request) -> None:
         header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("token", "")
+        # Only in the header: a token in the URL would be kept in access logs, browser history and Referer headers.
+        token = header[7:] if header.lower().startswith("bearer ") else ""
         if not service.home.admin_token or not hmac.compare_digest(token.encode(), service.home.admin_token.encode()):
             raise HTTPException(status_code=401, detail="missing or wrong admin token",
                                 headers={"WWW-Authenticate": "Bearer"})
