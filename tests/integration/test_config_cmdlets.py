@@ -166,6 +166,19 @@ def test_add_remove_hashtables_on_multivalued_properties(home):
     assert not bad.ok and "not present" in bad.err
 
 
+def test_a_multivalued_property_grown_in_a_variable_is_set_back_as_microsoft_documents_it(home):
+    """The other way Exchange's documentation adds remote IP addresses to a receive connector."""
+    r = shell(home, 'New-ReceiveConnector Relay -Bindings 0.0.0.0:2600 -RemoteIPRanges 10.0.0.1 -Usage Custom\n'
+                    '$RecvConn = Get-ReceiveConnector "Relay"\n'
+                    '$RecvConn.RemoteIPRanges += "10.0.0.5", "10.0.0.6-10.0.0.9"\n'
+                    'Set-ReceiveConnector "Relay" -RemoteIPRanges $RecvConn.RemoteIPRanges\n'
+                    'Get-ReceiveConnector Relay | fl RemoteIPRanges')
+    assert r.ok, r.err
+    assert "RemoteIPRanges : {10.0.0.1, 10.0.0.5, 10.0.0.6-10.0.0.9}" in r.out
+    wrong = shell(home, '$RecvConn = Get-ReceiveConnector "Relay"; $RecvConn.NoSuchThing = 5')
+    assert not wrong.ok and "The property 'NoSuchThing' cannot be found on this object" in wrong.err
+
+
 def test_pipeline_get_then_set(home):
     r = shell(home, 'Get-ReceiveConnector | Where-Object { $_.Name -like "Client*" } | '
                     'Set-ReceiveConnector -MaxRecipientsPerMessage 42\n'

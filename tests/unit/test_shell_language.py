@@ -77,6 +77,30 @@ def test_variables_subexpressions_and_string_expansion():
     assert r["Value"] == 11 and r["Name"] == "n=5\t!"
 
 
+def test_assignment_to_variables_properties_and_items_with_compound_operators():
+    r = bound('$n = 5; $n += 2; $n *= 3; $n -= 1; $n /= 4\n$s = "a"; $s += "b"\n'
+              '$list = @(); $list += "x"; $list += "y", "z"; $list[0] = "first"; $list[-1] = "last"\n'
+              '$t = @{Add="1"}; $t.Remove = "2"; $t["Add"] += "3"\n'
+              'Test-Binding x -Value $n -Name $s -RemoteIPRanges $list -Enabled $t')
+    assert r["Value"] == 5 and r["Name"] == "ab"
+    assert r["RemoteIPRanges"] == ["first", "y", "last"]
+    assert r["Enabled"]["add"] == "13" and r["Enabled"]["Remove"] == "2"
+    record = bound('$r = Test-Binding x -Name old -Value (1); $r.Name = "new"; $r.Value += 3; $r')
+    assert record["Name"] == "new" and record["Value"] == 4
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('"x" = 1', "The assignment expression is not valid"),
+    ('$l = 1, 2; $l[5] = 0', "Index was outside the bounds of the array"),
+    ('$n = 5; $n.Name = 1', "The property 'Name' cannot be found on this object"),
+    ('$n = "a"; $n -= 1', 'Operator "-" can\'t be applied to "a" and "1"'),
+    ('$true = 1', "Cannot overwrite variable true"),
+])
+def test_assignments_that_cannot_be_made_are_clear_errors(text, expected):
+    ok, _, err = run(text)
+    assert not ok and expected in err, err
+
+
 def test_smart_quotes_from_copied_documents():
     r = bound("Test-Binding \u201cInternal Relay\u201d -Name \u2018x\u2019")
     assert r["Identity"] == "Internal Relay" and r["Name"] == "x"
@@ -391,14 +415,14 @@ EDGE_VALUES = ["1e400", "-1", "0", "0x7fffffffffffffff", "2147483648", "1.5", "1
                "@(1,2)", "@{a=1}", "$null", "$true", "(Get-Date)", "[int]", "[long]", "[string]", "[datetime]",
                "[timespan]", "[bool]", "[double]", "1..3", "'{0}{1}'", "'{99999999999}'", "(1,2)[99999999999]",
                "'abc'.Substring(5)", "'a'.PadLeft(99999999999)", "(Get-Date).AddDays(1e400)",
-               "(Get-Date).AddYears(99999)", "[char]99999999"]
+               "(Get-Date).AddYears(99999)", "[char]99999999", "$v", "$v.Name", "$v[0]", "$h.Keys"]
 EDGE_OPERATORS = ["+", "-", "*", "/", "%", "-join", "-split", "-replace", "-eq", "-like", "-match", "-gt", "-and",
-                  "-not", ",", "..", "-contains", "-in", "-f", "-bor"]
+                  "-not", ",", "..", "-contains", "-in", "-f", "-bor", "=", "+=", "-=", "*=", "/=", "%="]
 
 
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.sampled_from(EDGE_VALUES + EDGE_OPERATORS), min_size=1, max_size=6))
 def test_expressions_at_the_edges_are_values_or_clear_errors(tokens):
-    text = " ".join(tokens)
+    text = "$v = @(1, 'a'); $h = @{a=1}\n" + " ".join(tokens)
     ok, out, err = run(text)
     assert "internal error" not in err, (text, err)

@@ -173,10 +173,25 @@ class Evaluator:
         return name
 
     def assign(self, stmt: Tree) -> None:
-        var_token, pipeline = stmt.children[0], stmt.children[1]
-        values = self.eval_pipeline(pipeline)
-        value = unwrap(values) if not (len(values) > 1) else list(values)
-        self.set_variable(self._var_name(str(var_token)), value)
+        """``target op pipeline``: the target is a variable, a property (``$rc.RemoteIPRanges``) or an item
+        (``$list[0]``, ``$table["key"]``); ``+=`` and the like combine with the target's value first."""
+        target, op, pipeline = stmt.children
+        head = pipeline.children[0] if pipeline.data == "pipeline" else pipeline
+        if pipeline.data == "pipeline" and len(pipeline.children) == 1 and head.data != "command":
+            value = self.eval(head)   # an expression's value as it is: $a = @() is an empty array, not $null
+        else:
+            value = unwrap(self.eval_pipeline(pipeline))   # a command's output: nothing, one object, or an array
+        if str(op) != "=":
+            value = arithmetic(str(op)[0], self.eval(target), value)
+        if target.data == "variable":
+            self.set_variable(self._var_name(str(target.children[0])), value)
+        elif target.data == "member":
+            set_member(self.eval(target.children[0]), str(target.children[1])[1:], value)
+        elif target.data == "index":
+            set_item(self.eval(target.children[0]), self.eval(target.children[1]), value)
+        else:
+            raise ShellError("The assignment expression is not valid. The input to an assignment operator must be "
+                             "an object that is able to accept assignments, such as a variable or a property.")
 
     def invoke_block(self, statements: list[Tree], dollar_: Any = _MISSING) -> list[Any]:
         saved = self.variables.get("_", _MISSING)
@@ -518,6 +533,8 @@ def _matching_paren(text: str, start: int) -> int:
 
 
 def arithmetic(op: str, left: Any, right: Any) -> Any:
+    if left is None and op == "+":
+        return right   # $null + x is x: how $list += ... starts a list that isn't there yet
     if op == "+":
         if isinstance(left, list):
             return left + (right if isinstance(right, list) else [right])
@@ -661,6 +678,34 @@ def _member(target: Any, name: str) -> Any:
     if value is not None:
         return value
     return getattr(target, name, None) if not name.startswith("_") else None
+
+
+def set_member(target: Any, name: str, value: Any) -> None:
+    """``$object.Name = value``: on a cmdlet's output object or a hashtable, as PowerShell allows."""
+    if isinstance(target, Record):
+        if not target.has(name):
+            raise ShellError(f"The property '{name}' cannot be found on this object. Verify that the property "
+                             "exists and can be set.")
+        target.set(name, value)
+    elif isinstance(target, dict):
+        target[name] = value
+    else:
+        raise ShellError(f"The property '{name}' cannot be found on this object. Verify that the property exists "
+                         "and can be set.")
+
+
+def set_item(target: Any, index: Any, value: Any) -> None:
+    """``$list[i] = value`` (``i`` may count from the end, as in PowerShell) and ``$table[key] = value``."""
+    if isinstance(target, dict):
+        target[index] = value
+        return
+    if isinstance(target, list):
+        try:
+            target[int(index)] = value
+            return
+        except (IndexError, ValueError, TypeError, OverflowError):
+            raise ShellError("Index was outside the bounds of the array.") from None
+    raise ShellError(f"Unable to index into an object of type {getattr(target, 'type_name', type(target).__name__)}.")
 
 
 def call_method(target: Any, name: str, args: list[Any]) -> Any:
