@@ -101,6 +101,35 @@ def test_assignments_that_cannot_be_made_are_clear_errors(text, expected):
     assert not ok and expected in err, err
 
 
+def test_foreach_and_if_statements(tmp_path):
+    ok, out, err = run('$total = 0\nforeach ($n in 1..4) {\n  if ($n % 2 -eq 0) { $total += $n; "even $n" }\n'
+                       '  elseif ($n -eq 1) { "one" }\n  else { "odd $n" }\n}\n"total $total"\n'
+                       'if (@()) { "never" }\nforeach ($x in @()) { "never" }\nif ($null) { "never" } else { "else" }')
+    assert ok, err
+    assert out.split("\n")[:6] == ["one", "even 2", "odd 3", "even 4", "total 6", "else"]
+    assert "never" not in out
+    # A failing statement in a loop is reported and the loop goes on, as PowerShell's non-terminating errors do.
+    ok, out, err = run('foreach ($v in "a", "b", "c") { if ($v -eq "b") { Get-Date -Date "not a date" }; "after $v" }')
+    assert not ok and out.split() == ["after", "a", "after", "b", "after", "c"]
+    assert err.count("parameter 'Date'") == 1
+    # foreach alone is still ForEach-Object's alias in a pipeline.
+    ok, out, err = run('1, 2 | foreach { $_ * 10 }')
+    assert ok and out.split() == ["10", "20"], err
+
+
+def test_get_content_and_import_csv_read_files_for_loops(tmp_path):
+    (tmp_path / "ips.txt").write_text("\ufeff10.0.0.1\r\n10.0.0.2\n")
+    (tmp_path / "rows.csv").write_text('#TYPE Selected.Object\nName,Size\n"big, one",5\nsmall\n')
+    ok, out, err = run(f'$ips = Get-Content {tmp_path / "ips.txt"}; $ips.Count; $ips -join "+"\n'
+                       f'(gc {tmp_path / "ips.txt"} -Raw).Length\n'
+                       f'foreach ($row in Import-Csv {tmp_path / "rows.csv"}) {{ "[$($row.Name)|$($row.Size)]" }}\n'
+                       f'(Import-Csv {tmp_path / "rows.csv"} -Header A,B | Select-Object -First 1).B')
+    assert ok, err
+    assert out.split("\n")[:6] == ["2", "10.0.0.1+10.0.0.2", "19", "[big, one|5]", "[small|]", "Size"]
+    ok, _, err = run(f'Get-Content {tmp_path / "missing.txt"}')
+    assert not ok and "No such file or directory" in err
+
+
 def test_smart_quotes_from_copied_documents():
     r = bound("Test-Binding \u201cInternal Relay\u201d -Name \u2018x\u2019")
     assert r["Identity"] == "Internal Relay" and r["Name"] == "x"

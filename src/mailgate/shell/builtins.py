@@ -1,6 +1,6 @@
 """PowerShell's utility commands that Exchange administrators pipe into:
 Format-Table/List, Select/Where/Sort/Measure/Group/ForEach-Object, Get-Member, Get-Command,
-Get-Help, Get-Date, Write-Host/Output, Out-Null/String/File, Export-Csv,
+Get-Help, Get-Date, Write-Host/Output, Out-Null/String/File, Export-Csv, Import-Csv, Get-Content,
 Start-Sleep."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import sys
 import time
 from typing import Any
 
-from mailgate.errors import UserError
+from mailgate.errors import InvalidValueError, UserError
 from mailgate.manage.cmdlets import Param, cmdlet, registry
 from mailgate.manage.context import ManagementContext
-from mailgate.manage.params import as_list, to_datetime, to_int, to_str
+from mailgate.manage.params import as_list, to_datetime, to_int, to_str, to_str_list
 from mailgate.manage.present import Record, to_json
 from mailgate.manage.psvalues import comparable, compare, to_text, truthy, wildcard_match
 from mailgate.shell import format as fmt
@@ -429,6 +429,48 @@ def export_csv(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     return []
 
 
+@cmdlet("Get-Content", [Param("Path", position=0, mandatory=True, convert=to_str), Param("TotalCount", convert=to_int),
+                        Param("Raw", switch=True)],
+        synopsis="Read a text file: one string per line (alias gc, cat, type).", builtin=True)
+def get_content(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """The file's lines (without their line ends), or with -Raw the whole text as one string."""
+    with open(args["Path"], encoding="utf-8-sig", errors="replace", newline="") as fh:
+        text = fh.read()
+    if args.get("Raw"):
+        return [text]
+    lines = text.splitlines()
+    count = args.get("TotalCount")
+    return lines[:count] if count is not None and count >= 0 else lines
+
+
+@cmdlet("Import-Csv", [Param("Path", position=0, mandatory=True, convert=to_str), Param("Delimiter", convert=to_str),
+                       Param("Header", multi=True, convert=to_str_list)],
+        synopsis="Read a CSV file: one object per row, its properties named by the header.", builtin=True)
+def import_csv(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Each row as an object whose properties are the columns (the first row names them, or -Header does);
+    a ``#TYPE`` line, as Windows PowerShell's Export-Csv writes, is skipped."""
+    delimiter = args.get("Delimiter") or ","
+    if len(delimiter) != 1:
+        raise InvalidValueError(f"Cannot bind parameter 'Delimiter': \"{delimiter}\" is not one character.",
+                                parameter="Delimiter")
+    with open(args["Path"], encoding="utf-8-sig", errors="replace", newline="") as fh:
+        rows = [row for row in csv.reader(fh, delimiter=delimiter)]
+    if rows and rows[0] and rows[0][0].startswith("#TYPE"):
+        rows = rows[1:]
+    header = args.get("Header") or (rows.pop(0) if rows else [])
+    names = [name or f"H{i + 1}" for i, name in enumerate(header)]
+    if len({n.lower() for n in names}) != len(names):
+        raise InvalidValueError("The member names in the CSV header aren't unique: " + ", ".join(names) + ".",
+                                parameter="Header")
+    out = []
+    for row in rows:
+        if not row:
+            continue
+        values = row + [None] * (len(names) - len(row))
+        out.append(Record("CSV", dict(zip(names, values))))
+    return out
+
+
 def _json_value(value: Any, depth: int) -> Any:
     """``to_json`` cut at ``depth`` levels of objects, below which an object is its text (PowerShell's -Depth)."""
     if isinstance(value, (Record, dict)):
@@ -490,5 +532,6 @@ for _alias, _name in [("ft", "Format-Table"), ("fl", "Format-List"), ("select", 
                       ("where", "Where-Object"), ("?", "Where-Object"), ("sort", "Sort-Object"),
                       ("measure", "Measure-Object"), ("group", "Group-Object"), ("gm", "Get-Member"), ("%", "ForEach-Object"), ("foreach", "ForEach-Object"),
                       ("gcm", "Get-Command"), ("help", "Get-Help"), ("echo", "Write-Output"),
+                      ("gc", "Get-Content"), ("cat", "Get-Content"), ("type", "Get-Content"), ("ipcsv", "Import-Csv"),
                       ("sleep", "Start-Sleep"), ("cls", "Clear-Host"), ("clear", "Clear-Host")]:
     registry.alias(_alias, _name)

@@ -111,10 +111,7 @@ class Evaluator:
         self._statement_failed = False
         self._deferred_errors = []
         try:
-            if stmt.data == "assignment":
-                self.assign(stmt)
-            else:
-                self.emit(self.eval_pipeline(stmt))
+            self.execute(stmt, self.emit, nested_errors=True)
         except UserError as exc:
             self._fail(exc, stmt)
         except RecursionError:   # brackets or script blocks nested thousands deep
@@ -172,6 +169,42 @@ class Evaluator:
             name = name[1:-1]
         return name
 
+    def execute(self, stmt: Tree, output: Callable[[list[Any]], None], *, nested_errors: bool = False) -> None:
+        """Run one statement, giving what it outputs to ``output``. With ``nested_errors``, a failing statement
+        in a foreach or if body is reported and the loop goes on (PowerShell's non-terminating errors: one bad
+        address in a list doesn't stop the rest); inside a script block of a cmdlet an error ends the block."""
+        kind = stmt.data
+        if kind == "assignment":
+            self.assign(stmt)
+        elif kind == "foreach_statement":
+            _, variable, _, source, body = stmt.children
+            name = self._var_name(str(variable))
+            for item in self.eval_pipeline(source):
+                self.set_variable(name, item)
+                self._execute_block(body, output, nested_errors)
+        elif kind == "if_statement":
+            parts = [c for c in stmt.children if isinstance(c, Tree)]   # condition, block, condition, block, [block]
+            while parts:
+                if len(parts) == 1:   # else
+                    self._execute_block(parts[0], output, nested_errors)
+                    break
+                condition, body, parts = parts[0], parts[1], parts[2:]
+                if truthy(unwrap(self.eval_pipeline(condition))):
+                    self._execute_block(body, output, nested_errors)
+                    break
+        else:
+            output(self.eval_pipeline(stmt))
+
+    def _execute_block(self, block: Tree, output: Callable[[list[Any]], None], nested_errors: bool) -> None:
+        for stmt in block.children:
+            if not nested_errors:
+                self.execute(stmt, output)
+                continue
+            try:
+                self.execute(stmt, output, nested_errors=True)
+            except UserError as exc:
+                self._fail(exc, stmt)
+
     def assign(self, stmt: Tree) -> None:
         """``target op pipeline``: the target is a variable, a property (``$rc.RemoteIPRanges``) or an item
         (``$list[0]``, ``$table["key"]``); ``+=`` and the like combine with the target's value first."""
@@ -200,10 +233,7 @@ class Evaluator:
         out: list[Any] = []
         try:
             for stmt in statements:
-                if stmt.data == "assignment":
-                    self.assign(stmt)
-                else:
-                    out.extend(self.eval_pipeline(stmt))
+                self.execute(stmt, out.extend)
         finally:
             if saved is _MISSING:
                 self.variables.pop("_", None)
