@@ -155,6 +155,12 @@ def test_sequence_errors():
     (b"MAIL FROM:<a@b.example> ENVID=a+2b", b"501 5.5.4 Unrecognized parameter"),     # upper-case hex only
     (b"MAIL FROM:<a@b.example> ENVID=a=b", b"501 5.5.4 Unrecognized parameter"),
     (b"MAIL FROM:<a@b.example> ENVID=a+2Bb", b"250 2.1.0"),
+    # Decoded xtext goes into DSNs and logs: a line break, a control or a non-ASCII byte in it is refused.
+    (b"MAIL FROM:<a@b.example> ENVID=a+0D+0AX-Injected:+20yes", b"501 5.5.4 Unrecognized parameter"),
+    (b"MAIL FROM:<a@b.example> ENVID=a+00b", b"501 5.5.4 Unrecognized parameter"),
+    (b"MAIL FROM:<a@b.example> ENVID=a+E9b", b"501 5.5.4 Unrecognized parameter"),
+    (b"MAIL FROM:<a@b.example> AUTH=a+0A@b.example", b"501 5.5.4 Unrecognized parameter"),
+    (b"MAIL FROM:<a@b.example> ENVID=a+20b", b"250 2.1.0"),
 ])
 def test_malformed_commands(line, code):
     m = S.ServerProtocol()
@@ -168,9 +174,11 @@ def test_xtext_parameters_are_decoded():
     m = S.ServerProtocol()
     events, out, _ = drive(m, b"EHLO c\r\nMAIL FROM:<a@b.example> ENVID=Q+2B1+3D2\r\n"
                               b"RCPT TO:<x@y.example> ORCPT=rfc822;x+2Bt@y.example\r\n"
-                              b"RCPT TO:<z@y.example> ORCPT=rfc822;z+@y.example\r\n")
+                              b"RCPT TO:<z@y.example> ORCPT=rfc822;z+@y.example\r\n"
+                              b"RCPT TO:<z@y.example> ORCPT=rfc822;z+0D+0AAction:+20delivered@y.example\r\n"
+                              b"RCPT TO:<z@y.example> ORCPT=rfc\xc3\xa9;z@y.example\r\n")
     assert events[1].params.envid == "Q+1=2" and events[2].params.orcpt == "rfc822;x+t@y.example"
-    assert out.endswith(b"501 5.5.4 Unrecognized parameter\r\n"), out
+    assert out.endswith(b"501 5.5.4 Unrecognized parameter\r\n" * 3), out
 
 
 def test_smtputf8_addresses():

@@ -179,10 +179,18 @@ class ParamError(ValueError):
 
 
 def _xtext_param(key: str, value: str) -> str:
+    """An xtext parameter decoded; as Postfix does, what it decodes to must be printable ASCII: ENVID and ORCPT
+    are copied into DSNs and AUTH into logs, where "+0D+0A" would start a line of the sender's choosing."""
     try:
-        return xtext_decode(value)
+        decoded = xtext_decode(value)
     except AddressError:
         raise ParamError(f"{key} is not valid xtext") from None
+    if any(not 32 <= ord(c) <= 126 for c in decoded):
+        raise ParamError(f"{key} decodes to characters that aren't printable ASCII")
+    return decoded
+
+
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+")   # RFC 3461: addr-type is an atom
 
 
 def _split_params(text: str) -> list[tuple[str, str | None]]:
@@ -248,6 +256,8 @@ def parse_rcpt_params(text: str, *, dsn: bool) -> RcptParams:
             if value is None or ";" not in value or len(value) > 500:
                 raise ParamError("ORCPT needs addr-type;xtext")
             addr_type, _, addr = value.partition(";")
+            if not _ADDR_TYPE.fullmatch(addr_type):
+                raise ParamError("ORCPT's addr-type must be an atom")
             params.orcpt = f"{addr_type};{_xtext_param(key, addr)}"
         else:
             raise ParamError(f"unrecognized parameter {key}")
