@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from pathlib import Path
@@ -123,7 +124,8 @@ def cmd_shell(home: Home, args: argparse.Namespace) -> int:
             ctx.prompter = LinePrompter(None)
             ok = shell.interactive(home.path / ".shell_history")
         else:
-            ok = shell.run_lines(sys.stdin)
+            # Whatever the locale, read UTF-8 and keep bytes that aren't as surrogates: the parser names them.
+            ok = shell.run_lines(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="surrogateescape"))
     finally:
         ctx.store.dispose()
     return 0 if ok else 1

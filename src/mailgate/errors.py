@@ -7,6 +7,8 @@ The class names follow the exception names Exchange prints in its
 
 from __future__ import annotations
 
+import re
+
 
 # What SQLite says of a file that isn't (or is no longer) a sound database: a disk fault, a file overwritten.
 SQLITE_DAMAGED = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
@@ -14,6 +16,22 @@ SQLITE_DAMAGED = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
 
 def is_damaged_sqlite(exc: BaseException | None) -> bool:
     return getattr(exc, "sqlite_errorname", "") in SQLITE_DAMAGED
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def not_text(value: str, *, from_bytes: bool = True) -> tuple[int, str] | None:
+    """Where ``value`` stops being Unicode text, and why: a byte that wasn't UTF-8 (when ``value`` was decoded
+    from bytes, Python keeps such bytes as U+DC80-U+DCFF) or a lone surrogate (JSON can spell one). Such a
+    string can't be stored, logged or sent on, so it must be refused where it comes in."""
+    found = _SURROGATE.search(value)
+    if found is None:
+        return None
+    code = ord(found.group())
+    if from_bytes and 0xDC80 <= code <= 0xDCFF:
+        return found.start(), f"a byte that isn't UTF-8 (0x{code - 0xDC00:02X})"
+    return found.start(), f"a lone surrogate (U+{code:04X}), which isn't a character"
 
 
 class UserError(Exception):

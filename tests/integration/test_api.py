@@ -48,6 +48,12 @@ def test_every_cmdlet_is_an_authenticated_documented_endpoint(admin_server):
     assert httpx.post(f"{srv.url}/api/cmdlets/Get-Queue", json={}).status_code == 401
     in_url = httpx.post(f"{srv.url}/api/cmdlets/Get-Queue", params={"token": srv.home.admin_token}, json={})
     assert in_url.status_code == 401
+    # JSON can spell a lone surrogate, which isn't text: refused as a bad value, not a server error.
+    surrogate = httpx.post(f"{srv.url}/api/cmdlets/Set-ReceiveConnector", timeout=30,
+                           content=b'{"Identity": "Default Frontend EX01", "RemoteIPRanges": {"Add": ["\\ud800"]}}',
+                           headers={"Authorization": f"Bearer {srv.home.admin_token}",
+                                    "Content-Type": "application/json"})
+    assert surrogate.status_code == 400 and "lone surrogate (U+D800)" in surrogate.json()["error"], surrogate.text
 
     page = httpx.get(f"{srv.url}/", timeout=30)
     assert "frame-ancestors 'none'" in page.headers["content-security-policy"]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 import seed
-from helpers import cli, shell
+from helpers import PYTHON, cli, shell
 
 from mailgate.config.store import ConfigStore
 
@@ -177,6 +178,28 @@ def test_a_multivalued_property_grown_in_a_variable_is_set_back_as_microsoft_doc
     assert "RemoteIPRanges : {10.0.0.1, 10.0.0.5, 10.0.0.6-10.0.0.9}" in r.out
     wrong = shell(home, '$RecvConn = Get-ReceiveConnector "Relay"; $RecvConn.NoSuchThing = 5')
     assert not wrong.ok and "The property 'NoSuchThing' cannot be found on this object" in wrong.err
+
+
+def test_text_that_isnt_utf8_is_refused_where_it_comes_in_and_changes_nothing(home, tmp_path):
+    """Bytes that aren't UTF-8 — in -c, a script, or piped input — are named with their place; nothing runs
+    from that text and nothing is stored (they used to reach the store as surrogates and fail there)."""
+    before = store_dump(home)
+    command = b'Set-ReceiveConnector "Default Frontend EX01" -Comment "a\xffb"'
+    script = tmp_path / "latin1.ps1"
+    script.write_bytes(b'"first"\n' + command + b'\n')
+    base = [PYTHON, "-m", "mailgate.cli", "--home", str(home.path), "shell"]
+    runs = {"-c": subprocess.run(base + ["-c", os.fsdecode(command)], capture_output=True, timeout=120),
+            "-f": subprocess.run(base + ["-f", str(script)], capture_output=True, timeout=120),
+            "stdin": subprocess.run(base, input=b'\xef\xbb\xbf"first"\n' + command + b'\n"still here"\n',
+                                    capture_output=True, timeout=120, env={**os.environ, "LC_ALL": "C"})}
+    for how, run in runs.items():
+        err = run.stderr.decode()
+        assert run.returncode == 1, (how, err)
+        assert "At line:" in err and "a byte that isn't UTF-8 (0xFF)" in err, (how, err)
+        assert "internal error" not in err and "Traceback" not in err, (how, err)
+    assert runs["-f"].stdout == b""   # the script was refused as a whole, as a parse error is
+    assert runs["stdin"].stdout.split() == [b"first", b"still", b"here"]
+    assert store_dump(home) == before
 
 
 def test_pipeline_get_then_set(home):

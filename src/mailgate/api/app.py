@@ -27,7 +27,7 @@ from pydantic import ConfigDict, create_model
 from mailgate.api.metrics import CONTENT_TYPE, Metrics
 from mailgate.config.store import UNREACHABLE_ERRORS, is_unreachable, unreachable_reason
 from mailgate.control import RuntimeClient, decode, encode, error_payload, org_runtime_token
-from mailgate.errors import ParameterError, UserError
+from mailgate.errors import InvalidValueError, ParameterError, UserError, not_text
 from mailgate.manage import load_cmdlets
 from mailgate.manage.cmdlets import Cmdlet, registry
 from mailgate.manage.context import ManagementContext
@@ -108,12 +108,34 @@ class InProcessRuntime:
         return asyncio.run_coroutine_threadsafe(self.service.handle(op, args), self.loop).result(timeout=300)
 
 
+def _not_text_within(value: Any) -> str | None:
+    """Why a JSON value isn't text, looking into its lists and objects (keys too), or None. Iterative: JSON
+    nested hundreds deep must not exhaust the stack."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            bad = not_text(item, from_bytes=False)
+            if bad is not None:
+                return bad[1]
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return None
+
+
 def _invoke(service: Any, runtime: InProcessRuntime, cmd: Cmdlet, params: dict[str, Any]) -> dict[str, Any]:
     """Run one cmdlet as the shell would (conversion, validation, -WhatIf), returning JSON."""
     from mailgate.shell.binder import NamedArg, bind, convert
 
     ctx = ManagementContext(service.home, service.store, runtime=runtime, secrets=service.secrets)
     for name, value in params.items():
+        bad = _not_text_within(value)
+        if bad is not None:
+            raise InvalidValueError(f"Cannot process argument transformation on parameter '{name}'. The value holds "
+                                    f"{bad}; send text.", parameter=name)
         if value is not None and cmd.param(name).local_file:
             raise ParameterError(f"-{name} names a file, which over the REST API would be a file of the server, "
                                  "read or written with its rights. Leave it out: send the content as FileData, or "

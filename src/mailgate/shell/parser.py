@@ -8,7 +8,7 @@ from pathlib import Path
 import lark
 from lark import Tree
 
-from mailgate.errors import ParseError
+from mailgate.errors import ParseError, not_text
 
 GRAMMAR = Path(__file__).with_name("grammar.lark")
 
@@ -25,6 +25,14 @@ def _parser() -> lark.Lark:
 
 def parse(text: str) -> Tree:
     """Parse a script; raises ParseError with PowerShell's position format on bad input."""
+    bad = not_text(text)
+    if bad is not None:
+        position, what = bad
+        line = text.count("\n", 0, position) + 1
+        column = position - (text.rfind("\n", 0, position) + 1) + 1
+        src_line = text.splitlines()[line - 1]
+        raise ParseError(f"At line:{line} char:{column}\n+ {src_line.encode('utf-8', 'replace').decode()}\n"
+                         f"+ {' ' * (column - 1)}~\nThe text holds {what}; save the script as UTF-8. Nothing was run.")
     try:
         return _parser().parse(text)
     except lark.exceptions.UnexpectedInput as exc:

@@ -97,7 +97,8 @@ class Shell:
 
     def run_file(self, path: Path) -> bool:
         try:
-            text = path.read_text(encoding="utf-8-sig")
+            # Bytes that aren't UTF-8 are kept as surrogates, so the parser can say where they are.
+            text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
         except OSError as exc:
             self._report(UserError(f"The script {path} can't be read: {exc.strerror}."), None, None)
             return False
