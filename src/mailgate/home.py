@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import tomllib
 from dataclasses import dataclass, field
@@ -23,6 +24,30 @@ from mailgate.errors import UserError
 
 ENV_HOME = "MAILGATE_HOME"
 CONFIG_FILE = "mailgate.toml"
+
+# A SQLite store URL whose path doesn't start with "/" names a file in the data directory (not in the current
+# directory, which for a server means nothing): init writes the default store so, and the directory can be
+# moved or restored elsewhere as a whole.
+_RELATIVE_SQLITE = re.compile(r"^(sqlite(?:\+\w+)?:///)(?!/|:memory:)(.+)$")
+
+
+def resolve_store_url(url: str, data_dir: Path) -> str:
+    """``url`` with a relative SQLite path made absolute against ``data_dir``; any other URL as it is."""
+    match = _RELATIVE_SQLITE.match(url)
+    return f"{match.group(1)}{data_dir / match.group(2)}" if match else url
+
+
+def _stored_store_url(url: str, data_dir: Path) -> str:
+    """How mailgate.toml keeps ``url``: a SQLite file inside the data directory by its relative path."""
+    if url.startswith("sqlite") and ":///" in url:
+        prefix, _, location = url.partition(":///")
+        path, sep, query = location.partition("?")
+        try:
+            inside = Path(path).relative_to(data_dir)
+        except ValueError:
+            return url
+        return f"{prefix}:///{inside}{sep}{query}"
+    return url
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:8440"
 
 
@@ -137,7 +162,8 @@ class Home:
             raise UserError(f"{config} is not valid TOML: {exc}. Correct it by hand (mailgate init wrote it).") \
                 from None
         try:
-            return cls(path=path, server=data["server"]["name"], store_url=data["store"]["url"],
+            return cls(path=path, server=data["server"]["name"],
+                       store_url=resolve_store_url(data["store"]["url"], path),
                        admin_listen=data.get("admin", {}).get("listen", DEFAULT_ADMIN_LISTEN),
                        admin_token=data.get("admin", {}).get("token", ""),
                        workers=data["server"].get("workers", "auto"),
@@ -149,6 +175,7 @@ class Home:
     def create(cls, path: Path, server: str, store_url: str, admin_listen: str = DEFAULT_ADMIN_LISTEN) -> "Home":
         path.mkdir(parents=True, exist_ok=True)
         path.chmod(0o700)   # it will hold queued mail and mailboxes: other users may not even look in
+        store_url = resolve_store_url(store_url, path)
         home = cls(path=path, server=server, store_url=store_url, admin_listen=admin_listen,
                    admin_token=secrets.token_urlsafe(24))
         for d in (home.queue_dir, home.mailbox_dir, home.log_dir, home.run_dir):
@@ -158,7 +185,8 @@ class Home:
             f"[server]\nname = {_toml_str(server)}\n"
             "# worker processes sharing the listeners; \"auto\" chooses for this machine\n"
             "workers = \"auto\"\n\n"
-            f"[store]\nurl = {_toml_str(store_url)}\n\n"
+            "[store]\n# a SQLite path without a leading / is a file in this directory\n"
+            f"url = {_toml_str(_stored_store_url(store_url, path))}\n\n"
             "[admin]\n# REST API and web admin center; the token authenticates API clients\n"
             f"listen = {_toml_str(admin_listen)}\ntoken = {_toml_str(home.admin_token)}\n\n"
             "[back_pressure]\n# refuse new mail (452 4.3.1) while the queue's disk is nearly full, as Exchange does\n"

@@ -4,12 +4,15 @@ whether its body was kept in its row, in a segment or in a spool file of its own
 from __future__ import annotations
 
 import collections
+import shutil
 import smtplib
 import threading
 import time
 
-from helpers import Server, free_port, shell, synced, wait_for
+from helpers import Server, free_port, maildir_messages, shell, synced, wait_for
 from peers import DnsServer, SmtpPeer
+
+from mailgate.home import Home
 
 SOURCE = "127.0.0.2"
 
@@ -145,3 +148,36 @@ def test_kill_9_twice_during_relay_every_acknowledged_message_is_delivered(home,
             load.finish()
         sink.stop()          # the server is stopped by conftest's no_server_outlives_its_test
         dns.close()
+
+
+def test_a_data_directory_moved_elsewhere_keeps_its_queued_mail_large_messages_too(home, ports, tmp_path):
+    """Restored from a backup at another path, or moved to a bigger disk: the store and every queued body are
+    found again (a spooled body was looked for at its old path, dropped as cut short, and its file deleted)."""
+    _relay_setup(home, ports)
+    assert shell(home, "New-Mailbox -Name Keeper -PrimarySmtpAddress keeper@domain.com", runtime=None).ok
+    server = Server(home).start()
+    bodies = {tag: f"Subject: {tag}\r\n\r\n".encode() + filler(n) for tag, n in
+              [("inrow", 1), ("segment", 7), ("spooled", 97)]}
+    try:
+        assert shell(home, "Suspend-Queue EX01\\Submission").ok
+        with smtplib.SMTP("127.0.0.1", ports["frontend"], source_address=(SOURCE, 0), timeout=30) as c:
+            for body in bodies.values():
+                assert c.sendmail("load@domain.com", ["keeper@domain.com"], body) == {}
+    finally:
+        server.stop()
+    moved_path = tmp_path / "moved"
+    shutil.move(home.path, moved_path)
+    moved = Home.load(moved_path)
+    server = Server(moved).start()
+    try:
+        listing = shell(moved, 'Get-Message -Queue "EX01\\Submission" | ForEach-Object { $_.Subject }')
+        assert sorted(listing.out.split()) == sorted(bodies), (listing.err, server.output())
+        assert shell(moved, "Resume-Queue EX01\\Submission").ok
+        delivered = wait_for(lambda: len(maildir_messages(moved, "keeper@domain.com")) == 3 and
+                             maildir_messages(moved, "keeper@domain.com"), timeout=60)
+        for tag, body in bodies.items():
+            assert any(m.endswith(body.split(b"\r\n\r\n", 1)[1]) and f"Subject: {tag}".encode() in m
+                       for m in delivered), tag
+        assert "dropping" not in server.output()
+    finally:
+        server.stop()

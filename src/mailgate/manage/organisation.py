@@ -13,7 +13,7 @@ from mailgate.config.secrets import ENV_KEY, SecretBox
 from mailgate.config.store import ConfigStore, default_sqlite_url
 from mailgate.config.values import ExchangeServices, is_domain, normalise_domain
 from mailgate.errors import UserError
-from mailgate.home import Home
+from mailgate.home import Home, resolve_store_url
 from mailgate.manage.domains_mailboxes import system_mailbox
 from mailgate.manage.objects import validate
 from mailgate.manage.receive_connectors import default_connectors
@@ -37,7 +37,7 @@ def initialise(path: Path, *, server: str | None, domain: str | None, store_url:
     domain_name = normalise_domain(domain or "contoso.com")
     if not is_domain(domain_name) or "." not in domain_name:
         raise UserError(f'"{domain}" is not a valid domain name.')
-    url = store_url or default_sqlite_url(path)
+    url = resolve_store_url(store_url or default_sqlite_url(path), path)
     if store_url is None:
         path.mkdir(parents=True, exist_ok=True)   # the new organisation's SQLite file lives here
     store = ConfigStore(url)

@@ -303,7 +303,8 @@ class QueueStore:
         self._drop_bodiless(conn)
         self._live = {seg: n for seg, n in conn.execute(
             "SELECT segment, count(*) FROM message WHERE segment IS NOT NULL GROUP BY segment")}
-        spooled = {row[0] for row in conn.execute("SELECT spool_path FROM message WHERE spool_path IS NOT NULL")}
+        spooled = {os.path.basename(row[0])
+                   for row in conn.execute("SELECT spool_path FROM message WHERE spool_path IS NOT NULL")}
         conn.close()
         # Garbage from before a crash: segments and spool files no committed row refers to.
         existing = sorted(int(p.stem) for p in self.segment_dir.glob("*.seg") if p.stem.isdigit())
@@ -311,7 +312,7 @@ class QueueStore:
             if seg not in self._live:
                 (self.segment_dir / f"{seg:08d}.seg").unlink(missing_ok=True)
         for path in self.spool_dir.iterdir():
-            if str(path) not in spooled:
+            if path.name not in spooled:
                 path.unlink(missing_ok=True)
         self._segment_no = max(existing + [0])
         self._open_new_segment()
@@ -338,8 +339,9 @@ class QueueStore:
             if size < end:
                 lost += [row[0] for row in conn.execute(
                     "SELECT id FROM message WHERE segment=? AND offset + length > ?", (seg, size))]
-        for msg_id, path, length in conn.execute(
+        for msg_id, stored, length in conn.execute(
                 "SELECT id, spool_path, length FROM message WHERE spool_path IS NOT NULL").fetchall():
+            path = self.spool_file(stored)
             if not os.path.exists(path) or os.path.getsize(path) < length:
                 lost.append(msg_id)
         if lost:
@@ -463,6 +465,13 @@ class QueueStore:
             if job.future is not None and not job.future.done():
                 job.future.set_exception(exc)
 
+    def spool_file(self, stored: str) -> str:
+        """Where a spooled body is now. Rows keep the file's name (rows of earlier releases its whole path), and
+        it is looked for in this queue's spool directory, so a data directory that was moved or restored
+        elsewhere still finds its large messages (they used to be dropped as cut short, and their files
+        deleted)."""
+        return str(self.spool_dir / os.path.basename(stored))
+
     def new_spool_file(self) -> tuple[str, int]:
         """A file for a large body; the caller writes it and passes the path to ``submit``."""
         path = str(self.spool_dir / f"{uuid.uuid4().hex}.eml")
@@ -474,7 +483,8 @@ class QueueStore:
         data = msg["body"]
         if data is None and msg["segment"] is None and msg["spool_path"] is None:   # in the row, not loaded
             data = self.reader().execute("SELECT body FROM message WHERE id=?", (msg["id"],)).fetchone()[0]
-        return StoredBody(self, msg["segment"], msg["offset"], msg["length"], msg["spool_path"], data)
+        spool = self.spool_file(msg["spool_path"]) if msg["spool_path"] else None
+        return StoredBody(self, msg["segment"], msg["offset"], msg["length"], spool, data)
 
     def read_body(self, msg: Any) -> bytes:
         return self.body(msg).read()
@@ -733,7 +743,8 @@ class QueueStore:
             " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (m.id, m.network_id, m.message_id, m.sender, m.subject, m.size, m.received_at, m.expires_at, m.source,
              m.source_ip, m.client_hostname, m.connector, m.auth_as, m.directionality, m.envid, m.ret, m.body_type,
-             int(m.smtputf8), m.body.segment, m.body.offset, m.body.length, m.body.spool_path, m.body.data,
+             int(m.smtputf8), m.body.segment, m.body.offset, m.body.length,
+             os.path.basename(m.body.spool_path) if m.body.spool_path else None, m.body.data,   # see spool_file
              int(m.lines_normalised), int(m.in_submission),
              int(m.is_dsn)))
         conn.executemany(
@@ -752,7 +763,7 @@ class QueueStore:
                 if seg is not None:
                     segs.append(seg)
                 if spool:
-                    spools.append(spool)
+                    spools.append(self.spool_file(spool))
             conn.execute(f"DELETE FROM recipient WHERE message IN ({marks})", chunk)
             conn.execute(f"DELETE FROM message WHERE id IN ({marks})", chunk)
         return segs, spools
