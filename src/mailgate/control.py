@@ -11,11 +11,13 @@ who may manage the queues.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
 import socket
-from typing import Any, Awaitable, Callable
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator
 
 from mailgate import errors
 from mailgate.errors import RuntimeUnavailableError, UserError
@@ -24,6 +26,29 @@ from mailgate.manage.present import Record
 from mailgate.queue.pressure import is_disk_full
 
 MAX_REQUEST = 16 * 1024 * 1024
+
+# A Unix socket's address holds at most 107 bytes, so a data directory deep in the file system would give
+# socket paths too long to bind or connect to. Linux resolves /proc/self/fd/<fd>/<name> through an open
+# descriptor of the directory: short whatever the directory's path.
+_SUN_PATH_MAX = 100
+
+
+@contextlib.contextmanager
+def unix_address(path: Path) -> Iterator[str]:
+    """An address for the socket file ``path``, usable while the block runs (bind or connect in it)."""
+    text = str(path)
+    if len(os.fsencode(text)) < _SUN_PATH_MAX:
+        yield text
+        return
+    try:
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        yield text   # no directory, no socket: connecting fails as it would for a short path
+        return
+    try:
+        yield f"/proc/self/fd/{directory}/{path.name}"
+    finally:
+        os.close(directory)
 
 
 def encode(value: Any) -> Any:
@@ -79,12 +104,12 @@ class RuntimeClient:
         self.timeout = timeout
 
     def call(self, op: str, **args: Any) -> Any:
-        path = str(self.home.control_socket)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
             try:
-                sock.connect(path)
+                with unix_address(self.home.control_socket) as address:
+                    sock.connect(address)
             except (FileNotFoundError, ConnectionRefusedError):
                 raise RuntimeUnavailableError(
                     f"The transport service on server {self.home.server} isn't running, so queues and messages "
@@ -148,9 +173,17 @@ class RemoteRuntime:
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
-async def call_socket(path: str, op: str, args: dict[str, Any], timeout: float = 300.0) -> Any:
+async def call_socket(path: Path, op: str, args: dict[str, Any], timeout: float = 300.0) -> Any:
     """One request to a control socket from inside an event loop (used to reach worker processes)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=MAX_REQUEST), timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        with unix_address(path) as address:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, address), timeout)
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_REQUEST)
+    except BaseException:
+        sock.close()
+        raise
     try:
         writer.write(json.dumps({"op": op, "args": encode(args)}).encode() + b"\n")
         await writer.drain()
@@ -177,9 +210,15 @@ class ControlServer:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._serve, path=str(path), limit=MAX_REQUEST)
+            with unix_address(path) as address:
+                sock.bind(address)
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_REQUEST)
+        except BaseException:
+            sock.close()
+            raise
         finally:
             os.umask(old_umask)
 

@@ -140,7 +140,7 @@ class Supervisor:
 
     # -- the merged control socket -------------------------------------------------------------
     async def _all(self, op: str, args: dict[str, Any]) -> list[Any]:
-        results = await asyncio.gather(*(call_socket(str(self.home.worker_socket(i)), op, args)
+        results = await asyncio.gather(*(call_socket(self.home.worker_socket(i), op, args)
                                          for i in range(self.count)), return_exceptions=True)
         return list(results)
 
@@ -190,7 +190,7 @@ class Supervisor:
                     return result
             raise NotFoundError(f"The message '{args.get('identity')}' couldn't be found.")
         if op == "submit":
-            return await call_socket(str(self.home.worker_socket(0)), op, args)
+            return await call_socket(self.home.worker_socket(0), op, args)
         if op == "metrics":
             return [w for found in self._successes(await self._all(op, args)) for w in found]
         if op == "status":

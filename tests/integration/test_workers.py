@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from helpers import ROOT, cli, shell, synced, wait_for
+from helpers import ROOT, bind_ports, cli, make_home, shell, synced, wait_for
 
 
 def serve(home, workers: int) -> subprocess.Popen[str]:
@@ -175,3 +175,20 @@ def test_sighup_reads_the_configuration_again_and_stops_nothing(home, ports):
                 assert c.noop()[0] == 250
         finally:
             stop(proc)
+
+
+def test_a_data_directory_deep_in_the_file_system_still_has_its_control_sockets(tmp_path):
+    """Socket addresses hold 107 bytes: with a data directory this deep, serve ended with 'AF_UNIX path too
+    long' and the shell could not reach it."""
+    home = make_home(tmp_path / ("deep-directory-" * 4) / ("of-an-organisation-" * 3) / "EX01")
+    assert len(str(home.control_socket)) > 110
+    bind_ports(home)
+    proc = serve(home, 2)
+    try:
+        queues = shell(home, "Get-Queue | Measure-Object | % Count")   # the shell → supervisor → each worker
+        assert queues.ok and int(queues.out.split()[0]) >= 2, queues.err
+        probe = shell(home, "Test-SmtpConnectivity | ft StatusCode -HideTableHeaders")
+        assert probe.ok and probe.out.split() == ["Success", "Success"], probe.err
+        assert oct((home.run_dir / "control.sock").stat().st_mode & 0o777) == "0o600"
+    finally:
+        stop(proc)
