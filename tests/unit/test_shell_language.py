@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailgate.errors import ParseError
+from mailgate.errors import ParseError, UserError
 from mailgate.manage.cmdlets import Param, cmdlet, registry
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.params import to_str
@@ -115,6 +115,45 @@ def test_foreach_and_if_statements(tmp_path):
     # foreach alone is still ForEach-Object's alias in a pipeline.
     ok, out, err = run('1, 2 | foreach { $_ * 10 }')
     assert ok and out.split() == ["10", "20"], err
+
+
+# A cmdlet that reports an error and goes on (as Exchange's Get-* do for an identity that isn't there).
+if "Test-Error" not in registry:
+    @cmdlet("Test-Error", [Param("Identity", position=0, convert=to_str)])
+    def _test_error(ctx, args):
+        ctx.warn(f"about {args['Identity']}")
+        raise UserError(f"The object '{args['Identity']}' couldn't be found.", target=args["Identity"])
+
+
+def test_error_action_try_catch_finally_and_throw():
+    ok, out, err = run('Test-Error a -ErrorAction SilentlyContinue -WarningAction SilentlyContinue; "after a"\n'
+                       'try { Test-Error b; "after b" } catch { "caught b" }\n'
+                       'try { Test-Error c -ea Stop; "not run" } catch { "caught: $($_.Exception.Message)" } '
+                       'finally { "finally c" }\n'
+                       'try { Test-Binding x -NoSuch 1 } catch [System.Management.Automation.ParameterBindingException] '
+                       '{ "binding: $_" }\n'
+                       'try { throw "own reason" } catch { "thrown: $_" }\n'
+                       'try { try { 1 / 0 } finally { "inner finally" } } catch { "outer: $_" }\n'
+                       '"end"')
+    lines = [line for line in out.split("\n") if line and not line.startswith("WARNING:")]
+    assert lines == [
+        "after a", "after b", "caught: The object 'c' couldn't be found.", "finally c",
+        "binding: A parameter cannot be found that matches parameter name 'NoSuch'.", "thrown: own reason",
+        "inner finally", "outer: Attempted to divide by zero.", "end"], (out, err)
+    # Errors not caught: b's is shown (it went on), a's was silenced; the warnings likewise.
+    assert "object 'b'" in err and "object 'a'" not in err and "about b" in out and "about a" not in out
+    assert not ok
+
+
+def test_error_action_stop_ends_the_script_unless_caught():
+    ok, out, err = run('"one"\nTest-Error x -ErrorAction Stop -WarningAction Ignore\n"not run"')
+    assert not ok and out.split() == ["one"] and "object 'x'" in err
+    ok, out, err = run('$ErrorActionPreference = "Stop"\nforeach ($i in 1..3) { "item $i"; Test-Error $i }\n"not run"')
+    assert not ok and out.split("\n")[0] == "item 1" and "not run" not in out and "item 2" not in out
+    ok, out, err = run('throw "halt"\n"not run"')
+    assert not ok and "halt" in err and "not run" not in out
+    ok, _, err = run('Test-Error x -ErrorAction Sometimes')
+    assert not ok and 'Cannot convert value "Sometimes" to type "System.Management.Automation.ActionPreference"' in err
 
 
 def test_get_content_and_import_csv_read_files_for_loops(tmp_path):
@@ -446,7 +485,8 @@ EDGE_VALUES = ["1e400", "-1", "0", "0x7fffffffffffffff", "2147483648", "1.5", "1
                "'abc'.Substring(5)", "'a'.PadLeft(99999999999)", "(Get-Date).AddDays(1e400)",
                "(Get-Date).AddYears(99999)", "[char]99999999", "$v", "$v.Name", "$v[0]", "$h.Keys"]
 EDGE_OPERATORS = ["+", "-", "*", "/", "%", "-join", "-split", "-replace", "-eq", "-like", "-match", "-gt", "-and",
-                  "-not", ",", "..", "-contains", "-in", "-f", "-bor", "=", "+=", "-=", "*=", "/=", "%="]
+                  "-not", ",", "..", "-contains", "-in", "-f", "-bor", "=", "+=", "-=", "*=", "/=", "%=", "throw",
+                  "try {", "} catch {", "}", "-ErrorAction Stop", "-ea", "SilentlyContinue"]
 
 
 @settings(max_examples=400, deadline=None)

@@ -29,7 +29,7 @@ from mailgate.config.store import UNREACHABLE_ERRORS, is_unreachable, unreachabl
 from mailgate.control import RuntimeClient, decode, encode, error_payload, org_runtime_token
 from mailgate.errors import InvalidValueError, ParameterError, UserError, not_text
 from mailgate.manage import load_cmdlets
-from mailgate.manage.cmdlets import Cmdlet, registry
+from mailgate.manage.cmdlets import SHELL_COMMON_NAMES, Cmdlet, registry
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.present import to_json
 
@@ -204,7 +204,8 @@ def build_app(service: Any, loop: asyncio.AbstractEventLoop) -> FastAPI:
         """Every cmdlet with its parameters."""
         return [{"name": c.name, "synopsis": c.synopsis, "needsRuntime": c.needs_runtime,
                  "parameters": [{"name": p.name, "type": p.type_name, "mandatory": p.mandatory, "switch": p.switch,
-                                 "help": p.help} for p in c.params]} for c in registry.all() if not c.builtin]
+                                 "help": p.help} for p in c.params if p.name not in SHELL_COMMON_NAMES]}
+                for c in registry.all() if not c.builtin]
 
     for cmd in registry.all():
         if cmd.builtin:
@@ -250,7 +251,8 @@ def build_app(service: Any, loop: asyncio.AbstractEventLoop) -> FastAPI:
 
 
 def _add_cmdlet_route(app: FastAPI, service: Any, runtime: InProcessRuntime, cmd: Cmdlet, authorise: Any) -> None:
-    fields: dict[str, Any] = {p.name: (Optional[Any], None) for p in cmd.params if p.name != "DomainController"}
+    fields: dict[str, Any] = {p.name: (Optional[Any], None) for p in cmd.params
+                              if p.name != "DomainController" and p.name not in SHELL_COMMON_NAMES}
     model = create_model(f"{cmd.name.replace('-', '')}Parameters", __config__=ConfigDict(extra="forbid"), **fields)
 
     async def endpoint(params: Any = None) -> Any:

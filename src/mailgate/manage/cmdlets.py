@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from mailgate.errors import CommandNotFoundError, ParameterError
+from mailgate.errors import CommandNotFoundError, InvalidValueError, ParameterError
 
 Converter = Callable[[Any], Any]
 
@@ -81,6 +81,32 @@ COMMON_WRITE_PARAMS = [
 ]
 COMMON_READ_PARAMS = [Param("DomainController", help="Accepted for compatibility; ignored.")]
 
+# PowerShell's ActionPreference; Suspend and Inquire act as Continue here (no workflows, no prompts).
+ACTION_PREFERENCES = ("Continue", "SilentlyContinue", "Stop", "Ignore", "Inquire", "Suspend")
+
+
+def action_preference(value: Any) -> str:
+    text = str(value[0] if isinstance(value, list) and len(value) == 1 else value).strip()
+    for name in ACTION_PREFERENCES:
+        if text.lower() == name.lower():
+            return name
+    raise InvalidValueError(f'Cannot convert value "{text}" to type "System.Management.Automation.ActionPreference". '
+                            f"Specify one of the following enumerator names and try again: "
+                            f"{', '.join(ACTION_PREFERENCES)}.")
+
+
+# Every cmdlet takes these in the shell, as PowerShell's common parameters; the REST API has no use for them.
+SHELL_COMMON_PARAMS = [
+    Param("ErrorAction", convert=action_preference, aliases=("ea",), type_name="ActionPreference",
+          help="What an error does: Continue (shown, the script goes on), SilentlyContinue or Ignore (not shown), "
+               "Stop (ends the script unless a try block catches it)."),
+    Param("WarningAction", convert=action_preference, aliases=("wa",), type_name="ActionPreference",
+          help="SilentlyContinue or Ignore hide the cmdlet's warnings."),
+    Param("Verbose", switch=True, aliases=("vb",), type_name="SwitchParameter",
+          help="Accepted for compatibility; ignored."),
+]
+SHELL_COMMON_NAMES = frozenset(p.name for p in SHELL_COMMON_PARAMS)
+
 
 class Registry:
     def __init__(self) -> None:
@@ -129,7 +155,7 @@ def cmdlet(name: str, params: Iterable[Param] = (), *, synopsis: str = "", descr
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         plist = list(params)
         names = {p.name.lower() for p in plist}
-        extra = COMMON_WRITE_PARAMS if mutates else COMMON_READ_PARAMS
+        extra = (COMMON_WRITE_PARAMS if mutates else COMMON_READ_PARAMS) + SHELL_COMMON_PARAMS
         plist += [p for p in extra if p.name.lower() not in names]
         registry.add(Cmdlet(name=name, handler=fn, params=plist, synopsis=synopsis or (fn.__doc__ or "").strip().split("\n")[0],
                             description=description or (fn.__doc__ or "").strip(), examples=list(examples),

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from mailgate.errors import InvalidValueError, UserError
-from mailgate.manage.cmdlets import Param, cmdlet, registry
+from mailgate.manage.cmdlets import SHELL_COMMON_NAMES, SHELL_COMMON_PARAMS, Param, cmdlet, registry
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.params import as_list, to_datetime, to_int, to_str, to_str_list
 from mailgate.manage.present import Record, to_json
@@ -330,13 +330,13 @@ def get_help(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     lines = ["", "NAME", f"    {c.name}", "", "SYNOPSIS", f"    {c.synopsis}", "", "SYNTAX"]
     parts = [c.name]
     for p in c.params:
-        if p.name in ("DomainController",):
+        if p.name == "DomainController" or p.name in SHELL_COMMON_NAMES:
             continue
         name = f"-{p.name}" if p.switch else f"-{p.name} <{p.type_name}>"
         if p.position is not None:
             name = f"[-{p.name}] <{p.type_name}>"
         parts.append(name if p.mandatory else f"[{name}]")
-    lines += ["    " + " ".join(parts), ""]
+    lines += ["    " + " ".join(parts + ["[<CommonParameters>]"]), ""]
     if args.get("Examples"):
         lines = ["", "NAME", f"    {c.name}", ""]
     else:
@@ -344,7 +344,8 @@ def get_help(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     if args.get("Full") or args.get("Detailed") or args.get("Parameter"):
         lines.append("PARAMETERS")
         for p in c.params:
-            if args.get("Parameter") and not wildcard_match(args["Parameter"], p.name):
+            if args.get("Parameter") and not wildcard_match(args["Parameter"], p.name) or \
+                    not args.get("Parameter") and p.name in SHELL_COMMON_NAMES:
                 continue
             lines.append(f"    -{p.name} <{p.type_name}>")
             if p.help:
@@ -352,6 +353,9 @@ def get_help(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
             lines.append(f"        Required? {str(p.mandatory).lower()}    Position? "
                          f"{p.position if p.position is not None else 'named'}")
             lines.append("")
+        if not args.get("Parameter"):
+            lines += ["    <CommonParameters>", "        This cmdlet supports the common parameters: "
+                      + ", ".join(p.name for p in SHELL_COMMON_PARAMS) + ".", ""]
     if c.examples and (args.get("Full") or args.get("Examples") or not args.get("Parameter")):
         lines.append("EXAMPLES")
         for i, ex in enumerate(c.examples, 1):

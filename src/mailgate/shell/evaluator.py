@@ -21,7 +21,7 @@ from lark import Token, Tree
 from mailgate.config.store import is_unreachable, unreachable_reason
 from mailgate.config.values import ByteSize, TimeSpan
 from mailgate.errors import ParseError, UserError
-from mailgate.manage.cmdlets import Cmdlet, registry
+from mailgate.manage.cmdlets import Cmdlet, action_preference, registry
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.credentials import PSCredential, SecureString
 from mailgate.manage.present import Record
@@ -50,6 +50,32 @@ class TypeRef:
 
     def __str__(self) -> str:
         return self.name
+
+
+class Terminating(Exception):
+    """An error that ends its statement, and with ``stops_script`` the whole script, unless a try block
+    catches it: a command or binding error (statement), an error of a cmdlet run with -ErrorAction Stop or
+    under $ErrorActionPreference = "Stop", or a throw (script)."""
+
+    def __init__(self, error: UserError, node: Any, cmdlet: str | None, *, stops_script: bool) -> None:
+        super().__init__(error.message)
+        self.error, self.node, self.cmdlet, self.stops_script = error, node, cmdlet, stops_script
+
+
+class TerminatingRecord(Record):
+    """``$_`` in a catch block: ``$_.Exception.Message``, ``"$_"`` is the message, as in PowerShell."""
+
+    def __init__(self, error: UserError, cmdlet: str | None) -> None:
+        name = error.exception_name
+        self.error = error
+        super().__init__("ErrorRecord", {
+            "Exception": Record(name, {"Message": error.message}),
+            "CategoryInfo": f"{error.category}: ({error.target}:) [{cmdlet or ''}], {name}",
+            "FullyQualifiedErrorId": f"{name},{cmdlet}" if cmdlet else name,
+            "TargetObject": error.target or None})
+
+    def __str__(self) -> str:
+        return str(self.get("Exception").get("Message"))
 
 
 class ScriptBlock:
@@ -99,10 +125,13 @@ class Evaluator:
             self.report(exc, None, None)
             return False
         previous, self._source = self._source, text
+        self._script_stopped = False
         try:
             for stmt in tree.children:
                 if not self.run_statement(stmt):
                     ok = False
+                if self._script_stopped:   # -ErrorAction Stop or throw, not caught: the rest doesn't run
+                    break
         finally:
             self._source = previous
         return ok
@@ -112,6 +141,9 @@ class Evaluator:
         self._deferred_errors = []
         try:
             self.execute(stmt, self.emit, nested_errors=True)
+        except Terminating as stop:
+            self._fail(stop.error, stop.node, stop.cmdlet)
+            self._script_stopped = stop.stops_script
         except UserError as exc:
             self._fail(exc, stmt)
         except RecursionError:   # brackets or script blocks nested thousands deep
@@ -192,6 +224,12 @@ class Evaluator:
                 if truthy(unwrap(self.eval_pipeline(condition))):
                     self._execute_block(body, output, nested_errors)
                     break
+        elif kind == "try_statement":
+            self._try(stmt, output, nested_errors)
+        elif kind == "throw_statement":
+            reason = unwrap(self.eval_pipeline(stmt.children[1])) if len(stmt.children) > 1 else None
+            raise Terminating(reason.error if isinstance(reason, TerminatingRecord) else
+                              UserError(to_text(reason) or "ScriptHalted"), stmt, None, stops_script=True)
         else:
             output(self.eval_pipeline(stmt))
 
@@ -202,8 +240,41 @@ class Evaluator:
                 continue
             try:
                 self.execute(stmt, output, nested_errors=True)
+            except Terminating as stop:
+                if stop.stops_script:
+                    raise
+                self._fail(stop.error, stop.node, stop.cmdlet)
             except UserError as exc:
                 self._fail(exc, stmt)
+
+    def _try(self, stmt: Tree, output: Callable[[list[Any]], None], nested_errors: bool) -> None:
+        """try/catch/finally: a terminating error in the try block runs the first catch block (any type named
+        catches: mailgate's errors have no .NET types to tell apart), with $_ the error; finally always runs.
+        As in PowerShell, an error a cmdlet reports and goes on from isn't caught: add -ErrorAction Stop."""
+        blocks = [c for c in stmt.children if isinstance(c, Tree)]
+        keywords = [str(c).strip().lower() for c in stmt.children if isinstance(c, Token) and c.type != "TYPE_LITERAL"]
+        body, handlers = blocks[0], list(zip(keywords[1:], blocks[1:]))
+        catch = next((b for k, b in handlers if k == "catch"), None)
+        final = next((b for k, b in handlers if k == "finally"), None)
+        try:
+            try:
+                self._execute_block(body, output, nested_errors=False)
+            except (Terminating, UserError) as exc:
+                if catch is None:
+                    raise
+                error, cmdlet = (exc.error, exc.cmdlet) if isinstance(exc, Terminating) else (exc, None)
+                saved = self.variables.get("_", _MISSING)
+                self.variables["_"] = TerminatingRecord(error, cmdlet)
+                try:
+                    self._execute_block(catch, output, nested_errors)
+                finally:
+                    if saved is _MISSING:
+                        self.variables.pop("_", None)
+                    else:
+                        self.variables["_"] = saved
+        finally:
+            if final is not None:
+                self._execute_block(final, output, nested_errors)
 
     def assign(self, stmt: Tree) -> None:
         """``target op pipeline``: the target is a variable, a property (``$rc.RemoteIPRanges``) or an item
@@ -282,17 +353,22 @@ class Evaluator:
         return self.eval(node)
 
     def invoke_command(self, node: Tree, input_items: list[Any] | None) -> list[Any]:
+        """Run one command of a pipeline. An unknown command or parameters that don't bind end the statement
+        (PowerShell's terminating errors: a try block catches them); an error of the cmdlet itself is shown
+        and the pipeline goes on with the next object, unless -ErrorAction (or $ErrorActionPreference) says
+        otherwise."""
         name = str(node.children[0])
         try:
             cmd = registry.get(name)
         except UserError as exc:
-            self._fail(exc, node)
-            return []
+            raise Terminating(exc, node, None, stops_script=False) from None
         try:
             bound = binder.bind(cmd, self.command_elements(node))
+            error_action = self._preference(bound.pop("ErrorAction", None), "erroractionpreference")
+            warning_action = self._preference(bound.pop("WarningAction", None), "warningpreference")
+            bound.pop("Verbose", None)
         except UserError as exc:
-            self._fail(exc, node, cmd.name)
-            return []
+            raise Terminating(exc, node, cmd.name, stops_script=False) from None
         pipe = binder.pipeline_param(cmd)
         calls: list[dict[str, Any]]
         if input_items is None:
@@ -304,26 +380,45 @@ class Evaluator:
         elif not input_items:
             calls = []
         else:
-            self._fail(ShellError(f"The input object cannot be bound to any parameters for the command "
-                                  f"'{cmd.name}': it takes no pipeline input, or the parameter that would take it "
-                                  "was already given."), node, cmd.name)
-            return []
+            raise Terminating(ShellError(f"The input object cannot be bound to any parameters for the command "
+                                         f"'{cmd.name}': it takes no pipeline input, or the parameter that would "
+                                         "take it was already given."), node, cmd.name, stops_script=False)
         out: list[Any] = []
         for raw in calls:
             try:
                 args = binder.convert(cmd, raw)
-                out.extend(self.call(cmd, args))
+            except UserError as exc:   # a value that doesn't convert to its parameter's type: a binding error
+                raise Terminating(exc, node, cmd.name, stops_script=False) from None
+            try:
+                out.extend(self.call(cmd, args, error_action=error_action, warning_action=warning_action))
             except UserError as exc:
-                self._fail(exc, node, cmd.name)
+                self._cmdlet_error(exc, node, cmd.name, error_action)
         return out
 
-    def call(self, cmd: Cmdlet, args: dict[str, Any]) -> list[Any]:
+    def _preference(self, given: Any, variable: str) -> str:
+        """-ErrorAction/-WarningAction as given, else the preference variable (Continue if it isn't one)."""
+        if given is not None:
+            return action_preference(given)
+        try:
+            return action_preference(self.variables.get(variable, "Continue"))
+        except UserError:
+            return "Continue"
+
+    def _cmdlet_error(self, error: UserError, node: Any, cmdlet: str, action: str) -> None:
+        if action in ("SilentlyContinue", "Ignore"):
+            return
+        if action == "Stop":
+            raise Terminating(error, node, cmdlet, stops_script=True)
+        self._fail(error, node, cmdlet)
+
+    def call(self, cmd: Cmdlet, args: dict[str, Any], *, error_action: str = "Continue",
+             warning_action: str = "Continue") -> list[Any]:
         ctx = self.ctx
         ctx.whatif = bool(args.get("WhatIf"))
         ctx.shell = self
         try:
             result = cmd.handler(ctx, args)
-        except (UserError, RecursionError):
+        except (UserError, RecursionError, Terminating):
             raise
         except OSError as exc:   # a file the administrator named (Out-File, Export-Csv, Export-Message …)
             name = str(exc.filename)
@@ -338,10 +433,15 @@ class Evaluator:
                             "in mailgate.") from exc
         finally:
             ctx.whatif = False
+            if warning_action in ("SilentlyContinue", "Ignore"):
+                ctx.warnings.clear()
             self._flush_side_channels()
-        if ctx.errors:  # reported once the statement's output is out (see run_statement)
-            self._deferred_errors += [(cmd.name, message) for message in ctx.errors]
-            ctx.errors = []
+        if ctx.errors:  # errors the cmdlet reported and went on from
+            errors, ctx.errors = ctx.errors, []
+            if error_action == "Stop":
+                raise UserError(errors[0])
+            if error_action not in ("SilentlyContinue", "Ignore"):   # shown once the statement's output is out
+                self._deferred_errors += [(cmd.name, message) for message in errors]
         return [] if result is None else list(result) if isinstance(result, (list, tuple)) else [result]
 
     def _flush_side_channels(self) -> None:
