@@ -25,6 +25,14 @@ class Host:
     port: int | None = None       # this host's own port (another server of the organisation), else the connector's
 
 
+# The most addresses one delivery attempt to a recipient domain tries, over all its MX hosts (Postfix's
+# smtp_mx_address_limit is 5). The domain's owner writes its DNS: without a bound, a domain with thousands of
+# MX records or addresses (a DNS answer holds ~4,000) would hold its queue's attempt for hours of lookups and
+# connection timeouts. Smart hosts, which the administrator lists, are not bounded.
+MX_ADDRESS_LIMIT = 10
+MX_NAME_LIMIT = 20   # and the most MX host names it looks up (names that don't resolve cost lookups too)
+
+
 class DnsFailure(Exception):
     """No hosts: ``permanent`` decides between an NDR and a retry."""
 
@@ -91,23 +99,25 @@ async def mx_hosts(resolver: dns.asyncresolver.Resolver, domain: str) -> list[Ho
         if not addresses:
             raise DnsFailure(f"554 5.4.4 SMTPSEND.DNS.NonExistentDomain; {domain} has no MX, A or AAAA record",
                              permanent=True)
-        return [Host(domain, addresses)]
+        return [Host(domain, addresses[:MX_ADDRESS_LIMIT])]
     # Equal preferences are shuffled so load spreads (RFC 5321 §5.1).
     groups: dict[int, list[str]] = {}
     for r in records:
         if r.exchange != dns.name.root:
             groups.setdefault(r.preference, []).append(r.exchange.to_text(omit_final_dot=True))
     hosts: list[Host] = []
-    for pref in sorted(groups):
-        names = groups[pref]
-        random.shuffle(names)
-        for name in names:
-            try:
-                addresses = await _addresses(resolver, name)
-            except DnsFailure:
-                continue
-            if addresses:
-                hosts.append(Host(name, addresses))
+    room = MX_ADDRESS_LIMIT
+    ordered = [name for pref in sorted(groups) for name in random.sample(groups[pref], len(groups[pref]))]
+    for name in ordered[:MX_NAME_LIMIT]:
+        if room <= 0:
+            break
+        try:
+            addresses = await _addresses(resolver, name)
+        except DnsFailure:
+            continue
+        if addresses:
+            hosts.append(Host(name, addresses[:room]))
+            room -= len(hosts[-1].addresses)
     if not hosts:
         raise DnsFailure(f"451 4.4.0 DNS lookup of the MX hosts of {domain} gave no address", permanent=False)
     return hosts
