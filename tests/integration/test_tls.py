@@ -10,6 +10,7 @@ import smtplib
 import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -290,3 +291,23 @@ def test_testssl_finds_no_weak_protocols_or_ciphers(home, server):
         "TLS 1.2": "offered", "TLS 1.3": "offered", "NULL ciphers": "not offered", "Anonymous NULL": "not offered",
         "Export ciphers": "not offered", "LOW:": "not offered", "Triple DES": "not offered",
         "Obsolete CBC": "not offered", "Strong encryption": "offered"}, out
+
+
+def test_failed_tls_handshakes_give_their_connection_slot_back(home, server):
+    """A client that sends STARTTLS and starts its handshake without reading the 220 fails the handshake; the
+    session then never got asyncio's connection_lost, its count under MaxInboundConnectionPerSource stayed
+    taken, and after that many such attempts the address was refused (421 4.3.2) until a restart."""
+    assert shell(home, 'Set-ReceiveConnector "Default Frontend EX01" -MaxInboundConnectionPerSource 3').ok
+    synced(home)
+    ctx = ssl._create_unverified_context()
+    for _ in range(6):
+        with socket.create_connection(("127.0.0.1", server.ports["frontend"]), timeout=10) as s:
+            s.recv(4096)
+            s.sendall(b"EHLO t\r\nSTARTTLS\r\n")   # the 250 and 220 are left unread: TLS reads them as a record
+            with pytest.raises(ssl.SSLError):
+                ctx.wrap_socket(s)
+    time.sleep(0.5)
+    with smtplib.SMTP("127.0.0.1", server.ports["frontend"], timeout=10) as client:
+        assert client.ehlo()[0] == 250
+        client.starttls(context=ctx)
+        assert client.ehlo()[0] == 250

@@ -129,6 +129,16 @@ class SmtpSession(asyncio.Protocol):
         self._close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        """What ending a session releases (its connection counts, timer, unfinished message, place in the
+        server's sessions). Once only: both asyncio's connection_lost and a failed STARTTLS come here, and after
+        a failed TLS handshake asyncio never calls connection_lost (the slot stayed counted: twenty such
+        attempts locked a client's address out until a restart)."""
+        if getattr(self, "_ended", False):
+            return
+        self._ended = True
         counted = getattr(self, "_counted", None)
         if counted:
             self.server.counter.release(*counted)
@@ -372,15 +382,19 @@ class SmtpSession(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             transport = await loop.start_tls(self.transport, self, ctx, server_side=True, ssl_handshake_timeout=30)
-        except (OSError, ConnectionError, asyncio.TimeoutError, ValueError) as exc:
+        except BaseException as exc:   # a failed handshake (any error), or the server stopping
             if self.plog:
                 self.plog.write("*", "", f"TLS negotiation failed with error {type(exc).__name__}")
             self._closing = True
             if self.transport is not None:
                 self.transport.abort()
+            self._end()
+            if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+                raise
             return
-        if transport is None:
+        if transport is None:   # the connection closed during the handshake
             self._closing = True
+            self._end()
             return
         self.transport = transport
         ssl_obj = transport.get_extra_info("ssl_object")
