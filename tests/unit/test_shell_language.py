@@ -119,7 +119,7 @@ def test_foreach_and_if_statements(tmp_path):
 
 # A cmdlet that reports an error and goes on (as Exchange's Get-* do for an identity that isn't there).
 if "Test-Error" not in registry:
-    @cmdlet("Test-Error", [Param("Identity", position=0, convert=to_str)])
+    @cmdlet("Test-Error", [Param("Identity", position=0, mandatory=True, convert=to_str)])
     def _test_error(ctx, args):
         ctx.warn(f"about {args['Identity']}")
         raise UserError(f"The object '{args['Identity']}' couldn't be found.", target=args["Identity"])
