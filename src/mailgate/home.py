@@ -55,6 +55,9 @@ DEFAULT_ADMIN_LISTEN = "127.0.0.1:8440"
 DEFAULT_LOG_DIRS = {"MessageTrackingLogPath": ("MessageTracking",),
                     "ReceiveProtocolLogPath": ("ProtocolLog", "SmtpReceive"),
                     "SendProtocolLogPath": ("ProtocolLog", "SmtpSend")}
+# Directories of the transport service under the data directory, and their TransportServer fields.
+DEFAULT_SERVICE_DIRS = {"PickupDirectoryPath": "Pickup", "ReplayDirectoryPath": "Replay"}
+SERVICE_DIR_FIELDS = {"PickupDirectoryPath": "pickup_directory_path", "ReplayDirectoryPath": "replay_directory_path"}
 # The TransportServer field that holds each of those settings.
 LOG_PATH_FIELDS = {"MessageTrackingLogPath": "message_tracking_log_path",
                    "ReceiveProtocolLogPath": "receive_protocol_log_path",
@@ -115,6 +118,13 @@ class Home:
         if configured is None:
             return None
         return Path(configured) if configured else self.log_dir.joinpath(*DEFAULT_LOG_DIRS[setting])
+
+    def service_dir(self, configured: str | None, setting: str) -> Path | None:
+        """Where the Pickup or Replay directory is: its configured path, else under the data directory; None
+        when the path is $null (that directory is off)."""
+        if configured is None:
+            return None
+        return Path(configured) if configured else self.path / DEFAULT_SERVICE_DIRS[setting]
 
     @property
     def config_cache(self) -> Path:

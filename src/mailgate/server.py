@@ -33,6 +33,7 @@ from mailgate.queue.manager import QueueManager, RuntimeSettings
 from mailgate.queue.pressure import SAMPLE_SECONDS, DiskPressure
 from mailgate.queue.store import NewMessage, QueueStore, merge_queue
 from mailgate.receive.listeners import ReceiveServer
+from mailgate.receive.pickup import DirectorySettings, PickupReader
 from mailgate.receive.policy import ConnectorPolicy, ReceiveConfig
 from mailgate.routing.table import SUBMISSION, RoutingTable, intra_org_endpoints
 from mailgate.send.deliver import Delivery
@@ -292,8 +293,10 @@ class TransportService:
                 "back_pressure": {"level": self.pressure.level, "used_percent": self.pressure.used_percent,
                                   "path": str(self.pressure.path)}}
 
-    async def submit_local(self, sender: str, recipients: list[str], body: bytes, *, source: str) -> dict[str, Any]:
-        """Submit a message generated on this server (Test-Mailflow's probe) as mailbox submission does."""
+    async def submit_local(self, sender: str, recipients: list[str], body: bytes, *, source: str,
+                           connector_id: str = "Submission") -> dict[str, Any]:
+        """Submit a message generated on this server (Test-Mailflow's probe, a Pickup or Replay file) as
+        mailbox submission does."""
         size = len(body)
         now = time.time()
         routed = self.manager.categorise([(r, None, None) for r in recipients], size)
@@ -308,9 +311,28 @@ class TransportService:
                          body=ref, source=source, directionality="Originating",
                          in_submission=any(r.queue == SUBMISSION for r in routed))
         fields = {"client_hostname": self.server_object.fqdn, "server_hostname": self.server_object.fqdn,
-                  "connector_id": f"{self.home.server}\\Submission"}
+                  "connector_id": f"{self.home.server}\\{connector_id}"}
         await asyncio.wrap_future(self.manager.submit(new, fields, source=source))
         return {"internal_id": new.id, "message_id": new.message_id, "network_id": new.network_id}
+
+    def _pickup_settings(self) -> DirectorySettings:
+        server = self.server_object
+        return DirectorySettings(
+            pickup=self.home.service_dir(server.pickup_directory_path, "PickupDirectoryPath"),
+            replay=self.home.service_dir(server.replay_directory_path, "ReplayDirectoryPath"),
+            per_minute=server.pickup_directory_max_messages_per_minute,
+            max_header_size=server.pickup_directory_max_header_size.bytes or 64 * 1024,
+            max_recipients=server.pickup_directory_max_recipients_per_message)
+
+    async def _submit_file(self, sender: str, recipients: list[str], body: bytes, directory: str) -> None:
+        """A Pickup or Replay file's message: received (RECEIVE, source SMTP, as Exchange tracks them)."""
+        if self.pressure.level != "Normal":   # back pressure holds files in the directories, as Exchange does
+            raise UserError(f"the queue's disk is nearly full (back pressure {self.pressure.level})")
+        await self.submit_local(sender, recipients, body, source="SMTP", connector_id=directory)
+
+    def _bad_file(self, reason: str, path: str) -> None:
+        log.warning("%s; kept as %s", reason, path)
+        self.tracker.event("BADMAIL", "PICKUP", source_context=reason)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -375,6 +397,9 @@ class TransportService:
             await self._publish_admin_url_once()
         self._tasks = [asyncio.ensure_future(self.manager.run()), asyncio.ensure_future(self._watch_config()),
                        asyncio.ensure_future(self._maintenance()), asyncio.ensure_future(self._watch_disk())]
+        if self.worker == 0:
+            self._tasks.append(asyncio.ensure_future(PickupReader(
+                self._pickup_settings, self._submit_file, self._bad_file).run(self._stop)))
         if self.workers == 1:
             home.pid_file.write_text(f"{os.getpid()}\n")
 

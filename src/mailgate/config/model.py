@@ -449,6 +449,12 @@ class TransportServer(ConfigObject):
     send_protocol_log_max_directory_size: ByteSizeField = ByteSize(250 * 1024 * 1024)
     send_protocol_log_max_file_size: ByteSizeField = ByteSize(10 * 1024 * 1024)
     intra_org_connector_protocol_logging_level: ProtocolLoggingLevel = ProtocolLoggingLevel.None_
+    # Directories whose .eml files are submitted (receive/pickup.py): "" under the data directory, None off.
+    pickup_directory_path: str | None = ""
+    replay_directory_path: str | None = ""
+    pickup_directory_max_messages_per_minute: int = 100
+    pickup_directory_max_header_size: ByteSizeField = ByteSize(64 * 1024)
+    pickup_directory_max_recipients_per_message: int = 100
     # Where the other servers reach this one's queues (Get-Queue -Server): published by `serve` at start.
     admin_api_url: str = ""
 
@@ -482,6 +488,12 @@ class TransportServer(ConfigObject):
                              ("MaxPerDomainOutboundConnections", self.max_per_domain_outbound_connections)]:
             if uvalue.value is not None and uvalue.value < 1:
                 raise RuleViolation(name, f"{name} must be between 1 and 2147483647, or Unlimited.")
+        for name, number, low, high in [
+                ("PickupDirectoryMaxMessagesPerMinute", self.pickup_directory_max_messages_per_minute, 1, 20000),
+                ("PickupDirectoryMaxRecipientsPerMessage", self.pickup_directory_max_recipients_per_message, 1, 10000),
+                ("PickupDirectoryMaxHeaderSize", self.pickup_directory_max_header_size.bytes or 0, 32768, 2147483647)]:
+            if not low <= number <= high:
+                raise RuleViolation(name, f"{name} must be between {low} and {high}.")
         if not 1 <= self.max_connection_rate_per_minute <= 2147483647:
             raise RuleViolation("MaxConnectionRatePerMinute", "MaxConnectionRatePerMinute must be between 1 and 2147483647.")
 

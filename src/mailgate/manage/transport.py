@@ -11,7 +11,7 @@ from mailgate.config.model import (EXCHANGE_RECIPIENT_LOCAL_PART, AcceptedDomain
                                    TransportConfig, TransportServer)
 from mailgate.config.values import PermissionGroups, is_domain, normalise_domain, parse_log_path
 from mailgate.errors import InvalidValueError, UserError
-from mailgate.home import DEFAULT_LOG_DIRS, LOG_PATH_FIELDS
+from mailgate.home import DEFAULT_LOG_DIRS, LOG_PATH_FIELDS, SERVICE_DIR_FIELDS
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.objects import apply_changes, field_params, find_one
@@ -40,10 +40,14 @@ def _dns_server(value: Any) -> str:
 
 _SERVICE_PARAMS = field_params(TransportServer, exclude={"name", "fqdn", "server_role", "admin_display_version",
                                                          "external_dns_servers", "internal_dns_servers",
-                                                         "admin_api_url", *LOG_PATH_FIELDS.values()})
+                                                         "admin_api_url", *LOG_PATH_FIELDS.values(),
+                                                         *SERVICE_DIR_FIELDS.values()})
 _LOG_PATH_PARAMS = [Param(name, convert=parse_log_path, type_name="LocalLongFullPath",
                           help='A full path; "" for the data directory\'s logs/; $null turns the log off.')
                     for name in LOG_PATH_FIELDS]
+_SERVICE_DIR_PARAMS = [Param(name, convert=parse_log_path, type_name="LocalLongFullPath",
+                             help='A full path; "" for the data directory\'s own; $null turns it off.')
+                       for name in SERVICE_DIR_FIELDS]
 _DNS_PARAMS = [Param(n, convert=multi_valued(_dns_server), multi=True, type_name="MultiValuedProperty",
                      help="DNS servers as IP or IP#port.") for n in ("ExternalDNSServers", "InternalDNSServers")]
 
@@ -78,6 +82,9 @@ def get_transport_service(ctx: ManagementContext, args: dict[str, Any]) -> list[
             for setting in DEFAULT_LOG_DIRS:
                 path = ctx.home.log_path(record[setting], setting)
                 record.set(setting, None if path is None else str(path))
+            for setting in SERVICE_DIR_FIELDS:
+                path = ctx.home.service_dir(record[setting], setting)
+                record.set(setting, None if path is None else str(path))
     return records
 
 
@@ -94,7 +101,7 @@ def get_exchange_server(ctx: ManagementContext, args: dict[str, Any]) -> list[An
 
 
 @cmdlet("Set-TransportService", [Param("Identity", position=0, from_pipeline=True), *_SERVICE_PARAMS, *_LOG_PATH_PARAMS,
-                                 *_DNS_PARAMS],
+                                 *_SERVICE_DIR_PARAMS, *_DNS_PARAMS],
         synopsis="Change transport server settings.", mutates=True,
         examples=["Set-TransportService EX01 -TransientFailureRetryInterval 00:00:10 -MessageRetryInterval 00:00:10",
                   "Set-TransportService EX01 -ExternalDNSServers 127.0.0.53"])

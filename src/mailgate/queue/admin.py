@@ -282,4 +282,12 @@ class QueueAdmin:
         if not suspended:
             raise UserError(f"The message '{identity}' must be suspended before it can be exported "
                             f"(Suspend-Message -Identity \"{identity}\").")
-        return f"{self.server}\\{self._name(q)}\\{message_id}", self.manager.store.read_body(row)
+        # The envelope goes first, as X-Sender:/X-Receiver: lines: the file can be dropped into a Replay
+        # directory (receive/pickup.py), here or on another server, and is delivered to the same recipients.
+        pending = self.manager.store.reader().execute(
+            "SELECT address FROM recipient WHERE message=? AND status IN ('Ready','Retry')"
+            + ("" if q.key == POISON else " AND queue=?") + " ORDER BY idx",
+            (message_id,) if q.key == POISON else (message_id, q.key)).fetchall()
+        envelope = f"X-Sender: <{row['sender']}>\r\n" + "".join(f"X-Receiver: <{r['address']}>\r\n" for r in pending)
+        return (f"{self.server}\\{self._name(q)}\\{message_id}",
+                envelope.encode() + self.manager.store.read_body(row))

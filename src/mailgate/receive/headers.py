@@ -40,12 +40,14 @@ class HeaderBlock:
         return block
 
     def get(self, name: str) -> str | None:
+        values = self.get_all(name)
+        return values[0] if values else None
+
+    def get_all(self, name: str) -> list[str]:
+        """Every field of that name, unfolded, in order."""
         key = name.lower().encode()
-        for n, raw in self.fields:
-            if n == key:
-                value = raw.split(b":", 1)[1]
-                return re.sub(rb"\r\n[ \t]+", b" ", value).strip().decode("utf-8", "replace")
-        return None
+        return [re.sub(rb"\r\n[ \t]+", b" ", raw.split(b":", 1)[1]).strip().decode("utf-8", "replace")
+                for n, raw in self.fields if n == key]
 
     def received_by(self) -> list[str]:
         """The host after "by" in each Received header (lower case; "" where there is none)."""

@@ -1,0 +1,48 @@
+"""Reading Pickup and Replay files: the envelope each gives, and the files that are refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailgate.receive.pickup import BadMessage, pickup_envelope, replay_envelope
+
+
+def pickup(data: bytes, **limits):
+    return pickup_envelope(data, **{"max_header_size": 65536, "max_recipients": 100, **limits})
+
+
+def test_pickup_takes_sender_before_from_and_every_to_cc_bcc_once():
+    env = pickup(b"From: a@x.example\r\nSender: Robot <robot@x.example>\r\nTo: b@y.example, C <c@y.example>\r\n"
+                 b"Cc: b@y.example\r\nBcc: secret@z.example\r\nDate: x\r\nMessage-ID: <1@x>\r\n\r\nbody\r\n")
+    assert env.sender == "robot@x.example"
+    assert env.recipients == ["b@y.example", "c@y.example", "secret@z.example"]
+    assert b"Bcc" not in env.body and env.body.endswith(b"Message-ID: <1@x>\r\n\r\nbody\r\n")
+
+
+@pytest.mark.parametrize("data, limits, reason", [
+    (b"To: b@y.example\r\n\r\nx", {}, "no From: or Sender:"),
+    (b"From: a@x.example\r\n\r\nx", {}, "no recipient"),
+    (b"From: not an address\r\nTo: b@y.example\r\n\r\nx", {}, "isn't an address"),
+    (b"From: a@x.example\r\nTo: " + b", ".join(b"r%d@y.example" % i for i in range(5)) + b"\r\n\r\nx",
+     {"max_recipients": 4}, "more than PickupDirectoryMaxRecipientsPerMessage (4)"),
+    (b"From: a@x.example\r\nTo: b@y.example\r\nX-Big: " + b"y" * 40000 + b"\r\n\r\nx", {"max_header_size": 32768},
+     "larger than PickupDirectoryMaxHeaderSize"),
+    (b"From: a@x.example\r\nnot a header line\r\nTo: b@y.example\r\n\r\nx", {}, "isn't a header block"),
+])
+def test_pickup_files_that_are_refused(data, limits, reason):
+    with pytest.raises(BadMessage, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        pickup(data, **limits)
+
+
+def test_replay_reads_the_envelope_lines_and_exchanges_injected_block():
+    env = replay_envelope(b"X-Sender: <>\nX-Receiver: <a@x.example> NOTIFY=NEVER\nX-Receiver: b@x.example\n"
+                          b"X-Mailer: kept\nSubject: s\n\nbody\n")
+    assert (env.sender, env.recipients) == ("", ["a@x.example", "b@x.example"])
+    assert env.body == b"X-Mailer: kept\r\nSubject: s\r\n\r\nbody\r\n"
+    exported = replay_envelope(b"X-CreatedBy: MSExchange15\r\nX-Sender: s@x.example BODY=7BIT\r\n"
+                               b"X-Receiver: r@y.example SMTP:r@y.example ORcpt=rfc822;r@y.example\r\n"
+                               b"X-EndOfInjectedXHeaders: 42\r\nReceived: from a\r\nSubject: t\r\n\r\nb\r\n")
+    assert (exported.sender, exported.recipients) == ("s@x.example", ["r@y.example"])
+    assert exported.body.startswith(b"Received: from a\r\n")
+    with pytest.raises(BadMessage, match="starts with X-Sender"):
+        replay_envelope(b"Subject: no envelope\r\nX-Sender: a@x.example\r\nX-Receiver: b@x.example\r\n\r\nx")
