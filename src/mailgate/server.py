@@ -322,7 +322,8 @@ class TransportService:
             replay=self.home.service_dir(server.replay_directory_path, "ReplayDirectoryPath"),
             per_minute=server.pickup_directory_max_messages_per_minute,
             max_header_size=server.pickup_directory_max_header_size.bytes or 64 * 1024,
-            max_recipients=server.pickup_directory_max_recipients_per_message)
+            max_recipients=server.pickup_directory_max_recipients_per_message,
+            max_size=self.manager.settings.org.max_send_size.bytes if self.manager.settings else None)
 
     async def _submit_file(self, sender: str, recipients: list[str], body: bytes, directory: str) -> None:
         """A Pickup or Replay file's message: received (RECEIVE, source SMTP, as Exchange tracks them)."""

@@ -26,13 +26,16 @@ def test_a_pickup_file_is_sent_to_its_to_cc_and_bcc_and_a_file_that_isnt_a_messa
     (pickup / "report.eml").write_bytes(b"From: Reports <keeper@domain.com>\nTo: other@domain.com\n"
                                         b"Bcc: keeper@domain.com\nSubject: nightly report\n\nall good\n")
     (pickup / "junk.eml").write_bytes(b"this is not a message\n")
+    (pickup / "huge.eml").write_bytes(b"From: keeper@domain.com\r\nTo: other@domain.com\r\n\r\n"
+                                      + b"x" * (10 * 1024 * 1024 + 1))   # the organisation's MaxSendSize is 10 MB
     for address in ("other@domain.com", "keeper@domain.com"):
         (copy,) = wait_for(lambda a=address: maildir_messages(home, a), timeout=30, message=address)
         assert b"Subject: nightly report\r\n" in copy and copy.endswith(b"\r\n\r\nall good\r\n")
         assert b"Bcc:" not in copy and b"\r\nDate: " in copy and b"\r\nMessage-ID: <" in copy
-    wait_for(lambda: (pickup / "junk.bad").exists(), timeout=30, message="the bad file kept as .bad")
-    assert sorted(p.name for p in pickup.iterdir()) == ["junk.bad"]
-    assert "BADMAIL" in tracking_events(home, "-EventId BADMAIL", until=["BADMAIL"])
+    wait_for(lambda: (pickup / "junk.bad").exists() and (pickup / "huge.bad").exists(), timeout=30,
+             message="the bad files kept as .bad")
+    assert sorted(p.name for p in pickup.iterdir()) == ["huge.bad", "junk.bad"]
+    assert tracking_events(home, "-EventId BADMAIL", until=["BADMAIL", "BADMAIL"]) == ["BADMAIL", "BADMAIL"]
     received = shell(home, "Get-MessageTrackingLog -EventId RECEIVE -MessageSubject 'nightly report' | "
                            "ForEach-Object { $_.ConnectorId }")
     assert received.out.split() == ["EX01\\Pickup"], received.err

@@ -34,6 +34,9 @@ from mailgate.smtp.address import AddressError, parse_mailbox
 log = logging.getLogger("mailgate.pickup")
 
 POLL_SECONDS = 5.0   # as Exchange's pickup polling interval
+# A file changed this recently may still be being written (a program that writes in place, not by rename):
+# it waits for the next scan.
+SETTLE_SECONDS = 1.0
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 
 
@@ -55,6 +58,7 @@ class DirectorySettings:
     per_minute: int
     max_header_size: int
     max_recipients: int
+    max_size: int | None = None   # the organisation's MaxSendSize: a larger file is refused, not read
 
 
 def _address(text: str, what: str) -> str:
@@ -189,8 +193,11 @@ class PickupReader:
             if directory is None:
                 continue
             self._prepare(directory)
-            files = sorted(directory.glob("*.eml"), key=lambda p: p.stat().st_mtime if p.exists() else 0)
-            for path in files:
+            now = time.time()
+            files = sorted((p.stat().st_mtime, p) for p in directory.glob("*.eml") if p.exists())
+            for mtime, path in files:
+                if now - mtime < SETTLE_SECONDS:
+                    continue
                 if self._allowance(settings.per_minute) <= 0:
                     return taken
                 claimed = path.with_suffix(".tmp")
@@ -208,6 +215,10 @@ class PickupReader:
     async def _take(self, claimed: Path, replay: bool, settings: DirectorySettings) -> None:
         source = "Replay" if replay else "Pickup"
         try:
+            size = claimed.stat().st_size
+            if settings.max_size is not None and size > settings.max_size:
+                raise BadMessage(f"it is {size} bytes, larger than the organisation's MaxSendSize "
+                                 f"({settings.max_size} bytes)")
             data = await asyncio.to_thread(claimed.read_bytes)
             envelope = replay_envelope(data) if replay else pickup_envelope(
                 data, max_header_size=settings.max_header_size, max_recipients=settings.max_recipients)
