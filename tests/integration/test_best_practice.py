@@ -199,3 +199,17 @@ def test_postmaster_refused_until_the_printed_fix_then_delivered_to_its_mailbox(
     system = "SystemMailbox{EX01}@domain.com"
     wait_for(lambda: maildir_messages(home, system), timeout=20, message="the report in the system mailbox")
     assert b"Subject: abuse report" in maildir_messages(home, system)[0]
+
+
+def test_a_pickup_directory_others_may_write_to_is_an_error(home, tmp_path):
+    shared = tmp_path / "shared-pickup"
+    shared.mkdir()
+    shared.chmod(0o777)
+    assert shell(home, f'Set-TransportService -PickupDirectoryPath "{shared}"').ok
+    found = finding(home, "WritablePickupDirectory")
+    assert found is not None and found["Severity"] == "Error" and found["Fix"] == f"chmod go-w {shared}"
+    shared.chmod(0o755)
+    assert finding(home, "WritablePickupDirectory") is None
+    assert shell(home, "Set-TransportService -PickupDirectoryPath $null").ok   # off: nothing to check
+    shared.chmod(0o777)
+    assert finding(home, "WritablePickupDirectory") is None

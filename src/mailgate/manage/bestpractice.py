@@ -11,7 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import socket
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from mailgate.config.model import (
@@ -32,6 +34,7 @@ from mailgate.config.values import (
     TimeSpan,
 )
 from mailgate.errors import UserError
+from mailgate.home import SERVICE_DIR_FIELDS
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.organisation import smtp_certificate
@@ -69,6 +72,8 @@ class Facts:
     retry_threshold: float
     domains: list[AcceptedDomain]
     mailboxes: list[Mailbox]
+    # This server's Pickup and Replay directories (setting name → path; None when turned off).
+    service_dirs: dict[str, Path | None] = field(default_factory=dict)
 
 
 def _q(text: str) -> str:
@@ -298,10 +303,24 @@ def rule_postmaster(f: Facts) -> Iterator[Finding]:
                           "with 550 5.1.10.", f'Set-Mailbox {owner}{arbitration} -EmailAddresses @{{Add="{address}"}}')
 
 
+def rule_pickup_directories(f: Facts) -> Iterator[Finding]:
+    """Whatever is written into the Pickup or Replay directory is sent, with any sender: only the server's
+    account may write there."""
+    for setting, path in f.service_dirs.items():
+        if path is None or not path.is_dir():
+            continue
+        mode = path.stat().st_mode
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            who = "any local user" if mode & stat.S_IWOTH else "the directory's group"
+            yield Finding("Error", f.server.name, "WritablePickupDirectory",
+                          f"{setting} {path} is writable by {who}, who can then send mail as any sender.",
+                          f"chmod go-w {path}")
+
+
 RULES: list[Callable[[Facts], Iterator[Finding]]] = [
     rule_anonymous_relay, rule_basic_auth_without_tls, rule_send_credentials_in_clear, rule_partner_security,
     rule_protocol_logging, rule_certificates, rule_overlapping_address_spaces, rule_bindings, rule_queues,
-    rule_back_pressure, rule_postmaster,
+    rule_back_pressure, rule_postmaster, rule_pickup_directories,
 ]
 
 
@@ -321,7 +340,10 @@ def facts(ctx: ManagementContext, retry_threshold: float = 3600.0) -> Facts:
             queues = ctx.runtime.call("queues")
         except UserError:
             status, queues = None, None
-    return Facts(server, org, receive, send, certificates, status, queues, retry_threshold, domains, mailboxes)
+    service_dirs = {setting: ctx.home.service_dir(getattr(server, name), setting)
+                    for setting, name in SERVICE_DIR_FIELDS.items()}
+    return Facts(server, org, receive, send, certificates, status, queues, retry_threshold, domains, mailboxes,
+                 service_dirs)
 
 
 def findings(f: Facts) -> list[Finding]:
