@@ -48,6 +48,8 @@ def _stored_store_url(url: str, data_dir: Path) -> str:
             return url
         return f"{prefix}:///{inside}{sep}{query}"
     return url
+
+
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:8440"
 
 

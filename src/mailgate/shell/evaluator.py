@@ -62,7 +62,7 @@ class Terminating(Exception):
         self.error, self.node, self.cmdlet, self.stops_script = error, node, cmdlet, stops_script
 
 
-class TerminatingRecord(Record):
+class ErrorRecord(Record):
     """``$_`` in a catch block: ``$_.Exception.Message``, ``"$_"`` is the message, as in PowerShell."""
 
     def __init__(self, error: UserError, cmdlet: str | None) -> None:
@@ -228,7 +228,7 @@ class Evaluator:
             self._try(stmt, output, nested_errors)
         elif kind == "throw_statement":
             reason = unwrap(self.eval_pipeline(stmt.children[1])) if len(stmt.children) > 1 else None
-            raise Terminating(reason.error if isinstance(reason, TerminatingRecord) else
+            raise Terminating(reason.error if isinstance(reason, ErrorRecord) else
                               UserError(to_text(reason) or "ScriptHalted"), stmt, None, stops_script=True)
         else:
             output(self.eval_pipeline(stmt))
@@ -264,7 +264,7 @@ class Evaluator:
                     raise
                 error, cmdlet = (exc.error, exc.cmdlet) if isinstance(exc, Terminating) else (exc, None)
                 saved = self.variables.get("_", _MISSING)
-                self.variables["_"] = TerminatingRecord(error, cmdlet)
+                self.variables["_"] = ErrorRecord(error, cmdlet)
                 try:
                     self._execute_block(catch, output, nested_errors)
                 finally:
