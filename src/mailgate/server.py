@@ -32,6 +32,7 @@ from mailgate.queue.admin import QueueAdmin
 from mailgate.queue.manager import QueueManager, RuntimeSettings
 from mailgate.queue.pressure import SAMPLE_SECONDS, DiskPressure
 from mailgate.queue.store import NewMessage, QueueStore, merge_queue
+from mailgate.receive.headers import HeaderBlock, fold, message_id_of, rfc5322_date
 from mailgate.receive.listeners import ReceiveServer
 from mailgate.receive.pickup import DirectorySettings, PickupReader
 from mailgate.receive.policy import ConnectorPolicy, ReceiveConfig
@@ -301,8 +302,6 @@ class TransportService:
         now = time.time()
         routed = self.manager.categorise([(r, None, None) for r in recipients], size)
         ref = self.queue_store.append_body([body])
-        from mailgate.receive.headers import HeaderBlock, message_id_of
-
         head = body.split(b"\r\n\r\n", 1)[0] + b"\r\n"
         block = HeaderBlock.parse(head)
         new = NewMessage(network_id=str(uuid.uuid4()), message_id=message_id_of(block), sender=sender,
@@ -329,6 +328,8 @@ class TransportService:
         """A Pickup or Replay file's message: received (RECEIVE, source SMTP, as Exchange tracks them)."""
         if self.pressure.level != "Normal":   # back pressure holds files in the directories, as Exchange does
             raise UserError(f"the queue's disk is nearly full (back pressure {self.pressure.level})")
+        if directory == "Pickup":   # a trace line of its own, as an MTA gives mail injected on its host
+            body = fold("Received", f"by {self.server_object.fqdn} with Pickup; {rfc5322_date()}") + body
         await self.submit_local(sender, recipients, body, source="SMTP", connector_id=directory)
 
     def _bad_file(self, reason: str, path: str) -> None:

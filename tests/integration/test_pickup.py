@@ -32,6 +32,7 @@ def test_a_pickup_file_is_sent_to_its_to_cc_and_bcc_and_a_file_that_isnt_a_messa
         (copy,) = wait_for(lambda a=address: maildir_messages(home, a), timeout=30, message=address)
         assert b"Subject: nightly report\r\n" in copy and copy.endswith(b"\r\n\r\nall good\r\n")
         assert b"Bcc:" not in copy and b"\r\nDate: " in copy and b"\r\nMessage-ID: <" in copy
+        assert b"\r\nReceived: by ex01.domain.com with Pickup; " in copy
     wait_for(lambda: (pickup / "junk.bad").exists() and (pickup / "huge.bad").exists(), timeout=30,
              message="the bad files kept as .bad")
     assert sorted(p.name for p in pickup.iterdir()) == ["huge.bad", "junk.bad"]
