@@ -373,7 +373,7 @@ class TransportService:
         if self.workers > 1:
             from mailgate.receive.limits import SharedCounter
 
-            self.receive.counter = SharedCounter(home.run_dir / "connections.map")
+            self.receive.counter = SharedCounter(home.run_dir / "connections.map", self.workers, self.worker)
         self.pressure = DiskPressure(home.worker_queue_dir(self.worker), enabled=home.back_pressure.enabled,
                                      high_percent=home.back_pressure.queue_disk_high_percent)
         self.pressure.sample()

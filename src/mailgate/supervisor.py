@@ -113,7 +113,7 @@ class Supervisor:
         # SIGHUP, as most daemons take it: every worker reads the configuration again (a hangup of the terminal
         # reaches the workers too; a second read changes nothing).
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload_workers()))
-        SharedCounter.reset(self.home.run_dir / "connections.map")   # no connection is open yet
+        SharedCounter.reset(self.home.run_dir / "connections.map", self.count)   # no connection is open yet
         control = ControlServer(self.home.control_socket, self.handle, log)
         await control.start()
         for index in range(self.count):

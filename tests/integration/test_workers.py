@@ -93,6 +93,50 @@ def test_connection_limits_hold_across_workers(home, ports):
     assert cli(home, "shell", "-c", "Get-ReceiveConnector").returncode == 0
 
 
+def test_a_killed_worker_gives_back_the_connections_it_counted(home, ports):
+    """kill -9 of a worker under load: the sessions it held were counted under MaxInboundConnectionPerSource in
+    the table the workers share, and stayed counted (the address got 421 4.3.2) until the server restarted."""
+    import asyncio
+    import socket
+
+    from mailgate.control import call_socket
+
+    shell(home, 'Set-ReceiveConnector "Default Frontend EX01" -MaxInboundConnectionPerSource 6', runtime=None)
+    proc = serve(home, 2)
+
+    def connect() -> tuple[socket.socket, bytes]:
+        s = socket.create_connection(("127.0.0.1", ports["frontend"]), source_address=("127.0.0.11", 0))
+        s.settimeout(10)
+        return s, s.recv(200)
+
+    try:
+        held = [connect() for _ in range(6)]
+        assert all(g.startswith(b"220") for _, g in held)
+        sessions = [asyncio.run(call_socket(home.worker_socket(i), "status", {}))["sessions"] for i in range(2)]
+        assert sum(sessions) == 6
+        victim_index = 0 if sessions[0] >= sessions[1] else 1
+        victim = next(pid for pid in workers_of(proc.pid)
+                      if f"--worker-index\0{victim_index}\0" in open(f"/proc/{pid}/cmdline").read())
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(workers_of(proc.pid)) == 2 and victim not in workers_of(proc.pid), timeout=30)
+        def answers() -> bool:   # the successor is serving (the dead worker's socket file is still there)
+            try:
+                return asyncio.run(call_socket(home.worker_socket(victim_index), "status", {}, timeout=5)) is not None
+            except OSError:
+                return False
+
+        wait_for(answers, timeout=30, interval=0.2, message="the new worker")
+        for s, _ in held:
+            s.close()
+        time.sleep(0.5)
+        again = [connect() for _ in range(6)]
+        assert [g[:3] for _, g in again] == [b"220"] * 6, [g for _, g in again]
+        for s, _ in again:
+            s.close()
+    finally:
+        stop(proc)
+
+
 def test_a_second_serve_on_the_same_data_directory_is_refused_and_the_first_goes_on(home, ports):
     """Two servers on one data directory would write the same queue files, and SO_REUSEPORT would let the
     second bind the same ports silently: the second `serve` stops at once with the reason."""

@@ -19,7 +19,10 @@ from pathlib import Path
 from mailgate.config.values import UnlimitedInt
 
 SLOTS = 8192
-_SLOT = struct.Struct("<Qi4x")   # key hash, count
+
+
+def _slot_struct(workers: int) -> struct.Struct:
+    return struct.Struct(f"<Q{workers}i")   # key hash, then each worker's count
 
 
 class LocalCounter:
@@ -46,24 +49,44 @@ class LocalCounter:
 
 
 class SharedCounter:
-    """An open-addressing table of counters in a shared file; all workers map the same file."""
+    """An open-addressing table of counters in a shared file; all workers map the same file.
 
-    def __init__(self, path: Path) -> None:
+    Each slot is a key hash and one count per worker, and a worker only ever changes its own column: a worker
+    that dies (kill -9) can't release what it counted, so its successor zeroes that column when it starts
+    (with one shared count, a killed worker's open sessions stayed counted until the server restarted, and an
+    address that had them could be refused 421 4.3.2 for good). A limit is checked against the sum."""
+
+    def __init__(self, path: Path, workers: int, worker: int) -> None:
         self.path = path
+        self.workers, self.worker = workers, worker
+        self._slot = _slot_struct(workers)
+        size = SLOTS * self._slot.size
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            if os.fstat(fd).st_size < SLOTS * _SLOT.size:
-                os.ftruncate(fd, SLOTS * _SLOT.size)
-            self._map = mmap.mmap(fd, SLOTS * _SLOT.size)
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
         self._lock_fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._clear_own_column()
 
     @staticmethod
-    def reset(path: Path) -> None:
+    def reset(path: Path, workers: int) -> None:
         """Start from zero (the supervisor does this before starting its workers)."""
         with open(path, "wb") as fh:
-            fh.truncate(SLOTS * _SLOT.size)
+            fh.truncate(SLOTS * _slot_struct(workers).size)
+
+    def _clear_own_column(self) -> None:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            for slot in range(SLOTS):
+                values = list(self._slot.unpack_from(self._map, slot * self._slot.size))
+                if values[1 + self.worker]:
+                    values[1 + self.worker] = 0
+                    self._slot.pack_into(self._map, slot * self._slot.size, *values)
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     @staticmethod
     def _hash(key: str) -> int:
@@ -74,14 +97,14 @@ class SharedCounter:
         free = None
         for i in range(SLOTS):
             slot = (start + i) % SLOTS
-            key, count = _SLOT.unpack_from(self._map, slot * _SLOT.size)
+            key, *counts = self._slot.unpack_from(self._map, slot * self._slot.size)
             if key == h:
                 return slot
             if key == 0:
                 if create:
                     return free if free is not None else slot
                 return None
-            if count <= 0 and free is None:
+            if sum(counts) <= 0 and free is None:
                 free = slot   # a key whose connections all ended may be reused
         return free if create else None
 
@@ -90,11 +113,13 @@ class SharedCounter:
         slot = self._find(h, create=delta > 0)
         if slot is None:
             return True
-        stored, count = _SLOT.unpack_from(self._map, slot * _SLOT.size)
-        count = count if stored == h else 0
-        if limit is not None and limit.exceeded_by(count + delta):
+        stored, *counts = self._slot.unpack_from(self._map, slot * self._slot.size)
+        if stored != h:   # a free slot taken for this key
+            counts = [0] * self.workers
+        if limit is not None and limit.exceeded_by(sum(counts) + delta):
             return False
-        _SLOT.pack_into(self._map, slot * _SLOT.size, h, max(0, count + delta))
+        counts[self.worker] = max(0, counts[self.worker] + delta)
+        self._slot.pack_into(self._map, slot * self._slot.size, h, *counts)
         return True
 
     def acquire(self, limits: list[tuple[str, UnlimitedInt]]) -> int | None:
