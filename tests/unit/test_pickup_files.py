@@ -46,3 +46,32 @@ def test_replay_reads_the_envelope_lines_and_exchanges_injected_block():
     assert exported.body.startswith(b"Received: from a\r\n")
     with pytest.raises(BadMessage, match="starts with X-Sender"):
         replay_envelope(b"Subject: no envelope\r\nX-Sender: a@x.example\r\nX-Receiver: b@x.example\r\n\r\nx")
+
+
+def test_files_claimed_before_a_crash_are_read_again_and_the_per_minute_limit_holds(tmp_path):
+    import asyncio
+    import os
+
+    from mailgate.receive.pickup import DirectorySettings, PickupReader
+
+    pickup = tmp_path / "Pickup"
+    pickup.mkdir()
+    message = b"From: a@x.example\r\nTo: b@y.example\r\n\r\nx\r\n"
+    (pickup / "crashed.tmp").write_bytes(message)   # claimed when the server was killed
+    for i in range(3):
+        (pickup / f"m{i}.eml").write_bytes(message)
+    (pickup / "fresh.eml").write_bytes(message)
+    for path in pickup.iterdir():
+        if path.name != "fresh.eml":   # just written: may still be being written, so it waits
+            os.utime(path, (1, 1))
+    submitted: list[str] = []
+
+    async def submit(sender, recipients, body, directory):
+        submitted.append(sender)
+
+    settings = DirectorySettings(pickup=pickup, replay=None, per_minute=3, max_header_size=65536, max_recipients=10)
+    reader = PickupReader(lambda: settings, submit, lambda reason, path: None)
+    assert asyncio.run(reader.scan()) == 3   # the per-minute limit
+    assert len(submitted) == 3
+    left = sorted(p.name for p in pickup.iterdir())
+    assert len(left) == 2 and "fresh.eml" in left and not any(name.endswith(".tmp") for name in left)
