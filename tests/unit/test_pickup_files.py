@@ -75,3 +75,32 @@ def test_files_claimed_before_a_crash_are_read_again_and_the_per_minute_limit_ho
     assert len(submitted) == 3
     left = sorted(p.name for p in pickup.iterdir())
     assert len(left) == 2 and "fresh.eml" in left and not any(name.endswith(".tmp") for name in left)
+
+
+def test_a_queue_that_cant_take_mail_leaves_the_files_and_no_name_is_ever_overwritten(tmp_path):
+    import asyncio
+    import os
+
+    from mailgate.errors import UserError
+    from mailgate.receive.pickup import DirectorySettings, PickupReader
+
+    pickup = tmp_path / "Pickup"
+    pickup.mkdir()
+    message = b"From: a@x.example\r\nTo: b@y.example\r\n\r\nx\r\n"
+    for name in ("a.eml", "a.tmp", "b.eml"):   # a.tmp: claimed before a crash, and a.eml came after it
+        (pickup / name).write_bytes(message + name.encode())
+    for path in pickup.iterdir():
+        os.utime(path, (1, 1))
+    calls: list[bytes] = []
+
+    async def full(sender, recipients, body, directory):
+        calls.append(body)
+        raise UserError("the queue's disk is nearly full (back pressure High)")
+
+    settings = DirectorySettings(pickup=pickup, replay=None, per_minute=100, max_header_size=65536, max_recipients=10)
+    reader = PickupReader(lambda: settings, full, lambda reason, path: None)
+    asyncio.run(reader.scan())
+    assert len(calls) == 1   # the first refusal ends the scan: the others wait without a try each
+    contents = sorted(p.read_bytes()[-5:] for p in pickup.iterdir())
+    assert len(contents) == 3 and all(p.suffix == ".eml" for p in pickup.iterdir())
+    assert contents == sorted([b"a.eml", b"a.tmp", b"b.eml"])

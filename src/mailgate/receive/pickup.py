@@ -148,6 +148,15 @@ Submit = Callable[[str, list[str], bytes, str], Awaitable[Any]]
 Track = Callable[[str, str], None]
 
 
+def _unused(path: Path, suffix: str) -> Path:
+    """``path`` with ``suffix``, or, when a file already has that name, with the time added (as Exchange names
+    a second .tmp): a rename never replaces another file."""
+    target = path.with_suffix(suffix)
+    if target.exists():
+        target = path.with_name(f"{path.stem}{time.strftime('%Y%m%d%H%M%S')}{time.time_ns() % 10**9}{suffix}")
+    return target
+
+
 class PickupReader:
     """Reads the Pickup and Replay directories of this server while it runs."""
 
@@ -158,6 +167,7 @@ class PickupReader:
         self._window_start = 0.0
         self._taken = 0
         self._prepared: set[Path] = set()
+        self._last_problem = ""
 
     def _prepare(self, directory: Path) -> None:
         """Create the directory, and put back the files a crash left claimed (.tmp)."""
@@ -165,7 +175,7 @@ class PickupReader:
             return
         directory.mkdir(parents=True, exist_ok=True)
         for claimed in directory.glob("*.tmp"):
-            claimed.rename(claimed.with_suffix(".eml"))
+            claimed.rename(_unused(claimed, ".eml"))
         self._prepared.add(directory)
 
     def _allowance(self, per_minute: int) -> int:
@@ -178,7 +188,13 @@ class PickupReader:
         while not stopping.is_set():
             try:
                 await self.scan()
-            except Exception:  # noqa: BLE001 - a directory gone or unreadable: said, and tried again
+                self._last_problem = ""
+            except OSError as exc:   # a directory that can't be made or read: said once, tried again each scan
+                problem = f"the Pickup/Replay directories can't be read: {exc}"
+                if problem != self._last_problem:
+                    log.warning("%s", problem)
+                self._last_problem = problem
+            except Exception:  # noqa: BLE001 - a bug: logged, and the directories are read again next time
                 log.exception("reading the Pickup/Replay directories failed")
             try:
                 await asyncio.wait_for(stopping.wait(), POLL_SECONDS)
@@ -194,25 +210,30 @@ class PickupReader:
                 continue
             self._prepare(directory)
             now = time.time()
-            files = sorted((p.stat().st_mtime, p) for p in directory.glob("*.eml") if p.exists())
-            for mtime, path in files:
+            files = []
+            for path in directory.glob("*.eml"):
+                try:
+                    files.append((path.stat().st_mtime, path))
+                except FileNotFoundError:   # taken away meanwhile
+                    continue
+            for mtime, path in sorted(files):
                 if now - mtime < SETTLE_SECONDS:
                     continue
                 if self._allowance(settings.per_minute) <= 0:
                     return taken
-                claimed = path.with_suffix(".tmp")
-                if claimed.exists():   # as Exchange: a name already taken gets the time added
-                    claimed = path.with_name(f"{path.stem}{time.strftime('%Y%m%d%H%M%S')}{time.time_ns() % 10**9}.tmp")
+                claimed = _unused(path, ".tmp")
                 try:
                     path.rename(claimed)
                 except FileNotFoundError:
                     continue
                 self._taken += 1
                 taken += 1
-                await self._take(claimed, replay, settings)
+                if not await self._take(claimed, replay, settings):
+                    return taken   # the queue can't take mail now: the rest waits too
         return taken
 
-    async def _take(self, claimed: Path, replay: bool, settings: DirectorySettings) -> None:
+    async def _take(self, claimed: Path, replay: bool, settings: DirectorySettings) -> bool:
+        """Submit one claimed file; False when the queue can't take mail now (the file is put back)."""
         source = "Replay" if replay else "Pickup"
         try:
             size = claimed.stat().st_size
@@ -223,13 +244,18 @@ class PickupReader:
             envelope = replay_envelope(data) if replay else pickup_envelope(
                 data, max_header_size=settings.max_header_size, max_recipients=settings.max_recipients)
         except BadMessage as exc:
-            claimed.rename(claimed.with_suffix(".bad"))
-            self.bad(f"{source} file {claimed.with_suffix('.eml').name}: {exc}", str(claimed.with_suffix(".bad")))
-            return
+            bad = _unused(claimed, ".bad")
+            claimed.rename(bad)
+            self.bad(f"{source} file {claimed.with_suffix('.eml').name}: {exc}", str(bad))
+            return True
+        except OSError:   # can't be read (its permissions): left for the next scan, as Exchange does
+            claimed.rename(_unused(claimed, ".eml"))
+            raise
         try:
             await self.submit(envelope.sender, envelope.recipients, envelope.body, source)
         except UserError as exc:   # the queue can't take it now (a full disk): the file waits for the next scan
             log.warning("%s file %s waits: %s", source, claimed.with_suffix(".eml").name, exc.message)
-            claimed.rename(claimed.with_suffix(".eml"))
-            return
+            claimed.rename(_unused(claimed, ".eml"))
+            return False
         os.unlink(claimed)
+        return True
