@@ -216,13 +216,16 @@ def message_order(record: Record) -> tuple[int, str]:
 
 
 def merge_queues(per_worker: list[list[Record]]) -> list[Record]:
-    """One record per queue identity: counts and rates summed, the most telling status and error."""
-    merged: dict[str, Record] = {}
+    """One record per queue — its identity and its connector: two send connectors to the same smart host have
+    queues of the same name, which stay apart — with counts and rates summed, the most telling status and
+    error."""
+    merged: dict[tuple[str, str], Record] = {}
     for records in per_worker:
         for r in records:
-            have = merged.get(r["Identity"])
+            key = (r["Identity"], str(r.get("NextHopConnector")))
+            have = merged.get(key)
             if have is None:
-                merged[r["Identity"]] = Record(r.type_name, dict(r.items()))
+                merged[key] = Record(r.type_name, dict(r.items()))
                 continue
             for key in ("MessageCount", "DeferredMessageCount", "LockedMessageCount"):
                 have.set(key, (have.get(key) or 0) + (r.get(key) or 0))
