@@ -4,6 +4,7 @@ and mailbox delivery into Maildir."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import ssl
 import time
@@ -305,7 +306,8 @@ class Delivery:
                 name = maildir.unique_name(msg["received_at"], msg["network_id"], r["idx"])
                 trace = f"Return-Path: <{msg['sender']}>\r\nDelivered-To: {r['address']}\r\n".encode()
                 try:
-                    maildir.deliver(path, name, [trace, *body.chunks()])
+                    # Streamed: a spooled 30 MB body is written piece by piece, never held whole.
+                    maildir.deliver(path, name, itertools.chain((trace,), body.chunks()))
                 except OSError as exc:
                     outcomes.append(Outcome(r["idx"], "transient", f"452 4.3.1 Mailbox delivery failed: {exc.strerror}"))
                     continue
