@@ -21,7 +21,6 @@ import asyncio
 import email.utils
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Awaitable, Callable
 
 from mailgate.errors import UserError
 from mailgate.receive.headers import HeaderBlock
+from mailgate.smtp import to_crlf
 from mailgate.smtp.address import AddressError, parse_mailbox
 
 log = logging.getLogger("mailgate.pickup")
@@ -37,7 +37,6 @@ POLL_SECONDS = 5.0   # as Exchange's pickup polling interval
 # A file changed this recently may still be being written (a program that writes in place, not by rename):
 # it waits for the next scan.
 SETTLE_SECONDS = 1.0
-_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 
 
 class BadMessage(Exception):
@@ -68,13 +67,9 @@ def _address(text: str, what: str) -> str:
         raise BadMessage(f"{what} {text.strip()[:100]!r} isn't an address") from None
 
 
-def _crlf(data: bytes) -> bytes:
-    return _LINE_ENDS.sub(b"\r\n", data)
-
-
 def pickup_envelope(data: bytes, *, max_header_size: int, max_recipients: int) -> Envelope:
     """The envelope of a Pickup file and the message to submit (without ``Bcc:``)."""
-    data = _crlf(data)
+    data = to_crlf(data)
     end = data.find(b"\r\n\r\n")
     head, rest = (data, b"") if end < 0 else (data[: end + 2], data[end + 2:])
     if len(head) > max_header_size:
@@ -113,7 +108,7 @@ def replay_envelope(data: bytes) -> Envelope:
     """The envelope of a Replay file and the message after it. The file starts with X-Sender: and X-Receiver:
     lines (parameters may follow the address); Exchange's exports put more X- lines with them, up to and with
     X-EndOfInjectedXHeaders:. The envelope lines go; the rest is the message, unchanged."""
-    data = _crlf(data)
+    data = to_crlf(data)
     lines: list[tuple[str, str, int]] = []   # (lower-case name, value, end of the line)
     position = 0
     while (end := data.find(b"\r\n", position)) > position:

@@ -8,14 +8,12 @@ DATA.
 
 from __future__ import annotations
 
-import re
-
+from mailgate.smtp import to_crlf
 from mailgate.smtp.address import xtext_encode
 from mailgate.smtp.replies import Reply, parse_enhanced
 
 MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 200
-_LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
 
 
 class ProtocolViolation(Exception):
@@ -122,7 +120,7 @@ class DotStuffer:
                 return b""
             n = data.count(b"\n")
             if n != data.count(b"\r\n") or data.count(b"\r") != n:
-                data = _LINE_ENDINGS.sub(b"\r\n", data)
+                data = to_crlf(data)
         elif not data:
             return b""
         if self._last == b"\n" and data.startswith(b"."):

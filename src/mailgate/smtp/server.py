@@ -24,6 +24,7 @@ from enum import Enum, auto
 from typing import Union
 
 from mailgate.smtp import replies as R
+from mailgate.smtp import to_crlf
 from mailgate.smtp.address import (
     Address,
     AddressError,
@@ -39,7 +40,6 @@ from mailgate.smtp.address import (
 from mailgate.smtp.replies import Reply
 
 DATA_END = b"\r\n.\r\n"
-_LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
 _BDAT_RE = re.compile(r"^(\d{1,10})(?:\s+(LAST))?\s*$", re.I)
 
 
@@ -398,7 +398,7 @@ class ServerProtocol:
         if n != data.count(b"\r\n") or data.count(b"\r") != n:
             self._bare_lf = True
             if not self.ext.reject_bare_linefeeds:
-                data = _LINE_ENDINGS.sub(b"\r\n", data)
+                data = to_crlf(data)
         self.message_bytes += len(data)
         return BodyChunk(data)
 
