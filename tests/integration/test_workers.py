@@ -137,6 +137,40 @@ def test_a_killed_worker_gives_back_the_connections_it_counted(home, ports):
         stop(proc)
 
 
+def test_a_client_that_reconnects_as_soon_as_it_reads_221_is_not_refused(home, ports):
+    """Four threads of one client, each ending its session with QUIT and connecting again as soon as it reads the
+    221, never hold more than four sessions: under MaxInboundConnectionPerSource 4 none may be refused. The
+    session's place used to be given back only when the worker saw the close, so a reconnection that reached
+    the other worker first got 421 4.3.2 (1 in 30)."""
+    import socket
+    import threading
+
+    shell(home, 'Set-ReceiveConnector "Default Frontend EX01" -MaxInboundConnectionPerSource 4', runtime=None)
+    proc = serve(home, 2)
+    banners: list[bytes] = []
+
+    def sessions(count: int) -> None:
+        for _ in range(count):
+            with socket.create_connection(("127.0.0.1", ports["frontend"]), source_address=("127.0.0.12", 0),
+                                          timeout=10) as s, s.makefile("rb") as replies:
+                banner = replies.readline()
+                banners.append(banner)
+                if banner.startswith(b"220"):
+                    s.sendall(b"QUIT\r\n")
+                    assert replies.readline().startswith(b"221")
+
+    try:
+        threads = [threading.Thread(target=sessions, args=(200,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(banners) == 800
+        assert [b for b in banners if not b.startswith(b"220")] == []
+    finally:
+        stop(proc)
+
+
 def test_a_second_serve_on_the_same_data_directory_is_refused_and_the_first_goes_on(home, ports):
     """Two servers on one data directory would write the same queue files, and SO_REUSEPORT would let the
     second bind the same ports silently: the second `serve` stops at once with the reason."""
