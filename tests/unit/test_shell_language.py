@@ -495,3 +495,44 @@ def test_expressions_at_the_edges_are_values_or_clear_errors(tokens):
     text = "$v = @(1, 'a'); $h = @{a=1}\n" + " ".join(tokens)
     ok, out, err = run(text)
     assert "internal error" not in err, (text, err)
+
+
+def test_selected_properties_are_shown_by_themselves_and_flags_enums_as_text(tmp_path):
+    """Select-Object makes objects with no formatting view of their own: five properties or more are a list
+    (they were drawn in Get-ReceiveConnector's table view, three columns of which four were empty), fewer a
+    table; a flags enum such as PermissionGroups is text, aligned left (it was right-aligned, as numbers are)."""
+    from helpers import make_home, shell
+
+    home = make_home(tmp_path / "home")
+    r = shell(home, 'Get-ReceiveConnector "Default Frontend EX01" | Select Name,PermissionGroups,AuthMechanism,'
+                    'MaxInboundConnectionPerSource,Enabled', runtime=None)
+    assert r.ok, r.err
+    lines = [line for line in r.out.splitlines() if line.strip()]
+    assert lines[0] == "Name                          : Default Frontend EX01"
+    assert lines[1] == "PermissionGroups              : AnonymousUsers, ExchangeServers, ExchangeLegacyServers"
+    assert [line.split(":")[0].strip() for line in lines] == ["Name", "PermissionGroups", "AuthMechanism",
+                                                              "MaxInboundConnectionPerSource", "Enabled"]
+    r = shell(home, "Get-ReceiveConnector | Sort Name | Select Name,PermissionGroups,MaxInboundConnectionPerSource",
+              runtime=None)
+    lines = [line for line in r.out.splitlines() if line.strip()]
+    assert lines[0].split() == ["Name", "PermissionGroups", "MaxInboundConnectionPerSource"]
+    assert lines[0].index("PermissionGroups") == lines[2].index("ExchangeUsers") == len("Default Frontend EX01 ")
+    assert lines[3].index("AnonymousUsers") == len("Default Frontend EX01 ")
+    r = shell(home, 'Get-ReceiveConnector "Client Frontend EX01" | Select Name,Enabled | Get-Member', runtime=None)
+    assert [line.split()[0] for line in r.out.splitlines() if "Property" in line] == ["Name", "Enabled"]
+
+
+def test_the_format_operator_as_exchange_scripts_use_it():
+    """``"{0}: {1:N0}" -f $q.Identity, $q.MessageCount`` — the way Exchange administrators build report lines
+    (it was a parse error). -f binds tighter than + and looser than the comma."""
+    ok, out, err = run('"{0,-6}|{1,10:N0}|{2:P1}|{3:X4}|{4:D3}|{{x}}" -f "ab", 1234567, 0.256, 255, 7\n'
+                       '"n=" + "{0:0.00}" -f 3.14159\n'
+                       '"{0:yyyy-MM-dd HH:mm:ss.fff}" -f (Get-Date "2026-12-05 13:04:05")\n'
+                       '(Get-Date "2026-12-05 13:04:05").ToString("dd MMM yyyy hh:mm tt")\n'
+                       '"{1}{0}" -f "b", "a"')
+    assert ok, err
+    assert out.splitlines() == ["ab    | 1,234,567|25.6 %|00FF|007|{x}", "n=3.14", "2026-12-05 13:04:05.000",
+                                "05 Dec 2026 01:04 PM", "ab"]
+    for bad in ('"{0}{1}" -f 1', '"{0" -f 1', '"{0:Q}" -f 5', '"{0,99999999}" -f 1'):
+        ok, out, err = run(bad)
+        assert not ok and "Error formatting a string" in err and out == "", bad

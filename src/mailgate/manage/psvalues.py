@@ -221,6 +221,89 @@ def text_operator(op: str, left: Any, right: Any) -> Any:
         raise ValueError(f'The regular expression pattern "{pattern}" is not valid: {exc}.') from None
 
 
+_FORMAT_ITEM = re.compile(r"\{\{|\}\}|\{(\d+)\s*(?:,\s*(-?\d+)\s*)?(?::([^{}]*))?\}|[{}]")
+_FORMAT_ALIGNMENT_MAX = 10_000
+
+
+def format_operator(template: Any, args: Any) -> str:
+    """``"{0,-20} {1:N0}" -f $a,$b``: .NET composite formatting as Exchange's shell does it (en-US): an index,
+    an optional alignment (negative: left), an optional format (N, F, D, P, X, E, custom 0.00 and #,##0; date
+    formats such as yyyy-MM-dd HH:mm:ss); ``{{`` and ``}}`` are braces."""
+    values = args if isinstance(args, list) else [args]
+    text = to_text(template)
+
+    def item(m: re.Match[str]) -> str:
+        token = m.group(0)
+        if token in ("{{", "}}"):
+            return token[0]
+        if m.group(1) is None:
+            raise ValueError("Error formatting a string: Input string was not in a correct format.")
+        index = int(m.group(1))
+        if index >= len(values):
+            raise ValueError("Error formatting a string: Index (zero based) must be greater than or equal to zero and "
+                             "less than the size of the argument list.")
+        out = _format_value(values[index], m.group(3))
+        if m.group(2):
+            width = int(m.group(2))
+            if abs(width) > _FORMAT_ALIGNMENT_MAX:
+                raise ValueError(f"Error formatting a string: an alignment of {width} is more than "
+                                 f"{_FORMAT_ALIGNMENT_MAX:,}.")
+            out = out.ljust(-width) if width < 0 else out.rjust(width)
+        return out
+
+    return _FORMAT_ITEM.sub(item, text)
+
+
+def _format_value(value: Any, spec: str | None) -> str:
+    if not spec:
+        return to_text(value)
+    if isinstance(value, dt.datetime):
+        return dotnet_strftime(value, spec)
+    number = value
+    if isinstance(value, str):
+        try:
+            number = parse_number(value)
+        except ValueError:
+            return value
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        return to_text(value)
+    code, digits = spec[0].upper(), spec[1:]
+    if digits.isdigit() or digits == "":
+        places = int(digits) if digits else None
+        if places is not None and places > 99:
+            raise ValueError("Error formatting a string: a precision over 99.")
+        if code in "NF":
+            p = 2 if places is None else places
+            return f"{number:,.{p}f}" if code == "N" else f"{number:.{p}f}"
+        if code == "P":
+            return f"{number * 100:,.{2 if places is None else places}f} %"
+        if code == "E":
+            return f"{number:.{6 if places is None else places}E}".replace("E+", "E+0").replace("E-", "E-0")
+        if code in "DX" and isinstance(number, int):
+            p = places or 0
+            return f"{number:0{p}d}" if code == "D" else f"{number:0{p}{'X' if spec[0] == 'X' else 'x'}}"
+    if set(spec) <= set("0#,.%"):   # a custom number format
+        decimals = spec.split(".", 1)[1] if "." in spec else ""
+        shown = number * 100 if "%" in spec else number
+        text = f"{shown:{',' if ',' in spec else ''}.{len(decimals)}f}"
+        return text + ("%" if "%" in spec else "")
+    raise ValueError(f'Error formatting a string: the format "{spec}" is not one this shell knows.')
+
+
+def dotnet_strftime(value: dt.datetime, fmt: str) -> str:
+    """.NET's custom date format (yyyy-MM-dd HH:mm:ss.fff, and the same with "tt" for AM/PM) through strftime."""
+    parts = re.split(r"(yyyy|yy|MMMM|MMM|MM|dddd|ddd|dd|HH|hh|mm|ss|fff|tt|%)", fmt)
+    codes = {"yyyy": "%Y", "yy": "%y", "MMMM": "%B", "MMM": "%b", "MM": "%m", "dddd": "%A", "ddd": "%a", "dd": "%d",
+             "HH": "%H", "hh": "%I", "mm": "%M", "ss": "%S", "tt": "%p", "%": "%%"}
+    out = []
+    for part in parts:
+        if part == "fff":
+            out.append(f"{value.microsecond // 1000:03d}")
+        else:
+            out.append(value.strftime(codes[part]) if part in codes else part)
+    return "".join(out)
+
+
 def compare(op: str, left: Any, right: Any, variables: dict[str, Any] | None = None) -> Any:
     base = op.lstrip("-").lower()
     if base in ("contains", "notcontains", "ccontains", "icontains"):

@@ -19,7 +19,7 @@ from mailgate.manage.cmdlets import SHELL_COMMON_NAMES, SHELL_COMMON_PARAMS, Par
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.params import as_list, to_datetime, to_int, to_str, to_str_list
 from mailgate.manage.present import Record, to_json
-from mailgate.manage.psvalues import comparable, compare, to_text, truthy, wildcard_match
+from mailgate.manage.psvalues import comparable, compare, dotnet_strftime, to_text, truthy, wildcard_match
 from mailgate.shell import format as fmt
 from mailgate.shell.evaluator import ScriptBlock
 
@@ -92,8 +92,14 @@ def _select_props(items: list[Any], props: list[Any]) -> list[Any]:
         for col in cols:
             title = fmt._column_title(col)
             values[title] = fmt._column_value(item, col, None)
-        out.append(Record(item.type_name if isinstance(item, Record) else "Selected", values))
+        out.append(Record(_selected_type(item), values))
     return out
+
+
+def _selected_type(item: Any) -> str:
+    """The type of what Select-Object makes, as PowerShell names it ("Selected.<type>"): no formatting view is
+    defined for it, so it is shown by its own properties (a table up to four, a list from five)."""
+    return f"Selected.{item.type_name}" if isinstance(item, Record) else "Selected"
 
 
 @cmdlet("Select-Object", [Param("Property", position=0, raw=True), Param("First", convert=to_int),
@@ -122,7 +128,6 @@ def select_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
         excluded = {str(p).lower() for p in as_list(args.get("ExcludeProperty"))}
         if excluded:
             items = [Record(i.type_name, {k: v for k, v in i.items() if k.lower() not in excluded}) for i in items]
-        items = [Record("Selected", dict(i.items())) if len(i.keys()) <= 4 else i for i in items]
     if args.get("Unique"):
         seen, unique = set(), []
         for item in items:
@@ -370,9 +375,7 @@ def get_date(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """The current local date and time (or -Date parsed); .AddMinutes(-5) and friends work on it."""
     value = args["Date"] if args.get("Date") is not None else dt.datetime.now().astimezone()
     if args.get("Format"):
-        from mailgate.shell.evaluator import _dotnet_strftime
-
-        return [_dotnet_strftime(value, args["Format"])]
+        return [dotnet_strftime(value, args["Format"])]
     return [value]
 
 

@@ -29,6 +29,8 @@ from mailgate.manage.psvalues import (
     CIDict,
     ShellError,
     compare,
+    dotnet_strftime,
+    format_operator,
     parse_number,
     text_operator,
     to_text,
@@ -543,9 +545,9 @@ class Evaluator:
             return truthy(left) != truthy(right)
         if op in ("+", "-", "*", "/", "%"):
             return arithmetic(op, left, right)
-        if op in ("-join", "-split", "-isplit", "-csplit", "-replace", "-ireplace", "-creplace"):
+        if op in ("-join", "-split", "-isplit", "-csplit", "-replace", "-ireplace", "-creplace", "-f"):
             try:
-                return text_operator(op, left, right)
+                return format_operator(left, right) if op == "-f" else text_operator(op, left, right)
             except ValueError as exc:
                 raise ShellError(str(exc)) from None
         return compare(op, left, right, self.variables)
@@ -842,7 +844,7 @@ def call_method(target: Any, name: str, args: list[Any]) -> Any:
     key = name.lower()
     if key == "tostring":
         if isinstance(target, dt.datetime) and args:
-            return _dotnet_strftime(target, to_text(args[0]))
+            return dotnet_strftime(target, to_text(args[0]))
         return to_text(target)
     if key == "gettype":
         return type(target).__name__
@@ -902,13 +904,6 @@ def _width(value: Any) -> int:
     if width > REPEAT_MAX:
         raise ValueError(f"a string of {width:,} characters is more than {REPEAT_MAX:,}")
     return width
-
-
-def _dotnet_strftime(value: dt.datetime, fmt: str) -> str:
-    mapping = [("yyyy", "%Y"), ("MM", "%m"), ("dd", "%d"), ("HH", "%H"), ("mm", "%M"), ("ss", "%S"), ("fff", "%f")]
-    for a, b in mapping:
-        fmt = fmt.replace(a, b)
-    return value.strftime(fmt)
 
 
 def static(target: Any, name: str, args: list[Any] | None) -> Any:

@@ -150,6 +150,12 @@ def _column_value(obj: Any, col: Any, evaluate: Any) -> Any:
     return get_property(obj, col)
 
 
+def _is_number(value: Any) -> bool:
+    """What a table right-aligns: numbers, not $true/$false and not enum values (a flags enum such as
+    PermissionGroups is an int underneath, and PowerShell shows it as text)."""
+    return isinstance(value, (int, float)) and not isinstance(value, (bool, enum.Enum))
+
+
 def render_table(objects: list[Any], columns: list[Any], *, limit: int = 4, width: int | None = None,
                  evaluate: Any = None, hide_headers: bool = False, wrap: bool = False) -> list[str]:
     titles = [_column_title(c) for c in columns]
@@ -159,7 +165,7 @@ def render_table(objects: list[Any], columns: list[Any], *, limit: int = 4, widt
         row = []
         for i, col in enumerate(columns):
             value = _column_value(obj, col, evaluate)
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool)) and value is not None:
+            if value is not None and not _is_number(value):
                 numeric[i] = False
             row.append(format_value(value, limit).replace("\r", " ").replace("\n", " "))
         rows.append(row)
