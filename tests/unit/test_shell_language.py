@@ -536,3 +536,35 @@ def test_the_format_operator_as_exchange_scripts_use_it():
     for bad in ('"{0}{1}" -f 1', '"{0" -f 1', '"{0:Q}" -f 5', '"{0,99999999}" -f 1'):
         ok, out, err = run(bad)
         assert not ok and "Error formatting a string" in err and out == "", bad
+
+
+def test_loops_break_continue_and_increments():
+    """for, while, do-while/until, break and continue, $i++ — as Exchange administrators' scripts use them (each
+    was a parse error)."""
+    ok, out, err = run('for ($i = 1; $i -le 3; $i++) { "i=$i" }\n'
+                       '$n = 0; while ($n -lt 3) { $n++ }; "n=$n"\n'
+                       '$m = 10\ndo { $m-- } until ($m -le 7)\n"m=$m"\n'
+                       'do { ++$m }\nwhile ($m -lt 9)\n"m=$m"\n'
+                       'foreach ($a in 1..6) { if ($a -eq 2) { continue }; if ($a -eq 5) { break }; "a=$a" }\n'
+                       'for (;;) { $k++; foreach ($x in 1..3) { break }; if ($k -ge 4) { break } }; "k=$k"\n'
+                       'do { "once" } while ($false)')
+    assert ok, err
+    assert out.split() == ["i=1", "i=2", "i=3", "n=3", "m=7", "m=9", "a=1", "a=3", "a=4", "k=4", "once"]
+    ok, out, err = run('"before"; foreach ($a in 1..3) { "a=$a" }; break; "after"\n"not reached"')
+    assert out.split() == ["before", "a=1", "a=2", "a=3"] and err == ""
+    assert not run("$i++ +")[0] and "1" == run("$z++; $z")[1].strip()
+
+
+def test_write_warning_verbose_error_and_the_error_variable():
+    """Write-Warning/-Verbose/-Error as scripts use them, and $Error (newest first, also what -ErrorAction
+    SilentlyContinue kept quiet); Write-Error doesn't stop the script unless -ErrorAction Stop."""
+    ok, out, err = run('Write-Warning "careful"; Write-Verbose "quiet"; Write-Verbose "loud" -Verbose\n'
+                       '$VerbosePreference = "Continue"; Write-Verbose "asked"\n'
+                       'Write-Error "first"\n"count=$($Error.Count)"\n'
+                       'Write-Error "second" -ErrorAction SilentlyContinue\n'
+                       '"count=$($Error.Count) newest=$($Error[0]) oldest=$($Error[1].Exception.Message)"\n'
+                       'try { Write-Error "stopped" -ErrorAction Stop; "not here" } catch { "caught $_" }')
+    assert not ok   # Write-Error reported an error
+    assert out.splitlines() == ["WARNING: careful", "VERBOSE: loud", "VERBOSE: asked", "count=1",
+                                "count=2 newest=second oldest=first", "caught stopped"]
+    assert err.count("Write-Error : first") == 1 and "second" not in err and "WriteErrorException" in err

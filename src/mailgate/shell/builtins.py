@@ -387,6 +387,38 @@ def write_host(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     return [fmt.Formatted([to_text(args.get("Object"))])]
 
 
+class WriteErrorException(UserError):
+    """What Write-Error reports: an error of the script itself, non-terminating unless -ErrorAction Stop."""
+
+    category = "NotSpecified"
+    exception_name = "Microsoft.PowerShell.Commands.WriteErrorException"
+
+
+@cmdlet("Write-Warning", [Param("Message", position=0, mandatory=True, convert=to_str)],
+        synopsis="Print a warning (WARNING: ...).", builtin=True)
+def write_warning(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Print the message as a warning; -WarningAction SilentlyContinue hides it."""
+    ctx.warn(args["Message"])
+    return []
+
+
+@cmdlet("Write-Verbose", [Param("Message", position=0, mandatory=True, convert=to_str)],
+        synopsis="Print a message with -Verbose or $VerbosePreference = 'Continue'.", builtin=True)
+def write_verbose(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Print VERBOSE: and the message when asked for with -Verbose or $VerbosePreference; else nothing."""
+    shell = ctx.shell
+    wanted = shell is not None and (shell.verbose_requested or
+                                    to_text(shell.variables.get("verbosepreference")).lower() == "continue")
+    return [fmt.Formatted([f"VERBOSE: {args['Message']}"])] if wanted else []
+
+
+@cmdlet("Write-Error", [Param("Message", position=0, mandatory=True, convert=to_str)],
+        synopsis="Report an error (non-terminating unless -ErrorAction Stop).", builtin=True)
+def write_error(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Report the message as an error of the script: shown, kept in $Error, and the script goes on."""
+    raise WriteErrorException(args["Message"])
+
+
 @cmdlet("Write-Output", [Param("InputObject", position=0, raw=True)], synopsis="Output objects.", builtin=True)
 def write_output(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """Pass the objects on."""

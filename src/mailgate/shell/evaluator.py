@@ -64,6 +64,18 @@ class Terminating(Exception):
         self.error, self.node, self.cmdlet, self.stops_script = error, node, cmdlet, stops_script
 
 
+class LoopControl(Exception):
+    """``break`` or ``continue``: caught by the innermost loop (foreach, for, while, do); outside any loop it ends
+    the script, as in PowerShell."""
+
+    def __init__(self, keyword: str) -> None:
+        super().__init__(keyword)
+        self.is_break = keyword == "break"
+
+
+MAX_ERRORS_KEPT = 256   # $Error keeps the newest errors, as PowerShell's $MaximumErrorCount
+
+
 class ErrorRecord(Record):
     """``$_`` in a catch block: ``$_.Exception.Message``, ``"$_"`` is the message, as in PowerShell."""
 
@@ -113,6 +125,7 @@ class Evaluator:
         self.variables: dict[str, Any] = {"formatenumerationlimit": 4, "erroractionpreference": "Continue",
                                           "confirmpreference": "High", "ofs": " "}
         self.failed = False
+        self.verbose_requested = False   # the running command's -Verbose (Write-Verbose reads it)
         self._source = ""
         self._deferred_errors: list[tuple[str, str]] = []
 
@@ -143,6 +156,8 @@ class Evaluator:
         self._deferred_errors = []
         try:
             self.execute(stmt, self.emit, nested_errors=True)
+        except LoopControl:   # break or continue outside a loop: the script ends there, without an error
+            self._script_stopped = True
         except Terminating as stop:
             self._fail(stop.error, stop.node, stop.cmdlet)
             self._script_stopped = stop.stops_script
@@ -163,7 +178,15 @@ class Evaluator:
     def _fail(self, exc: UserError, node: Any, cmdlet: str | None = None) -> None:
         self.failed = True
         self._statement_failed = True
+        self._remember_error(exc, cmdlet)
         self.report(exc, cmdlet, self._position(node))
+
+    def _remember_error(self, exc: UserError, cmdlet: str | None) -> None:
+        """$Error: the session's errors, newest first (also those -ErrorAction SilentlyContinue keeps quiet)."""
+        errors = self.variables.setdefault("error", [])
+        if isinstance(errors, list):
+            errors.insert(0, ErrorRecord(exc, cmdlet))
+            del errors[MAX_ERRORS_KEPT:]
 
     def _position(self, node: Any) -> tuple[int, int, str, int] | None:
         meta = getattr(node, "meta", None)
@@ -210,12 +233,19 @@ class Evaluator:
         kind = stmt.data
         if kind == "assignment":
             self.assign(stmt)
+        elif kind == "increment":
+            self.increment(stmt)
         elif kind == "foreach_statement":
             _, variable, _, source, body = stmt.children
             name = self._var_name(str(variable))
             for item in self.eval_pipeline(source):
                 self.set_variable(name, item)
-                self._execute_block(body, output, nested_errors)
+                if not self._loop_body(body, output, nested_errors):
+                    break
+        elif kind in ("for_statement", "while_statement", "do_statement"):
+            self._loop(stmt, output, nested_errors)
+        elif kind in ("break_statement", "continue_statement"):
+            raise LoopControl(kind.split("_")[0])
         elif kind == "if_statement":
             parts = [c for c in stmt.children if isinstance(c, Tree)]   # condition, block, condition, block, [block]
             while parts:
@@ -234,6 +264,52 @@ class Evaluator:
                               UserError(to_text(reason) or "ScriptHalted"), stmt, None, stops_script=True)
         else:
             output(self.eval_pipeline(stmt))
+
+    def _loop_body(self, body: Tree, output: Callable[[list[Any]], None], nested_errors: bool) -> bool:
+        """One turn of a loop's body; False when ``break`` ends the loop."""
+        try:
+            self._execute_block(body, output, nested_errors)
+        except LoopControl as control:
+            return not control.is_break
+        return True
+
+    def _loop(self, stmt: Tree, output: Callable[[list[Any]], None], nested_errors: bool) -> None:
+        """for (init; condition; step) {…}, while (condition) {…}, do {…} while/until (condition). A missing
+        condition of for is $true, as in PowerShell (for (;;) runs until break)."""
+        parts = {c.data: c for c in stmt.children if isinstance(c, Tree)}
+        body = parts["block"]
+
+        def holds() -> bool:
+            condition = parts.get("for_condition") or parts.get("pipeline")
+            if condition is None:
+                return True
+            if condition.data == "for_condition":
+                condition = condition.children[0]
+            value = truthy(unwrap(self.eval_pipeline(condition)))
+            if stmt.data == "do_statement" and str(stmt.children[2]).strip().lower() == "until":
+                return not value
+            return value
+
+        def run_part(name: str) -> None:
+            part = parts.get(name)
+            if part is not None:
+                self.execute(part.children[0], output)
+
+        run_part("for_init")
+        if stmt.data == "do_statement":
+            if not self._loop_body(body, output, nested_errors):
+                return
+        while holds():
+            if not self._loop_body(body, output, nested_errors):
+                return
+            run_part("for_step")
+
+    def increment(self, stmt: Tree) -> None:
+        """``$i++``, ``$i--``, ``++$i``, ``--$i`` (as statements: their value isn't output)."""
+        op, target = (stmt.children[1], stmt.children[0]) if isinstance(stmt.children[1], Token) \
+            else (stmt.children[0], stmt.children[1])
+        value = arithmetic(str(op)[0], self.eval(target), 1)
+        self._store(target, value)
 
     def _execute_block(self, block: Tree, output: Callable[[list[Any]], None], nested_errors: bool) -> None:
         for stmt in block.children:
@@ -289,6 +365,10 @@ class Evaluator:
             value = unwrap(self.eval_pipeline(pipeline))   # a command's output: nothing, one object, or an array
         if str(op) != "=":
             value = arithmetic(str(op)[0], self.eval(target), value)
+        self._store(target, value)
+
+    def _store(self, target: Tree, value: Any) -> None:
+        """Give ``value`` to an assignment's target: a variable, a property or an item."""
         if target.data == "variable":
             self.set_variable(self._var_name(str(target.children[0])), value)
         elif target.data == "member":
@@ -368,7 +448,7 @@ class Evaluator:
             bound = binder.bind(cmd, self.command_elements(node))
             error_action = self._preference(bound.pop("ErrorAction", None), "erroractionpreference")
             warning_action = self._preference(bound.pop("WarningAction", None), "warningpreference")
-            bound.pop("Verbose", None)
+            self.verbose_requested = bool(bound.pop("Verbose", None))
         except UserError as exc:
             raise Terminating(exc, node, cmd.name, stops_script=False) from None
         pipe = binder.pipeline_param(cmd)
@@ -408,6 +488,8 @@ class Evaluator:
 
     def _cmdlet_error(self, error: UserError, node: Any, cmdlet: str, action: str) -> None:
         if action in ("SilentlyContinue", "Ignore"):
+            if action == "SilentlyContinue":
+                self._remember_error(error, cmdlet)
             return
         if action == "Stop":
             raise Terminating(error, node, cmdlet, stops_script=True)
@@ -420,7 +502,7 @@ class Evaluator:
         ctx.shell = self
         try:
             result = cmd.handler(ctx, args)
-        except (UserError, RecursionError, Terminating):
+        except (UserError, RecursionError, Terminating, LoopControl):
             raise
         except OSError as exc:   # a file the administrator named (Out-File, Export-Csv, Export-Message …)
             name = str(exc.filename)

@@ -144,7 +144,11 @@ class Shell:
             if text.strip().lower() in ("exit", "quit"):
                 break
             if text.strip():
-                ok = self.run_text(text) and ok
+                try:
+                    ok = self.run_text(text) and ok
+                except KeyboardInterrupt:   # Ctrl-C stops what runs (a loop, -Follow), not the shell
+                    self.out.write("\n")
+                    ok = False
         return ok
 
 
