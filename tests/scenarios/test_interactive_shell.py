@@ -132,3 +132,29 @@ def test_seed_smart_host_command_typed_at_the_terminal(tmp_path):
                             capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert stored.stdout.strip() == "relayuser", stored
     assert "S3cret!" not in history
+
+
+def test_ctrl_c_stops_a_running_loop_and_the_shell_goes_on(tmp_path):
+    """An endless loop typed at the prompt is stopped with Ctrl-C (the terminal's SIGINT): the shell comes back
+    to its prompt, the variables the loop set are kept (it used to end the shell with a traceback)."""
+    import signal
+
+    home = make_home(tmp_path / "EX01", server="EX01", domain="domain.com")
+    env = {**os.environ, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    term = Terminal([PYTHON, "-m", "mailgate.cli", "--home", str(home.path), "shell"], env)
+    try:
+        term.prompt()
+        term.type("$n = 0; while ($true) { $n++; Start-Sleep -Seconds 0.05 }\r")
+        term.expect("Start-Sleep -Seconds 0.05 }")
+        time.sleep(1.0)
+        os.kill(term.proc.pid, signal.SIGINT)
+        term.prompt()
+        term.type('"loops: $n"\r')
+        counted = term.prompt()
+        assert int(re.search(r"loops: (\d+)", counted).group(1)) > 0, counted
+        term.type("exit\r")
+        term.close()
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+    assert "Traceback" not in plain(term.raw), plain(term.raw)
