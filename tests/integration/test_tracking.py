@@ -188,6 +188,8 @@ def test_test_smtp_connectivity_reports_each_binding(home, flow):
         assert "External error" in rows["Blocked"]
         details = shell(home, "Test-SmtpConnectivity | Where-Object ReceiveConnector -eq Blocked | fl Details").out
         assert "already in use" in details
+        # the fix keeps the binding's address and moves only the port
+        assert f'Set-ReceiveConnector "EX01\\Blocked" -Bindings 127.0.0.1:{taken + 1}' in " ".join(details.split())
     finally:
         held.close()
 

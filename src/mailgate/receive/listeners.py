@@ -49,7 +49,11 @@ def desired_endpoints(config: ReceiveConfig) -> dict[Endpoint, list[str]]:
 def _describe_bind_error(exc: OSError, endpoint: str, connectors: list[str], port: int) -> str:
     who = ", ".join(f'"{c}"' for c in connectors)
     example = connectors[0] if connectors else "<connector>"
-    fix = f'change the binding: Set-ReceiveConnector "{example}" -Bindings 0.0.0.0:{port + 2500 if port < 1024 else port + 1}'
+    host = endpoint.rsplit(":", 1)[0]
+    if exc.errno == errno.EADDRNOTAVAIL:   # the address is the problem: suggest every address of this host
+        host = "[::]" if host.startswith("[") else "0.0.0.0"
+    fix = (f'change the binding: Set-ReceiveConnector "{example}" -Bindings '
+           f'{host}:{port + 2500 if port < 1024 else port + 1}')
     if exc.errno == errno.EACCES:
         return (f"Receive connector {who} can't listen on {endpoint}: permission denied. Ports below 1024 need root "
                 f"or the CAP_NET_BIND_SERVICE capability; run mailgate as root, grant the capability, or {fix}")
