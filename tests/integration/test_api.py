@@ -292,6 +292,55 @@ def test_admin_center_in_a_real_browser(admin_server, browser):
     assert "Received" in view.text and "Listeners" in view.text
 
 
+def test_a_large_tracking_search_is_streamed_and_complete(admin_server):
+    """Get-MessageTrackingLog -ResultSize Unlimited over the API is sent while it is read, a page at a time (the
+    whole answer used to be built in the mail worker first: 77,000 events took 318 MB there), and is the same
+    answer: every event once, oldest first, the default size's warning kept."""
+    import datetime as dt
+
+    from mailgate.config.store import ConfigStore
+
+    base = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+    store = ConfigStore(admin_server.home.store_url)
+    try:
+        store.insert_tracking([{"timestamp": base + dt.timedelta(milliseconds=i // 3), "server": "EX01",
+                                "event_id": "RECEIVE", "source": "SMTP", "internal_message_id": i,
+                                "message_subject": f"bulk {i}", "recipients": [f"r{i}@b.example"]}
+                               for i in range(1300)])
+    finally:
+        store.dispose()
+    with httpx.stream("POST", f"{admin_server.url}/api/cmdlets/Get-MessageTrackingLog", timeout=60,
+                      json={"ResultSize": "Unlimited", "MessageSubject": "bulk"},
+                      headers={"Authorization": f"Bearer {admin_server.home.admin_token}"}) as r:
+        assert r.status_code == 200 and "content-length" not in r.headers   # sent as it is read
+        import json
+
+        answer = json.loads(r.read())
+    assert [e["InternalMessageId"] for e in answer["output"]] == list(range(1300))
+    assert answer["warnings"] == [] and answer["errors"] == []
+    default = call(admin_server, "Get-MessageTrackingLog", MessageSubject="bulk").json()
+    assert [e["InternalMessageId"] for e in default["output"]] == list(range(1000))
+    assert default["warnings"] and "first 1000" in default["warnings"][0]
+    few = call(admin_server, "Get-MessageTrackingLog", MessageSubject="bulk", ResultSize=3)
+    assert "content-length" in few.headers and [e["InternalMessageId"] for e in few.json()["output"]] == [0, 1, 2]
+
+
+def test_a_receive_connector_cannot_take_the_admin_centers_address(home):
+    """Whichever bound first would have had it: a connector on the admin port left the admin center unreachable
+    after a restart (the API said "Address already in use")."""
+    listen = home.admin_listen
+    port = int(listen.rsplit(":", 1)[1])
+    for binding in (listen, f"0.0.0.0:{port}"):
+        r = shell(home, f"New-ReceiveConnector Grab -Usage Custom -Bindings {binding} -RemoteIPRanges 10.0.0.9",
+                  runtime=None)
+        assert not r.ok and "REST API and admin center" in r.err and "Grab" not in shell(
+            home, "Get-ReceiveConnector | ft Name", runtime=None).out
+    assert shell(home, f"New-ReceiveConnector Grab -Usage Custom -Bindings 127.0.0.2:{port} -RemoteIPRanges 10.0.0.9",
+                 runtime=None).ok   # another address, the same port: no clash
+    r = shell(home, f"Set-ReceiveConnector Grab -Bindings 0.0.0.0:{port}", runtime=None)
+    assert not r.ok and "REST API and admin center" in r.err
+
+
 def test_a_busy_admin_port_is_a_clear_error_and_mail_still_flows(home):
     import socket
 

@@ -110,6 +110,28 @@ def test_tracking_insert_and_every_filter(store):
     assert removed == 3 and len(q()) == 3
 
 
+def test_tracking_is_read_a_page_at_a_time_and_each_event_once_in_order(store):
+    """Get-MessageTrackingLog reads the log a page at a time, each page continuing after the last (timestamp, id)
+    read: events that share a timestamp across a page's end are neither lost nor read twice, and -ResultSize
+    stops the reading."""
+    base = dt.datetime(2026, 12, 5, 12, 0, tzinfo=dt.timezone.utc)
+    # 23 events in 5 distinct times, inserted out of time order, so that id order and time order differ
+    rows = [{"timestamp": base + dt.timedelta(seconds=(i * 7) % 5), "server": "EX01", "event_id": "RECEIVE",
+             "source": "SMTP", "internal_message_id": i, "recipients": ["r@b.example"]} for i in range(23)]
+    store.insert_tracking(rows)
+    everything = store.query_tracking(limit=None)
+    assert len(everything) == 23
+    order = [(r["timestamp"], r["id"]) for r in everything]
+    assert order == sorted(order)
+    for page in (1, 4, 5, 22, 23, 100):
+        paged = [r["id"] for r in store.iter_tracking(limit=None, page=page)]
+        assert paged == [r["id"] for r in everything], page
+        assert [r["id"] for r in store.iter_tracking(limit=9, page=page)] == paged[:9], page
+    assert [r["id"] for r in store.iter_tracking(limit=None, page=4, recipients=["R@b.example"],
+                                                 start=base + dt.timedelta(seconds=2))] == \
+        [r["id"] for r in everything if r["timestamp"] >= base + dt.timedelta(seconds=2)]
+
+
 def test_an_organisation_on_postgresql_is_managed_from_the_shell(tmp_path, postgres_url):
     result = cli(tmp_path / "h", "init", "--server", "EX01", "--domain", "domain.com", "--store", postgres_url)
     assert result.returncode == 0, result.stderr

@@ -470,6 +470,7 @@ def test_a_file_that_cant_be_written_and_a_date_that_isnt_one_are_clear_errors_n
     ("[int]1e400", 'Cannot convert value "inf" to type "int"'),
     ('[int]"1e400"', 'Cannot convert value "1e400" to type "int"'),
     ('[long]"nan"', 'Cannot convert value "nan" to type "long"'),
+    ("1e400 .. 1e400", 'Cannot convert "inf" to an integer for the range operator'),
 ])
 def test_numbers_too_large_for_their_use_are_errors_and_the_session_goes_on(text, expected):
     ok, out, err = run(text + '\n"still here"')

@@ -12,6 +12,9 @@ import asyncio
 import contextlib
 import hmac
 import inspect
+import itertools
+import json
+import logging
 import socket
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -20,7 +23,7 @@ import sqlalchemy as sa
 import uvicorn
 from fastapi import Body, Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ConfigDict, create_model
 
@@ -33,6 +36,7 @@ from mailgate.manage.cmdlets import SHELL_COMMON_NAMES, Cmdlet, registry
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.present import to_json
 
+log = logging.getLogger("mailgate.api")
 STATIC = Path(__file__).with_name("static")
 # What another server of the organisation may ask of this one (the queue cmdlets' -Server and Server\ identities).
 REMOTE_RUNTIME_OPS = frozenset({"queues", "messages", "queue_action", "message_action", "export", "status"})
@@ -147,7 +151,51 @@ def _invoke(service: Any, runtime: InProcessRuntime, cmd: Cmdlet, params: dict[s
     args = convert(cmd, bind(cmd, elements))
     ctx.whatif = bool(args.get("WhatIf"))
     result = cmd.handler(ctx, args) or []
+    if isinstance(result, Iterator):
+        # Output read as it is used (Get-MessageTrackingLog): the first page is read before the answer starts, so
+        # that an error there still gets its status code; a longer output is sent as it is read.
+        first = list(itertools.islice(result, STREAMED_PAGE))
+        if len(first) == STREAMED_PAGE:
+            return StreamedOutput(ctx, first, result)
+        result = first
     return {"output": to_json(list(result)), "warnings": ctx.warnings, "messages": ctx.messages, "errors": ctx.errors}
+
+
+STREAMED_PAGE = 500
+
+
+class StreamedOutput:
+    """A cmdlet's answer sent while its output is read: ``{"output": [...], "warnings": ..., "errors": ...}`` as
+    for any cmdlet, with a few hundred records in memory at a time. An error after the answer has begun can't
+    change its status: the output ends there and the error is in ``errors``."""
+
+    def __init__(self, ctx: ManagementContext, first: list[Any], rest: Iterator[Any]) -> None:
+        self.ctx, self.first, self.rest = ctx, first, rest
+
+    def chunks(self) -> Iterator[bytes]:
+        yield b'{"output":['
+        page, separator = self.first, b""
+        while page:
+            yield separator + b",".join(_json_bytes(to_json(item)) for item in page)
+            separator = b","
+            try:
+                page = list(itertools.islice(self.rest, STREAMED_PAGE))
+            except Exception as exc:   # noqa: BLE001 - the status is sent already: the error goes in "errors"
+                if isinstance(exc, UserError):
+                    reason = exc.message
+                elif is_unreachable(exc):
+                    reason = f"the organisation's store can't be reached ({unreachable_reason(exc)})"
+                else:
+                    log.error("reading a streamed answer failed", exc_info=True)
+                    reason = f"an internal error ({type(exc).__name__}: {exc}); this is a bug in mailgate"
+                self.ctx.errors.append(f"The output was cut short by {reason}.")
+                page = []
+        ctx = self.ctx
+        yield b"]," + _json_bytes({"warnings": ctx.warnings, "messages": ctx.messages, "errors": ctx.errors})[1:]
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def build_app(service: Any, loop: asyncio.AbstractEventLoop) -> FastAPI:
@@ -257,7 +305,10 @@ def _add_cmdlet_route(app: FastAPI, service: Any, runtime: InProcessRuntime, cmd
 
     async def endpoint(params: Any = None) -> Any:
         values = params.model_dump(exclude_none=True) if params is not None else {}
-        return await run_in_threadpool(_invoke, service, runtime, cmd, values)
+        answer = await run_in_threadpool(_invoke, service, runtime, cmd, values)
+        if isinstance(answer, StreamedOutput):
+            return StreamingResponse(answer.chunks(), media_type="application/json")
+        return answer
 
     # The body model is made at run time, so FastAPI is given it through the signature.
     endpoint.__signature__ = inspect.Signature([inspect.Parameter(  # type: ignore[attr-defined]

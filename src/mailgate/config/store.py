@@ -256,16 +256,24 @@ class ConfigStore:
                 conn.exec_driver_sql(f"INSERT INTO message_tracking_recipient (tracking_id, address) "
                                      f"VALUES ({mark}, {mark})", recipient_rows)
 
-    def query_tracking(self, *, start: dt.datetime | None = None, end: dt.datetime | None = None,
-                       sender: str | None = None, recipients: list[str] | None = None,
-                       message_id: str | None = None, internal_message_id: int | None = None,
-                       network_message_id: str | None = None, subject: str | None = None,
-                       event_id: str | None = None, source: str | None = None, server: str | None = None,
-                       reference: str | None = None, limit: int | None = 1000,
-                       after_id: int | None = None, convert: Callable[[dict[str, Any]], Converted] | None = None
-                       ) -> list[Converted] | list[dict[str, Any]]:
-        """Tracking events oldest first, each a dict of the row's columns, or what ``convert`` makes of that dict
-        (the dict is then let go at once: a large result is held only in its converted form)."""
+    def query_tracking(self, *, limit: int | None = 1000, convert: Callable[[dict[str, Any]], Converted] | None = None,
+                       **filters: Any) -> list[Converted] | list[dict[str, Any]]:
+        """Tracking events oldest first (filters as ``iter_tracking``), each a dict of the row's columns, or what
+        ``convert`` makes of that dict (the dict is then let go at once: a large result is held only in its
+        converted form)."""
+        return list(self.iter_tracking(limit=limit, convert=convert, **filters))
+
+    def iter_tracking(self, *, start: dt.datetime | None = None, end: dt.datetime | None = None,
+                      sender: str | None = None, recipients: list[str] | None = None,
+                      message_id: str | None = None, internal_message_id: int | None = None,
+                      network_message_id: str | None = None, subject: str | None = None,
+                      event_id: str | None = None, source: str | None = None, server: str | None = None,
+                      reference: str | None = None, limit: int | None = 1000,
+                      after_id: int | None = None, convert: Callable[[dict[str, Any]], Converted] | None = None,
+                      page: int = 1000) -> Iterator[Any]:
+        """The events, oldest first, read a page at a time (each page its own short read, continuing after the
+        last (timestamp, id) seen), so that an unlimited search holds one page, not the whole log, and keeps no
+        read transaction open while its caller works."""
         t = message_tracking
         q = sa.select(t)
         if start is not None:
@@ -297,20 +305,21 @@ class ConfigStore:
         if after_id is not None:
             q = q.where(t.c.id > after_id)
         q = q.order_by(t.c.timestamp, t.c.id)
-        if limit is not None:
-            q = q.limit(limit)
-        out = []
-        with self._connect(write=False) as conn:
-            for row in conn.execute(q).mappings():   # one row at a time: a large result isn't held twice
-                item = dict(row)
-                for column in _TRACKING_REPEATED_COLUMNS:   # one copy of each repeated text, not one per event
-                    if type(item[column]) is str:
-                        item[column] = sys.intern(item[column])
-                item["recipients"] = [a for a in (item.get("recipients") or "").split(";") if a]
-                item["recipient_status"] = split_recipient_status(item.get("recipient_status") or "")
-                item["timestamp"] = item["timestamp"].replace(tzinfo=dt.timezone.utc)
-                out.append(item if convert is None else convert(item))
-        return out
+        left = limit
+        last: tuple[dt.datetime, int] | None = None
+        while left is None or left > 0:
+            size = page if left is None else min(page, left)
+            paged = q if last is None else q.where(sa.or_(
+                t.c.timestamp > last[0], sa.and_(t.c.timestamp == last[0], t.c.id > last[1])))
+            with self._connect(write=False) as conn:
+                rows = [dict(row) for row in conn.execute(paged.limit(size)).mappings()]
+            for item in rows:
+                last = (item["timestamp"], item["id"])
+                yield _tracking_item(item) if convert is None else convert(_tracking_item(item))
+            if left is not None:
+                left -= len(rows)
+            if len(rows) < size:
+                return
 
     def last_tracking_id(self) -> int:
         with self._connect(write=False) as conn:
@@ -389,6 +398,17 @@ def _naive_utc(value: dt.datetime) -> dt.datetime:
 _TRACKING_COLUMNS = [k for k in TRACKING_FIELDS if k in message_tracking.c]
 _TRACKING_INSERT_COLUMNS = [c.name for c in message_tracking.columns if c.name != "id"]
 # Columns whose few values repeat from event to event (a query's result keeps one copy of each).
+def _tracking_item(item: dict[str, Any]) -> dict[str, Any]:
+    """A tracking row as the cmdlets use it: repeated texts shared, recipient lists split, the time in UTC."""
+    for column in _TRACKING_REPEATED_COLUMNS:   # one copy of each repeated text, not one per event
+        if type(item[column]) is str:
+            item[column] = sys.intern(item[column])
+    item["recipients"] = [a for a in (item.get("recipients") or "").split(";") if a]
+    item["recipient_status"] = split_recipient_status(item.get("recipient_status") or "")
+    item["timestamp"] = item["timestamp"].replace(tzinfo=dt.timezone.utc)
+    return item
+
+
 _TRACKING_REPEATED_COLUMNS = ("server", "event_id", "source", "sender", "return_path", "client_ip", "client_hostname",
                               "server_ip", "server_hostname", "connector_id", "directionality", "tenant_id",
                               "original_client_ip", "original_server_ip", "transport_traffic_type")

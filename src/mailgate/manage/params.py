@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
@@ -137,10 +137,25 @@ def first_results(ctx: Any, items: list[Any], args: dict[str, Any]) -> list[Any]
     limit = result_size(args)
     if limit is None or len(items) <= limit:
         return items
+    _warn_results_left_out(ctx, args)
+    return items[:limit]
+
+
+def stream_first_results(ctx: Any, items: Iterator[Any], args: dict[str, Any]) -> Iterator[Any]:
+    """``first_results`` for items read as they are needed (the caller asks for one more than the result size,
+    so that the warning can be given)."""
+    limit = result_size(args)
+    for count, item in enumerate(items):
+        if limit is not None and count == limit:
+            _warn_results_left_out(ctx, args)
+            return
+        yield item
+
+
+def _warn_results_left_out(ctx: Any, args: dict[str, Any]) -> None:
     if "ResultSize" not in args:
         ctx.warn(f"Only the first {DEFAULT_RESULT_SIZE} items are shown. -ResultSize N returns up to N, "
                  "-ResultSize Unlimited returns them all.")
-    return items[:limit]
 
 
 def to_result_size(value: Any) -> int | None:

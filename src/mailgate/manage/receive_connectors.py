@@ -93,6 +93,26 @@ def check_binding_conflicts(tx: ConfigTransaction, connector: ReceiveConnector) 
                                 f"with {r2}). Change at least one of these values.", parameter="RemoteIPRanges")
 
 
+def check_admin_listener(ctx: ManagementContext, connector: ReceiveConnector) -> None:
+    """A connector of this server may not take the address of its REST API and admin center ([admin] listen in
+    mailgate.toml): whichever bound first would have it, and after a restart the administrator could lose the
+    admin center to a connector (or the connector to it)."""
+    listen = getattr(ctx.home, "admin_listen", "off") or "off"
+    if listen == "off" or connector.server.lower() != ctx.server_name.lower():
+        return
+    host, _, port = listen.rpartition(":")
+    try:
+        admin = IPBinding.parse(f"[{host.strip('[]')}]:{port}" if ":" in host.strip("[]") else listen)
+    except ValueError:   # not an IP:port (the API refuses to start with it and says so)
+        return
+    for binding in connector.bindings:
+        if binding.collides_with(admin):
+            raise ConflictError(f"The binding {binding} of Receive connector \"{connector.identity}\" takes the address "
+                                f"of this server's REST API and admin center ({listen}, [admin] listen in "
+                                "mailgate.toml). Choose another port, or move the admin center first.",
+                                parameter="Bindings")
+
+
 def _check_unique_name(tx: ConfigTransaction, connector: ReceiveConnector) -> None:
     for other in tx.list(ReceiveConnector, connector.server):
         if other.guid != connector.guid and other.name.lower() == connector.name.lower():
@@ -187,6 +207,7 @@ def new_receive_connector(ctx: ManagementContext, args: dict[str, Any]) -> list[
         connector = apply_changes(base, changes)
         _check_unique_name(tx, connector)
         check_binding_conflicts(tx, connector)
+        check_admin_listener(ctx, connector)
         if AuthMechanism.BasicAuth in connector.auth_mechanism and AuthMechanism.BasicAuthRequireTLS not in connector.auth_mechanism:
             ctx.warn(f'Receive connector "{connector.identity}" offers BasicAuth without requiring TLS: passwords '
                      "can cross the network in clear text. Add BasicAuthRequireTLS to AuthMechanism.")
@@ -219,6 +240,7 @@ def set_receive_connector(ctx: ManagementContext, args: dict[str, Any]) -> list[
         connector = apply_changes(current, changes)
         _check_unique_name(tx, connector)
         check_binding_conflicts(tx, connector)
+        check_admin_listener(ctx, connector)
         if not ctx.should_process(f'Setting Receive connector "{current.identity}".'):
             return []
         tx.put(connector)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from mailgate.errors import InvalidValueError
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
-from mailgate.manage.params import (as_list, first_results, result_size, to_datetime, to_int, to_int64,
-                                    to_result_size, to_str)
+from mailgate.manage.params import (as_list, first_results, result_size, stream_first_results, to_datetime, to_int,
+                                    to_int64, to_result_size, to_str)
 from mailgate.manage.present import Record
 
 _ORDER = [
@@ -59,8 +59,14 @@ def _id_and_record(row: dict[str, Any]) -> tuple[int, Record]:
 def query(ctx: ManagementContext, args: dict[str, Any], *, after_id: int | None = None,
           limit: int | None = 1000) -> list[tuple[int, Record]]:
     """The events ``args`` select, each as its id and its record."""
+    return list(_events(ctx, args, after_id=after_id, limit=limit))
+
+
+def _events(ctx: ManagementContext, args: dict[str, Any], *, after_id: int | None = None,
+            limit: int | None = 1000) -> Iterator[tuple[int, Record]]:
+    """The events ``args`` select, read from the store a page at a time as they are asked for."""
     server = args.get("Server") or ctx.server_name
-    return ctx.store.query_tracking(start=args.get("Start"), end=args.get("End"), sender=args.get("Sender"),
+    return ctx.store.iter_tracking(start=args.get("Start"), end=args.get("End"), sender=args.get("Sender"),
                                     recipients=args.get("Recipients"), message_id=args.get("MessageId"),
                                     internal_message_id=args.get("InternalMessageId"),
                                     network_message_id=args.get("NetworkMessageId"), subject=args.get("MessageSubject"),
@@ -75,16 +81,19 @@ def query(ctx: ManagementContext, args: dict[str, Any], *, after_id: int | None 
                   "Get-MessageTrackingLog -Start (Get-Date).AddMinutes(-5) | ft",
                   'Get-MessageTrackingLog -EventId FAIL -ResultSize Unlimited | fl',
                   "Get-MessageTrackingLog -Follow"])
-def get_message_tracking_log(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
-    """Events of messages on this server (or -Server), oldest first; filters combine with AND, -Recipients with OR."""
+def get_message_tracking_log(ctx: ManagementContext, args: dict[str, Any]) -> Iterator[Any] | list[Any]:
+    """Events of messages on this server (or -Server), oldest first; filters combine with AND, -Recipients with OR.
+    The events are read as they are used (a REST client receives them as they are read): -ResultSize Unlimited
+    over a large log holds one page of it, not all of it."""
     if args.get("Follow") and ctx.shell is None:   # nothing to stream to: the request would never end
         raise InvalidValueError("-Follow streams events to the management shell; over the REST API, ask again "
                                 "with -Start set to the time of the last event you have.", parameter="Follow")
     limit = result_size(args)
+    if not args.get("Follow"):
+        events = _events(ctx, args, limit=None if limit is None else limit + 1)
+        return (record for _, record in stream_first_results(ctx, events, args))
     events = first_results(ctx, query(ctx, args, limit=None if limit is None else limit + 1), args)
     records = [record for _, record in events]
-    if not args.get("Follow"):
-        return records
     shell = ctx.shell
     if shell is not None:
         shell.emit(records)

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from lark import Token, Tree
 
@@ -502,6 +502,8 @@ class Evaluator:
         ctx.shell = self
         try:
             result = cmd.handler(ctx, args)
+            if isinstance(result, Iterator):   # read as it is used (Get-MessageTrackingLog): read it all here,
+                result = list(result)          # where its errors are handled and before its warnings are shown
         except (UserError, RecursionError, Terminating, LoopControl):
             raise
         except OSError as exc:   # a file the administrator named (Out-File, Export-Csv, Export-Message …)
@@ -639,7 +641,7 @@ class Evaluator:
         for value in (self.eval(node.children[0]), self.eval(node.children[2])):
             try:
                 ends.append(int(round(float(parse_number(value) if isinstance(value, str) else value))))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):   # OverflowError: 1e400 is infinity
                 raise ShellError(f'Cannot convert "{to_text(value)}" to an integer for the range operator.') from None
         first, last = ends
         if abs(last - first) >= MAX_RANGE:
