@@ -185,9 +185,14 @@ class Supervisor:
                 raise UserError("no worker process answered")
             return any(good)
         if op == "export":
-            for result in await self._all(op, args):
+            results = await self._all(op, args)
+            for result in results:
                 if not isinstance(result, BaseException):
                     return result
+            # The worker that holds the message says why it can't be exported (not suspended, say).
+            for result in results:
+                if isinstance(result, UserError) and not isinstance(result, NotFoundError):
+                    raise result
             raise NotFoundError(f"The message '{args.get('identity')}' couldn't be found.")
         if op == "submit":
             return await call_socket(self.home.worker_socket(0), op, args)

@@ -269,6 +269,36 @@ def test_queue_cmdlets_suspend_resume_remove_export(home, org, dns_server, peer_
         peer.stop()
 
 
+def test_two_connectors_to_one_smart_host_each_keep_their_own_messages_manageable(home, org, peer_port, tmp_path):
+    """Two send connectors to the same smart host address (here on two ports) have two queues of the same name,
+    EX01\\[127.0.0.20]. A message of the second was resolved to the first queue by that name: Suspend-Message
+    changed nothing, and Export-Message then hid the worker's reason behind "couldn't be found"."""
+    peer = SmtpPeer("127.0.0.20", peer_port)
+    dead_port = free_port("127.0.0.20")
+    try:
+        r = shell(home, f"New-SendConnector Live -AddressSpaces live.example -SmartHosts [127.0.0.20] -Port {peer_port}\n"
+                        f"New-SendConnector Dead -AddressSpaces dead.example -SmartHosts [127.0.0.20] -Port {dead_port}")
+        assert r.ok, r.err
+        synced(home)
+        for _ in range(8):   # each on its own connection: every worker process gets some and opens Live's queue
+            submit(org, "sender@domain.com", ["a@live.example"], b"Subject: live\r\n\r\nx\r\n")
+        wait_for(lambda: len(peer.received) == 8)
+        submit(org, "sender@domain.com", ["a@dead.example"], b"Subject: stuck\r\n\r\nx\r\n")
+        stuck = wait_for(lambda: [line.split()[0] for line in shell(home, "Get-Message | ft Identity,Subject").out
+                                  .splitlines() if "stuck" in line])[0]
+        assert stuck.startswith("EX01\\[127.0.0.20]\\")
+        exported = shell(home, f'Export-Message "{stuck}" -Path "{tmp_path / "stuck.eml"}"')
+        assert not exported.ok and "must be suspended" in exported.err, exported.err
+        assert shell(home, f'Suspend-Message "{stuck}"').ok
+        assert "Suspended" in shell(home, f'Get-Message "{stuck}" | fl Status').out
+        assert shell(home, f'Export-Message "{stuck}" -Path "{tmp_path / "stuck.eml"}"').ok
+        assert b"Subject: stuck" in (tmp_path / "stuck.eml").read_bytes()
+        assert shell(home, f'Remove-Message "{stuck}" -WithNDR $false').ok
+        wait_for(lambda: "stuck" not in shell(home, "Get-Message | ft Subject").out, message="the removed message")
+    finally:
+        peer.stop()
+
+
 def test_no_connector_means_unreachable_until_one_is_created(home, org, dns_server, peer_port):
     shell(home, "Set-SendConnector Outbound -AddressSpaces only.example")
     synced(home)

@@ -215,15 +215,28 @@ class QueueAdmin:
             queue_part = parts[-2] if len(parts) >= 2 else "*"
             if len(parts) == 3 and parts[0].lower() not in (self.server.lower(), "*"):
                 raise NotFoundError(f"The message '{ident}' is on server {parts[0]}; this server is {self.server}.")
-            matches = [r for r in self.messages(None, message_id=message_id)
-                       if (queue_part == "*" or r["Queue"].split("\\")[-1].lower() == queue_part.lower())]
+            holding = self._queues_holding(message_id)
+            matches = [q for q in holding if queue_part == "*" or self._name(q).lower() == queue_part.lower()]
             if not matches:
                 raise NotFoundError(f"The message '{ident}' couldn't be found in the queues of {self.server}.",
                                     target=ident)
-            for rec in matches:
-                q = self.resolve_queues([rec["Queue"]])[0]
-                out.append((q, message_id))
+            out += [(q, message_id) for q in matches]
         return out
+
+    def _queues_holding(self, message_id: int) -> list[DeliveryQueue]:
+        """The queues that hold recipients of the message waiting (Poison: the message itself). By queue, not by
+        its name: two send connectors to one smart host have two queues of the same name."""
+        if not 0 < message_id <= MAX_MESSAGE_ID:
+            return []
+        db = self.manager.store.reader()
+        poison = db.execute("SELECT poison FROM message WHERE id=?", (message_id,)).fetchone()
+        if poison is None:
+            return []
+        if poison[0]:
+            return [self.manager.queue(POISON)]
+        keys = [r[0] for r in db.execute("SELECT DISTINCT queue FROM recipient WHERE message=? AND status IN "
+                                         "('Ready','Retry') ORDER BY queue", (message_id,))]
+        return [self.manager.queue(key) for key in keys]
 
     def message_action(self, action: str, identities: list[str], with_ndr: bool = True) -> int:
         targets = self.resolve_messages(identities)
