@@ -287,6 +287,10 @@ def test_two_connectors_to_one_smart_host_each_keep_their_own_messages_manageabl
         stuck = wait_for(lambda: [line.split()[0] for line in shell(home, "Get-Message | ft Identity,Subject").out
                                   .splitlines() if "stuck" in line])[0]
         assert stuck.startswith("EX01\\[127.0.0.20]\\")
+        # The queues are told apart by NextHopConnector, the connector's GUID as in Exchange
+        dead_guid = shell(home, "(Get-SendConnector Dead).Guid").out.strip()
+        rows = shell(home, "Get-Queue | ft NextHopConnector,MessageCount -HideTableHeaders").out
+        assert [line.split() for line in rows.splitlines() if dead_guid in line] == [[dead_guid, "1"]], rows
         exported = shell(home, f'Export-Message "{stuck}" -Path "{tmp_path / "stuck.eml"}"')
         assert not exported.ok and "must be suspended" in exported.err, exported.err
         assert shell(home, f'Suspend-Message "{stuck}"').ok

@@ -42,6 +42,15 @@ class QueueAdmin:
     def _name(self, q: DeliveryQueue) -> str:
         return {SUBMISSION: "Submission", UNREACHABLE: "Unreachable", POISON: "Poison"}.get(q.key, q.next_hop)
 
+    def _connector_guid(self, q: DeliveryQueue) -> str:
+        """NextHopConnector as Exchange shows it: the send connector's GUID (the queue knows its connector by
+        name; a connector removed since is shown by that name), zeros for the queues of no connector."""
+        if not q.connector:
+            return ZEROS
+        routing = self.manager.settings.routing if self.manager.settings else None
+        connector = routing.connector(q.connector) if routing else None
+        return str(connector.guid) if connector is not None else q.connector
+
     def identity(self, q: DeliveryQueue) -> str:
         return f"{self.server}\\{self._name(q)}"
 
@@ -59,7 +68,7 @@ class QueueAdmin:
             q.key, q.next_hop)
         return Record("Queue", {
             "DeliveryType": q.delivery_type, "NextHopDomain": next_hop_domain, "TlsDomain": q.tls_domain,
-            "NextHopConnector": q.connector or ZEROS, "Status": status, "MessageCount": count,
+            "NextHopConnector": self._connector_guid(q), "Status": status, "MessageCount": count,
             "LastError": last_error, "RetryCount": q.retry_count, "LastRetryTime": _dt(q.last_retry),
             "NextRetryTime": _dt(q.next_retry), "FirstRetryTime": _dt(q.first_retry), "DeferredMessageCount": 0,
             "LockedMessageCount": 0, "MessageCountsPerPriority": [0, count, 0, 0],
