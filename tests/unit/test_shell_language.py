@@ -569,3 +569,12 @@ def test_write_warning_verbose_error_and_the_error_variable():
     assert out.splitlines() == ["WARNING: careful", "VERBOSE: loud", "VERBOSE: asked", "count=1",
                                 "count=2 newest=second oldest=first", "caught stopped"]
     assert err.count("Write-Error : first") == 1 and "second" not in err and "WriteErrorException" in err
+
+
+def test_one_object_indexed_as_an_array_of_one():
+    """``(Get-ExchangeCertificate)[0].Thumbprint`` with one certificate: one object indexed with [0] or [-1] is
+    that object, as in PowerShell (it was $null, and Remove-ExchangeCertificate -Thumbprint $t then failed)."""
+    ok, out, err = run('(Test-Binding "only one")[0].Identity\n(Test-Binding "only one")[-1].Identity\n'
+                       '$n = 5; "$($n[0]) $($n[-1]) [$($n[1])]"\n(1, 2)[1]\n"abc"[1]')
+    assert ok, err
+    assert out.splitlines() == ["only one", "only one", "5 5 []", "2", "b"]

@@ -677,6 +677,10 @@ class Evaluator:
                 return None
         if isinstance(target, dict):
             return target.get(index)
+        if target is not None and isinstance(index, int) and not isinstance(index, bool):
+            # one object is indexed as an array of one, as in PowerShell: (Get-ExchangeCertificate)[0] is the
+            # certificate whether there is one or several
+            return target if index in (0, -1) else None
         return get_property(target, to_text(index))
 
     # -- double-quoted strings -------------------------------------------------------------
