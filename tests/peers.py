@@ -155,6 +155,34 @@ class SmtpPeer:
         self.controller.stop()
 
 
+class LmtpPeer:
+    """An LMTP server (aiosmtpd's LMTP) that answers the end of DATA once per recipient, as RFC 2033 asks
+    (aiosmtpd itself sends one line: ``data_reply(recipient)`` gives each, joined into one push)."""
+
+    def __init__(self, host: str, port: int, data_reply: Callable[[str], str] | None = None) -> None:
+        from aiosmtpd.lmtp import LMTP
+
+        self.received: list[Received] = []
+        self.data_reply = data_reply or (lambda rcpt: "250 2.0.0 OK delivered")
+        peer = self
+
+        class Handler:
+            async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+                peer.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                              envelope.original_content or envelope.content, False, None))
+                return "\r\n".join(peer.data_reply(rcpt) for rcpt in envelope.rcpt_tos)
+
+        class LmtpController(Controller):
+            def factory(self) -> Any:
+                return LMTP(self.handler)
+
+        self.controller = LmtpController(Handler(), hostname=host, port=port, ready_timeout=10)
+        self.controller.start()
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+
 class _ListeningPeer:
     """A TCP server that keeps every connection it accepts and hands each to ``_serve`` on its own thread."""
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import trustme
 from helpers import Server, free_port, maildir_messages, shell, synced, tracking_events, wait_for
-from peers import DnsServer, PipeliningPeer, SmtpPeer
+from peers import DnsServer, LmtpPeer, PipeliningPeer, SmtpPeer
 
 RELAY_SOURCE = "127.0.0.2"
 
@@ -299,6 +299,38 @@ def test_two_connectors_to_one_smart_host_each_keep_their_own_messages_manageabl
         assert b"Subject: stuck" in (tmp_path / "stuck.eml").read_bytes()
         assert shell(home, f'Remove-Message "{stuck}" -WithNDR $false').ok
         wait_for(lambda: "stuck" not in shell(home, "Get-Message | ft Subject").out, message="the removed message")
+    finally:
+        peer.stop()
+
+
+def test_mailboxes_of_a_domain_with_an_lmtp_target_are_delivered_by_lmtp_one_reply_per_recipient(home, org):
+    """Set-AcceptedDomain -LmtpTarget: its mailboxes' mail goes to an external store by LMTP (SPEC C5). Each
+    recipient has its own reply to the end of DATA: one delivered, one deferred and delivered alone later (never
+    twice to the first); the organisation headers go along (the store is the organisation's own)."""
+    port = free_port("127.0.0.20")
+    full = {"bob@domain.com": True}
+    peer = LmtpPeer("127.0.0.20", port, lambda rcpt: "452 4.2.2 Mailbox full" if full.get(rcpt)
+                    else "250 2.0.0 OK delivered")
+    try:
+        r = shell(home, "New-Mailbox -Name Alice -PrimarySmtpAddress alice@domain.com\n"
+                        "New-Mailbox -Name Bob -PrimarySmtpAddress bob@domain.com\n"
+                        f'Set-AcceptedDomain domain.com -LmtpTarget "127.0.0.20:{port}"')
+        assert r.ok, r.err
+        for bad in ("store host:24", "127.0.0.20:99999", "[not-an-ip]:24"):
+            refused = shell(home, f'Set-AcceptedDomain domain.com -LmtpTarget "{bad}"')
+            assert not refused.ok and "LMTP target" in refused.err, bad
+        synced(home)
+        submit(org, "someone@example.org", ["alice@domain.com", "bob@domain.com"], b"Subject: lmtp\r\n\r\nhi\r\n")
+        wait_for(lambda: peer.received, message="the LMTP delivery")
+        first = peer.received[0]
+        assert sorted(first.rcpt_tos) == ["alice@domain.com", "bob@domain.com"]
+        assert b"X-MS-Exchange-Organization-AuthSource" in first.data
+        assert tracking_events(home, '-MessageSubject lmtp -EventId DEFER', until=["DEFER"]) == ["DEFER"]
+        full["bob@domain.com"] = False
+        assert shell(home, f"Retry-Queue EX01\\127.0.0.20:{port}").ok
+        wait_for(lambda: len(peer.received) == 2, message="the deferred recipient's second attempt")
+        assert peer.received[1].rcpt_tos == ["bob@domain.com"]
+        assert not maildir_messages(home, "alice@domain.com")   # the store has the mail, not the Maildir
     finally:
         peer.stop()
 

@@ -46,6 +46,7 @@ from mailgate.config.values import (
     UnlimitedInt,
     UnlimitedIntField,
     is_domain,
+    parse_lmtp_target,
 )
 
 
@@ -361,6 +362,11 @@ class AcceptedDomain(ConfigObject):
 
     def check(self) -> None:
         check_name(self.name)
+        if self.lmtp_target:
+            try:
+                parse_lmtp_target(self.lmtp_target)
+            except ValueError as exc:
+                raise RuleViolation("LmtpTarget", str(exc)) from None
 
     def matches(self, domain: str) -> bool:
         domain = domain.lower()

@@ -361,6 +361,27 @@ def is_domain(text: str) -> bool:
     return bool(_DOMAIN_RE.match(ascii_text))
 
 
+LMTP_PORT = 24   # RFC 2033 suggests no port; 24 is the one set aside for private mail systems, as Postfix uses
+
+
+def parse_lmtp_target(text: str) -> tuple[str, int]:
+    """An accepted domain's LmtpTarget: ``host``, ``host:port``, ``[IPv6]`` or ``[IPv6]:port`` (port 24 when
+    none is given), where host is a host name or an IP address."""
+    value = text.strip()
+    m = re.match(r"^\[([^\]]+)\](?::(\d+))?$", value) or re.match(r"^([^:\[\]]+)(?::(\d+))?$", value)
+    if not m:
+        raise ValueError(f'"{text}" is not an LMTP target: use host, host:port or [IPv6]:port, e.g. mailstore.contoso.com:24')
+    host, port = m.group(1), int(m.group(2)) if m.group(2) else LMTP_PORT
+    try:
+        parse_ip(host)
+    except ValueError:
+        if value.startswith("[") or not is_domain(host):
+            raise ValueError(f'"{text}" is not an LMTP target: "{host}" is neither a host name nor an IP address') from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f'"{text}" is not an LMTP target: the port must be between 1 and 65535')
+    return host, port
+
+
 def normalise_domain(text: str) -> str:
     return text.strip().rstrip(".").lower()
 

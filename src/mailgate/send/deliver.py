@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mailgate.config.model import SendConnector
-from mailgate.config.values import ErrorPolicies, SmartHostAuthMechanism
+from mailgate.config.values import ErrorPolicies, SmartHostAuthMechanism, parse_lmtp_target
 from mailgate.queue.store import StoredBody
 from mailgate.receive.headers import without_organisation_headers
 from mailgate.routing import dns as D
@@ -112,7 +112,10 @@ class Delivery:
         if q.delivery_type == "SmartHostConnectorDelivery" and connector is not None:
             return await D.smart_hosts(resolver, connector.smart_hosts)
         if q.key.startswith("lmtp:"):
-            host, _, _port = q.next_hop.rpartition(":")
+            try:
+                host, _ = parse_lmtp_target(q.next_hop)
+            except ValueError as exc:   # kept from before LmtpTarget was checked: the mail waits for a good one
+                raise D.DnsFailure(f"451 4.4.0 {exc}", permanent=False) from None
             return [D.Host(host, (host,))] if _is_ip(host) else [D.Host(host, (await D._addresses(resolver, host)))]
         if q.delivery_type == "SmtpRelayToConnectorSourceServers" and connector is not None:
             return await self._source_servers(manager, resolver, connector)
@@ -164,7 +167,7 @@ class Delivery:
         else:
             settings = self.session_settings(manager, connector, q.next_hop, lmtp=lmtp)
         if lmtp:
-            settings.port = int(q.next_hop.rpartition(":")[2] or 24)
+            settings.port = parse_lmtp_target(q.next_hop)[1]
             settings.tls = TlsPolicy()
         max_per_connection = connector.smtp_max_messages_per_connection if connector else 20
         # The outbound header firewall: organisation headers go only to the organisation's own servers (the
