@@ -53,6 +53,13 @@ def _stored_store_url(url: str, data_dir: Path) -> str:
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:8440"
 
 
+def admin_address(listen: str) -> tuple[str, int]:
+    """``[admin] listen`` (or ``--admin-listen``) as host and port: HOST:PORT or [IPv6]:PORT, 127.0.0.1 when
+    the host is left out. ValueError when the port isn't a number."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 # Each log's directory under <data directory>/logs/ when Set-TransportService gives it no path.
 DEFAULT_LOG_DIRS = {"MessageTrackingLogPath": ("MessageTracking",),
                     "ReceiveProtocolLogPath": ("ProtocolLog", "SmtpReceive"),

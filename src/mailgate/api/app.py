@@ -31,6 +31,7 @@ from mailgate.api.metrics import CONTENT_TYPE, Metrics
 from mailgate.config.store import UNREACHABLE_ERRORS, is_unreachable, unreachable_reason
 from mailgate.control import RuntimeClient, decode, encode, error_payload, org_runtime_token
 from mailgate.errors import InvalidValueError, ParameterError, UserError, not_text
+from mailgate.home import admin_address
 from mailgate.manage import load_cmdlets
 from mailgate.manage.cmdlets import SHELL_COMMON_NAMES, Cmdlet, registry
 from mailgate.manage.context import ManagementContext
@@ -343,11 +344,9 @@ class ApiServer:
 def _admin_socket(listen: str) -> socket.socket:
     """The API's listening socket, bound here so that a busy or bad address is a clear error (uvicorn would
     exit the process)."""
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
     hint = "Change [admin] listen in mailgate.toml, or pass --admin-listen HOST:PORT or --admin-listen off."
     try:
-        port_number = int(port)
+        host, port_number = admin_address(listen)
     except ValueError:
         raise UserError(f"The admin API can't listen on '{listen}': it isn't HOST:PORT. {hint}") from None
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)

@@ -15,8 +15,10 @@ from mailgate.config.values import (
     PermissionGroups,
     ReceiveUsage,
     TransportRole,
+    parse_ip,
 )
 from mailgate.errors import ConflictError, ParameterError
+from mailgate.home import admin_address
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.objects import apply_changes, field_params, find, find_one, validate
@@ -100,10 +102,10 @@ def check_admin_listener(ctx: ManagementContext, connector: ReceiveConnector) ->
     listen = getattr(ctx.home, "admin_listen", "off") or "off"
     if listen == "off" or connector.server.lower() != ctx.server_name.lower():
         return
-    host, _, port = listen.rpartition(":")
     try:
-        admin = IPBinding.parse(f"[{host.strip('[]')}]:{port}" if ":" in host.strip("[]") else listen)
-    except ValueError:   # not an IP:port (the API refuses to start with it and says so)
+        host, port = admin_address(listen)
+        admin = IPBinding(parse_ip(host), port)
+    except ValueError:   # not IP:port (a host name; or bad, and the API refuses to start with it and says so)
         return
     for binding in connector.bindings:
         if binding.collides_with(admin):
