@@ -74,6 +74,41 @@ def test_mail_for_a_remote_domain_goes_by_mx(home, org, dns_server, peer_port):
         peer.stop()
 
 
+def test_notify_success_gives_a_relayed_or_delivered_notice_and_a_dsn_event(home, org, dns_server, peer_port):
+    """NOTIFY=SUCCESS (RFC 3461): relayed to a peer that doesn't offer DSN, the sender gets a "relayed" notice;
+    delivered to a mailbox, a "delivered" one. Each is logged as a DSN event of the original message with the
+    notice's Message-ID as Reference, as failures and delays were (the success notices had none)."""
+    dns_server.add("remote.example", "MX", "10 mx1.remote.example.")
+    dns_server.add("mx1.remote.example", "A", "127.0.0.20")
+    peer = SmtpPeer("127.0.0.20", peer_port)
+    try:
+        assert shell(home, "New-Mailbox -Name Kim -PrimarySmtpAddress kim@domain.com").ok
+        synced(home)
+        submit(org, "sender@domain.com", ["kate@remote.example", "kim@domain.com"],
+               b"Subject: notify me\r\n\r\nhello\r\n", options=("NOTIFY=SUCCESS",))
+        wait_for(lambda: peer.received and len(ndrs(home)) == 2, message="the two success notices")
+        reports = {m["Subject"]: m for m in ndrs(home)}
+        assert set(reports) == {"Relayed: notify me", "Delivered: notify me"}, list(reports)
+        for subject, action, rcpt in (("Relayed: notify me", "relayed", "kate@remote.example"),
+                                      ("Delivered: notify me", "delivered", "kim@domain.com")):
+            status = reports[subject].get_payload()[1].as_string()
+            assert f"Action: {action}" in status and rcpt in status
+
+        def dsn_events() -> list[str]:   # the tracking writer flushes every 250 ms
+            out = shell(home, 'Get-MessageTrackingLog -MessageSubject "notify me" -EventId DSN | '
+                              'ForEach-Object { "$($_.Recipients) $($_.Reference)" }').out
+            lines = sorted(line for line in out.split("\n") if line.strip())
+            return lines if len(lines) >= 2 else []
+
+        events = wait_for(dsn_events, message="the two DSN events")
+        assert len(events) == 2, events
+        assert sorted(e.split()[0] for e in events) == ["kate@remote.example", "kim@domain.com"]
+        references = {e.split()[1] for e in events}
+        assert references == {m["Message-ID"] for m in reports.values()}
+    finally:
+        peer.stop()
+
+
 def test_the_next_mx_is_used_when_the_first_refuses_connections(home, org, dns_server, peer_port):
     dns_server.add("remote.example", "MX", "10 mx1.remote.example.", "20 mx2.remote.example.")
     dns_server.add("mx1.remote.example", "A", "127.0.0.21")   # nothing listens there

@@ -685,6 +685,7 @@ class QueueManager:
             action = "relayed" if any(r in relayed_rows for r in success) else "delivered"
             dsns.append(self._make_dsn(msg, body, action, [
                 DSN.DsnRecipient(r["address"], r["orcpt"], "2.0.0", results[r["idx"]][1], remote) for r in success]))
+            self._track_dsn(msg, [r["address"] for r in success], dsns[-1], f"{action} notification")
         fut = self._store_record(msg["id"], updates, dsns)
         # The message stays held by this queue until its new state is committed, so a refill can't pick it again.
         q.held.add(msg["id"])
@@ -716,11 +717,17 @@ class QueueManager:
         recipients = [DSN.DsnRecipient(r["address"], r["orcpt"], DSN.status_of(results[r["idx"]][1], "5.0.0"),
                                        results[r["idx"]][1], remote) for r in notify]
         ndr = self._make_dsn(msg, body, "failed", recipients, copy_to=self._ndr_copy_to(recipients))
-        self.tracker.event("DSN", "DSN", recipients=[r["address"] for r in notify], recipient_count=len(notify),
-                           internal_message_id=msg["id"], message_id=msg["message_id"],
-                           network_message_id=msg["network_id"], sender=_path(msg["sender"]), reference=ndr.message_id,
-                           message_subject=msg["subject"], return_path=msg["sender"])
+        self._track_dsn(msg, [r["address"] for r in notify], ndr)
         return [ndr], updates
+
+    def _track_dsn(self, msg: Any, recipients: list[str], dsn: NewMessage, context: str | None = None) -> None:
+        """The DSN event of the message a notification reports on (an NDR, a delay, a delivered or relayed
+        notice): its recipients, and the notification's Message-ID as Reference, as Exchange logs it."""
+        self.tracker.event("DSN", "DSN", recipients=recipients, recipient_count=len(recipients),
+                           internal_message_id=msg["id"], message_id=msg["message_id"],
+                           network_message_id=msg["network_id"], sender=_path(msg["sender"]),
+                           reference=dsn.message_id, message_subject=msg["subject"], return_path=msg["sender"],
+                           source_context=context)
 
     def _ndr_copy_to(self, recipients: list[DSN.DsnRecipient]) -> str | None:
         """The Microsoft Exchange recipient's reply recipient when an NDR has a code in GenerateCopyOfDSNFor."""
@@ -846,11 +853,7 @@ class QueueManager:
                 dsns.append(self._make_dsn(msg, None, "delayed", [
                     DSN.DsnRecipient(r["address"], r["orcpt"], "4.4.7",
                                      r["last_error"] or "400 4.4.7 Message delayed") for r in wanted]))
-                self.tracker.event("DSN", "DSN", recipients=[r["address"] for r in wanted],
-                                   internal_message_id=msg["id"], message_id=msg["message_id"],
-                                   network_message_id=msg["network_id"], sender=_path(msg["sender"]),
-                                   reference=dsns[0].message_id, message_subject=msg["subject"],
-                                   source_context="delay notification")
+                self._track_dsn(msg, [r["address"] for r in wanted], dsns[0], "delay notification")
             fut = self._store_record(msg["id"], [], dsns, extra)
             fut.add_done_callback(lambda f, d=dsns, m=msg["id"]: self.loop.call_soon_threadsafe(
                 self._after_record, f, d, set(), m) if self.loop else None)
