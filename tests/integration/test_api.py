@@ -276,6 +276,10 @@ def test_admin_center_in_a_real_browser(admin_server, browser):
     wait.until(lambda d: "DELIVER" in d.find_element(By.ID, "trace-results").text)
     trace = browser.find_element(By.ID, "trace-results").text
     assert "RECEIVE" in trace and hostile_subject in trace
+    # times in the reader's local format, not the API's ISO 8601 with microseconds
+    import re
+
+    assert not re.search(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}", trace) and re.search(r"\d{1,2}:\d{2}:\d{2}", trace), trace
     assert browser.title != "pwned"
 
     # Test mail flow.

@@ -52,8 +52,12 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// Times come from the API in ISO 8601 with their offset; they are shown in the reader's local time and format.
+const ISO_TIME = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?([+-]\d{2}:\d{2}|Z)$/;
+
 function show(value) {
   if (value === null || value === undefined) return "";
+  if (typeof value === "string" && ISO_TIME.test(value)) return new Date(value).toLocaleString();
   if (Array.isArray(value)) return value.map(show).join(", ");
   if (typeof value === "object") return Object.values(value).map(show).join(" ");
   if (typeof value === "boolean") return value ? "True" : "False";
