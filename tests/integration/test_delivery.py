@@ -370,6 +370,28 @@ def test_mailboxes_of_a_domain_with_an_lmtp_target_are_delivered_by_lmtp_one_rep
         peer.stop()
 
 
+def test_correcting_a_connector_retries_its_queue_now_not_after_the_retry_interval(home, org, peer_port):
+    """A smart host connector with a wrong port: its mail waits in Retry for OutboundConnectionFailureRetryInterval
+    (ten minutes here). Once the administrator corrects the port, the queue tries again at once with the new
+    settings, as Retry-Queue would (it waited out the interval the wrong settings had earned)."""
+    peer = SmtpPeer("127.0.0.20", peer_port)
+    wrong = free_port("127.0.0.20")
+    try:
+        r = shell(home, "Set-TransportService EX01 -TransientFailureRetryCount 0 "
+                        "-OutboundConnectionFailureRetryInterval 00:10:00\n"
+                        f"New-SendConnector Partner -AddressSpaces partner.example -SmartHosts [127.0.0.20] -Port {wrong}")
+        assert r.ok, r.err
+        synced(home)
+        submit(org, "sender@domain.com", ["a@partner.example"], b"Subject: wrong port\r\n\r\nx\r\n")
+        wait_for(lambda: "Retry" in shell(home, "Get-Message -Filter {Subject -eq 'wrong port'} | fl Status").out,
+                 message="the message in Retry")
+        assert shell(home, f"Set-SendConnector Partner -Port {peer_port}").ok
+        wait_for(lambda: peer.received, timeout=30, message="delivery once the port is corrected")
+        assert peer.received[0].rcpt_tos == ["a@partner.example"]
+    finally:
+        peer.stop()
+
+
 def test_no_connector_means_unreachable_until_one_is_created(home, org, dns_server, peer_port):
     shell(home, "Set-SendConnector Outbound -AddressSpaces only.example")
     synced(home)

@@ -196,13 +196,31 @@ class QueueManager:
 
     # -- configuration ----------------------------------------------------------------
     def apply(self, settings: RuntimeSettings) -> None:
-        first = self.settings is None
+        previous = self.settings
         self.settings = settings
-        if first:
+        if previous is None:
             self._load_queues()
         else:
             self._resubmit_stale_routes()
+            self._retry_changed_connectors(previous)
         self.wake()
+
+    def _retry_changed_connectors(self, previous: RuntimeSettings) -> None:
+        """A send connector that changed (its smart hosts, port, TLS or credentials corrected, say): its queues
+        waiting to retry try again now with the new settings, as Retry-Queue would, instead of at the end of a
+        retry interval that the old settings earned."""
+        assert self.settings is not None
+        changed = [q for q in self.queues.values() if q.connector
+                   and (new := self.settings.routing.connector(q.connector)) is not None
+                   and new != previous.routing.connector(q.connector)]
+        if not changed:
+            return
+        keys = [q.key for q in changed]
+        for q in changed:
+            q.next_retry = None
+        self.store.execute(f"UPDATE recipient SET next_attempt=? WHERE queue IN ({','.join('?' * len(keys))}) "
+                           "AND status IN ('Ready','Retry')", (time.time(), *keys),
+                           after=lambda: self.loop.call_soon_threadsafe(self.wake) if self.loop else None)
 
     def _load_queues(self) -> None:
         numbers = self.store.queue_numbers()
