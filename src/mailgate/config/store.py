@@ -398,6 +398,11 @@ def _naive_utc(value: dt.datetime) -> dt.datetime:
 _TRACKING_COLUMNS = [k for k in TRACKING_FIELDS if k in message_tracking.c]
 _TRACKING_INSERT_COLUMNS = [c.name for c in message_tracking.columns if c.name != "id"]
 # Columns whose few values repeat from event to event (a query's result keeps one copy of each).
+_TRACKING_REPEATED_COLUMNS = ("server", "event_id", "source", "sender", "return_path", "client_ip", "client_hostname",
+                              "server_ip", "server_hostname", "connector_id", "directionality", "tenant_id",
+                              "original_client_ip", "original_server_ip", "transport_traffic_type")
+
+
 def _tracking_item(item: dict[str, Any]) -> dict[str, Any]:
     """A tracking row as the cmdlets use it: repeated texts shared, recipient lists split, the time in UTC."""
     for column in _TRACKING_REPEATED_COLUMNS:   # one copy of each repeated text, not one per event
@@ -407,11 +412,6 @@ def _tracking_item(item: dict[str, Any]) -> dict[str, Any]:
     item["recipient_status"] = split_recipient_status(item.get("recipient_status") or "")
     item["timestamp"] = item["timestamp"].replace(tzinfo=dt.timezone.utc)
     return item
-
-
-_TRACKING_REPEATED_COLUMNS = ("server", "event_id", "source", "sender", "return_path", "client_ip", "client_hostname",
-                              "server_ip", "server_hostname", "connector_id", "directionality", "tenant_id",
-                              "original_client_ip", "original_server_ip", "transport_traffic_type")
 
 
 class ConfigTransaction:
