@@ -169,6 +169,65 @@ def test_get_content_and_import_csv_read_files_for_loops(tmp_path):
     assert not ok and "No such file or directory" in err
 
 
+def test_file_cmdlets_take_windows_powershell_parameters_and_encodings(tmp_path):
+    """What administrators' report one-liners add: -Encoding (with 5.1's meanings), -Append, -NoClobber,
+    -Tail, Export-Csv as 5.1 writes it, and Import-Csv reading an Exchange log by its #Fields: line."""
+    csv_path, text_path = tmp_path / "report.csv", tmp_path / "notes.txt"
+    rows = "[pscustomobject]@{Name='a, \"b\"'; Count=1; Note=$null}, [pscustomobject]@{Name='c'; Count=2; Note='x'}"
+    ok, _, err = run(f'{rows} | Export-Csv {csv_path} -NoTypeInformation -Encoding UTF8\n'
+                     f'[pscustomobject]@{{Name="d"; Count=3; Note="y"}} | Export-Csv {csv_path} -Append')
+    assert ok, err
+    data = csv_path.read_bytes()
+    assert data.startswith(b"\xef\xbb\xbf") and data.count(b"\xef\xbb\xbf") == 1   # UTF8 is 5.1's, with a mark
+    assert data[3:].decode().splitlines() == ['"Name","Count","Note"', '"a, ""b""","1",', '"c","2","x"', '"d","3","y"']
+    ok, out, err = run(f'(Import-Csv {csv_path} | Where-Object {{ $_.Count -ge 2 }}).Name -join "+"')
+    assert ok and out.strip() == "c+d", err
+    ok, _, err = run(f'[pscustomobject]@{{Other=1}} | Export-Csv {csv_path} -Append')
+    assert not ok and "does not have a property that corresponds to the following column: Name" in err
+    assert csv_path.read_bytes() == data   # refused: the file is as it was
+
+    ok, _, err = run(f'[pscustomobject]@{{Name="e"}} | Export-Csv {tmp_path / "typed.csv"}')
+    assert ok and (tmp_path / "typed.csv").read_text().splitlines()[:2] == [
+        "#TYPE System.Management.Automation.PSCustomObject", '"Name"'], err
+
+    ok, out, err = run(f'"h\u00e9llo" | Out-File {text_path} -Encoding Unicode\n"two" | Out-File {text_path} -Append\n'
+                       f'Get-Content {text_path}\n"x" | Out-File {text_path} -NoClobber')
+    assert not ok and "already exists" in err
+    assert text_path.read_bytes() == "\ufeffh\u00e9llo\ntwo\n".encode("utf-16-le")   # the append stayed UTF-16
+    assert out.splitlines() == ["h\u00e9llo", "two"]
+    ok, out, err = run(f'"h\u00e9llo" | Out-File {text_path} -Encoding ascii; Get-Content {text_path}')
+    assert ok and out.strip() == "h?llo", err
+    ok, _, err = run(f'"x" | Out-File {text_path} -Encoding Latin9')
+    assert not ok and "does not belong to the set" in err and text_path.read_bytes() == b"h?llo\n"
+
+    ok, out, err = run(f'1..20 | Out-File {text_path}; (Get-Content {text_path} -Tail 3) -join ","; '
+                       f'(Get-Content {text_path} -Head 2) -join ","')
+    assert ok and out.split() == ["18,19,20", "1,2"], err
+    ok, _, err = run('[pscustomobject]@{Identity="EX01\\Submission"; DeliveryType="Undefined"; MessageCount=0} | '
+                     f'Out-File {text_path} -Width 30')
+    title, dashes, row = text_path.read_text().splitlines()[1:4]
+    assert ok, err   # titles and their dashes are cut to the columns' widths, like the values
+    assert [len(w) for w in title.split()] == [len(w) for w in dashes.split()] and len(dashes) <= 31
+    assert title.split()[1].endswith("...") and row.split()[0].endswith("...") and len(row) <= len(dashes)
+
+    log = tmp_path / "RECV2026120514-1.LOG"
+    log.write_text("#Software: Microsoft Exchange Server\n#Version: 15.0.0.0\n#Log-type: SMTP Receive Protocol Log\n"
+                   "#Fields: date-time,connector-id,session-id,event\n2026-12-05T14:00:00.000Z,EX01\\Default,08DE1,+\n")
+    ok, out, err = run(f"(Import-Csv {log}).'session-id'")
+    assert ok and out.strip() == "08DE1", err
+
+
+def test_report_rows_and_get_member_name_their_types():
+    ok, out, err = run('$row = [pscustomobject]@{"date-time" = "t1"; Name = "n"}; $row."date-time" = "t2"\n'
+                       "$row.'date-time'; (New-Object PSObject -Property @{A = 1}).A; \"2\" -ge 10\n"
+                       '$row | Get-Member; "x" | Get-Member')
+    assert ok, err
+    lines = [line.rstrip() for line in out.splitlines()]
+    assert lines[:3] == ["t2", "1", "True"]   # "2" -ge 10 compares text, as PowerShell does
+    assert "   TypeName: System.Management.Automation.PSCustomObject" in lines
+    assert "   TypeName: System.String" in lines and any(line.startswith("Length") for line in lines)
+
+
 def test_smart_quotes_from_copied_documents():
     r = bound("Test-Binding \u201cInternal Relay\u201d -Name \u2018x\u2019")
     assert r["Identity"] == "Internal Relay" and r["Name"] == "x"

@@ -10,6 +10,7 @@ from mailgate.errors import InvalidValueError, UserError
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.params import as_list, scalar, to_str
+from mailgate.manage.present import PS_CUSTOM_OBJECT, Record
 
 
 class SecureString:
@@ -101,16 +102,26 @@ _PSCREDENTIAL_NAMES = {"system.management.automation.pscredential", "pscredentia
                        "management.automation.pscredential"}
 
 
+_PSOBJECT_NAMES = {"psobject", "pscustomobject", "system.management.automation.psobject",
+                   "system.management.automation.pscustomobject"}
+
+
 @cmdlet("New-Object",
         [Param("TypeName", position=0, mandatory=True, convert=to_str),
-         Param("ArgumentList", position=1, aliases=("Args",), raw=True)],
-        synopsis="Create an object (System.Management.Automation.PSCredential).", builtin=True)
+         Param("ArgumentList", position=1, aliases=("Args",), raw=True),
+         Param("Property", raw=True, help="PSObject: its properties, from a hashtable.")],
+        synopsis="Create an object (PSCredential, or a PSObject with -Property).", builtin=True)
 def new_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
-    """Create a PSCredential from a user name and a SecureString."""
+    """Create a PSCredential from a user name and a SecureString, or a PSObject from -Property's hashtable."""
     type_name = args["TypeName"].lower()
+    if type_name in _PSOBJECT_NAMES:
+        props = args.get("Property")
+        if props is not None and not isinstance(props, dict):
+            raise UserError("-Property takes a hashtable: @{Name = value; ...}.", parameter="Property")
+        return [Record(PS_CUSTOM_OBJECT, {str(k): v for k, v in (props or {}).items()})]
     if type_name not in _PSCREDENTIAL_NAMES:
         raise UserError(f'Cannot find type [{args["TypeName"]}]: mailgate\'s New-Object creates '
-                        "System.Management.Automation.PSCredential only.", parameter="TypeName")
+                        "System.Management.Automation.PSCredential and PSObject only.", parameter="TypeName")
     values = as_list(args.get("ArgumentList"))
     if len(values) != 2:
         raise UserError('A PSCredential needs two arguments: the user name and the password '

@@ -31,6 +31,10 @@ def _shared_index(keys: tuple[str, ...]) -> dict[str, str]:
     return index
 
 
+# The type of the objects [pscustomobject]@{...} and New-Object PSObject make (report rows, Import-Csv rows).
+PS_CUSTOM_OBJECT = "System.Management.Automation.PSCustomObject"
+
+
 class Record:
     """An output object with case-insensitive property access."""
 

@@ -113,6 +113,8 @@ def _coerce_like(left: Any, right: Any) -> Any:
             from mailgate.manage.params import to_datetime
 
             return to_datetime(right)
+        if isinstance(left, str) and not isinstance(right, (str, list, tuple, dict)):
+            return to_text(right)   # "2" -ge 10 compares text, as in PowerShell (Import-Csv's values are text)
     except (ValueError, TypeError):
         raise ShellError(f'Cannot compare "{to_text(left)}" with "{to_text(right)}": "{to_text(right)}" can\'t be '
                          f"converted to the type of the left operand.") from None

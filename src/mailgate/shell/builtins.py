@@ -14,14 +14,16 @@ import sys
 import time
 from typing import Any
 
-from mailgate.errors import InvalidValueError, UserError
+from mailgate.errors import InvalidValueError, ParameterError, UserError
 from mailgate.manage.cmdlets import SHELL_COMMON_NAMES, SHELL_COMMON_PARAMS, Param, cmdlet, registry
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.params import as_list, to_datetime, to_int, to_str, to_str_list
-from mailgate.manage.present import Record, to_json
+from mailgate.manage.present import PS_CUSTOM_OBJECT, Record, to_json
 from mailgate.manage.psvalues import comparable, compare, dotnet_strftime, to_text, truthy, wildcard_match
 from mailgate.shell import format as fmt
-from mailgate.shell.evaluator import ScriptBlock
+from mailgate.shell import textfiles
+from mailgate.shell.textfiles import to_file_encoding
+from mailgate.shell.evaluator import ScriptBlock, member
 
 _INPUT = Param("InputObject", from_pipeline=True, raw=True, help="The objects to process (from the pipeline).")
 
@@ -263,6 +265,14 @@ def _type_label(value: Any) -> str:
     return type(value).__name__
 
 
+# Plain values: their .NET type, and the properties of it the shell reads (shell/evaluator.py's members).
+_SCALAR_TYPES = {
+    "str": ("System.String", ["Length"]), "int": ("System.Int32", []), "float": ("System.Double", []),
+    "bool": ("System.Boolean", []),
+    "datetime": ("System.DateTime", ["Date", "Day", "DayOfWeek", "Hour", "Minute", "Month", "Second", "Ticks", "Year"]),
+}
+
+
 @cmdlet("Get-Member", [Param("Name", position=0, raw=True), _INPUT],
         synopsis="List the properties of objects (alias gm).", builtin=True)
 def get_member(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
@@ -271,14 +281,15 @@ def get_member(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     out: list[Any] = []
     seen_types: set[str] = set()
     for item in _inputs(args):
-        type_name = item.type_name if isinstance(item, Record) else type(item).__name__
+        scalar = _SCALAR_TYPES.get(type(item).__name__)
+        type_name = item.type_name if isinstance(item, Record) else scalar[0] if scalar else type(item).__name__
         if type_name in seen_types:
             continue
         seen_types.add(type_name)
-        for name in fmt.properties_of(item):
+        for name in scalar[1] if scalar else fmt.properties_of(item):
             if patterns and not any(wildcard_match(p, name) for p in patterns):
                 continue
-            value = fmt.get_property(item, name)
+            value = member(item, name) if scalar else fmt.get_property(item, name)
             out.append(Record("MemberDefinition", {
                 "TypeName": type_name, "Name": name, "MemberType": "Property",
                 "Definition": f"{_type_label(value)} {name} {{get;set;}}"}))
@@ -437,66 +448,142 @@ def out_string(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     return ["\n".join(fmt.default_render(_inputs(args), limit=_limit(ctx)))]
 
 
-@cmdlet("Out-File", [Param("FilePath", position=0, mandatory=True, convert=to_str), Param("Append", switch=True), _INPUT],
+_ENCODING = Param("Encoding", convert=to_file_encoding, type_name="Encoding",
+                  help="ASCII, UTF8, Unicode, UTF32, BigEndianUnicode, Default, OEM... as Windows PowerShell names them.")
+_NO_CLOBBER = Param("NoClobber", switch=True, aliases=("NoOverwrite",), help="Refuse to replace an existing file.")
+
+
+@cmdlet("Out-File", [Param("FilePath", position=0, mandatory=True, convert=to_str, aliases=("Path", "LiteralPath")),
+                     _ENCODING, Param("Append", switch=True), Param("Force", switch=True), _NO_CLOBBER,
+                     Param("Width", convert=to_int, type_name="Int32"), Param("NoNewline", switch=True), _INPUT],
         synopsis="Write output to a file.", builtin=True)
 def out_file(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
-    """Write what the objects print as to a file."""
-    text = "\n".join(fmt.default_render(_inputs(args), limit=_limit(ctx))) + "\n"
-    with open(args["FilePath"], "a" if args.get("Append") else "w", encoding="utf-8") as fh:
-        fh.write(text)
+    """Write what the objects print as to a file (tables cut to -Width columns when it is given)."""
+    width = args.get("Width")
+    if width is not None and width < 2:
+        raise InvalidValueError(f"Cannot validate argument on parameter 'Width'. The {width} argument is less than "
+                                "the minimum allowed range of 2.", parameter="Width")
+    lines = fmt.default_render(_inputs(args), limit=_limit(ctx), width=width)
+    text = "".join(lines) if args.get("NoNewline") else "\n".join(lines) + "\n"
+    textfiles.write_text(args["FilePath"], text, args.get("Encoding"), append=bool(args.get("Append")),
+                         no_clobber=bool(args.get("NoClobber")))
     return []
 
 
-@cmdlet("Export-Csv", [Param("Path", position=0, mandatory=True, convert=to_str), Param("NoTypeInformation", switch=True),
-                       _INPUT],
-        synopsis="Write objects to a CSV file.", builtin=True)
-def export_csv(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
-    """Write the objects' properties as CSV (multi-valued properties joined with ';')."""
-    items = _inputs(args)
-    cols = fmt.column_names(items)
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(cols)
-    for item in items:
-        row = []
-        for c in cols:
-            v = fmt.get_property(item, c)
-            row.append(";".join(to_text(x) for x in v) if isinstance(v, list) else to_text(v))
-        writer.writerow(row)
-    with open(args["Path"], "w", encoding="utf-8", newline="") as fh:
-        fh.write(buf.getvalue())
-    return []
-
-
-@cmdlet("Get-Content", [Param("Path", position=0, mandatory=True, convert=to_str), Param("TotalCount", convert=to_int),
-                        Param("Raw", switch=True)],
-        synopsis="Read a text file: one string per line (alias gc, cat, type).", builtin=True)
-def get_content(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
-    """The file's lines (without their line ends), or with -Raw the whole text as one string."""
-    with open(args["Path"], encoding="utf-8-sig", errors="replace", newline="") as fh:
-        text = fh.read()
-    if args.get("Raw"):
-        return [text]
-    lines = text.splitlines()
-    count = args.get("TotalCount")
-    return lines[:count] if count is not None and count >= 0 else lines
-
-
-@cmdlet("Import-Csv", [Param("Path", position=0, mandatory=True, convert=to_str), Param("Delimiter", convert=to_str),
-                       Param("Header", multi=True, convert=to_str_list)],
-        synopsis="Read a CSV file: one object per row, its properties named by the header.", builtin=True)
-def import_csv(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
-    """Each row as an object whose properties are the columns (the first row names them, or -Header does);
-    a ``#TYPE`` line, as Windows PowerShell's Export-Csv writes, is skipped."""
+def _delimiter(args: dict[str, Any]) -> str:
+    """-Delimiter (one character), or the list separator with -UseCulture (a comma in this shell's en-US)."""
     delimiter = args.get("Delimiter") or ","
     if len(delimiter) != 1:
         raise InvalidValueError(f"Cannot bind parameter 'Delimiter': \"{delimiter}\" is not one character.",
                                 parameter="Delimiter")
-    with open(args["Path"], encoding="utf-8-sig", errors="replace", newline="") as fh:
-        rows = [row for row in csv.reader(fh, delimiter=delimiter)]
-    if rows and rows[0] and rows[0][0].startswith("#TYPE"):
+    return delimiter
+
+
+def _csv_type_name(item: Any) -> str:
+    """The type Export-Csv's ``#TYPE`` line names: what Get-Member shows (Import-Csv's rows are custom objects)."""
+    if isinstance(item, Record):
+        return PS_CUSTOM_OBJECT if item.type_name == "CSV" else item.type_name
+    return _type_label(item)
+
+
+def _csv_field(value: Any) -> str | None:
+    """A property value as Export-Csv writes it; multi-valued ones joined with ';' (Windows PowerShell writes
+    their type name, System.Object[], which nobody wants in a report)."""
+    if value is None:
+        return None
+    return ";".join(to_text(x) for x in value) if isinstance(value, list) else to_text(value)
+
+
+def _csv_record(values: list[str | None], delimiter: str) -> str:
+    """One CSV line as Windows PowerShell writes it: every value in double quotes, $null as nothing at all."""
+    return delimiter.join('"' + v.replace('"', '""') + '"' if v is not None else "" for v in values) + "\n"
+
+
+@cmdlet("Export-Csv", [Param("Path", position=0, mandatory=True, convert=to_str, aliases=("LiteralPath", "PSPath")),
+                       Param("NoTypeInformation", switch=True, aliases=("NTI",)), _ENCODING,
+                       Param("Append", switch=True), Param("Delimiter", position=1, convert=to_str, type_name="Char"),
+                       Param("UseCulture", switch=True), Param("Force", switch=True), _NO_CLOBBER, _INPUT],
+        synopsis="Write objects to a CSV file.", builtin=True,
+        examples=["Get-MessageTrackingLog -EventId FAIL | Export-Csv fails.csv -NoTypeInformation -Encoding UTF8"])
+def export_csv(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Write the objects' properties as CSV, as Windows PowerShell does: every value quoted, a ``#TYPE`` line
+    unless -NoTypeInformation. -Append adds rows under the file's own header; an object without one of its
+    columns is refused unless -Force."""
+    items = _inputs(args)
+    delimiter = _delimiter(args)
+    path, encoding, append = args["Path"], args.get("Encoding"), bool(args.get("Append"))
+    cols = fmt.column_names(items)
+    header: list[str] | None = None
+    if append:
+        existing = [line for line in textfiles.existing_text(path, encoding).splitlines()
+                    if line.strip() and not line.startswith("#")]
+        header = next(csv.reader(existing[:1], delimiter=delimiter), None)
+    text = ""
+    if header:
+        missing = [c for c in header if c and not any(fmt.get_property(i, c) is not None or
+                                                      c.lower() in (p.lower() for p in fmt.properties_of(i))
+                                                      for i in items)]
+        if missing and items and not args.get("Force"):
+            raise UserError(f"Cannot append CSV content to the following file: {path}. The appended object does not "
+                            f"have a property that corresponds to the following column: {missing[0]}. To continue "
+                            "with mismatched properties, add the -Force parameter, and then retry the command.",
+                            target=path)
+        cols = header
+    else:
+        if not args.get("NoTypeInformation") and items:
+            text += f"#TYPE {_csv_type_name(items[0])}\n"
+        text += _csv_record(list(cols), delimiter)
+    for item in items:
+        text += _csv_record([_csv_field(fmt.get_property(item, c)) for c in cols], delimiter)
+    textfiles.write_text(path, text, encoding, append=append, no_clobber=bool(args.get("NoClobber")))
+    return []
+
+
+@cmdlet("Get-Content", [Param("Path", position=0, mandatory=True, convert=to_str, aliases=("LiteralPath", "PSPath")),
+                        Param("TotalCount", convert=to_int, aliases=("First", "Head")),
+                        Param("Tail", convert=to_int, aliases=("Last",)), Param("Raw", switch=True), _ENCODING],
+        synopsis="Read a text file: one string per line (alias gc, cat, type).", builtin=True)
+def get_content(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """The file's lines (without their line ends), or with -Raw the whole text as one string; the first
+    -TotalCount or the last -Tail lines. The encoding is the file's byte order mark's unless -Encoding says."""
+    if args.get("TotalCount") is not None and args.get("Tail") is not None:
+        raise ParameterError("The parameters TotalCount and Tail cannot be used together. Please specify only one "
+                             "of these parameters.", parameter="Tail")
+    text = textfiles.read_text(args["Path"], args.get("Encoding"))
+    if args.get("Raw"):
+        return [text]
+    lines = text.splitlines()
+    count, tail = args.get("TotalCount"), args.get("Tail")
+    if count is not None and count >= 0:
+        return lines[:count]
+    if tail is not None and tail >= 0:
+        return lines[len(lines) - tail:] if tail else []
+    return lines
+
+
+@cmdlet("Import-Csv", [Param("Path", position=0, mandatory=True, convert=to_str, aliases=("LiteralPath", "PSPath")),
+                       Param("Delimiter", position=1, convert=to_str, type_name="Char"), Param("UseCulture", switch=True),
+                       Param("Header", multi=True, convert=to_str_list), _ENCODING],
+        synopsis="Read a CSV file: one object per row, its properties named by the header.", builtin=True)
+def import_csv(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Each row as an object whose properties are the columns (-Header names them, else the first row). As in
+    PowerShell, a ``#TYPE`` line is skipped, and so is every ``#`` line before the header, except that a
+    ``#Fields:`` line is the header: Exchange's protocol and tracking logs read as they are."""
+    delimiter = _delimiter(args)
+    text = textfiles.read_text(args["Path"], args.get("Encoding"))
+    rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)]
+    if rows and rows[0] and rows[0][0][:5].lower() == "#type":
         rows = rows[1:]
-    header = args.get("Header") or (rows.pop(0) if rows else [])
+    header = args.get("Header")
+    while header is None and rows:
+        row = rows.pop(0)
+        if row and row[0].startswith("#Fields: "):
+            header = [row[0][len("#Fields: "):], *row[1:]]
+        elif row and not row[0].startswith("#"):
+            header = row
+    header = header or []
+    while len(header) > 1 and header[-1] == "":
+        header = header[:-1]
     names = [name or f"H{i + 1}" for i, name in enumerate(header)]
     if len({n.lower() for n in names}) != len(names):
         raise InvalidValueError("The member names in the CSV header aren't unique: " + ", ".join(names) + ".",

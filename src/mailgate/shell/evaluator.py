@@ -24,7 +24,7 @@ from mailgate.errors import ParseError, UserError
 from mailgate.manage.cmdlets import Cmdlet, action_preference, registry
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.credentials import PSCredential, SecureString
-from mailgate.manage.present import Record
+from mailgate.manage.present import PS_CUSTOM_OBJECT, Record
 from mailgate.manage.psvalues import (
     CIDict,
     ShellError,
@@ -372,7 +372,7 @@ class Evaluator:
         if target.data == "variable":
             self.set_variable(self._var_name(str(target.children[0])), value)
         elif target.data == "member":
-            set_member(self.eval(target.children[0]), str(target.children[1])[1:], value)
+            set_member(self.eval(target.children[0]), self._member_name(target.children[1]), value)
         elif target.data == "index":
             set_item(self.eval(target.children[0]), self.eval(target.children[1]), value)
         else:
@@ -649,13 +649,19 @@ class Evaluator:
         step = 1 if last >= first else -1
         return list(range(first, last + step, step))
 
+    @staticmethod
+    def _member_name(token: Any) -> str:
+        """``.Name``, ``.'date-time'`` or ``."date-time"`` → the member's name."""
+        name = str(token)[1:]
+        return name[1:-1] if name[:1] in ("'", '"') else name
+
     def _e_member(self, node: Tree) -> Any:
         target = self.eval(node.children[0])
-        return member(target, str(node.children[1])[1:])
+        return member(target, self._member_name(node.children[1]))
 
     def _e_method_call(self, node: Tree) -> Any:
         target = self.eval(node.children[0])
-        name = str(node.children[1])[1:]
+        name = self._member_name(node.children[1])
         args = [self.eval(a) for a in node.children[2].children] if len(node.children) > 2 else []
         return call_method(target, name, args)
 
@@ -829,6 +835,10 @@ def cast(type_name: str, value: Any) -> Any:
             return TimeSpan.parse(value)
         if name in ("array", "object[]"):
             return value if isinstance(value, list) else [value]
+        if name in ("pscustomobject", "psobject") and isinstance(value, dict):   # a report row from a hashtable
+            return Record(PS_CUSTOM_OBJECT, {str(k): v for k, v in value.items()})
+        if name == "ordered" and isinstance(value, dict):   # hashtables keep their order here already
+            return value
         if name == "pscredential":
             return PSCredential(*value) if isinstance(value, list) and len(value) == 2 else value
     except (ValueError, TypeError, OverflowError) as exc:

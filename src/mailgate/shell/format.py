@@ -180,10 +180,9 @@ def render_table(objects: list[Any], columns: list[Any], *, limit: int = 4, widt
         return text.rjust(w) if numeric[i] and text else text.ljust(w)
 
     lines = [""]
-    if not hide_headers:
-        lines.append(" ".join(cell(t, i) if not numeric[i] else t.rjust(widths[i]) for i, t in enumerate(titles)).rstrip())
-        lines.append(" ".join(("-" * len(t)).rjust(widths[i]) if numeric[i] else ("-" * len(t)).ljust(widths[i])
-                              for i, t in enumerate(titles)).rstrip())
+    if not hide_headers:   # a title, and its dashes, are cut to the column's width like its values
+        lines.append(" ".join(cell(t, i) for i, t in enumerate(titles)).rstrip())
+        lines.append(" ".join(cell("-" * min(len(t), widths[i]), i) for i, t in enumerate(titles)).rstrip())
     for r in rows:
         lines.append(" ".join(cell(v, i) for i, v in enumerate(r)).rstrip())
     lines.append("")
@@ -232,7 +231,12 @@ def default_render(objects: list[Any], *, limit: int = 4, width: int | None = No
             if view is None:
                 view = ("table", first.keys()) if len(first.keys()) <= 4 else ("list", None)
             kind, cols = view
-            if kind == "table":
+            if first.type_name == "MemberDefinition":   # Get-Member: a table per type, under its name
+                for type_name in dict.fromkeys(m.get("TypeName") for m in group):
+                    lines.extend(["", f"   TypeName: {type_name}"])
+                    lines.extend(render_table([m for m in group if m.get("TypeName") == type_name], list(cols),
+                                              limit=limit, width=width))
+            elif kind == "table":
                 lines.extend(render_table(group, list(cols or first.keys()), limit=limit, width=width))
             else:
                 lines.extend(render_list(group, cols, limit=limit))
