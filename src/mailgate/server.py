@@ -259,7 +259,7 @@ class TransportService:
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
         admin = self.admin
         if op == "queues":
-            return admin.queues()
+            return admin.queues(empty_poison=bool(args.get("empty_poison")))
         if op == "queue_keys":
             return [q.key for q in admin.resolve_queues(args["identities"])]
         if op == "queue_action":

@@ -293,6 +293,13 @@ def test_queue_cmdlets_suspend_resume_remove_export(home, org, dns_server, peer_
         assert held.out.split() == ["2"], held.err
         piped = shell(home, "Get-Queue EX01\\remote.example | Get-Message | ft Subject -HideTableHeaders")
         assert sorted(piped.out.split()) == ["1", "2", "held", "held"], piped.err
+        # Server objects piped in bind to -Server, as Exchange's multi-server one-liners rely on.
+        servers = shell(home, "Get-TransportService | Get-Message | Measure-Object | % Count\n"
+                              "Get-ExchangeServer | Get-Queue | ? {$_.MessageCount -gt 0} | % Identity")
+        assert servers.out.split() == ["2", "EX01\\remote.example"], servers.err
+        # The empty Poison queue answers when named, and is not listed because it was.
+        assert shell(home, "Get-Queue EX01\\Poison | % MessageCount").out.split() == ["0"]
+        assert "Poison" not in shell(home, "Get-Queue | ft Identity").out
         shell(home, "Resume-Queue EX01\\remote.example")
         wait_for(lambda: len(peer.received) == 2, message="the unsuspended message")
         assert b"held 2" in peer.received[1].data

@@ -64,7 +64,8 @@ def _include(record: Record, kinds: list[str]) -> bool:
 def queues(ctx: ManagementContext, args: dict[str, Any]) -> list[Record]:
     ident = args.get("Identity")
     runtime = _runtime(ctx, args.get("Server"), _identity(ident) if ident is not None else None)
-    records: list[Record] = runtime.call("queues")
+    named_poison = ident is not None and _identity(ident).rpartition("\\")[2].lower() == "poison"
+    records: list[Record] = runtime.call("queues", **({"empty_poison": True} if named_poison else {}))
     if ident is not None:
         if args.get("Filter") or args.get("Server"):
             raise ParameterError("Parameter set cannot be resolved: -Identity can't be combined with -Filter or "
@@ -88,7 +89,7 @@ def queues(ctx: ManagementContext, args: dict[str, Any]) -> list[Record]:
 
 _QUEUE_PARAMS = [
     Param("Identity", position=0, from_pipeline=True, help="Server\\NextHopDomain, Server\\Number or * ."),
-    Param("Server", convert=to_str), Param("Filter", convert=to_str, help="e.g. \"MessageCount -gt 10\"."),
+    Param("Server", convert=to_str, from_pipeline=True), Param("Filter", convert=to_str, help="e.g. \"MessageCount -gt 10\"."),
 ]
 
 
@@ -226,7 +227,7 @@ def messages(ctx: ManagementContext, args: dict[str, Any]) -> list[Record]:
 _MESSAGE_PARAMS = [
     Param("Identity", position=0, from_pipeline=True, help="Server\\Queue\\Number, Queue\\Number or Number."),
     Param("Filter", convert=to_str, help="e.g. \"FromAddress -like '*@contoso.com'\"."),
-    Param("Server", convert=to_str),
+    Param("Server", convert=to_str, from_pipeline=True),
 ]
 
 

@@ -45,7 +45,7 @@ _PARAMS = [
     Param("Sender", convert=to_str), Param("Recipients", convert=lambda v: [to_str(x) for x in as_list(v)], multi=True),
     Param("MessageId", convert=to_str), Param("InternalMessageId", convert=to_int64),
     Param("NetworkMessageId", convert=to_str), Param("MessageSubject", convert=to_str), Param("EventId", convert=to_str),
-    Param("Source", convert=to_str), Param("Reference", convert=to_str), Param("Server", convert=to_str),
+    Param("Source", convert=to_str), Param("Reference", convert=to_str), Param("Server", convert=to_str, from_pipeline=True),
     Param("ResultSize", convert=to_result_size, help="Default 1000; Unlimited for all."),
     Param("Follow", switch=True, help="Keep printing new events as they happen (mailgate extension)."),
     Param("FollowSeconds", convert=to_int, help="With -Follow: stop after this many seconds."),

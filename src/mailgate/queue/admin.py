@@ -79,14 +79,15 @@ class QueueAdmin:
             "IsValid": True, "ObjectState": "New",
         })
 
-    def queues(self) -> list[Record]:
+    def queues(self, empty_poison: bool = False) -> list[Record]:
+        """Every queue; Poison only when it holds mail (as in Exchange) or ``empty_poison`` (it was named)."""
         counts = self._counts()
         out = []
-        keys = list(self.manager.queues)
+        keys = [key for key in self.manager.queues if key != POISON]
         for key in counts:
             if key not in keys and key != POISON:
                 keys.append(key)
-        if counts.get(POISON):
+        if counts.get(POISON) or empty_poison:
             keys.append(POISON)
         for key in keys:
             q = self.manager.queue(key)

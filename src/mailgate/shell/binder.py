@@ -11,6 +11,7 @@ from typing import Any
 from mailgate.errors import InvalidValueError, ParameterError, UserError
 from mailgate.manage.cmdlets import Cmdlet, Param
 from mailgate.manage.params import to_bool
+from mailgate.manage.present import Record
 
 NO_VALUE = object()
 
@@ -120,5 +121,16 @@ def _has_converter(param: Param) -> bool:
     return param.convert.__name__ != "_identity"
 
 
-def pipeline_param(cmdlet: Cmdlet) -> Param | None:
-    return next((p for p in cmdlet.params if p.from_pipeline), None)
+# What Get-TransportService, Get-ExchangeServer and Get-FrontendTransportService output: server objects.
+SERVER_OBJECT_TYPES = frozenset({"TransportServer", "ExchangeServer", "FrontendTransportServer"})
+
+
+def pipeline_param(cmdlet: Cmdlet, item: Any = None) -> Param | None:
+    """The parameter a piped object binds to. A server object goes to -Server where that takes pipeline input
+    (``Get-TransportService | Get-Queue``, ``| Get-MessageTrackingLog``: PowerShell binds it by its type); anything
+    else to the cmdlet's first other pipeline parameter (-Identity, -InputObject)."""
+    piped = [p for p in cmdlet.params if p.from_pipeline]
+    server = next((p for p in piped if p.name == "Server"), None)
+    if server is not None and isinstance(item, Record) and item.type_name in SERVER_OBJECT_TYPES:
+        return server
+    return next((p for p in piped if p is not server), server)

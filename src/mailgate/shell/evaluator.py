@@ -452,19 +452,20 @@ class Evaluator:
         except UserError as exc:
             raise Terminating(exc, node, cmd.name, stops_script=False) from None
         pipe = binder.pipeline_param(cmd)
-        calls: list[dict[str, Any]]
+        calls: list[dict[str, Any]] = []
         if input_items is None:
             calls = [bound]
         elif pipe is not None and cmd.builtin:
             calls = [{**bound, pipe.name: input_items}] if pipe.name not in bound else [bound]
-        elif pipe is not None and pipe.name not in bound:
-            calls = [{**bound, pipe.name: item} for item in input_items]
-        elif not input_items:
-            calls = []
         else:
-            raise Terminating(ShellError(f"The input object cannot be bound to any parameters for the command "
-                                         f"'{cmd.name}': it takes no pipeline input, or the parameter that would "
-                                         "take it was already given."), node, cmd.name, stops_script=False)
+            for item in input_items:   # a cmdlet runs once per piped object, bound to the parameter it fits
+                param = binder.pipeline_param(cmd, item)
+                if param is None or param.name in bound:
+                    raise Terminating(ShellError(
+                        f"The input object cannot be bound to any parameters for the command '{cmd.name}': it takes "
+                        "no pipeline input, or the parameter that would take it was already given."),
+                        node, cmd.name, stops_script=False)
+                calls.append({**bound, param.name: item})
         out: list[Any] = []
         for raw in calls:
             try:
