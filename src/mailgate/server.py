@@ -275,6 +275,12 @@ class TransportService:
             identity, body = admin.export(args["identity"])
             return {"identity": identity, "body": body}
         if op == "submit":
+            # A probe sent right after a change (New-Mailbox, then Test-Mailflow) is routed by that change, not by
+            # the configuration the next poll would have read.
+            try:
+                await self.reload()
+            except Exception as exc:  # noqa: BLE001 - submit with the last good configuration
+                self._reload_failed(exc)
             return await self.submit_local(args["sender"], args["recipients"], args["body"],
                                            source=args.get("source", "STOREDRIVER"))
         if op == "status":

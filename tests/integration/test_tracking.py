@@ -145,6 +145,11 @@ def test_test_mailflow_success_and_failure_with_the_reason(home, flow):
     assert latency.split(" : ")[1].startswith("00:00:")
     local = shell(home, "Test-Mailflow")
     assert local.ok and "Success" in local.out and "False" in local.out
+    # A mailbox made just before is the probe's target: the server reads the change before it routes the probe
+    # (it used to route by the configuration its once-a-second poll had read: 550 5.1.1 RESOLVER.ADR.ExRecipNotFound).
+    fresh = shell(home, 'New-Mailbox -Name New -PrimarySmtpAddress new@domain.com\n'
+                        'Test-Mailflow -TargetEmailAddress "new@domain.com" | % TestMailflowResult')
+    assert fresh.ok and fresh.out.split()[-1] == "Success", fresh.err
     remote = shell(home, 'Test-Mailflow -TargetEmailAddress "kate@remote.example"')
     assert remote.ok and "Success" in remote.out
     shell(home, "Remove-SendConnector Outbound")

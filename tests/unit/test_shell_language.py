@@ -637,3 +637,21 @@ def test_one_object_indexed_as_an_array_of_one():
                        '$n = 5; "$($n[0]) $($n[-1]) [$($n[1])]"\n(1, 2)[1]\n"abc"[1]')
     assert ok, err
     assert out.splitlines() == ["only one", "only one", "5 5 []", "2", "b"]
+
+
+def test_help_names_parameter_types_as_exchange_does():
+    """Get-Help's syntax lines showed Python's types (<bool>, <str | None>, <mailgate.config.values.TlsAuthLevel |
+    None>); they show Exchange's (<Boolean>, <String>, <TlsAuthLevel>, <ByteQuantifiedSize>, <Unlimited>...)."""
+    import importlib
+    import pkgutil
+
+    import mailgate.manage
+
+    for module in pkgutil.iter_modules(mailgate.manage.__path__):
+        importlib.import_module(f"mailgate.manage.{module.name}")
+    leaked = {(cmd.name, p.name, p.type_name) for cmd in registry.all() for p in cmd.params
+              if p.type_name in ("str", "bool", "int", "float", "ByteSize", "UnlimitedInt", "TimeSpan")
+              or any(mark in p.type_name for mark in ("|", "mailgate.", "None", "typing"))}
+    assert not leaked
+    ok, out, err = run("Get-Help New-SendConnector")
+    assert ok and "[-RequireTLS <Boolean>]" in out and "[-TlsAuthLevel <TlsAuthLevel>]" in out, err

@@ -26,15 +26,24 @@ def exchange_name(model: type[ConfigObject], field_name: str) -> str:
     return info.alias or field_name
 
 
+# Our value types → the parameter types Exchange's help shows (Get-Help's syntax lines).
+_EXCHANGE_TYPE_NAMES = {"str": "String", "bool": "Boolean", "int": "Int32", "float": "Double", "datetime": "DateTime",
+                        "ByteSize": "ByteQuantifiedSize", "UnlimitedInt": "Unlimited", "TimeSpan": "EnhancedTimeSpan",
+                        "AuthMechanism": "AuthMechanisms", "SmartHostAuthMechanism": "AuthMechanisms",
+                        "MessageRateSource": "MessageRateSourceFlags"}
+
+
 def _type_name(annotation: Any) -> str:
-    text = getattr(annotation, "__name__", None) or str(annotation)
-    origin = getattr(annotation, "__origin__", None)
-    if origin is list:
+    """The type a field's parameter shows in help: Exchange's name for it (``str | None`` is a String)."""
+    args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+    if getattr(annotation, "__origin__", None) is list:
         return "MultiValuedProperty"
-    meta = getattr(annotation, "__metadata__", None)
-    if meta:
-        return getattr(annotation.__origin__, "__name__", text)
-    return text.replace("typing.", "")
+    if type(None) in getattr(annotation, "__args__", ()) and len(args) == 1:   # Optional: the type it holds
+        return _type_name(args[0])
+    if getattr(annotation, "__metadata__", None):   # Annotated[T, ...]
+        return _type_name(annotation.__origin__)
+    text = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+    return _EXCHANGE_TYPE_NAMES.get(text, text)
 
 
 def field_params(model: type[ConfigObject], *, exclude: Iterable[str] = (), only: Iterable[str] | None = None,
@@ -51,7 +60,7 @@ def field_params(model: type[ConfigObject], *, exclude: Iterable[str] = (), only
         type_name = _type_name(annotation)
         element = annotation.__args__[0] if conv.is_list else annotation  # type: ignore[union-attr]
         if isinstance(element, type) and issubclass(element, (ExchangeEnum, ExchangeFlag)):
-            type_name = element.__name__
+            type_name = _EXCHANGE_TYPE_NAMES.get(element.__name__, element.__name__)
         params.append(Param(exchange_name(model, name), convert=conv, type_name=type_name, multi=conv.is_list,
                             help=(help or {}).get(name, "")))
     return params
