@@ -518,7 +518,7 @@ def export_csv(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
         existing = [line for line in textfiles.existing_text(path, encoding).splitlines()
                     if line.strip() and not line.startswith("#")]
         header = next(csv.reader(existing[:1], delimiter=delimiter), None)
-    text = ""
+    lines: list[str] = []
     if header:
         missing = [c for c in header if c and not any(fmt.get_property(i, c) is not None or
                                                       c.lower() in (p.lower() for p in fmt.properties_of(i))
@@ -531,11 +531,10 @@ def export_csv(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
         cols = header
     else:
         if not args.get("NoTypeInformation") and items:
-            text += f"#TYPE {_csv_type_name(items[0])}\n"
-        text += _csv_record(list(cols), delimiter)
-    for item in items:
-        text += _csv_record([_csv_field(fmt.get_property(item, c)) for c in cols], delimiter)
-    textfiles.write_text(path, text, encoding, append=append, no_clobber=bool(args.get("NoClobber")))
+            lines.append(f"#TYPE {_csv_type_name(items[0])}\n")
+        lines.append(_csv_record(list(cols), delimiter))
+    lines += [_csv_record([_csv_field(fmt.get_property(item, c)) for c in cols], delimiter) for item in items]
+    textfiles.write_text(path, "".join(lines), encoding, append=append, no_clobber=bool(args.get("NoClobber")))
     return []
 
 
