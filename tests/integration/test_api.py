@@ -100,6 +100,11 @@ def test_every_cmdlet_is_an_authenticated_documented_endpoint(admin_server):
     for cmdlet in ("Get-Queue", "Get-Message", "Export-Message", "Retry-Queue", "Get-ReceiveConnector"):
         several = call(srv, cmdlet, Identity=[None, None])
         assert several.status_code == 400 and several.json()["parameter"] == "Identity", (cmdlet, several.text)
+        # An object is no identity either (it was looked up by its Python text: "The queue '{'a': 1}' ...").
+        hashtable = call(srv, cmdlet, Identity={"a": 1})
+        assert hashtable.status_code == 400 and "Hashtable" in hashtable.json()["error"], (cmdlet, hashtable.text)
+        in_a_list = call(srv, cmdlet, Identity=[{"a": 1}])
+        assert in_a_list.status_code == 400 and in_a_list.json()["parameter"] == "Identity", (cmdlet, in_a_list.text)
     missing = call(srv, "Export-Message", Identity=[None])
     assert missing.status_code == 400 and missing.json()["parameter"] == "Identity", missing.text
     follow = call(srv, "Get-MessageTrackingLog", Follow=True)

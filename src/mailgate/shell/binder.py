@@ -107,9 +107,13 @@ def convert(cmdlet: Cmdlet, bound: dict[str, Any]) -> dict[str, Any]:
 def _one_identity(value: Any) -> Any:
     """Exchange's -Identity takes one object (an IdParameter): a one-element list is that element, more or
     fewer is a binding error, not a list the cmdlet has to cope with."""
+    if isinstance(value, dict):   # a hashtable is no identity (it was looked up by its Python text)
+        raise InvalidValueError("Cannot process argument transformation on parameter 'Identity'. Cannot convert the "
+                                '"System.Collections.Hashtable" value of type "System.Collections.Hashtable" to an '
+                                "identity; give a name, an identity or a GUID.", parameter="Identity")
     if not isinstance(value, list):
         return value
-    if len(value) == 1 and not isinstance(value[0], list):
+    if len(value) == 1 and not isinstance(value[0], (list, dict)):
         return value[0]
     raise InvalidValueError("Cannot process argument transformation on parameter 'Identity'. Cannot convert the "
                             '"System.Object[]" value of type "System.Object[]" to the single identity the parameter '
