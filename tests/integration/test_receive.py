@@ -76,6 +76,39 @@ def test_anonymous_mail_to_a_mailbox_is_delivered_with_audit_headers(home, serve
     assert "Message-ID: <" in head  # added when the client sent none
 
 
+def test_send_mail_message_tries_a_connector_from_the_shell(home, server, tmp_path):
+    """Windows PowerShell's Send-MailMessage, as administrators test a connector: the message arrives with its
+    headers and attachment, a refusal quotes the server's reply, a recipient refused among others is reported
+    while the others get the message, -UseSsl verifies the certificate, AUTH needs a connection that offers it."""
+    shell(home, "New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com")
+    synced(home)
+    (tmp_path / "report.txt").write_text("queue report")
+    port, client_port = server.ports["frontend"], server.ports["client"]
+    sent = shell(home, f'$PSEmailServer = "127.0.0.1"\n'
+                       f'Send-MailMessage -From printer@b.example -To admin@domain.com,nobody@domain.com -Subject '
+                       f'"Relay test" -Body "<b>hi</b>" -BodyAsHtml -Port {port} -Priority High '
+                       f'-DeliveryNotificationOption OnFailure -Attachments {tmp_path / "report.txt"}')
+    assert not sent.ok and "RecipientNotFound" in sent.err and "(nobody@domain.com)" in sent.err
+    msg = wait_for(lambda: maildir_messages(home, "admin@domain.com"), message="the Send-MailMessage message")[0]
+    head, body = msg.split(b"\r\n\r\n", 1)
+    assert b"Subject: Relay test" in head and b"X-Priority: 1" in head and b"From: printer@b.example" in head
+    assert b"Content-Type: text/html" in body and b'filename="report.txt"' in body
+    relay = shell(home, f"Send-MailMessage -From a@b.example -To x@remote.example -Subject hi -SmtpServer 127.0.0.1 "
+                        f"-Port {port}")
+    assert not relay.ok and "The server response was: 550 5.7.54 SMTP; Unable to relay" in relay.err
+    tls = shell(home, f"Send-MailMessage -From a@b.example -To admin@domain.com -Subject hi -SmtpServer 127.0.0.1 "
+                      f"-Port {port} -UseSsl")
+    assert not tls.ok and "The remote certificate is invalid" in tls.err
+    auth = shell(home, f'Send-MailMessage -From a@b.example -To admin@domain.com -Subject hi -SmtpServer 127.0.0.1 '
+                       f'-Port {client_port} -Credential (New-Object System.Management.Automation.PSCredential('
+                       f'"kate", (ConvertTo-SecureString "x" -AsPlainText -Force)))')
+    assert not auth.ok and "doesn't offer AUTH on this connection" in auth.err
+    closed = shell(home, f"Send-MailMessage -From a@b.example -To admin@domain.com -Subject hi -SmtpServer 127.0.0.1 "
+                         f"-Port {free_port('127.0.0.1')}")
+    assert not closed.ok and "Unable to connect to the remote server" in closed.err
+    assert len(maildir_messages(home, "admin@domain.com")) == 1
+
+
 def test_require_tls_refuses_mail_before_starttls(home, server):
     shell(home, 'New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com\n'
                 'Set-ReceiveConnector "Default Frontend EX01" -RequireTLS $true')

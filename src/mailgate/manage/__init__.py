@@ -25,3 +25,4 @@ def load_cmdlets(*, shell: bool = True) -> None:
         importlib.import_module(name)
     if shell:
         importlib.import_module("mailgate.shell.builtins")
+        importlib.import_module("mailgate.shell.sendmail")
