@@ -655,3 +655,38 @@ def test_help_names_parameter_types_as_exchange_does():
     assert not leaked
     ok, out, err = run("Get-Help New-SendConnector")
     assert ok and "[-RequireTLS <Boolean>]" in out and "[-TlsAuthLevel <TlsAuthLevel>]" in out, err
+
+
+def test_resolve_dnsname_and_test_netconnection_troubleshoot_mail_flow():
+    """The Windows cmdlets administrators reach for when mail doesn't flow: MX and address lookups (a missing
+    name or record type said as Windows says it) and a TCP test of a port."""
+    import socket
+
+    from peers import DnsServer
+
+    zone = DnsServer()
+    listener = socket.create_server(("127.0.0.1", 0))
+    closed_port = socket.create_server(("127.0.0.1", 0))
+    free = closed_port.getsockname()[1]
+    closed_port.close()
+    try:
+        zone.add("fabrikam.example", "MX", "20 mx2.fabrikam.example.", "10 mx1.fabrikam.example.")
+        zone.add("mx1.fabrikam.example", "A", "127.0.0.20")
+        server = f"-Server {zone.address}"
+        ok, out, err = run(f"Resolve-DnsName fabrikam.example -Type MX {server} | Sort-Object Preference | "
+                           f"% {{ \"$($_.NameExchange) $($_.Preference)\" }}\n"
+                           f"(Resolve-DnsName mx1.fabrikam.example {server}).IPAddress\n"
+                           f"(Resolve-DnsName fabrikam.example -Type TXT {server}).Section")
+        assert ok, err
+        assert out.split("\n")[:4] == ["mx1.fabrikam.example 10", "mx2.fabrikam.example 20", "127.0.0.20", "Authority"]
+        ok, _, err = run(f"Resolve-DnsName nope.fabrikam.example {server}")
+        assert not ok and "nope.fabrikam.example : DNS name does not exist" in err
+        port = listener.getsockname()[1]
+        ok, out, err = run(f"(tnc 127.0.0.1 -Port {port}).TcpTestSucceeded; "
+                           f"Test-NetConnection 127.0.0.1 -Port {free} -InformationLevel Quiet")
+        lines = out.split()
+        assert ok and lines[0] == "True" and lines[-1] == "False", err
+        assert f"WARNING: TCP connect to (127.0.0.1 : {free}) failed" in out
+    finally:
+        zone.close()
+        listener.close()

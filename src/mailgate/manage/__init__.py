@@ -26,3 +26,4 @@ def load_cmdlets(*, shell: bool = True) -> None:
     if shell:
         importlib.import_module("mailgate.shell.builtins")
         importlib.import_module("mailgate.shell.sendmail")
+        importlib.import_module("mailgate.shell.nettools")

@@ -657,6 +657,6 @@ for _alias, _name in [("ft", "Format-Table"), ("fl", "Format-List"), ("select", 
                       ("where", "Where-Object"), ("?", "Where-Object"), ("sort", "Sort-Object"),
                       ("measure", "Measure-Object"), ("group", "Group-Object"), ("gm", "Get-Member"), ("%", "ForEach-Object"), ("foreach", "ForEach-Object"),
                       ("gcm", "Get-Command"), ("help", "Get-Help"), ("echo", "Write-Output"),
-                      ("gc", "Get-Content"), ("cat", "Get-Content"), ("type", "Get-Content"), ("ipcsv", "Import-Csv"),
+                      ("gc", "Get-Content"), ("cat", "Get-Content"), ("type", "Get-Content"), ("ipcsv", "Import-Csv"), ("epcsv", "Export-Csv"),
                       ("sleep", "Start-Sleep"), ("cls", "Clear-Host"), ("clear", "Clear-Host")]:
     registry.alias(_alias, _name)

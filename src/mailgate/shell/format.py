@@ -38,6 +38,14 @@ DEFAULT_VIEWS: dict[str, tuple[str, list[str] | None]] = {
     "GroupInfo": ("table", ["Count", "Name", "Group"]),
     "GroupInfoNoElement": ("table", ["Count", "Name"]),
     "MemberDefinition": ("table", ["Name", "MemberType", "Definition"]),
+    # Resolve-DnsName, one view per record type, and Test-NetConnection, as Windows prints them
+    **{f"DnsRecord_{kind}": ("table", ["Name", "Type", "TTL", "Section", *fields]) for kind, fields in (
+        ("A", ["IPAddress"]), ("AAAA", ["IPAddress"]), ("MX", ["NameExchange", "Preference"]), ("TXT", ["Strings"]),
+        ("CNAME", ["NameHost"]), ("NS", ["NameHost"]), ("PTR", ["NameHost"]),
+        ("SOA", ["PrimaryServer", "NameAdministrator", "SerialNumber"]),
+        ("SRV", ["NameTarget", "Priority", "Weight", "Port"]))},
+    "TestNetConnectionResult": ("list", ["ComputerName", "RemoteAddress", "RemotePort", "SourceAddress",
+                                         "TcpTestSucceeded"]),
 }
 
 
