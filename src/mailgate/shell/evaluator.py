@@ -128,6 +128,9 @@ class Evaluator:
         self.verbose_requested = False   # the running command's -Verbose (Write-Verbose reads it)
         self._source = ""
         self._deferred_errors: list[tuple[str, str]] = []
+        # [System.Net.ServicePointManager]'s settings scripts assign (lower-case names): Send-MailMessage reads
+        # ServerCertificateValidationCallback, as .NET's SmtpClient does.
+        self.service_point: dict[str, Any] = {}
 
     # -- entry points ------------------------------------------------------------
     def run(self, text: str) -> bool:
@@ -375,6 +378,12 @@ class Evaluator:
             set_member(self.eval(target.children[0]), self._member_name(target.children[1]), value)
         elif target.data == "index":
             set_item(self.eval(target.children[0]), self.eval(target.children[1]), value)
+        elif target.data == "static_member" and _is_service_point(self.eval(target.children[0])):
+            name = str(target.children[1])
+            if name.lower() not in SERVICE_POINT_SETTINGS:
+                raise ShellError(f"[System.Net.ServicePointManager]::{name} can't be set in this shell (it takes "
+                                 f"{', '.join(SERVICE_POINT_SETTINGS.values())}).")
+            self.service_point[name.lower()] = value
         else:
             raise ShellError("The assignment expression is not valid. The input to an assignment operator must be "
                              "an object that is able to accept assignments, such as a variable or a property.")
@@ -668,6 +677,8 @@ class Evaluator:
 
     def _e_static_member(self, node: Tree) -> Any:
         target = self.eval(node.children[0])
+        if _is_service_point(target) and str(node.children[1]).lower() in SERVICE_POINT_SETTINGS:
+            return self.service_point.get(str(node.children[1]).lower())
         return static(target, str(node.children[1]), None)
 
     def _e_static_call(self, node: Tree) -> Any:
@@ -1005,6 +1016,18 @@ def _width(value: Any) -> int:
     return width
 
 
+# What scripts set on [System.Net.ServicePointManager] (lower-case name → its name): a certificate callback of
+# { $true } makes Send-MailMessage -UseSsl take any certificate; SecurityProtocol is taken and changes nothing
+# (TLS 1.2 and later are always used).
+SERVICE_POINT_SETTINGS = {"servercertificatevalidationcallback": "ServerCertificateValidationCallback",
+                          "securityprotocol": "SecurityProtocol"}
+
+
+def _is_service_point(target: Any) -> bool:
+    return isinstance(target, TypeRef) and target.name.lower() in ("system.net.servicepointmanager",
+                                                                     "net.servicepointmanager", "servicepointmanager")
+
+
 def static(target: Any, name: str, args: list[Any] | None) -> Any:
     if not isinstance(target, TypeRef):
         raise ShellError(f"'::' needs a type, e.g. [datetime]::Now, not '{to_text(target)}'.")
@@ -1034,6 +1057,8 @@ def static(target: Any, name: str, args: list[Any] | None) -> Any:
                "abs": lambda: abs(args[0])}
         if key in fns:
             return fns[key]()
+    if type_name == "securityprotocoltype" and key in ("tls12", "tls13", "tls11", "tls", "systemdefault"):
+        return {"tls12": "Tls12", "tls13": "Tls13", "tls11": "Tls11", "tls": "Tls", "systemdefault": "SystemDefault"}[key]
     if type_name == "string":
         if key == "join" and args and len(args) == 2:
             return to_text(args[0]).join(to_text(x) for x in (args[1] if isinstance(args[1], list) else [args[1]]))

@@ -19,6 +19,8 @@ from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.credentials import to_credential
 from mailgate.manage.params import as_list, to_int, to_str, to_str_list
+from mailgate.manage.psvalues import truthy
+from mailgate.shell.evaluator import unwrap
 from mailgate.shell.textfiles import ENCODINGS, to_file_encoding
 
 SMTP_TIMEOUT = 100   # seconds, .NET's SmtpClient.Timeout
@@ -53,6 +55,18 @@ def _server_reply(exc: smtplib.SMTPResponseException | tuple[int, bytes]) -> str
     code, text = (exc.smtp_code, exc.smtp_error) if isinstance(exc, smtplib.SMTPResponseException) else exc
     message = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
     return f"{code} {message}".strip()
+
+
+def _tls_context(ctx: ManagementContext) -> ssl.SSLContext:
+    """The server's certificate is verified (system CAs, its name), unless the script did what Exchange
+    administrators do for a self-signed certificate:
+    ``[System.Net.ServicePointManager]::ServerCertificateValidationCallback = { $true }``."""
+    context = ssl.create_default_context()
+    callback = getattr(ctx.shell, "service_point", {}).get("servercertificatevalidationcallback")
+    if callback is not None and truthy(unwrap(callback.invoke() if hasattr(callback, "invoke") else [callback])):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _message(args: dict[str, Any], charset: str) -> EmailMessage:
@@ -122,7 +136,7 @@ def send_mail_message(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]
             if args.get("UseSsl"):
                 if not client.has_extn("starttls"):
                     raise UserError("Server does not support secure connections.")
-                client.starttls(context=ssl.create_default_context())
+                client.starttls(context=_tls_context(ctx))
                 client.ehlo()
             if args.get("Credential") is not None:
                 credential = args["Credential"]
