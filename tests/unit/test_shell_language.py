@@ -307,6 +307,8 @@ def test_incomplete_input_detection():
 def test_get_command_and_help():
     ok, out, _ = run("Get-Command *-ReceiveConnector")
     assert ok and "New-ReceiveConnector" in out and "Set-ReceiveConnector" in out
+    ok, out, err = run("(Get-Command Send-*,Resolve-* | % Name) -join ','; (Get-Command -Verb Retry,Suspend).Count")
+    assert ok and out.split() == ["Resolve-DnsName,Send-MailMessage", "3"], err
     ok, out, _ = run("Get-Help New-ReceiveConnector -Full")
     assert ok and "-RemoteIPRanges" in out and "EXAMPLES" in out
 

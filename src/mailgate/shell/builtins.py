@@ -312,24 +312,24 @@ def foreach_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     return out
 
 
-@cmdlet("Get-Command", [Param("Name", position=0, convert=to_str), Param("Noun", convert=to_str),
-                        Param("Verb", convert=to_str)],
+@cmdlet("Get-Command", [Param("Name", position=0, convert=to_str_list, type_name="String[]"),
+                        Param("Noun", convert=to_str_list, type_name="String[]"),
+                        Param("Verb", convert=to_str_list, type_name="String[]")],
         synopsis="List the cmdlets this shell knows.", builtin=True, default_view="Command")
 def get_command(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
-    """List cmdlets, filtered by name (wildcards), -Verb or -Noun."""
+    """List cmdlets, filtered by names (wildcards), -Verb or -Noun; each may be a list (Get-Command Get-*,Set-*)."""
+    def matches(patterns: list[str] | None, text: str) -> bool:
+        return not patterns or any(wildcard_match(p, text) for p in patterns)
+
     out = []
     for c in registry.all():
         verb, _, noun = c.name.partition("-")
-        if args.get("Name") and not wildcard_match(args["Name"], c.name):
-            continue
-        if args.get("Verb") and not wildcard_match(args["Verb"], verb):
-            continue
-        if args.get("Noun") and not wildcard_match(args["Noun"], noun):
-            continue
-        out.append(Record("Command", {"CommandType": "Cmdlet", "Name": c.name, "Verb": verb, "Noun": noun,
-                                      "Synopsis": c.synopsis, "Source": "mailgate"}))
-    if args.get("Name") and not out and not any(ch in args["Name"] for ch in "*?"):
-        registry.get(args["Name"])  # raises the PowerShell "not recognized" error
+        if matches(args.get("Name"), c.name) and matches(args.get("Verb"), verb) and matches(args.get("Noun"), noun):
+            out.append(Record("Command", {"CommandType": "Cmdlet", "Name": c.name, "Verb": verb, "Noun": noun,
+                                          "Synopsis": c.synopsis, "Source": "mailgate"}))
+    for name in args.get("Name") or []:   # a name without wildcards that names nothing: PowerShell's error
+        if not any(ch in name for ch in "*?") and not any(r["Name"].lower() == name.lower() for r in out):
+            registry.get(name)
     return out
 
 
