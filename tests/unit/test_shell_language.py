@@ -692,3 +692,28 @@ def test_resolve_dnsname_and_test_netconnection_troubleshoot_mail_flow():
     finally:
         zone.close()
         listener.close()
+
+
+def test_redirection_operators_and_convertto_html_as_exchange_documents_them(tmp_path, monkeypatch):
+    """Get-MessageTrackingLog's documentation: "pipe the output to ConvertTo-Html or ConvertTo-Csv and add
+    > <filename>". > and >> write what the command prints (as Out-File), 2>$null silences its errors (they stay in
+    $Error), 2>&1 merges them into its output, 3> takes its warnings, *> all of them."""
+    monkeypatch.chdir(tmp_path)
+    rows = '[pscustomobject]@{Name="<a>"; Size=1}, [pscustomobject]@{Name="b"; Size=2}'
+    ok, out, err = run(f'{rows} | ConvertTo-Html -Title Report > report.html\n'
+                       f'{rows} | ConvertTo-Csv -NoTypeInformation > rows.csv\n"three" >> rows.csv\n'
+                       'Test-Error gone 2>$null\n"after"\n$Error.Count\n'
+                       'Test-Error merged 2>&1 | Out-File merged.txt\nTest-Error all *> all.txt\n'
+                       'Test-Error warned 3> warnings.txt 2>$null')
+    shown = [line for line in out.splitlines() if line.strip()]
+    assert ok and shown == ["WARNING: about gone", "after", "1", "WARNING: about merged"], err   # 2> isn't 3>
+    page = (tmp_path / "report.html").read_text()
+    assert "<title>Report</title>" in page and "<tr><th>Name</th><th>Size</th></tr>" in page
+    assert "<tr><td>&lt;a&gt;</td><td>1</td></tr>" in page
+    assert (tmp_path / "rows.csv").read_text().splitlines() == ['"Name","Size"', '"<a>","1"', '"b","2"', "three"]
+    assert (tmp_path / "merged.txt").read_text() == "Test-Error : The object 'merged' couldn't be found.\n"
+    assert (tmp_path / "all.txt").read_text().splitlines() == ["Test-Error : The object 'all' couldn't be found.",
+                                                               "WARNING: about all"]
+    assert (tmp_path / "warnings.txt").read_text() == "WARNING: about warned\n"
+    ok, _, err = run("Test-Error stop -ErrorAction Stop 2>$null\n\"not run\"")
+    assert not ok and "The object 'stop' couldn't be found." in err   # a stopping error isn't redirected

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import html
 import io
 import json
 import shutil
@@ -29,11 +30,7 @@ _INPUT = Param("InputObject", from_pipeline=True, raw=True, help="The objects to
 
 
 def _limit(ctx: ManagementContext) -> int:
-    value = ctx.shell.get_variable("FormatEnumerationLimit") if ctx.shell else 4
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return 4
+    return ctx.shell.enumeration_limit() if ctx.shell else 4
 
 
 def _width() -> int | None:
@@ -496,7 +493,20 @@ def _csv_field(value: Any) -> str | None:
 
 def _csv_record(values: list[str | None], delimiter: str) -> str:
     """One CSV line as Windows PowerShell writes it: every value in double quotes, $null as nothing at all."""
-    return delimiter.join('"' + v.replace('"', '""') + '"' if v is not None else "" for v in values) + "\n"
+    return delimiter.join('"' + v.replace('"', '""') + '"' if v is not None else "" for v in values)
+
+
+def _csv_lines(items: list[Any], delimiter: str, *, type_line: bool, columns: list[str] | None = None) -> list[str]:
+    """Export-Csv's and ConvertTo-Csv's lines: ``#TYPE`` (when asked), the header (unless ``columns`` are those
+    of a file being appended to), a line per object."""
+    lines = []
+    if columns is None:
+        columns = fmt.column_names(items)
+        if type_line and items:
+            lines.append(f"#TYPE {_csv_type_name(items[0])}")
+        lines.append(_csv_record(list(columns), delimiter))
+    lines += [_csv_record([_csv_field(fmt.get_property(item, c)) for c in columns], delimiter) for item in items]
+    return lines
 
 
 @cmdlet("Export-Csv", [Param("Path", position=0, mandatory=True, convert=to_str, aliases=("LiteralPath", "PSPath")),
@@ -512,13 +522,11 @@ def export_csv(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     items = _inputs(args)
     delimiter = _delimiter(args)
     path, encoding, append = args["Path"], args.get("Encoding"), bool(args.get("Append"))
-    cols = fmt.column_names(items)
     header: list[str] | None = None
     if append:
         existing = [line for line in textfiles.existing_text(path, encoding).splitlines()
                     if line.strip() and not line.startswith("#")]
         header = next(csv.reader(existing[:1], delimiter=delimiter), None)
-    lines: list[str] = []
     if header:
         missing = [c for c in header if c and not any(fmt.get_property(i, c) is not None or
                                                       c.lower() in (p.lower() for p in fmt.properties_of(i))
@@ -528,14 +536,63 @@ def export_csv(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
                             f"have a property that corresponds to the following column: {missing[0]}. To continue "
                             "with mismatched properties, add the -Force parameter, and then retry the command.",
                             target=path)
-        cols = header
-    else:
-        if not args.get("NoTypeInformation") and items:
-            lines.append(f"#TYPE {_csv_type_name(items[0])}\n")
-        lines.append(_csv_record(list(cols), delimiter))
-    lines += [_csv_record([_csv_field(fmt.get_property(item, c)) for c in cols], delimiter) for item in items]
-    textfiles.write_text(path, "".join(lines), encoding, append=append, no_clobber=bool(args.get("NoClobber")))
+    lines = _csv_lines(items, delimiter, type_line=not args.get("NoTypeInformation"), columns=header or None)
+    textfiles.write_text(path, "".join(line + "\n" for line in lines), encoding, append=append,
+                         no_clobber=bool(args.get("NoClobber")))
     return []
+
+
+@cmdlet("ConvertTo-Csv", [_INPUT, Param("NoTypeInformation", switch=True, aliases=("NTI",)),
+                          Param("Delimiter", position=0, convert=to_str, type_name="Char"),
+                          Param("UseCulture", switch=True)],
+        synopsis="Objects as CSV lines (strings), as Export-Csv would write them.", builtin=True)
+def convert_to_csv(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """The CSV text of the objects, one string per line."""
+    return _csv_lines(_inputs(args), _delimiter(args), type_line=not args.get("NoTypeInformation"))
+
+
+def _html_cell(value: Any) -> str:
+    return html.escape(fmt.format_value(value, -1), quote=False)
+
+
+@cmdlet("ConvertTo-Html", [_INPUT, Param("Property", position=0, convert=to_str_list, type_name="Object[]"),
+                           Param("Title", convert=to_str), Param("Head", convert=to_str_list, type_name="String[]"),
+                           Param("Body", convert=to_str_list, type_name="String[]"),
+                           Param("PreContent", convert=to_str_list, type_name="String[]"),
+                           Param("PostContent", convert=to_str_list, type_name="String[]"),
+                           Param("As", convert=to_str, help="Table (default) or List."),
+                           Param("Fragment", switch=True), Param("CssUri", convert=to_str)],
+        synopsis="Objects as an HTML page (strings), as Windows PowerShell writes it.", builtin=True,
+        examples=['Get-MessageTrackingLog -Start "03/13/2026 09:00:00" | ConvertTo-Html > track.html'])
+def convert_to_html(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """A table (or -As List: a table per object) of the objects' properties, in a page unless -Fragment; values
+    are escaped, -PreContent/-PostContent/-Head/-Body are written as given (they are HTML)."""
+    items = _inputs(args)
+    columns = args.get("Property") or fmt.column_names(items)
+    layout = (args.get("As") or "Table").lower()
+    if layout not in ("table", "list"):
+        raise InvalidValueError(f'Cannot validate argument on parameter \'As\'. The argument "{args["As"]}" does not '
+                                'belong to the set "Table,List".', parameter="As")
+    table: list[str] = []
+    if items and layout == "table":
+        table += ["<table>", "<colgroup>" + "<col/>" * len(columns) + "</colgroup>",
+                  "<tr>" + "".join(f"<th>{html.escape(c, quote=False)}</th>" for c in columns) + "</tr>"]
+        table += ["<tr>" + "".join(f"<td>{_html_cell(fmt.get_property(i, c))}</td>" for c in columns) + "</tr>"
+                  for i in items]
+        table.append("</table>")
+    for item in items if layout == "list" else []:
+        table += ["<table>", *(f"<tr><td>{html.escape(c, quote=False)}:</td><td>{_html_cell(fmt.get_property(item, c))}"
+                               "</td></tr>" for c in columns), "</table>"]
+    body = [*(args.get("PreContent") or []), *table, *(args.get("PostContent") or [])]
+    if args.get("Fragment"):
+        return body
+    head = args.get("Head") or [f"<title>{html.escape(args.get('Title') or 'HTML TABLE', quote=False)}</title>"]
+    if args.get("CssUri"):
+        head.append(f'<link rel="stylesheet" type="text/css" href="{html.escape(args["CssUri"])}" />')
+    return ['<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Strict//EN"  '
+            '"http://www.w3.org/TR/xhtml1/DTD/xhtml1-strict.dtd">',
+            '<html xmlns="http://www.w3.org/1999/xhtml">', "<head>", *head, "</head><body>",
+            *(args.get("Body") or []), *body, "</body></html>"]
 
 
 @cmdlet("Get-Content", [Param("Path", position=0, mandatory=True, convert=to_str, aliases=("LiteralPath", "PSPath")),

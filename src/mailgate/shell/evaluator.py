@@ -36,7 +36,8 @@ from mailgate.manage.psvalues import (
     to_text,
     truthy,
 )
-from mailgate.shell import binder
+from mailgate.shell import binder, textfiles
+from mailgate.shell import format as fmt
 from mailgate.shell.format import Formatted, get_property
 from mailgate.shell.parser import NESTED_TOO_DEEPLY, parse
 
@@ -131,6 +132,8 @@ class Evaluator:
         # [System.Net.ServicePointManager]'s settings scripts assign (lower-case names): Send-MailMessage reads
         # ServerCertificateValidationCallback, as .NET's SmtpClient does.
         self.service_point: dict[str, Any] = {}
+        self._error_sink: list[tuple[UserError, str | None]] | None = None     # 2> or 2>&1 of the running command
+        self._warning_sink: list[str] | None = None                            # 3> of the running command
 
     # -- entry points ------------------------------------------------------------
     def run(self, text: str) -> bool:
@@ -212,6 +215,13 @@ class Evaluator:
         if key.startswith("env:"):
             return os.environ.get(name[4:])
         return self.variables.get(key)
+
+    def enumeration_limit(self) -> int:
+        """$FormatEnumerationLimit: how many items of a list a table or list shows (4 unless set)."""
+        try:
+            return int(self.variables.get("formatenumerationlimit", 4))
+        except (TypeError, ValueError):
+            return 4
 
     def set_variable(self, name: str, value: Any) -> None:
         key = name.lower()
@@ -409,11 +419,12 @@ class Evaluator:
             return self._as_items(self.eval(node))
         elements = node.children
         head = elements[0]
+        redirects = [e for e in elements[1:] if e.data == "redirection"]   # only after an expression head
         if isinstance(head, Tree) and head.data == "command":
             items = self.invoke_command(head, None)
         else:
-            items = self._as_items(self.eval(head))
-        for cmd in elements[1:]:
+            items = self._redirected(lambda: self._as_items(self.eval(head)), redirects, head)
+        for cmd in elements[1 + len(redirects):]:
             items = self.invoke_command(cmd, items)
         return items
 
@@ -428,6 +439,8 @@ class Evaluator:
     def command_elements(self, node: Tree) -> list[binder.NamedArg | binder.PositionalArg]:
         out: list[binder.NamedArg | binder.PositionalArg] = []
         for child in node.children[1:]:
+            if child.data == "redirection":
+                continue
             if child.data == "switch_or_param":
                 out.append(binder.NamedArg(str(child.children[0])[1:]))
             elif child.data == "param_with_value":
@@ -444,6 +457,63 @@ class Evaluator:
         return self.eval(node)
 
     def invoke_command(self, node: Tree, input_items: list[Any] | None) -> list[Any]:
+        redirects = [c for c in node.children[1:] if c.data == "redirection"]
+        if not redirects:
+            return self._invoke_command(node, input_items)
+        return self._redirected(lambda: self._invoke_command(node, input_items), redirects, node)
+
+    def _redirected(self, run: Callable[[], list[Any]], redirects: list[Tree], node: Any) -> list[Any]:
+        """Run a command (or an expression) with PowerShell's redirections: ``>``/``>>`` send its output to a
+        file (as Out-File; ``$null`` discards it), ``2>`` its errors, ``3>`` its warnings, ``*>`` all three,
+        ``2>&1`` its errors into its output. An error that stops the script (-ErrorAction Stop) isn't redirected."""
+        targets: dict[str, tuple[Any, bool]] = {}   # stream → (path or None for $null, append)
+        merge_errors = False
+        for r in redirects:
+            token = str(r.children[0])
+            if token.endswith("&1"):
+                merge_errors = merge_errors or token[0] in "2*"
+                continue
+            stream = token[0] if token[0] in "123456*" else "1"
+            target = self.eval_argument(r.children[1])
+            path = None if target is None else to_text(target)
+            for s in ("1", "2", "3") if stream == "*" else (stream,):
+                targets[s] = (path, token.endswith(">>"))
+        catch_errors = merge_errors or "2" in targets
+        errors: list[tuple[UserError, str | None]] = []
+        saved = (self._error_sink, self._warning_sink)
+        if catch_errors:
+            self._error_sink = errors
+        if "3" in targets:
+            self._warning_sink = []
+        try:
+            try:
+                out = run()
+            except Terminating as stop:   # a binding error or an unknown command is in the error stream too
+                if not catch_errors or stop.stops_script:
+                    raise
+                self._remember_error(stop.error, stop.cmdlet)
+                errors.append((stop.error, stop.cmdlet))
+                out = []
+            warnings = self._warning_sink
+        finally:
+            self._error_sink, self._warning_sink = saved
+        error_lines = [f"{cmdlet} : {error}" if cmdlet else str(error) for error, cmdlet in errors]
+        if merge_errors:
+            out = out + error_lines
+        streams = {"1": lambda: fmt.default_render(out, limit=self.enumeration_limit()),
+                   "2": lambda: [] if merge_errors else error_lines,
+                   "3": lambda: [f"WARNING: {w}" for w in warnings or []]}
+        files: dict[str, tuple[list[str], bool]] = {}   # path → its lines (output, errors, warnings), append
+        for stream in ("1", "2", "3"):
+            if stream in targets and targets[stream][0] is not None:
+                path, append = targets[stream]
+                files.setdefault(path, ([], append))[0].extend(streams[stream]())
+        for path, (lines, append) in files.items():
+            if lines or not append:   # > makes the file even for nothing, as PowerShell does
+                textfiles.write_text(path, "".join(line + "\n" for line in lines), None, append=append)
+        return [] if "1" in targets else out
+
+    def _invoke_command(self, node: Tree, input_items: list[Any] | None) -> list[Any]:
         """Run one command of a pipeline. An unknown command or parameters that don't bind end the statement
         (PowerShell's terminating errors: a try block catches them); an error of the cmdlet itself is shown
         and the pipeline goes on with the next object, unless -ErrorAction (or $ErrorActionPreference) says
@@ -503,6 +573,10 @@ class Evaluator:
             return
         if action == "Stop":
             raise Terminating(error, node, cmdlet, stops_script=True)
+        if self._error_sink is not None:   # 2> or 2>&1: into the file or the output, and into $Error
+            self._remember_error(error, cmdlet)
+            self._error_sink.append((error, cmdlet))
+            return
         self._fail(error, node, cmdlet)
 
     def call(self, cmd: Cmdlet, args: dict[str, Any], *, error_action: str = "Continue",
@@ -536,11 +610,17 @@ class Evaluator:
             errors, ctx.errors = ctx.errors, []
             if error_action == "Stop":
                 raise UserError(errors[0])
-            if error_action not in ("SilentlyContinue", "Ignore"):   # shown once the statement's output is out
+            if self._error_sink is not None and error_action not in ("SilentlyContinue", "Ignore"):
+                for message in errors:
+                    self._cmdlet_error(UserError(message), None, cmd.name, error_action)
+            elif error_action not in ("SilentlyContinue", "Ignore"):   # shown once the statement's output is out
                 self._deferred_errors += [(cmd.name, message) for message in errors]
         return [] if result is None else list(result) if isinstance(result, (list, tuple)) else [result]
 
     def _flush_side_channels(self) -> None:
+        if self._warning_sink is not None:   # 3> or *>: the warnings go where they were sent
+            self._warning_sink += self.ctx.warnings
+            self.ctx.warnings.clear()
         if self.ctx.messages or self.ctx.warnings:
             lines = list(self.ctx.messages) + [f"WARNING: {w}" for w in self.ctx.warnings]
             self.ctx.messages.clear()
