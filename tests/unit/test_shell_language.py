@@ -717,3 +717,6 @@ def test_redirection_operators_and_convertto_html_as_exchange_documents_them(tmp
     assert (tmp_path / "warnings.txt").read_text() == "WARNING: about warned\n"
     ok, _, err = run("Test-Error stop -ErrorAction Stop 2>$null\n\"not run\"")
     assert not ok and "The object 'stop' couldn't be found." in err   # a stopping error isn't redirected
+    ok, _, err = run("Get-Queue >")   # an error at once, not a continuation prompt waiting for the file
+    assert not ok and "Missing file specification after redirection operator." in err
+    assert not is_incomplete("Get-Queue >") and not is_incomplete("Get-Queue >> ") and is_incomplete("Get-Queue |")

@@ -43,7 +43,9 @@ def parse(text: str) -> Tree:
             token = exc.token
             what = "end of input" if token.type == "$END" else f"token '{token}'"
             reason = f"Unexpected {what} in expression or statement."
-            if token.type == "$END":
+            if _ends_with_redirection(text, exc):
+                reason = "Missing file specification after redirection operator."
+            elif token.type == "$END":
                 reason = "Missing closing ')', '}' or quote, or an incomplete statement."
         elif isinstance(exc, lark.exceptions.UnexpectedCharacters):
             char = text[exc.pos_in_stream] if exc.pos_in_stream < len(text) else ""
@@ -60,14 +62,21 @@ def parse(text: str) -> Tree:
         raise ParseError(NESTED_TOO_DEEPLY) from None
 
 
+def _ends_with_redirection(text: str, exc: lark.exceptions.UnexpectedToken) -> bool:
+    """The statement stopped right after a redirection operator ("Get-Queue >", "Get-Queue > | ...")."""
+    if exc.token.type == "$END":   # lark keeps no token history at the end of the input
+        return text.rstrip().endswith(">")
+    return bool(exc.token_history) and exc.token_history[-1].type == "FILE_REDIRECT"
+
+
 def is_incomplete(text: str) -> bool:
     """True when more lines could complete the statement (for the interactive prompt)."""
     if text.rstrip().endswith("`") or text.rstrip().endswith("|"):
         return True
     try:
         _parser().parse(text)
-    except lark.exceptions.UnexpectedToken as exc:
-        return exc.token.type == "$END"
+    except lark.exceptions.UnexpectedToken as exc:   # "Get-Queue >" wants no more lines: it lacks its file
+        return exc.token.type == "$END" and not _ends_with_redirection(text, exc)
     except lark.exceptions.UnexpectedCharacters as exc:
         rest = text[exc.pos_in_stream:]
         return rest[:1] in "\"'" and rest.count(rest[0]) % 2 == 1
