@@ -66,7 +66,7 @@ def _ends_with_redirection(text: str, exc: lark.exceptions.UnexpectedToken) -> b
     """The statement stopped right after a redirection operator ("Get-Queue >", "Get-Queue > | ...")."""
     if exc.token.type == "$END":   # lark keeps no token history at the end of the input
         return text.rstrip().endswith(">")
-    return bool(exc.token_history) and exc.token_history[-1].type == "FILE_REDIRECT"
+    return bool(exc.token_history) and getattr(exc.token_history[-1], "type", None) == "FILE_REDIRECT"
 
 
 def is_incomplete(text: str) -> bool:
