@@ -720,3 +720,26 @@ def test_redirection_operators_and_convertto_html_as_exchange_documents_them(tmp
     ok, _, err = run("Get-Queue >")   # an error at once, not a continuation prompt waiting for the file
     assert not ok and "Missing file specification after redirection operator." in err
     assert not is_incomplete("Get-Queue >") and not is_incomplete("Get-Queue >> ") and is_incomplete("Get-Queue |")
+
+
+def test_what_report_scripts_take_for_granted(tmp_path):
+    """$env:COMPUTERNAME is the local server, .NET date formats (standard and custom), Sort-Object keys with their
+    own direction, Test-Path, Read-Host, and Out-GridView saying what to use instead."""
+    from mailgate.shell.session import LinePrompter
+
+    ctx = ManagementContext(_Home(), store=None, runtime=None)  # type: ignore[arg-type]
+    out, err = io.StringIO(), io.StringIO()
+    shell = Shell(ctx, out=out, err=err)
+    ctx.prompter = LinePrompter(iter(["EX01\\Submission\n"]), err)
+    rows = "[pscustomobject]@{N='b'; C=1}, [pscustomobject]@{N='a'; C=1}, [pscustomobject]@{N='c'; C=2}"
+    assert shell.run_text(
+        '$env:COMPUTERNAME\n$d = [datetime]::Parse("2026-03-07 14:05:09")\n'
+        '$d.ToString("s"); $d.ToString("M/d/yyyy h:mm tt"); "{0:yyyyMMdd-HHmm}" -f $d; $d.ToString("dddd \'at\' H:mm")\n'
+        f'({rows} | Sort-Object @{{Expression="C"; Descending=$true}}, N | % N) -join ","\n'
+        f'Test-Path {tmp_path}; Test-Path {tmp_path / "none"}; Test-Path {tmp_path} -PathType Leaf\n'
+        '$queue = Read-Host "Queue"; "[$queue]"'), err.getvalue()
+    lines = [line for line in out.getvalue().splitlines() if line]
+    assert lines == ["EX01", "2026-03-07T14:05:09", "3/7/2026 2:05 PM", "20260307-1405", "Saturday at 14:05", "c,a,b",
+                     "True", "False", "False", "[EX01\\Submission]"]
+    ok, _, err_text = run("[pscustomobject]@{A=1} | Out-GridView")
+    assert not ok and "Format-Table" in err_text and "Export-Csv" in err_text

@@ -86,6 +86,17 @@ def get_credential(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     return [PSCredential(user, SecureString(password))]
 
 
+@cmdlet("Read-Host", [Param("Prompt", position=0, convert=to_str), Param("AsSecureString", switch=True)],
+        synopsis="Ask the person at the shell for a line of text (or a password with -AsSecureString).", builtin=True)
+def read_host(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """The line typed (on the terminal, or from standard input in scripts); "Prompt: " shown first."""
+    if ctx.prompter is None:
+        raise UserError("Read-Host needs a terminal or standard input to ask on.")
+    prompt = f"{args['Prompt']}: " if args.get("Prompt") else ""
+    line = ctx.prompter.ask(prompt, secret=bool(args.get("AsSecureString")))
+    return [SecureString(line) if args.get("AsSecureString") else line]
+
+
 @cmdlet("ConvertTo-SecureString",
         [Param("String", position=0, mandatory=True, convert=to_str),
          Param("AsPlainText", switch=True), Param("Force", switch=True)],

@@ -292,18 +292,75 @@ def _format_value(value: Any, spec: str | None) -> str:
     raise ValueError(f'Error formatting a string: the format "{spec}" is not one this shell knows.')
 
 
+# .NET's standard date formats (one letter) as the custom formats they stand for in en-US; "u", "r" and "U" are
+# written in UTC.
+_STANDARD_DATE_FORMATS = {
+    "d": "M/d/yyyy", "D": "dddd, MMMM d, yyyy", "f": "dddd, MMMM d, yyyy h:mm tt", "F": "dddd, MMMM d, yyyy h:mm:ss tt",
+    "g": "M/d/yyyy h:mm tt", "G": "M/d/yyyy h:mm:ss tt", "m": "MMMM d", "M": "MMMM d", "o": "yyyy-MM-ddTHH:mm:ss.fffffffK",
+    "O": "yyyy-MM-ddTHH:mm:ss.fffffffK", "r": "ddd, dd MMM yyyy HH:mm:ss 'GMT'", "R": "ddd, dd MMM yyyy HH:mm:ss 'GMT'",
+    "s": "yyyy-MM-ddTHH:mm:ss", "t": "h:mm tt", "T": "h:mm:ss tt", "u": "yyyy-MM-dd HH:mm:ss'Z'",
+    "U": "dddd, MMMM d, yyyy h:mm:ss tt", "y": "MMMM yyyy", "Y": "MMMM yyyy",
+}
+# A custom format's specifiers: runs of one letter (yyyy, MM, d, fff...), quoted text, \x, and %x.
+_DATE_TOKENS = re.compile(r"'[^']*'?|\"[^\"]*\"?|\\.|%|(y+|M+|d+|h+|H+|m+|s+|f+|F+|t+|z+|K)|.", re.S)
+
+
 def dotnet_strftime(value: dt.datetime, fmt: str) -> str:
-    """.NET's custom date format (yyyy-MM-dd HH:mm:ss.fff, and the same with "tt" for AM/PM) through strftime."""
-    parts = re.split(r"(yyyy|yy|MMMM|MMM|MM|dddd|ddd|dd|HH|hh|mm|ss|fff|tt|%)", fmt)
-    codes = {"yyyy": "%Y", "yy": "%y", "MMMM": "%B", "MMM": "%b", "MM": "%m", "dddd": "%A", "ddd": "%a", "dd": "%d",
-             "HH": "%H", "hh": "%I", "mm": "%M", "ss": "%S", "tt": "%p", "%": "%%"}
+    """A date in a .NET format string, standard ("s", "o", "G"...) or custom ("yyyy-MM-dd HH:mm:ss.fff",
+    "M/d/yyyy h:mm tt", "dddd 'at' HH:mm"), as en-US writes it."""
+    if len(fmt) == 1 and fmt in _STANDARD_DATE_FORMATS:
+        if fmt in "urRU" and value.tzinfo is not None:
+            value = value.astimezone(dt.timezone.utc)
+        fmt = _STANDARD_DATE_FORMATS[fmt]
     out = []
-    for part in parts:
-        if part == "fff":
-            out.append(f"{value.microsecond // 1000:03d}")
-        else:
-            out.append(value.strftime(codes[part]) if part in codes else part)
+    for match in _DATE_TOKENS.finditer(fmt):
+        token, spec = match.group(0), match.group(1)
+        if spec is None:
+            if token[:1] in ("'", '"'):
+                out.append(token[1:-1] if len(token) > 1 and token[-1] == token[0] else token[1:])
+            elif token.startswith("\\"):
+                out.append(token[1:])
+            elif token != "%":   # "%d": the single specifier that follows
+                out.append(token)
+            continue
+        out.append(_date_part(value, spec))
     return "".join(out)
+
+
+def _date_part(value: dt.datetime, spec: str) -> str:
+    letter, n = spec[0], len(spec)
+    if letter == "y":
+        return str(value.year % 100) if n == 1 else f"{value.year % 100:02d}" if n == 2 else f"{value.year:0{n}d}"
+    if letter == "M":
+        return value.strftime("%B") if n >= 4 else value.strftime("%b") if n == 3 else f"{value.month:0{n}d}"
+    if letter == "d":
+        return value.strftime("%A") if n >= 4 else value.strftime("%a") if n == 3 else f"{value.day:0{n}d}"
+    if letter in "hH":
+        hour = value.hour if letter == "H" else (value.hour % 12 or 12)
+        return f"{hour:0{min(n, 2)}d}"
+    if letter == "m":
+        return f"{value.minute:0{min(n, 2)}d}"
+    if letter == "s":
+        return f"{value.second:0{min(n, 2)}d}"
+    if letter in "fF":
+        digits = f"{value.microsecond:06d}0"[:min(n, 7)]
+        return digits if letter == "f" else digits.rstrip("0")
+    if letter == "t":
+        return value.strftime("%p")[:1 if n == 1 else 2]
+    offset = value.utcoffset() if value.tzinfo is not None else None
+    if letter == "K":
+        if offset is None:
+            return ""
+        return "Z" if value.tzinfo is dt.timezone.utc else _offset_text(offset, 3)
+    return _offset_text(offset or (dt.datetime.now().astimezone().utcoffset() or dt.timedelta()), min(n, 3))
+
+
+def _offset_text(offset: dt.timedelta, width: int) -> str:
+    """+5, +05 or +05:00 (z, zz, zzz) for an offset from UTC."""
+    minutes = int(offset.total_seconds() // 60)
+    sign, minutes = ("-", -minutes) if minutes < 0 else ("+", minutes)
+    hours, minutes = divmod(minutes, 60)
+    return f"{sign}{hours}" if width == 1 else f"{sign}{hours:02d}" if width == 2 else f"{sign}{hours:02d}:{minutes:02d}"
 
 
 def compare(op: str, left: Any, right: Any, variables: dict[str, Any] | None = None) -> Any:

@@ -10,6 +10,7 @@ import datetime as dt
 import html
 import io
 import json
+import os
 import shutil
 import sys
 import time
@@ -171,7 +172,8 @@ def where_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
                         Param("Unique", switch=True), _INPUT],
         synopsis="Sort objects by properties (alias sort).", builtin=True)
 def sort_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
-    """Sort by one or more properties (or by value)."""
+    """Sort by one or more properties (or by value); a property given as @{Expression=...; Descending=$true} (or
+    Ascending=$false) sorts its own way, the others as -Descending says."""
     items = _inputs(args)
     props = _props(args)
 
@@ -179,7 +181,19 @@ def sort_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
         values = [_value_of(item, p) for p in props] if props else [item]
         return tuple(_sort_key(v) for v in values)
 
-    result = sorted(items, key=key, reverse=bool(args.get("Descending")))
+    def descending(prop: Any) -> bool:
+        if isinstance(prop, dict):
+            order = {str(k).lower(): v for k, v in prop.items()}
+            if "descending" in order:
+                return truthy(order["descending"])
+            if "ascending" in order:
+                return not truthy(order["ascending"])
+        return bool(args.get("Descending"))
+
+    result = list(items)
+    for prop in reversed(props or [None]):   # stable sorts, the last key first: each key keeps its direction
+        result.sort(key=lambda item: _sort_key(_value_of(item, prop) if prop is not None else item),
+                    reverse=descending(prop))
     if args.get("Unique"):
         seen: set[Any] = set()
         result = [i for i in result if not (key(i) in seen or seen.add(key(i)))]  # type: ignore[func-returns-value]
@@ -615,6 +629,29 @@ def get_content(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     if tail is not None and tail >= 0:
         return lines[len(lines) - tail:] if tail else []
     return lines
+
+
+@cmdlet("Test-Path", [Param("Path", position=0, mandatory=True, convert=to_str_list, type_name="String[]",
+                               aliases=("LiteralPath", "PSPath")),
+                         Param("PathType", convert=to_str, help="Any (default), Container (a directory) or Leaf (a file).")],
+        synopsis="Whether a file or directory exists (True or False for each path).", builtin=True)
+def test_path(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """True or False for each path, as PowerShell answers (a report script checks its folder before writing)."""
+    kind = (args.get("PathType") or "Any").lower()
+    if kind not in ("any", "container", "leaf"):
+        raise InvalidValueError(f'Cannot validate argument on parameter \'PathType\'. The argument "{args["PathType"]}" '
+                                'does not belong to the set "Any,Container,Leaf".', parameter="PathType")
+    check = {"any": os.path.exists, "container": os.path.isdir, "leaf": os.path.isfile}[kind]
+    return [bool(path) and check(path) for path in args["Path"]]
+
+
+@cmdlet("Out-GridView", [_INPUT, Param("Title", convert=to_str), Param("PassThru", switch=True),
+                         Param("Wait", switch=True), Param("OutputMode", convert=to_str)],
+        synopsis="(Windows' grid window: not available here; use Format-Table or Export-Csv.)", builtin=True)
+def out_gridview(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Out-GridView opens a window on a Windows desktop; this shell has none to open, so it says what to use."""
+    raise UserError("Out-GridView needs a graphical desktop, which this shell doesn't have. Use Format-Table (ft "
+                    "-AutoSize), Export-Csv to open the rows in a spreadsheet, or the admin center's pages.")
 
 
 @cmdlet("Import-Csv", [Param("Path", position=0, mandatory=True, convert=to_str, aliases=("LiteralPath", "PSPath")),

@@ -212,6 +212,8 @@ class Evaluator:
             return False
         if key == "null":
             return None
+        if key == "env:computername":   # scripts name the local Exchange server so: Get-Queue -Server $env:COMPUTERNAME
+            return os.environ.get("COMPUTERNAME") or self.ctx.server_name
         if key.startswith("env:"):
             return os.environ.get(name[4:])
         return self.variables.get(key)
