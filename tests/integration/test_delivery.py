@@ -4,6 +4,7 @@ retries, NDRs, expiry, and the queue cmdlets on a running server."""
 from __future__ import annotations
 
 import email
+import os
 import re
 import smtplib
 import time
@@ -307,6 +308,61 @@ def test_queue_cmdlets_suspend_resume_remove_export(home, org, dns_server, peer_
         wait_for(lambda: len(peer.received) == 3)
         assert tracking_events(home, "-EventId DROP", until=["DROP"]) == ["DROP"]
         assert not ndrs(home)
+    finally:
+        peer.stop()
+
+
+_FAULT = """
+import os
+FLAG = os.environ.get("MAILGATE_TEST_FAULT_FLAG")
+if FLAG:   # a processing fault for marked messages while the flag file exists (test_delivery.py's poison test)
+    import mailgate.send.deliver as deliver
+    original = deliver._for_outside
+    def faulty(body):
+        if os.path.exists(FLAG) and b"X-Fault-Test:" in body.head():
+            raise RuntimeError("injected processing fault")
+        return original(body)
+    deliver._for_outside = faulty
+"""
+
+
+def test_a_message_whose_processing_fails_goes_to_poison_and_resume_message_releases_it(home, org, dns_server,
+                                                                                         peer_port, tmp_path,
+                                                                                         monkeypatch):
+    """SPEC C3: a message that breaks processing (here a fault injected into the server for marked messages) is
+    tried PoisonThreshold (2) times, then waits in EX01\\Poison — listed, suspended, never retried or expired —
+    while other mail flows; Resume-Message releases it and it is delivered."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(_FAULT)
+    flag = tmp_path / "fault-on"
+    flag.touch()
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path / 'inject'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("MAILGATE_TEST_FAULT_FLAG", str(flag))
+    org.stop()
+    org.start()   # with the fault in its processes
+    dns_server.add("remote.example", "MX", "10 mx1.remote.example.")
+    dns_server.add("mx1.remote.example", "A", "127.0.0.20")
+    peer = SmtpPeer("127.0.0.20", peer_port)
+    try:
+        submit(org, "sender@domain.com", ["a@remote.example"], b"X-Fault-Test: yes\r\nSubject: breaks\r\n\r\nx\r\n")
+        submit(org, "sender@domain.com", ["a@remote.example"], b"Subject: fine\r\n\r\nx\r\n")
+        wait_for(lambda: any(b"Subject: fine" in m.data for m in peer.received), message="the healthy message")
+        listing = wait_for(lambda: [line for line in shell(home, "Get-Queue | ft Identity,Status,MessageCount").out
+                                    .splitlines() if line.startswith("EX01\\Poison")], timeout=60,
+                           message="the Poison queue")
+        assert listing[0].split()[1:] == ["Suspended", "1"]
+        poisoned = shell(home, "Get-Message -Queue EX01\\Poison | fl Identity,Status,Subject").out
+        assert "Status   : Suspended" in poisoned and "Subject  : breaks" in poisoned
+        assert tracking_events(home, "-EventId POISONMESSAGE", until=["POISONMESSAGE"]) == ["POISONMESSAGE"]
+        shell(home, "Retry-Queue EX01\\remote.example")   # nothing takes it out of Poison but Resume-Message
+        time.sleep(1)
+        assert not any(b"Subject: breaks" in m.data for m in peer.received)
+        flag.unlink()   # the fault is mended
+        identity = [line.split(":", 1)[1].strip() for line in poisoned.splitlines() if line.startswith("Identity")][0]
+        released = shell(home, f"Resume-Message {identity}")
+        assert released.ok, released.err
+        wait_for(lambda: any(b"Subject: breaks" in m.data for m in peer.received), message="the released message")
+        assert "Poison" not in shell(home, "Get-Queue | ft Identity").out   # empty again, so not listed
     finally:
         peer.stop()
 
