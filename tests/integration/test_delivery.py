@@ -200,6 +200,27 @@ def test_require_tls_waits_for_a_peer_that_offers_starttls(home, org, dns_server
         tls.stop()
 
 
+def test_ignore_starttls_sends_in_the_clear_to_a_peer_that_offers_it(home, org, dns_server, peer_port, tmp_path):
+    """SPEC C4's IgnoreSTARTTLS (it had no test): opportunistic TLS by default, none with -IgnoreSTARTTLS $true."""
+    dns_server.add("offers.example", "MX", "10 mx.offers.example.")
+    dns_server.add("mx.offers.example", "A", "127.0.0.24")
+    cert = trustme.CA().issue_cert("mx.offers.example", "127.0.0.24")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "peer.pem"))
+    peer = SmtpPeer("127.0.0.24", peer_port, tls_cert=(str(tmp_path / "peer.pem"), str(tmp_path / "peer.pem")))
+    try:
+        submit(org, "sender@domain.com", ["a@offers.example"], b"Subject: opportunistic\r\n\r\nx\r\n")
+        assert wait_for(lambda: peer.received, timeout=30)[0].tls   # offered, so taken, unverified
+        assert shell(home, "Set-SendConnector Outbound -IgnoreSTARTTLS $true").ok
+        synced(home)
+        submit(org, "sender@domain.com", ["b@offers.example"], b"Subject: in the clear\r\n\r\nx\r\n")
+        second = wait_for(lambda: peer.received[1:], timeout=30)[0]
+        assert second.rcpt_tos == ["b@offers.example"] and not second.tls
+        refused = shell(home, "Set-SendConnector Outbound -RequireTLS $true")   # the two contradict each other
+        assert not refused.ok and "IgnoreSTARTTLS" in refused.err
+    finally:
+        peer.stop()
+
+
 def test_a_4xx_is_retried_after_the_retry_interval(home, org, dns_server, peer_port):
     dns_server.add("remote.example", "MX", "10 mx1.remote.example.")
     dns_server.add("mx1.remote.example", "A", "127.0.0.20")
@@ -213,6 +234,37 @@ def test_a_4xx_is_retried_after_the_retry_interval(home, org, dns_server, peer_p
         assert tracking_events(home, "-Recipients kate@remote.example", until=["RECEIVE", "DEFER", "SEND"]) == \
             ["RECEIVE", "DEFER", "SEND"]
         assert not ndrs(home)
+    finally:
+        peer.stop()
+
+
+def test_mail_delayed_past_delay_notification_timeout_gives_its_sender_one_delay_notice(home, org, dns_server,
+                                                                                          peer_port):
+    """SPEC C3 (it had no test): once a message has waited DelayNotificationTimeout, its sender gets one
+    "Delivery delayed" notice (RFC 3464, action delayed) for the recipients that ask for it, and the message is
+    still delivered when the next hop takes it; NOTIFY=FAILURE gets none."""
+    assert shell(home, "Set-TransportService EX01 -DelayNotificationTimeout 00:00:02").ok
+    synced(home)
+    dns_server.add("remote.example", "MX", "10 mx1.remote.example.")
+    dns_server.add("mx1.remote.example", "A", "127.0.0.20")
+    peer = SmtpPeer("127.0.0.20", peer_port)
+    busy = [True]
+    peer.rcpt_reply = lambda address: "451 4.7.1 Greylisted, try again later" if busy[0] else None
+    try:
+        submit(org, "sender@domain.com", ["kate@remote.example"], b"Subject: slow one\r\n\r\nx\r\n")
+        submit(org, "sender@domain.com", ["lee@remote.example"], b"Subject: quiet one\r\n\r\nx\r\n",
+               options=("NOTIFY=FAILURE",))
+        notice = wait_for(lambda: ndrs(home), timeout=30, message="the delay notice")[0]
+        assert notice["Subject"] == "Delivery delayed: slow one" and notice["From"].endswith("@domain.com>")
+        report = next(p for p in notice.walk() if p.get_content_type() == "message/delivery-status")
+        status = str(report.get_payload()[1])
+        assert "Action: delayed" in status and "rfc822;kate@remote.example" in status and "4.7.1" in status
+        time.sleep(6)   # another scan of the queue: still one notice, and none for NOTIFY=FAILURE
+        assert len(ndrs(home)) == 1
+        busy[0] = False
+        shell(home, "Retry-Queue EX01\\remote.example")
+        wait_for(lambda: len(peer.received) == 2, timeout=30, message="both messages, once the next hop takes them")
+        assert len(ndrs(home)) == 1
     finally:
         peer.stop()
 
