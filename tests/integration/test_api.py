@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import smtplib
+import ssl
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -158,6 +159,21 @@ def test_metrics_count_every_worker(admin_server):
     buckets = [s for s in families["mailgate_delivery_latency_seconds"].samples
                if s.name.endswith("_bucket") and s.labels["worker"] == "0"]
     assert [float(s.labels["le"]) for s in buckets] == sorted(float(s.labels["le"]) for s in buckets)
+
+    # SPEC C8's TLS share and rejects by reason: a session over STARTTLS, and a refused recipient.
+    with smtplib.SMTP("127.0.0.1", srv.ports["frontend"], timeout=30) as client:
+        client.starttls(context=ssl._create_unverified_context())
+        client.ehlo("x")
+        client.mail("someone@example.org")
+        assert client.rcpt("nobody@domain.com")[0] == 550
+
+    def counted(name: str, label: str, value: str) -> float:
+        families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{srv.url}/metrics", timeout=30).text)}
+        return sum(s.value for s in families[name].samples if s.name == f"{name}_total" and s.labels[label] == value)
+
+    wait_for(lambda: counted("mailgate_smtp_sessions", "tls", "yes") >= 1, message="the TLS session counted")
+    assert counted("mailgate_smtp_sessions", "tls", "no") >= 6   # the six plain ones above
+    assert counted("mailgate_smtp_rejects", "code", "5.1.10") >= 1
 
 
 # ---- the web admin center in a real browser -------------------------------------------------------
