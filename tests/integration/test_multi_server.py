@@ -169,6 +169,10 @@ def test_another_servers_queues_are_managed_from_this_shell(organisation):
     digest = shell(ex01, "Get-QueueDigest -Server EX01,EX02 -GroupBy ServerName -IncludeLowMessageCount "
                          "| ForEach-Object { $_.GroupByValue + '=' + $_.MessageCount }").out.split()
     assert "EX02=1" in digest, digest
+    # The one-liner for every server's queues: the server objects bind to -Server, each asked in turn.
+    everywhere = shell(ex01, "Get-TransportService | Get-Queue -ErrorAction SilentlyContinue | "
+                             "Where-Object { $_.MessageCount -gt 0 } | ForEach-Object { $_.Identity }")
+    assert [line for line in everywhere.out.splitlines() if line.strip()] == [identity], everywhere.err
     # An action on EX02's queue, from EX01: the sink comes up and Retry-Queue sends the message now.
     sink = SmtpPeer("127.0.0.1", sink_port)
     try:
