@@ -743,3 +743,15 @@ def test_what_report_scripts_take_for_granted(tmp_path):
                      "True", "False", "False", "[EX01\\Submission]"]
     ok, _, err_text = run("[pscustomobject]@{A=1} | Out-GridView")
     assert not ok and "Format-Table" in err_text and "Export-Csv" in err_text
+
+
+def test_format_groupby_and_exclude_property_wildcards():
+    rows = ("[pscustomobject]@{Role='Frontend'; Name='a'; WhenCreated=1; WhenChanged=2}, "
+            "[pscustomobject]@{Role='Frontend'; Name='b'; WhenCreated=1; WhenChanged=2}, "
+            "[pscustomobject]@{Role='Hub'; Name='c'; WhenCreated=1; WhenChanged=2}")
+    ok, out, err = run(f"{rows} | Format-Table Name -GroupBy Role")
+    lines = [line.rstrip() for line in out.splitlines() if line.strip()]
+    assert ok and lines == ["   Role: Frontend", "Name", "----", "a", "b", "   Role: Hub", "Name", "----", "c"], err
+    ok, out, err = run(f"({rows} | Select-Object * -ExcludeProperty When* | Select-Object -First 1 | "
+                       "Get-Member | % Name) -join ','")
+    assert ok and out.strip() == "Role,Name", err

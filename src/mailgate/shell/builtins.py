@@ -9,12 +9,13 @@ import csv
 import datetime as dt
 import html
 import io
+import itertools
 import json
 import os
 import shutil
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from mailgate.errors import InvalidValueError, ParameterError, UserError
 from mailgate.manage.cmdlets import SHELL_COMMON_NAMES, SHELL_COMMON_PARAMS, Param, cmdlet, registry
@@ -54,14 +55,30 @@ def _value_of(item: Any, prop: Any) -> Any:
     return fmt._column_value(item, prop if isinstance(prop, dict) else to_text(prop), None)
 
 
+_GROUP_BY = Param("GroupBy", raw=True, help="A property (or @{Expression=...}): a table per run of equal values.")
+
+
+def _grouped(items: list[Any], group_by: Any, render: Callable[[list[Any]], list[str]]) -> list[Any]:
+    """-GroupBy of Format-Table and Format-List: a section per run of objects with the same value (PowerShell
+    groups runs as they come, so sort first for one section per value), under "   Name: value"."""
+    title = fmt._column_title(group_by) if isinstance(group_by, dict) else to_text(group_by)
+    lines: list[str] = []
+    for value, run in itertools.groupby(items, key=lambda i: fmt.format_value(_value_of(i, group_by), -1)):
+        lines += ["", f"   {title}: {value}", *render(list(run))]
+    return [fmt.Formatted(lines)]
+
+
 @cmdlet("Format-Table", [Param("Property", position=0, raw=True), Param("AutoSize", switch=True),
-                         Param("Wrap", switch=True), Param("HideTableHeaders", switch=True), _INPUT],
+                         Param("Wrap", switch=True), Param("HideTableHeaders", switch=True), _GROUP_BY, _INPUT],
         synopsis="Show objects as a table (alias ft).", builtin=True)
 def format_table(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """Show the given properties (wildcards allowed) as table columns sized to their content."""
     items = _inputs(args)
     if not items:
         return []
+    if args.get("GroupBy") is not None:
+        return _grouped(items, args["GroupBy"], lambda run: format_table(ctx, {**args, "GroupBy": None,
+                                                                               "InputObject": run})[0].lines)
     cols = fmt.expand_columns(items, _props(args))
     if not cols:
         first = items[0]
@@ -73,13 +90,16 @@ def format_table(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
                                            hide_headers=bool(args.get("HideTableHeaders"))))]
 
 
-@cmdlet("Format-List", [Param("Property", position=0, raw=True), _INPUT],
+@cmdlet("Format-List", [Param("Property", position=0, raw=True), _GROUP_BY, _INPUT],
         synopsis="Show objects as property lists (alias fl).", builtin=True)
 def format_list(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """Show each object as 'Name : Value' lines; -Property picks and orders the properties (wildcards allowed)."""
     items = _inputs(args)
     if not items:
         return []
+    if args.get("GroupBy") is not None:
+        return _grouped(items, args["GroupBy"], lambda run: format_list(ctx, {**args, "GroupBy": None,
+                                                                              "InputObject": run})[0].lines)
     cols = fmt.expand_columns(items, _props(args))
     return [fmt.Formatted(fmt.render_list(items, cols or None, limit=_limit(ctx)))]
 
@@ -125,9 +145,10 @@ def select_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     elif args.get("Property") is not None or args.get("ExcludeProperty") is not None:
         props = _props(args) or ["*"]
         items = _select_props(items, props)
-        excluded = {str(p).lower() for p in as_list(args.get("ExcludeProperty"))}
+        excluded = [to_text(p) for p in as_list(args.get("ExcludeProperty"))]   # names or wildcards (When*)
         if excluded:
-            items = [Record(i.type_name, {k: v for k, v in i.items() if k.lower() not in excluded}) for i in items]
+            items = [Record(i.type_name, {k: v for k, v in i.items()
+                                          if not any(wildcard_match(p, k) for p in excluded)}) for i in items]
     if args.get("Unique"):
         seen, unique = set(), []
         for item in items:
