@@ -122,6 +122,7 @@ def cmd_shell(home: Home, args: argparse.Namespace) -> int:
             ok = shell.run_file(Path(args.file))
         elif sys.stdin.isatty():
             ctx.prompter = LinePrompter(None)
+            ctx.confirm_interactively = True   # Remove-* asks first, as in Exchange's shell
             ok = shell.interactive(home.path / ".shell_history")
         else:
             # Whatever the locale, read UTF-8 and keep bytes that aren't as surrogates: the parser names them.

@@ -158,3 +158,37 @@ def test_ctrl_c_stops_a_running_loop_and_the_shell_goes_on(tmp_path):
         if term.proc.poll() is None:
             term.proc.kill()
     assert "Traceback" not in plain(term.raw), plain(term.raw)
+
+
+def test_remove_cmdlets_ask_first_at_the_terminal_as_exchanges_shell_does(tmp_path):
+    """Remove-* is High impact: at the terminal it asks (N keeps the object), -Confirm:$false doesn't ask, and a
+    script (-c) never waits for an answer."""
+    from helpers import cli
+
+    home = make_home(tmp_path / "EX01", server="EX01", domain="domain.com")
+    assert cli(home, "shell", "-c", "New-AcceptedDomain One -DomainName one.example; "
+                                    "New-AcceptedDomain Two -DomainName two.example").returncode == 0
+    env = {**os.environ, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    term = Terminal([PYTHON, "-m", "mailgate.cli", "--home", str(home.path), "shell"], env)
+    try:
+        term.prompt()
+        term.type("Remove-AcceptedDomain One\r")
+        term.expect('Removing accepted domain "One".')
+        term.expect('(default is "Y"): ')
+        term.type("n\r")
+        term.prompt()
+        term.type("Remove-AcceptedDomain Two -Confirm:$false\r")
+        shown = term.prompt()
+        assert "Are you sure" not in shown, shown
+        term.type("(Get-AcceptedDomain | % Name) -join ','\r")
+        assert "domain.com,One" in term.prompt().replace("\n", "")
+        term.type("Remove-AcceptedDomain One\r")
+        term.expect('(default is "Y"): ')
+        term.type("y\r")
+        term.prompt()
+        term.type("exit\r")
+        term.close()
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+    assert cli(home, "shell", "-c", "(Get-AcceptedDomain | % Name) -join ','").stdout.strip() == "domain.com"

@@ -52,6 +52,11 @@ class Cmdlet:
     default_view: str | None = None   # type name whose view formats the output
     builtin: bool = False             # a shell utility (Format-Table...), not a management operation
 
+    @property
+    def confirm_impact(self) -> str:
+        """Exchange's ConfirmImpact: its Remove-* cmdlets are High (the shell asks before they act)."""
+        return "High" if self.name.lower().startswith("remove-") else "Medium"
+
     def param(self, name: str) -> Param:
         """Find a parameter by exact name, alias or unambiguous prefix (case-insensitive)."""
         key = name.lower()
@@ -76,7 +81,8 @@ class Cmdlet:
 
 COMMON_WRITE_PARAMS = [
     Param("WhatIf", switch=True, type_name="SwitchParameter", help="Show what would change without changing it."),
-    Param("Confirm", switch=True, type_name="SwitchParameter", help="Accepted for compatibility; mailgate never prompts."),
+    Param("Confirm", switch=True, type_name="SwitchParameter",
+          help="Ask before the change; -Confirm:$false never asks (the interactive shell asks before Remove-*)."),
     Param("DomainController", help="Accepted for compatibility; ignored."),
 ]
 COMMON_READ_PARAMS = [Param("DomainController", help="Accepted for compatibility; ignored.")]

@@ -37,6 +37,10 @@ class ManagementContext:
         self.messages: list[str] = []
         self.errors: list[str] = []     # non-terminating errors: output stands, the command still failed
         self.whatif = False
+        self.confirm: bool | None = None       # the running cmdlet's -Confirm: True asks, False (-Confirm:$false) never
+        self.confirm_impact = "Medium"         # the running cmdlet's ConfirmImpact (Cmdlet.confirm_impact)
+        self.confirm_interactively = False     # at the interactive shell High-impact changes are confirmed, as in EMS
+        self.confirm_all: bool | None = None   # "Yes to All" or "No to All", for the rest of the pipeline
         self.shell: Any = None  # the shell evaluator, for its built-in commands (Format-Table...)
 
     # -- services -------------------------------------------------------------
@@ -91,11 +95,31 @@ class ManagementContext:
         self.errors.append(message)
 
     def should_process(self, action: str) -> bool:
-        """False (and a 'What if' line) under -WhatIf; the caller then changes nothing."""
+        """False (and a 'What if' line) under -WhatIf; the caller then changes nothing. At the interactive shell a
+        High-impact change (Remove-*) is confirmed first, as Exchange's shell does, unless -Confirm:$false; -Confirm
+        asks for any change, wherever there is someone to ask."""
         if self.whatif:
             self.say(f"What if: {action}")
             return False
-        return True
+        asks = self.confirm is True or (self.confirm is None and self.confirm_impact == "High"
+                                        and self.confirm_interactively)
+        if not asks or self.prompter is None:
+            return True
+        if self.confirm_all is not None:
+            return self.confirm_all
+        self.prompter.notice(f"\nConfirm\nAre you sure you want to perform this action?\n{action}")
+        while True:
+            answer = self.prompter.ask('[Y] Yes  [A] Yes to All  [N] No  [L] No to All  [?] Help (default is "Y"): ')
+            choice = answer.strip().lower()[:1]
+            if choice in ("", "y", "a"):
+                self.confirm_all = True if choice == "a" else None
+                return True
+            if choice in ("n", "l"):
+                self.confirm_all = False if choice == "l" else None
+                return False
+            self.prompter.notice("Y - Continue with only the next step of the operation.\nA - Continue with all the "
+                                 "steps of the operation.\nN - Skip this operation and proceed with the next "
+                                 "operation.\nL - Skip this operation and all subsequent operations.")
 
     # -- frequently read objects ---------------------------------------------
     def local_server(self, tx: ConfigTransaction | None = None) -> TransportServer:

@@ -516,6 +516,10 @@ class Evaluator:
         return [] if "1" in targets else out
 
     def _invoke_command(self, node: Tree, input_items: list[Any] | None) -> list[Any]:
+        self.ctx.confirm_all = None   # "Yes to All" holds for this command's objects, not the next command's
+        return self._run_command(node, input_items)
+
+    def _run_command(self, node: Tree, input_items: list[Any] | None) -> list[Any]:
         """Run one command of a pipeline. An unknown command or parameters that don't bind end the statement
         (PowerShell's terminating errors: a try block catches them); an error of the cmdlet itself is shown
         and the pipeline goes on with the next object, unless -ErrorAction (or $ErrorActionPreference) says
@@ -585,6 +589,7 @@ class Evaluator:
              warning_action: str = "Continue") -> list[Any]:
         ctx = self.ctx
         ctx.whatif = bool(args.get("WhatIf"))
+        ctx.confirm, ctx.confirm_impact = args.get("Confirm"), cmd.confirm_impact
         ctx.shell = self
         try:
             result = cmd.handler(ctx, args)
@@ -604,7 +609,7 @@ class Evaluator:
             raise UserError(f"{cmd.name} failed with an internal error ({type(exc).__name__}: {exc}). This is a bug "
                             "in mailgate.") from exc
         finally:
-            ctx.whatif = False
+            ctx.whatif, ctx.confirm = False, None
             if warning_action in ("SilentlyContinue", "Ignore"):
                 ctx.warnings.clear()
             self._flush_side_channels()

@@ -61,11 +61,7 @@ class Shell:
     def _emit(self, objects: list[Any]) -> None:
         if not objects:
             return
-        limit = self.evaluator.get_variable("FormatEnumerationLimit")
-        try:
-            limit = int(limit)
-        except (TypeError, ValueError):
-            limit = 4
+        limit = self.evaluator.enumeration_limit()
         width = shutil.get_terminal_size().columns if self.out.isatty() else None
         for line in default_render(objects, limit=limit, width=width):
             self.out.write(line + "\n")
