@@ -717,6 +717,8 @@ def test_redirection_operators_and_convertto_html_as_exchange_documents_them(tmp
     assert (tmp_path / "warnings.txt").read_text() == "WARNING: about warned\n"
     ok, _, err = run("Test-Error stop -ErrorAction Stop 2>$null\n\"not run\"")
     assert not ok and "The object 'stop' couldn't be found." in err   # a stopping error isn't redirected
+    ok, out, err = run(f'"x" > {tmp_path / "missing" / "x.txt"}\n"after"')
+    assert not ok and "No such file or directory" in err and "internal error" not in err and "after" in out
     ok, _, err = run("Get-Queue >")   # an error at once, not a continuation prompt waiting for the file
     assert not ok and "Missing file specification after redirection operator." in err
     assert not is_incomplete("Get-Queue >") and not is_incomplete("Get-Queue >> ") and is_incomplete("Get-Queue |")

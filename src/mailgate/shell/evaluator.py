@@ -512,7 +512,10 @@ class Evaluator:
                 files.setdefault(path, ([], append))[0].extend(streams[stream]())
         for path, (lines, append) in files.items():
             if lines or not append:   # > makes the file even for nothing, as PowerShell does
-                textfiles.write_text(path, "".join(line + "\n" for line in lines), None, append=append)
+                try:
+                    textfiles.write_text(path, "".join(line + "\n" for line in lines), None, append=append)
+                except OSError as exc:
+                    raise file_error(exc) from exc
         return [] if "1" in targets else out
 
     def _invoke_command(self, node: Tree, input_items: list[Any] | None) -> list[Any]:
@@ -598,9 +601,7 @@ class Evaluator:
         except (UserError, RecursionError, Terminating, LoopControl):
             raise
         except OSError as exc:   # a file the administrator named (Out-File, Export-Csv, Export-Message …)
-            name = str(exc.filename)
-            path = "" if exc.filename is None else f" '{name[:200]}…'" if len(name) > 200 else f" '{name}'"
-            raise UserError(f"{exc.strerror or exc}{':' if path else ''}{path}.") from exc
+            raise file_error(exc) from exc
         except Exception as exc:  # a bug is reported like any error; it doesn't end the administrator's session
             if is_unreachable(exc):
                 raise UserError(f"{cmd.name} needs the organisation's store, which can't be reached "
@@ -913,6 +914,13 @@ def repeated(left: str | list, right: Any) -> str | list:
     if len(left) * count > REPEAT_MAX:
         raise ShellError(f"Repeating {len(left)} items {count} times would make more than {REPEAT_MAX:,} items.")
     return left * count
+
+
+def file_error(exc: OSError) -> UserError:
+    """A file the administrator named that can't be read or written, said with its name (shortened if long)."""
+    name = str(exc.filename)
+    path = "" if exc.filename is None else f" '{name[:200]}…'" if len(name) > 200 else f" '{name}'"
+    return UserError(f"{exc.strerror or exc}{':' if path else ''}{path}.")
 
 
 def cast(type_name: str, value: Any) -> Any:
