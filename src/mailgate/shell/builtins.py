@@ -305,6 +305,14 @@ _SCALAR_TYPES = {
 }
 
 
+def _type_name(item: Any) -> str:
+    """An object's type as Get-Member and Export-Csv's #TYPE line name it."""
+    if isinstance(item, Record):
+        return PS_CUSTOM_OBJECT if item.type_name == "CSV" else item.type_name   # Import-Csv's rows
+    scalar = _SCALAR_TYPES.get(type(item).__name__)
+    return scalar[0] if scalar else type(item).__name__
+
+
 @cmdlet("Get-Member", [Param("Name", position=0, raw=True), _INPUT],
         synopsis="List the properties of objects (alias gm).", builtin=True)
 def get_member(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
@@ -314,7 +322,7 @@ def get_member(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     seen_types: set[str] = set()
     for item in _inputs(args):
         scalar = _SCALAR_TYPES.get(type(item).__name__)
-        type_name = item.type_name if isinstance(item, Record) else scalar[0] if scalar else type(item).__name__
+        type_name = _type_name(item)
         if type_name in seen_types:
             continue
         seen_types.add(type_name)
@@ -511,13 +519,6 @@ def _delimiter(args: dict[str, Any]) -> str:
     return delimiter
 
 
-def _csv_type_name(item: Any) -> str:
-    """The type Export-Csv's ``#TYPE`` line names: what Get-Member shows (Import-Csv's rows are custom objects)."""
-    if isinstance(item, Record):
-        return PS_CUSTOM_OBJECT if item.type_name == "CSV" else item.type_name
-    return _type_label(item)
-
-
 def _csv_field(value: Any) -> str | None:
     """A property value as Export-Csv writes it; multi-valued ones joined with ';' (Windows PowerShell writes
     their type name, System.Object[], which nobody wants in a report)."""
@@ -538,7 +539,7 @@ def _csv_lines(items: list[Any], delimiter: str, *, type_line: bool, columns: li
     if columns is None:
         columns = fmt.column_names(items)
         if type_line and items:
-            lines.append(f"#TYPE {_csv_type_name(items[0])}")
+            lines.append(f"#TYPE {_type_name(items[0])}")
         lines.append(_csv_record(list(columns), delimiter))
     lines += [_csv_record([_csv_field(fmt.get_property(item, c)) for c in columns], delimiter) for item in items]
     return lines
