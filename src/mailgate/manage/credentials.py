@@ -10,7 +10,7 @@ from mailgate.errors import InvalidValueError, UserError
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.params import as_list, scalar, to_str
-from mailgate.manage.present import PS_CUSTOM_OBJECT, Record
+from mailgate.manage.present import custom_object
 
 
 class SecureString:
@@ -129,7 +129,7 @@ def new_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
         props = args.get("Property")
         if props is not None and not isinstance(props, dict):
             raise UserError("-Property takes a hashtable: @{Name = value; ...}.", parameter="Property")
-        return [Record(PS_CUSTOM_OBJECT, {str(k): v for k, v in (props or {}).items()})]
+        return [custom_object(props or {})]
     if type_name not in _PSCREDENTIAL_NAMES:
         raise UserError(f'Cannot find type [{args["TypeName"]}]: mailgate\'s New-Object creates '
                         "System.Management.Automation.PSCredential and PSObject only.", parameter="TypeName")

@@ -35,6 +35,11 @@ def _shared_index(keys: tuple[str, ...]) -> dict[str, str]:
 PS_CUSTOM_OBJECT = "System.Management.Automation.PSCustomObject"
 
 
+def custom_object(properties: dict[Any, Any]) -> "Record":
+    """A PSCustomObject from a hashtable: its keys, in order, are the properties."""
+    return Record(PS_CUSTOM_OBJECT, {str(k): v for k, v in properties.items()})
+
+
 class Record:
     """An output object with case-insensitive property access."""
 

@@ -24,7 +24,7 @@ from mailgate.errors import ParseError, UserError
 from mailgate.manage.cmdlets import Cmdlet, action_preference, registry
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.credentials import PSCredential, SecureString
-from mailgate.manage.present import PS_CUSTOM_OBJECT, Record
+from mailgate.manage.present import Record, custom_object
 from mailgate.manage.psvalues import (
     CIDict,
     ShellError,
@@ -943,7 +943,7 @@ def cast(type_name: str, value: Any) -> Any:
         if name in ("array", "object[]"):
             return value if isinstance(value, list) else [value]
         if name in ("pscustomobject", "psobject") and isinstance(value, dict):   # a report row from a hashtable
-            return Record(PS_CUSTOM_OBJECT, {str(k): v for k, v in value.items()})
+            return custom_object(value)
         if name == "ordered" and isinstance(value, dict):   # hashtables keep their order here already
             return value
         if name == "pscredential":
