@@ -683,6 +683,8 @@ def test_resolve_dnsname_and_test_netconnection_troubleshoot_mail_flow():
         assert out.split("\n")[:4] == ["mx1.fabrikam.example 10", "mx2.fabrikam.example 20", "127.0.0.20", "Authority"]
         ok, _, err = run(f"Resolve-DnsName nope.fabrikam.example {server}")
         assert not ok and "nope.fabrikam.example : DNS name does not exist" in err
+        ok, _, err = run("Resolve-DnsName fabrikam.example -Server dns.example")
+        assert not ok and "isn't a list of DNS server addresses" in err
         port = listener.getsockname()[1]
         ok, out, err = run(f"(tnc 127.0.0.1 -Port {port}).TcpTestSucceeded; "
                            f"Test-NetConnection 127.0.0.1 -Port {free} -InformationLevel Quiet")

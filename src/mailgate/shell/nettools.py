@@ -5,12 +5,13 @@ with Windows PowerShell's parameters and output; they run where the shell runs a
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import socket
 import time
 from typing import Any
 
 import dns.exception
-import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 import dns.reversename
@@ -20,6 +21,7 @@ from mailgate.manage.cmdlets import Param, cmdlet, registry
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.params import to_int, to_str, to_str_list
 from mailgate.manage.present import Record
+from mailgate.routing.dns import make_resolver
 
 DNS_TIMEOUT = 5.0       # seconds per query, as Windows' resolver waits before giving up on a server
 TCP_TIMEOUT = 10.0      # seconds for Test-NetConnection's TCP connect
@@ -35,23 +37,19 @@ def _record_type(value: Any) -> str:
     return text
 
 
-def _resolver(servers: list[str]) -> dns.resolver.Resolver:
-    """The system's resolver, or the -Server addresses ("ip", or "ip#port" as InternalDNSServers takes them)."""
-    if not servers:
-        resolver = dns.resolver.Resolver()
-    else:
-        resolver = dns.resolver.Resolver(configure=False)
-        nameservers = []
+def _resolver(servers: list[str]) -> Any:
+    """The system's resolver, or the -Server addresses ("ip", or "ip#port" as InternalDNSServers takes them): the
+    resolver delivery uses (routing/dns.py), so what this shows is what delivery would see with those servers."""
+    try:
         for entry in servers:
-            ip, _, port = entry.partition("#")
-            try:
-                nameservers.append(dns.nameserver.Do53Nameserver(ip.strip(), int(port) if port else 53))
-            except ValueError:
-                raise InvalidValueError(f"'{entry}' isn't a DNS server address (an IP address, or address#port).",
-                                        parameter="Server") from None
-        resolver.nameservers = nameservers
-    resolver.timeout = resolver.lifetime = DNS_TIMEOUT
-    return resolver
+            address, _, port = entry.partition("#")
+            ipaddress.ip_address(address.strip())
+            if port and not 0 < int(port) < 65536:
+                raise ValueError(port)
+        return make_resolver([s.strip() for s in servers], timeout=DNS_TIMEOUT)
+    except ValueError:
+        raise InvalidValueError(f"'{', '.join(servers)}' isn't a list of DNS server addresses (an IP address, or "
+                                "address#port).", parameter="Server") from None
 
 
 def _dns_record(rrset: Any, rdata: Any, section: str) -> Record:
@@ -81,9 +79,9 @@ def _dns_record(rrset: Any, rdata: Any, section: str) -> Record:
     return Record(f"DnsRecord_{kind}", props)
 
 
-def _query(resolver: dns.resolver.Resolver, name: str, kind: str) -> list[Record]:
+def _query(resolver: Any, name: str, kind: str) -> list[Record]:
     try:
-        answer = resolver.resolve(name, kind, raise_on_no_answer=False, search=False)
+        answer = asyncio.run(resolver.resolve(name, kind, raise_on_no_answer=False, search=False))
     except dns.resolver.NXDOMAIN:
         raise UserError(f"{name} : DNS name does not exist") from None
     except (dns.resolver.LifetimeTimeout, dns.exception.Timeout):
