@@ -745,6 +745,10 @@ def test_what_report_scripts_take_for_granted(tmp_path):
     lines = [line for line in out.getvalue().splitlines() if line]
     assert lines == ["EX01", "2026-03-07T14:05:09", "3/7/2026 2:05 PM", "20260307-1405", "Saturday at 14:05", "c,a,b",
                      "True", "False", "False", "[EX01\\Submission]"]
+    # Dates as Exchange's documentation writes them ("09/01/2018 5:00 PM") and as people do.
+    ok, out_text, err_text = run('(Get-Date "09/01/2018 5:00 PM").ToString("s"); (Get-Date "Dec 4, 2026").Day; '
+                                 '(Get-Date "4 December 2026 9:30 AM").Hour')
+    assert ok and out_text.split() == ["2018-09-01T17:00:00", "4", "9"], err_text
     ok, _, err_text = run("[pscustomobject]@{A=1} | Out-GridView")
     assert not ok and "Format-Table" in err_text and "Export-Csv" in err_text
 

@@ -8,6 +8,7 @@ the user; the binder turns it into an error naming the parameter.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -178,13 +179,23 @@ def to_str_list(value: Any) -> list[str]:
     return [to_str(v) for v in as_list(value)]
 
 
+# What .NET's DateTime.Parse takes in en-US and administrators type: Exchange's documentation writes
+# "09/01/2018 5:00 PM"; month names ("Dec 4, 2026", "4 December 2026") and two-digit years also parse.
+_DATE_FORMATS = tuple(f"{day} {time}".strip() for day in (
+    "%m/%d/%Y", "%m/%d/%y", "%Y-%m-%d", "%b %d, %Y", "%B %d, %Y", "%b %d %Y", "%B %d %Y", "%d %b %Y", "%d %B %Y",
+    "%A, %B %d, %Y") for time in ("%H:%M:%S", "%I:%M:%S %p", "%H:%M", "%I:%M %p", "%I %p", "")) + ("%Y-%m-%dT%H:%M:%S",)
+
+
 def to_datetime(value: Any) -> dt.datetime:
     value = scalar(value)
     if isinstance(value, dt.datetime):
         return value if value.tzinfo else value.astimezone()
-    text = str(value).strip()
-    for fmt in ("%m/%d/%Y %H:%M:%S", "%m/%d/%Y %I:%M:%S %p", "%m/%d/%Y %H:%M", "%m/%d/%Y", "%Y-%m-%d %H:%M:%S",
-                "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"):
+    return _parse_date(" ".join(str(value).split()))
+
+
+@functools.lru_cache(maxsize=256)   # a filter compares every object with the same text: parse it once
+def _parse_date(text: str) -> dt.datetime:
+    for fmt in _DATE_FORMATS:
         try:
             return dt.datetime.strptime(text, fmt).astimezone()
         except ValueError:
