@@ -77,14 +77,19 @@ class Terminal:
             os.close(self.master)
 
 
+def shell_terminal(home) -> Terminal:
+    """`mailgate shell` of ``home`` on a terminal (prompt_toolkit asks the terminal nothing it can't answer)."""
+    env = {**os.environ, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    return Terminal([PYTHON, "-m", "mailgate.cli", "--home", str(home.path), "shell"], env)
+
+
 def plain(raw: bytes) -> str:
     return ANSI.sub(b"", raw).decode("utf-8", "replace")
 
 
 def test_seed_smart_host_command_typed_at_the_terminal(tmp_path):
     home = make_home(tmp_path / "EX01", server="EX01", domain="domain.com")
-    env = {**os.environ, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
-    term = Terminal([PYTHON, "-m", "mailgate.cli", "--home", str(home.path), "shell"], env)
+    term = shell_terminal(home)
     try:
         term.prompt()
         command = seed.command_containing("SmartHost Connector")
@@ -140,8 +145,7 @@ def test_ctrl_c_stops_a_running_loop_and_the_shell_goes_on(tmp_path):
     import signal
 
     home = make_home(tmp_path / "EX01", server="EX01", domain="domain.com")
-    env = {**os.environ, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
-    term = Terminal([PYTHON, "-m", "mailgate.cli", "--home", str(home.path), "shell"], env)
+    term = shell_terminal(home)
     try:
         term.prompt()
         term.type("$n = 0; while ($true) { $n++; Start-Sleep -Seconds 0.05 }\r")
@@ -168,8 +172,7 @@ def test_remove_cmdlets_ask_first_at_the_terminal_as_exchanges_shell_does(tmp_pa
     home = make_home(tmp_path / "EX01", server="EX01", domain="domain.com")
     assert cli(home, "shell", "-c", "New-AcceptedDomain One -DomainName one.example; "
                                     "New-AcceptedDomain Two -DomainName two.example").returncode == 0
-    env = {**os.environ, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
-    term = Terminal([PYTHON, "-m", "mailgate.cli", "--home", str(home.path), "shell"], env)
+    term = shell_terminal(home)
     try:
         term.prompt()
         term.type("Remove-AcceptedDomain One\r")
