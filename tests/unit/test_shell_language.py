@@ -763,3 +763,23 @@ def test_format_groupby_and_exclude_property_wildcards():
     ok, out, err = run(f"({rows} | Select-Object * -ExcludeProperty When* | Select-Object -First 1 | "
                        "Get-Member | % Name) -join ','")
     assert ok and out.strip() == "Role,Name", err
+
+
+def test_tab_completes_the_values_a_parameter_takes():
+    """As Exchange's shell: -Usage <Tab> cycles through the usage types, a Boolean through $true/$false."""
+    from prompt_toolkit.document import Document
+
+    from mailgate.manage import load_cmdlets
+    from mailgate.shell.session import CmdletCompleter
+
+    load_cmdlets()   # as the shell does before it offers completions
+
+    def offered(text: str) -> list[str]:
+        return [c.text for c in CmdletCompleter().get_completions(Document(text), None)]
+
+    assert offered("New-ReceiveConnector Relay -Usage In") == ["Internal", "Internet"]
+    assert offered("Set-ReceiveConnector Relay -AuthMechanism ")[:2] == ["None", "Tls"]
+    assert offered("Set-ReceiveConnector Relay -RequireTLS ") == ["$true", "$false"]
+    assert offered("New-AcceptedDomain Fab -DomainName fabrikam.com -DomainType Int") == ["InternalRelay"]
+    assert offered("Set-SendConnector Out -RequireTLS $true -TlsAuthLevel D") == ["DomainValidation"]
+    assert offered("Get-Queue -Ident") == ["-Identity"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -214,7 +215,21 @@ def enum_converter(cls: type[ExchangeEnum] | type[ExchangeFlag]) -> Callable[[An
             return cls.parse([to_str(v) for v in as_list(value)])
         return cls.parse(to_str(value))
 
+    convert.enum_class = cls  # type: ignore[attr-defined]   # its values, for the shell's tab completion
     return convert
+
+
+def value_choices(param: Any) -> list[str]:
+    """The values a parameter takes from a fixed set, as the shell offers them on Tab: $true/$false for a
+    Boolean, the names of an enum (Usage, PermissionGroups, AuthMechanism, DomainType...)."""
+    if param.type_name == "Boolean":
+        return ["$true", "$false"]
+    cls = getattr(param.convert, "enum_class", None)
+    if cls is None:
+        return []
+    if issubclass(cls, ExchangeFlag):
+        return [cls._empty_name(), *(str(m.name) for m in cls)]
+    return [m.value for m in cls]
 
 
 def _pydantic_message(exc: PydanticValidationError) -> str:
@@ -239,6 +254,10 @@ class FieldConverter:
             base = self.annotation
         self._element = TypeAdapter(element)
         self._flag = isinstance(base, type) and issubclass(base, ExchangeFlag)
+        plain = next((a for a in typing.get_args(base) if a is not type(None)), base) \
+            if typing.get_origin(base) in (typing.Union, types.UnionType) else base
+        self.enum_class = plain if isinstance(plain, type) and issubclass(plain, (ExchangeEnum, ExchangeFlag)) \
+            else None   # its values, for the shell's tab completion
 
     def element(self, value: Any) -> Any:
         if isinstance(value, bool) and self.annotation is not bool and "bool" not in str(self.annotation):

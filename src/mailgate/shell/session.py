@@ -17,6 +17,7 @@ from mailgate.errors import UserError
 from mailgate.manage import load_cmdlets
 from mailgate.manage.cmdlets import registry
 from mailgate.manage.context import ManagementContext
+from mailgate.manage.params import value_choices
 from mailgate.shell.evaluator import Evaluator
 from mailgate.shell.format import default_render
 from mailgate.shell.parser import is_incomplete
@@ -161,6 +162,16 @@ class CmdletCompleter(Completer):
         word = document.get_word_before_cursor(WORD=True)
         segment = text.rsplit("|", 1)[-1].lstrip()
         words = segment.split()
+        previous = words[-1] if line.endswith(" ") and words else words[-2] if len(words) >= 2 else ""
+        if previous.startswith("-") and not word.startswith("-"):   # -Usage <Tab>: the values it takes
+            try:
+                param = registry.get(words[0]).param(previous[1:].rstrip(":"))
+            except UserError:
+                return
+            for value in value_choices(param):
+                if value.lower().startswith(word.lower()):
+                    yield Completion(value, start_position=-len(word))
+            return
         if word.startswith("-") and words:
             try:
                 cmd = registry.get(words[0])
