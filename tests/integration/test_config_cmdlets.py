@@ -106,7 +106,12 @@ INVALID = [
     ('Set-TransportService -TransientFailureRetryCount 16', "TransientFailureRetryCount", "between 0 and 15"),
     ('Set-ReceiveConnector "Client Frontend EX01" -RequireTLS maybe', "RequireTLS", "Boolean"),
     ('Set-TransportConfig -GenerateCopyOfDSNFor 5.4.4,5.1', "GenerateCopyOfDSNFor", "not an enhanced status code"),
-    ('Set-TransportConfig -GenerateCopyOfDSNFor @{Ad="5.1.1"}', "GenerateCopyOfDSNFor", "only Add and Remove"),
+    ('Set-TransportConfig -GenerateCopyOfDSNFor @{Ad="5.1.1"}', "GenerateCopyOfDSNFor", "Only Add and Remove"),
+    # A list holds each value once, as Exchange's collections (Bindings used to drop the repeat, RemoteIPRanges
+    # to keep it).
+    ('Set-ReceiveConnector "Client Frontend EX01" -RemoteIPRanges 10.0.0.1,10.0.0.1', "RemoteIPRanges",
+     'The value "10.0.0.1" is already present'),
+    ('Set-ReceiveConnector "Client Frontend EX01" -Bindings 0.0.0.0:587,0.0.0.0:587', "Bindings", "already present"),
     ('Set-TransportService -SendProtocolLogPath logs/send', "SendProtocolLogPath", "not a full path"),
     ('Set-OrganizationConfig -MicrosoftExchangeRecipientReplyRecipient nobody', "nobody", "couldn't be found"),
     # What the server says on the wire: a greeting that stays one line, host names that are host names.

@@ -52,7 +52,8 @@ def multi_valued(element: Callable[[Any], Any]) -> Callable[[Any], Any]:
                 raise ValueError(f"only Add and Remove can change a multi-valued property, not {', '.join(sorted(unknown))}")
             return MultiValuedChange([element(v) for v in as_list(keys.get("add"))],
                                      [element(v) for v in as_list(keys.get("remove"))])
-        return [element(v) for v in as_list(value)]
+        # A list is its values, each once (as Exchange's collections: a repeated value is refused, not dropped).
+        return MultiValuedChange([element(v) for v in as_list(value)], []).apply([])
     return convert
 
 

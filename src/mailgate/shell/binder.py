@@ -70,12 +70,18 @@ def bind(cmdlet: Cmdlet, elements: list[NamedArg | PositionalArg]) -> dict[str, 
     return bound
 
 
+def _transformation_error(param: Param, exc: Exception) -> InvalidValueError:
+    """PowerShell's words for a value that doesn't convert to its parameter's type, with the reason as a sentence."""
+    reason = str(exc).rstrip(".")
+    return InvalidValueError(f"Cannot process argument transformation on parameter '{param.name}'. "
+                             f"{reason[:1].upper()}{reason[1:]}.", parameter=param.name)
+
+
 def _switch_value(param: Param, value: Any) -> bool:
     try:
         return to_bool(value)
     except ValueError as exc:
-        raise InvalidValueError(f"Cannot process argument transformation on parameter '{param.name}'. {exc}",
-                                parameter=param.name) from None
+        raise _transformation_error(param, exc) from None
 
 
 def convert(cmdlet: Cmdlet, bound: dict[str, Any]) -> dict[str, Any]:
@@ -95,8 +101,7 @@ def convert(cmdlet: Cmdlet, bound: dict[str, Any]) -> dict[str, Any]:
         except UserError:
             raise
         except (ValueError, TypeError) as exc:
-            raise InvalidValueError(f"Cannot process argument transformation on parameter '{param.name}'. "
-                                    f"{str(exc).rstrip('.')}.", parameter=param.name) from None
+            raise _transformation_error(param, exc) from None
     missing = [p.name for p in cmdlet.params if p.mandatory and p.name not in out]
     if missing:
         raise ParameterError("Cannot process command because of one or more missing mandatory parameters: "
