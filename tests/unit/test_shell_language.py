@@ -686,7 +686,7 @@ def test_resolve_dnsname_and_test_netconnection_troubleshoot_mail_flow():
         ok, _, err = run("Resolve-DnsName fabrikam.example -Server dns.example")
         assert not ok and "isn't a list of DNS server addresses" in err
         port = listener.getsockname()[1]
-        ok, out, err = run(f"(tnc 127.0.0.1 -Port {port}).TcpTestSucceeded; "
+        ok, out, err = run(f"(tnc localhost -Port {port}).TcpTestSucceeded; "
                            f"Test-NetConnection 127.0.0.1 -Port {free} -InformationLevel Quiet")
         lines = out.split()
         assert ok and lines[0] == "True" and lines[-1] == "False", err

@@ -152,15 +152,17 @@ def test_net_connection(ctx: ManagementContext, args: dict[str, Any]) -> list[An
         return [False] if quiet else [Record("TestNetConnectionResult", {
             "ComputerName": host, "RemoteAddress": None, "RemotePort": port, "SourceAddress": None,
             "TcpTestSucceeded": False, "ConnectMilliseconds": None})]
-    family, _, _, _, address = infos[0]
-    source, succeeded, started = None, False, time.monotonic()
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.settimeout(TCP_TIMEOUT)
-            sock.connect(address)
-            source, succeeded = sock.getsockname()[0], True
-    except OSError as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+    source, succeeded, started, reason = None, False, time.monotonic(), ""
+    for family, _, _, _, address in infos:   # each of the name's addresses in turn (localhost: ::1, then 127.0.0.1)
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.settimeout(TCP_TIMEOUT)
+                sock.connect(address)
+                source, succeeded = sock.getsockname()[0], True
+                break
+        except OSError as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+    if not succeeded:
         ctx.warnings.append(f"TCP connect to ({address[0]} : {port}) failed: {reason}")
     if quiet:
         return [succeeded]

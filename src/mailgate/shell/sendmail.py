@@ -82,6 +82,8 @@ def _message(args: dict[str, Any], charset: str) -> EmailMessage:
     for name, value in _PRIORITY[args.get("Priority") or "normal"].items():
         msg[name] = value
     body = args.get("Body") or ""
+    if charset == "us-ascii":   # -Encoding ASCII: what it can't hold becomes "?", as in .NET
+        body = body.encode("ascii", errors="replace").decode("ascii")
     msg.set_content(body, subtype="html" if args.get("BodyAsHtml") else "plain", charset=charset)
     for path in args.get("Attachments") or []:
         data = Path(path).read_bytes()   # a missing file is reported before anything is sent
