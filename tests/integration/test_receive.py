@@ -113,7 +113,11 @@ def test_send_mail_message_tries_a_connector_from_the_shell(home, server, tmp_pa
     closed = shell(home, f"Send-MailMessage -From a@b.example -To admin@domain.com -Subject hi -SmtpServer 127.0.0.1 "
                          f"-Port {free_port('127.0.0.1')}")
     assert not closed.ok and "Unable to connect to the remote server" in closed.err
-    assert len(maildir_messages(home, "admin@domain.com")) == 2
+    ascii_only = shell(home, f"Send-MailMessage -From a@b.example -To admin@domain.com -Subject ascii -Body 'h\u00e9llo' "
+                             f"-Encoding ASCII -SmtpServer 127.0.0.1 -Port {port}")
+    assert ascii_only.ok, ascii_only.err   # what ASCII can't hold becomes "?", as in .NET
+    assert b"h?llo" in wait_for(lambda: [m for m in maildir_messages(home, "admin@domain.com") if b"ascii" in m])[0]
+    assert len(maildir_messages(home, "admin@domain.com")) == 3
 
 
 def test_require_tls_refuses_mail_before_starttls(home, server):
