@@ -719,6 +719,11 @@ def test_redirection_operators_and_convertto_html_as_exchange_documents_them(tmp
     assert (tmp_path / "warnings.txt").read_text() == "WARNING: about warned\n"
     ok, _, err = run("Test-Error stop -ErrorAction Stop 2>$null\n\"not run\"")
     assert not ok and "The object 'stop' couldn't be found." in err   # a stopping error isn't redirected
+    # Write-Host is for the screen, not output: not redirected, not assigned, not swallowed by Out-Null.
+    ok, out, err = run(f'Write-Host "on screen" > {tmp_path / "host.txt"}\n$h = Write-Host a, b\n"[$h]"\n'
+                       'Write-Host kept | Out-Null')
+    assert ok and out.split("\n")[:4] == ["on screen", "a b", "[]", "kept"], err
+    assert (tmp_path / "host.txt").read_text() == ""
     ok, out, err = run(f'"x" > {tmp_path / "missing" / "x.txt"}\n"after"')
     assert not ok and "No such file or directory" in err and "internal error" not in err and "after" in out
     ok, _, err = run("Get-Queue >")   # an error at once, not a continuation prompt waiting for the file

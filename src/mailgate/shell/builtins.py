@@ -431,11 +431,15 @@ def get_date(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
 
 
 @cmdlet("Write-Host", [Param("Object", position=0, raw=True), Param("ForegroundColor", convert=to_str),
-                       Param("NoNewline", switch=True)],
-        synopsis="Print text.", builtin=True)
+                       Param("BackgroundColor", convert=to_str), Param("NoNewline", switch=True),
+                       Param("Separator", convert=to_str)],
+        synopsis="Print text on the screen (not into the pipeline or a redirection).", builtin=True)
 def write_host(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
-    """Print the text."""
-    return [fmt.Formatted([to_text(args.get("Object"))])]
+    """Print the text for the person at the shell: it is no output, so $x = Write-Host ..., | Out-Null and
+    > file leave it on the screen, as in PowerShell."""
+    separator = " " if args.get("Separator") is None else args["Separator"]
+    ctx.say(separator.join(to_text(item) for item in as_list(args.get("Object"))))
+    return []
 
 
 class WriteErrorException(UserError):
