@@ -788,3 +788,15 @@ def test_tab_completes_the_values_a_parameter_takes():
     assert offered("New-AcceptedDomain Fab -DomainName fabrikam.com -DomainType Int") == ["InternalRelay"]
     assert offered("Set-SendConnector Out -RequireTLS $true -TlsAuthLevel D") == ["DomainValidation"]
     assert offered("Get-Queue -Ident") == ["-Identity"]
+
+
+def test_out_host_out_string_stream_and_tee_object(tmp_path):
+    rows = "[pscustomobject]@{N='a'}, [pscustomobject]@{N='b'}"
+    ok, out, err = run(f"{rows} | Tee-Object -Variable kept | Measure-Object | % Count; $kept.Count\n"
+                       f"{rows} | Tee-Object {tmp_path / 'tee.txt'} | % N\n"
+                       f"({rows} | Out-String -Stream).Count -gt 2\n"
+                       f"$x = {rows} | Out-Host; $null -eq $x")
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    assert ok and lines[:5] == ["2", "2", "a", "b", "True"], err
+    assert lines[5:] == ["N", "-", "a", "b", "True"]   # Out-Host printed the rows; nothing was left to assign
+    assert (tmp_path / "tee.txt").read_text().split() == ["N", "-", "a", "b"]

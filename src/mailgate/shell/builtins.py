@@ -486,10 +486,38 @@ def out_null(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     return []
 
 
-@cmdlet("Out-String", [_INPUT], synopsis="Render objects as text.", builtin=True)
+@cmdlet("Out-String", [_INPUT, Param("Stream", switch=True), Param("Width", convert=to_int, type_name="Int32")],
+        synopsis="Render objects as text.", builtin=True)
 def out_string(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
-    """The text the objects would print as."""
-    return ["\n".join(fmt.default_render(_inputs(args), limit=_limit(ctx)))]
+    """The text the objects would print as: one string, or with -Stream one string per line."""
+    lines = fmt.default_render(_inputs(args), limit=_limit(ctx), width=args.get("Width"))
+    return lines if args.get("Stream") else ["\n".join(lines)]
+
+
+@cmdlet("Out-Host", [_INPUT, Param("Paging", switch=True)], synopsis="Print objects on the screen now.",
+        builtin=True)
+def out_host(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Print the objects as the shell prints output, now; nothing goes on down the pipeline."""
+    if ctx.shell is not None:
+        ctx.shell.emit(_inputs(args))
+    return []
+
+
+@cmdlet("Tee-Object", [Param("FilePath", position=0, convert=to_str, aliases=("Path",)),
+                       Param("Variable", convert=to_str), Param("Append", switch=True), _INPUT],
+        synopsis="Keep the objects in a variable or a file and pass them on.", builtin=True)
+def tee_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Save the objects (-Variable name, or -FilePath as Out-File writes them) and pass them on unchanged."""
+    items = _inputs(args)
+    if bool(args.get("FilePath")) == bool(args.get("Variable")):
+        raise ParameterError("Tee-Object needs -FilePath or -Variable (one of them).", parameter="FilePath")
+    if args.get("Variable"):
+        if ctx.shell is not None:
+            ctx.shell.set_variable(args["Variable"].lstrip("$"), list(items))
+    else:
+        text = "\n".join(fmt.default_render(items, limit=_limit(ctx))) + "\n"
+        textfiles.write_text(args["FilePath"], text, None, append=bool(args.get("Append")))
+    return items
 
 
 _ENCODING = Param("Encoding", convert=to_file_encoding, type_name="Encoding",
@@ -778,5 +806,6 @@ for _alias, _name in [("ft", "Format-Table"), ("fl", "Format-List"), ("select", 
                       ("measure", "Measure-Object"), ("group", "Group-Object"), ("gm", "Get-Member"), ("%", "ForEach-Object"), ("foreach", "ForEach-Object"),
                       ("gcm", "Get-Command"), ("help", "Get-Help"), ("echo", "Write-Output"),
                       ("gc", "Get-Content"), ("cat", "Get-Content"), ("type", "Get-Content"), ("ipcsv", "Import-Csv"), ("epcsv", "Export-Csv"),
-                      ("sleep", "Start-Sleep"), ("cls", "Clear-Host"), ("clear", "Clear-Host")]:
+                      ("sleep", "Start-Sleep"), ("cls", "Clear-Host"), ("clear", "Clear-Host"), ("Out-Default", "Out-Host"),
+                      ("tee", "Tee-Object")]:
     registry.alias(_alias, _name)
