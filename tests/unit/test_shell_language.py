@@ -754,6 +754,9 @@ def test_what_report_scripts_take_for_granted(tmp_path):
     ok, out_text, err_text = run('(Get-Date "09/01/2018 5:00 PM").ToString("s"); (Get-Date "Dec 4, 2026").Day; '
                                  '(Get-Date "4 December 2026 9:30 AM").Hour')
     assert ok and out_text.split() == ["2018-09-01T17:00:00", "4", "9"], err_text
+    ok, out_text, err_text = run('Get-Date "12/5/2026 3:41:59 PM"\n(New-TimeSpan -Days 1 -Minutes 30).TotalMinutes\n'
+                                 '(New-TimeSpan -Start "12/5/2026 1:00 PM" -End "12/5/2026 3:30 PM").TotalHours')
+    assert ok and out_text.splitlines() == ["Saturday, December 5, 2026 3:41:59 PM", "1470", "2.5"], err_text
     ok, _, err_text = run("[pscustomobject]@{A=1} | Out-GridView")
     assert not ok and "Format-Table" in err_text and "Export-Csv" in err_text
 

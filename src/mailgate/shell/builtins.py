@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from mailgate.config.values import TimeSpan
 from mailgate.errors import InvalidValueError, ParameterError, UserError
 from mailgate.manage.cmdlets import SHELL_COMMON_NAMES, SHELL_COMMON_PARAMS, Param, cmdlet, registry
 from mailgate.manage.context import ManagementContext
@@ -492,6 +493,22 @@ def out_string(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """The text the objects would print as: one string, or with -Stream one string per line."""
     lines = fmt.default_render(_inputs(args), limit=_limit(ctx), width=args.get("Width"))
     return lines if args.get("Stream") else ["\n".join(lines)]
+
+
+@cmdlet("New-TimeSpan", [Param("Start", position=0, convert=to_datetime, type_name="DateTime", aliases=("LastWriteTime",)),
+                         Param("End", position=1, convert=to_datetime, type_name="DateTime"),
+                         Param("Days", convert=to_int, type_name="Int32"), Param("Hours", convert=to_int, type_name="Int32"),
+                         Param("Minutes", convert=to_int, type_name="Int32"),
+                         Param("Seconds", convert=to_int, type_name="Int32")],
+        synopsis="A time span: from -Start to -End (now when not given), or of -Days/-Hours/-Minutes/-Seconds.",
+        builtin=True)
+def new_timespan(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """``(New-TimeSpan -Start $msg.DateReceived).TotalMinutes``: how long a message has waited."""
+    if args.get("Start") is not None or args.get("End") is not None:
+        now = dt.datetime.now().astimezone()
+        return [TimeSpan(((args.get("End") or now) - (args.get("Start") or now)).total_seconds())]
+    return [TimeSpan((args.get("Days") or 0) * 86400 + (args.get("Hours") or 0) * 3600 + (args.get("Minutes") or 0) * 60
+                     + (args.get("Seconds") or 0))]
 
 
 @cmdlet("Out-Host", [_INPUT, Param("Paging", switch=True)], synopsis="Print objects on the screen now.",

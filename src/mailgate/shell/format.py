@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from mailgate.manage.present import Record
-from mailgate.manage.psvalues import wildcard_match
+from mailgate.manage.psvalues import dotnet_strftime, wildcard_match
 
 # Default view of each output type: ("table", columns) or ("list", properties or None = all).
 DEFAULT_VIEWS: dict[str, tuple[str, list[str] | None]] = {
@@ -253,7 +253,12 @@ def default_render(objects: list[Any], *, limit: int = 4, width: int | None = No
                                       ["Name", "Value"], limit=limit, width=width))
         else:
             for obj in group:
-                lines.extend(str(obj).split("\n") if isinstance(obj, Formatted) else [format_value(obj, limit)])
+                if isinstance(obj, Formatted):
+                    lines.extend(str(obj).split("\n"))
+                elif isinstance(obj, dt.datetime):   # a date on its own: long date and time, as Get-Date prints
+                    lines.append(dotnet_strftime(obj.astimezone() if obj.tzinfo else obj, "F"))
+                else:
+                    lines.append(format_value(obj, limit))
         group = []
 
     for obj in objects:
