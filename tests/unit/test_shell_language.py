@@ -803,3 +803,13 @@ def test_out_host_out_string_stream_and_tee_object(tmp_path):
     assert ok and lines[:5] == ["2", "2", "a", "b", "True"], err
     assert lines[5:] == ["N", "-", "a", "b", "True"]   # Out-Host printed the rows; nothing was left to assign
     assert (tmp_path / "tee.txt").read_text().split() == ["N", "-", "a", "b"]
+
+
+def test_measure_object_adds_up_imported_text_as_numbers(tmp_path):
+    """Import-Csv's values are text; Measure-Object -Sum reads them as numbers, as PowerShell (it said 0)."""
+    (tmp_path / "sizes.csv").write_text('"Queue","Messages"\n"a","1"\n"b","4"\n"c","9"\n')
+    ok, out, err = run(f"Import-Csv {tmp_path / 'sizes.csv'} | Measure-Object Messages -Sum -Maximum | "
+                       "% {{ \"$($_.Sum) $($_.Maximum)\" }}".replace("{{", "{").replace("}}", "}"))
+    assert ok and out.strip() == "14 9", err
+    ok, _, err = run("[pscustomobject]@{X='abc'} | Measure-Object X -Sum")
+    assert not ok and 'Input object "abc" is not numeric.' in err

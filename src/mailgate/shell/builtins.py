@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from mailgate.config.values import TimeSpan
+from mailgate.config.values import ByteSize, TimeSpan
 from mailgate.errors import InvalidValueError, ParameterError, UserError
 from mailgate.manage.cmdlets import SHELL_COMMON_NAMES, SHELL_COMMON_PARAMS, Param, cmdlet, registry
 from mailgate.manage.context import ManagementContext
@@ -243,7 +243,8 @@ def measure_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     props = _props(args)
     prop = to_text(props[0]) if props else None
     values = [fmt.get_property(i, prop) for i in items] if prop else items
-    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    statistics = any(args.get(k) for k in ("Sum", "Average", "Maximum", "Minimum"))
+    numbers = [_number(v) for v in values if v is not None] if statistics else []
     result: dict[str, Any] = {"Count": len(values), "Average": None, "Sum": None, "Maximum": None, "Minimum": None,
                               "Property": prop}
     if args.get("Sum"):
@@ -255,6 +256,18 @@ def measure_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     if args.get("Minimum"):
         result["Minimum"] = min(numbers) if numbers else None
     return [Record("MeasureInfo", result)]
+
+
+def _number(value: Any) -> float:
+    """A value Measure-Object can add up: a number, text that is one (Import-Csv's columns), a size in bytes."""
+    if isinstance(value, ByteSize) and value.bytes is not None:
+        return float(value.bytes)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        raise UserError(f'Input object "{to_text(value)}" is not numeric.') from None
 
 
 @cmdlet("Group-Object", [Param("Property", position=0, raw=True), Param("NoElement", switch=True),

@@ -112,7 +112,8 @@ def resolve_dns_name(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
         raise InvalidValueError(f"'{name[:60]}' isn't a DNS name.", parameter="Name")
     try:
         socket.inet_pton(socket.AF_INET6 if ":" in name else socket.AF_INET, name)
-        name, kind = dns.reversename.from_address(name).to_text(), "PTR" if kind == "A_AAAA" else kind
+        name = dns.reversename.from_address(name).to_text(omit_final_dot=True)
+        kind = "PTR" if kind == "A_AAAA" else kind
     except OSError:
         pass
     resolver = _resolver(args.get("Server") or [])
