@@ -545,8 +545,7 @@ def tee_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
         if ctx.shell is not None:
             ctx.shell.set_variable(args["Variable"].lstrip("$"), list(items))
     else:
-        text = "\n".join(fmt.default_render(items, limit=_limit(ctx))) + "\n"
-        textfiles.write_text(args["FilePath"], text, None, append=bool(args.get("Append")))
+        out_file(ctx, {"FilePath": args["FilePath"], "Append": args.get("Append"), "InputObject": items})
     return items
 
 
