@@ -1,6 +1,6 @@
 """mailgate against Postfix on this machine, with Postfix's own load tools.
 
-    .venv/bin/python bench/run.py            # the full matrix (about 17 minutes)
+    .venv/bin/python bench/run.py            # the full matrix (13–17 minutes)
     .venv/bin/python bench/run.py --quick    # a smoke run with tiny counts
 
 Servers, all on loopback in the same run, loads interleaved so machine drift hits all alike:
@@ -8,6 +8,8 @@ Servers, all on loopback in the same run, loads interleaved so machine drift hit
   postfix        Postfix accepting into its durable queue, then discarding
   postfix-relay  Postfix relaying to an smtp-sink
   mailgate       mailgate with its default settings (durable queue, tracking on) relaying to an smtp-sink
+  postfix-hold   Postfix accepting into its hold queue (an access rule's HOLD): acceptance and nothing else
+  mailgate-hold  mailgate with its Submission queue suspended (Suspend-Queue): acceptance and nothing else
 
 Figures: acceptance rate (smtp-source), end-to-end relay rate (counted at the sink), accept latency
 p50/p99, CPU per 1,000 messages, peak memory, memory per idle session, 5,000 sessions held; each also
@@ -155,6 +157,11 @@ class Target:
     cpu_children: bool = False           # Postfix: include reaped children (smtpd, cleanup...)
     stop: Any = None
     memory: Any = None                   # callable → current total RSS in KB
+    only_loads: tuple[str, ...] = ()     # the loads this server runs (all when empty)
+    timed: bool = True                   # measured for accept latency too
+
+    def runs(self, load: "Load") -> bool:
+        return not self.only_loads or load.label in self.only_loads
 
     def cpu(self) -> float:
         if self.pid is None:
@@ -166,8 +173,8 @@ class Target:
 
 
 class Mailgate:
-    def __init__(self, work: Path, sink: Sink) -> None:
-        self.home = work / "mailgate"
+    def __init__(self, work: Path, sink: Sink, *, name: str = "mailgate", hold: bool = False) -> None:
+        self.home = work / name
         self.port = port()
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         run = lambda *a, **kw: subprocess.run([PY, "-m", "mailgate.cli", "--home", str(self.home), *a],  # noqa: E731
@@ -183,11 +190,13 @@ New-ReceiveConnector Load -Bindings 127.0.0.1:{self.port} -RemoteIPRanges 127.0.
 Add-ADPermission Load -User "NT AUTHORITY\\ANONYMOUS LOGON" -ExtendedRights ms-Exch-SMTP-Accept-Any-Recipient
 New-SendConnector Sink -AddressSpaces sink.test -SmartHosts 127.0.0.1 -Port {sink.port}
 ''')
-        self.log = open(work / "mailgate.log", "w")
+        self.log = open(work / f"{name}.log", "w")
         self.proc = subprocess.Popen([PY, "-m", "mailgate.cli", "--home", str(self.home), "serve", "--admin-listen",
                                       "off"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
         wait_port("127.0.0.1", self.port)
         self.env = env
+        if hold:   # the categoriser stops: accepted mail stays, durable, in BENCH\Submission
+            run("shell", "-c", 'Suspend-Queue "BENCH\\Submission"')
 
     def queue_empty(self) -> bool:
         out = subprocess.run([PY, "-m", "mailgate.cli", "--home", str(self.home), "shell", "-c",
@@ -419,7 +428,14 @@ def main() -> int:
     postfix_relay = Postfix(work / "pf-relay", "127.0.0.1", port(),
                             transports={"sink.test": f"smtp:[127.0.0.1]:{sinks['postfix'].port}"},
                             extra={"default_process_limit": "150", "smtp_tls_security_level": "none"}).start()
+    # Each server also runs the two 20-session loads holding what it accepts, so that acceptance is compared
+    # without the delivery behind it (mailgate's defaults have no discard route; Postfix's discard: is one).
+    postfix_hold = Postfix(work / "pf-hold", "127.0.0.1", port(), transports={"sink.test": "discard:"},
+                           extra={"default_process_limit": "150",
+                                  "smtpd_data_restrictions": "check_client_access static:HOLD"}).start()
     mailgate = Mailgate(work, sinks["mailgate"])
+    mailgate_hold = Mailgate(work, sinks["mailgate"], name="mailgate-hold", hold=True)
+    held_loads = tuple(load.label for load in loads[:2])
 
     def master_pid(pf: Postfix) -> int:
         return int((pf.dir / "data" / "master.pid").read_text().split()[0]) if (pf.dir / "data" / "master.pid").exists() \
@@ -437,7 +453,12 @@ def main() -> int:
         # mailgate runs a supervisor and worker processes: CPU and memory are the whole process tree's.
         Target("mailgate", "127.0.0.1", mailgate.port, relay_sink=sinks["mailgate"], pid=mailgate.proc.pid,
                cpu_children=True, memory=lambda: tree_rss_kb(mailgate.proc.pid)),
+        Target("postfix-hold", "127.0.0.1", postfix_hold.port, pid=master_pid(postfix_hold), cpu_children=True,
+               only_loads=held_loads, timed=False),
+        Target("mailgate-hold", "127.0.0.1", mailgate_hold.port, pid=mailgate_hold.proc.pid, cpu_children=True,
+               only_loads=held_loads, timed=False),
     ]
+    by_name = {t.name: t for t in targets}
     runs: list[Run] = []
     extra: dict[str, Any] = {"latency_runs": []}
     lat_n = 400 if quick else 4000
@@ -449,13 +470,13 @@ def main() -> int:
         for rep in range(reps):
             order = targets[rep % len(targets):] + targets[:rep % len(targets)]   # rotate to cancel drift
             for load in loads:
-                for t in order:
+                for t in (t for t in order if t.runs(load)):
                     r = measure(t, load, rep, "rcpt@sink.test")
                     runs.append(r)
                     e2e = f" e2e {r.e2e_rate}/s" if r.e2e_rate else ""
                     print(f"  rep {rep} {load.label:22} {t.name:13} {r.rate:8.1f}/s{e2e} {r.errors}", flush=True)
                     time.sleep(0.5)
-            for t in order:   # latency repeats like the loads: a single measurement moves too much to compare
+            for t in (t for t in order if t.timed):   # latency repeats like the loads: a single measurement moves too much to compare
                 lat = latency(t, lat_n, 20, 2048)
                 extra["latency_runs"].append({"target": t.name, "rep": rep, **lat})
                 print(f"  rep {rep} latency {'':15} {t.name:13} p50 {lat.get('p50_ms')} ms p99 {lat.get('p99_ms')} ms",
@@ -465,23 +486,25 @@ def main() -> int:
         print("bench: memory, sessions, profile", flush=True)
         extra["peak_rss_mb"] = {"mailgate": round(tree_rss_kb(mailgate.proc.pid, "VmHWM") / 1024, 1)}
         extra["idle_sessions"] = {
-            "mailgate": idle_sessions(targets[3], 200 if quick else 2000),
-            "postfix": idle_sessions(targets[1], 50 if quick else 100),
+            "mailgate": idle_sessions(by_name["mailgate"], 200 if quick else 2000),
+            "postfix": idle_sessions(by_name["postfix"], 50 if quick else 100),
         }
-        held = idle_sessions(targets[3], 500 if quick else 5000)
+        held = idle_sessions(by_name["mailgate"], 500 if quick else 5000)
         extra["held_sessions"] = {"mailgate": held}
         raw = args.out / f"profile-{started:%Y%m%d-%H%M}"
         args.out.mkdir(parents=True, exist_ok=True)
         spy, raw_file = profile(mailgate.proc.pid, 6 if not quick else 3, raw)
         time.sleep(0.5)
-        smtp_source(targets[3], Load(n, 2048, 20), "rcpt@sink.test")
+        smtp_source(by_name["mailgate"], Load(n, 2048, 20), "rcpt@sink.test")
         spy.wait(60)
         if raw_file.exists():
             extra["profile"] = summarise_profile(raw_file)
             extra["profile_file"] = raw_file.name
     finally:
         mailgate.stop()
+        mailgate_hold.stop()
         postfix_accept.stop()
+        postfix_hold.stop()
         postfix_relay.stop()
         for s in sinks.values():
             s.stop()
@@ -573,6 +596,17 @@ def build_report(runs: list[Run], labels: list[str], extra: dict[str, Any], star
     for label in labels:
         pf, mg = med("postfix", label), med("mailgate", label)
         lines.append(f"| {label} | {med('sink', label)} | {pf} | {mg} | {ratio(mg, pf)} |")
+    held = [label for label in labels if any(r.target == "mailgate-hold" and r.load == label for r in runs)]
+    if held:
+        lines += ["", "## Acceptance alone (messages/s): each server holds what it accepts", "",
+                  "Postfix puts every message in its hold queue (an access rule's HOLD), mailgate keeps it in its "
+                  "suspended Submission queue: both sync it to disk before the 250 and do nothing more with it.", "",
+                  "| load | postfix-hold | mailgate-hold | mailgate / postfix | CPU ms per message, postfix / mailgate |",
+                  "|---|---:|---:|---:|---:|"]
+        for label in held:
+            pf, mg = med("postfix-hold", label), med("mailgate-hold", label)
+            pf_cpu, mg_cpu = (med(n, label, "server_cpu_per_1000") for n in ("postfix-hold", "mailgate-hold"))
+            lines.append(f"| {label} | {pf} | {mg} | {ratio(mg, pf)} | {pf_cpu} / {mg_cpu} |")
     lines += ["", "## End-to-end relay to smtp-sink (messages/s, counted at the sink)", "",
               "| load | postfix-relay | mailgate | mailgate / postfix |", "|---|---:|---:|---:|"]
     for label in labels:
@@ -616,6 +650,11 @@ def build_report(runs: list[Run], labels: list[str], extra: dict[str, Any], star
         got = med("mailgate", label), med("postfix", label)
         r = got[0] / got[1] if all(got) else 0.0
         lines.append(f"| acceptance ≥ 3× Postfix, {label} | {r:.2f}× | {'yes' if r >= want else f'no ({r / want:.0%} of it)'} |")
+    for label in held:
+        got = med("mailgate-hold", label), med("postfix-hold", label)
+        r = got[0] / got[1] if all(got) else 0.0
+        lines.append(f"| acceptance alone ≥ 3× Postfix's, both holding, {label} | {r:.2f}× | "
+                     f"{'yes' if r >= 3 else f'no ({r / 3:.0%} of it)'} |")
     got = med("mailgate", labels[0], "e2e_rate"), med("postfix-relay", labels[0], "e2e_rate")
     r = got[0] / got[1] if all(got) else 0.0
     lines.append(f"| end-to-end relay ≥ 2× Postfix, {labels[0]} | {r:.2f}× | {'yes' if r >= 2 else f'no ({r / 2:.0%} of it)'} |")

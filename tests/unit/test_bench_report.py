@@ -1,0 +1,54 @@
+"""The benchmark's report (bench/run.py, not run in CI): figures from a run become the tables and the targets."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "run.py"
+MACHINE = {"cpus": 2, "cpu": "Test CPU", "kernel": "6", "python": "3.11", "postfix": "3.7"}
+
+
+@functools.cache
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_run", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_acceptance_alone_is_compared_between_the_two_holding_servers():
+    bench = load_bench()
+    labels = ["10000x2K c20", "10000x50K c20", "2000x2K c1"]
+    rates = {"postfix": 900.0, "mailgate": 1400.0, "postfix-hold": 1000.0, "mailgate-hold": 3100.0}
+    runs = []
+    for rep in range(3):
+        for label in labels:
+            for target, rate in rates.items():
+                if target.endswith("-hold") and label not in labels[:2]:
+                    continue
+                # The middle repetition is the median: the report must take it, not the mean or the last.
+                factor = {0: 0.5, 1: 1.0, 2: 3.0}[rep]
+                runs.append(bench.Run(target, label, rep, 10.0, rate * factor, server_cpu_per_1000=1.0 * factor))
+    report = bench.build_report(runs, labels, {}, dt.datetime(2026, 12, 5, tzinfo=dt.timezone.utc), False, MACHINE)
+
+    section = report.split("## Acceptance alone")[1].split("##")[0]
+    assert "| 10000x2K c20 | 1000.0 | 3100.0 | 3.10 | 1.0 / 1.0 |" in section
+    assert "| 10000x50K c20 | 1000.0 | 3100.0 | 3.10 |" in section
+    assert "2000x2K c1" not in section          # the holding servers ran the two 20-session loads only
+    targets = report.split("## Targets")[1]
+    assert "| acceptance ≥ 3× Postfix, 10000x2K c20 | 1.56× | no (52% of it) |" in targets
+    assert "| acceptance alone ≥ 3× Postfix's, both holding, 10000x2K c20 | 3.10× | yes |" in targets
+
+
+def test_a_run_without_holding_servers_reports_as_before():
+    bench = load_bench()
+    runs = [bench.Run(t, "10000x2K c20", 0, 10.0, r) for t, r in (("postfix", 1000.0), ("mailgate", 1500.0))]
+    report = bench.build_report(runs, ["10000x2K c20", "10000x50K c20"], {},
+                                dt.datetime(2026, 12, 5, tzinfo=dt.timezone.utc), False, MACHINE)
+    assert "Acceptance alone" not in report
+    assert "| acceptance ≥ 3× Postfix, 10000x2K c20 | 1.50× | no (50% of it) |" in report
