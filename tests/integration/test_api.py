@@ -80,6 +80,16 @@ def test_every_cmdlet_is_an_authenticated_documented_endpoint(admin_server):
     assert shell(srv.home, "Get-ReceiveConnector | fl Name,RemoteIPRanges").out == before
     unknown = call(srv, "Get-Mailbox", Nonsense="x")
     assert unknown.status_code == 422
+    # Cmdlet names are case-insensitive, as in the shell; an unknown one gets the shell's error, in JSON.
+    lower = httpx.post(f"{srv.url}/api/cmdlets/new-accepteddomain", follow_redirects=True, timeout=60,
+                       json={"Name": "Lower", "DomainName": "lower.example"},
+                       headers={"Authorization": f"Bearer {srv.home.admin_token}"})
+    assert lower.status_code == 200 and lower.json()["output"][0]["DomainName"] == "lower.example", lower.text
+    missing = call(srv, "Get-Mailboxes")
+    assert missing.status_code == 404 and missing.json()["exception"] == "CommandNotFoundException"
+    assert "The term 'Get-Mailboxes' is not recognized" in missing.json()["error"]
+    assert call(srv, "get-mailboxes", token="wrong").status_code == 401
+    assert call(srv, "Get-Credential").status_code == 404
 
     # Oversized input: a body over the limit is refused (413) unread, with the token or without, whether it
     # declares its length or streams in chunks; an identity of megabytes is simply not found, quickly.

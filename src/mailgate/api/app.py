@@ -23,14 +23,14 @@ import sqlalchemy as sa
 import uvicorn
 from fastapi import Body, Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ConfigDict, create_model
 
 from mailgate.api.metrics import CONTENT_TYPE, Metrics
 from mailgate.config.store import UNREACHABLE_ERRORS, is_unreachable, unreachable_reason
 from mailgate.control import RuntimeClient, decode, encode, error_payload, org_runtime_token
-from mailgate.errors import InvalidValueError, ParameterError, UserError, not_text
+from mailgate.errors import CommandNotFoundError, InvalidValueError, ParameterError, UserError, not_text
 from mailgate.home import admin_address
 from mailgate.manage import load_cmdlets
 from mailgate.manage.cmdlets import SHELL_COMMON_NAMES, Cmdlet, registry
@@ -233,7 +233,7 @@ def build_app(service: Any, loop: asyncio.AbstractEventLoop) -> FastAPI:
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> JSONResponse:
-        return JSONResponse(status_code=400, content={"error": exc.message, "parameter": exc.parameter,
+        return JSONResponse(status_code=404 if isinstance(exc, CommandNotFoundError) else 400, content={"error": exc.message, "parameter": exc.parameter,
                                                       "category": exc.category, "exception": exc.exception_name})
 
     @app.get("/api/health")
@@ -260,6 +260,16 @@ def build_app(service: Any, loop: asyncio.AbstractEventLoop) -> FastAPI:
         if cmd.builtin:
             continue
         _add_cmdlet_route(app, service, runtime, cmd, authorise)
+
+    @app.post("/api/cmdlets/{name}", dependencies=[Depends(authorise)], include_in_schema=False)
+    async def other_cmdlet(name: str) -> Any:
+        """A cmdlet named in another case goes to its own endpoint (names are case-insensitive, as in the
+        shell); any other name gets the shell's CommandNotFound error."""
+        cmd = registry.get(name)   # an unknown name: CommandNotFoundError, answered 404 with the shell's message
+        if cmd.builtin:
+            raise CommandNotFoundError(f"{cmd.name} is a command of the shell, not of the API: GET /api/cmdlets "
+                                       "lists the API's cmdlets.", target=name)
+        return RedirectResponse(f"/api/cmdlets/{cmd.name}", status_code=307)   # 307 keeps the method and body
 
     org_token = org_runtime_token(service.secrets)
 
