@@ -53,7 +53,7 @@ def unix_address(path: Path) -> Iterator[str]:
 
 def encode(value: Any) -> Any:
     if isinstance(value, Record):
-        return {"__record__": value.type_name, "props": {k: encode(v) for k, v in value.items()}}
+        return {"__record__": value.type_name, "props": {k: encode(v) for k, v in value.items()}, "text": value.text}
     if isinstance(value, dt.datetime):
         return {"__dt__": value.isoformat()}
     if isinstance(value, (list, tuple)):
@@ -74,7 +74,7 @@ def decode(value: Any) -> Any:
         return [decode(v) for v in value]
     if isinstance(value, dict):
         if "__record__" in value:
-            return Record(value["__record__"], {k: decode(v) for k, v in value["props"].items()})
+            return Record(value["__record__"], {k: decode(v) for k, v in value["props"].items()}, value.get("text"))
         if "__dt__" in value:
             return dt.datetime.fromisoformat(value["__dt__"])
         if "__bytes__" in value:

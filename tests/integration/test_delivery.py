@@ -517,6 +517,10 @@ def test_no_connector_means_unreachable_until_one_is_created(home, org, dns_serv
     assert "LastError : A matching connector cannot be found to route the external recipient" in why.out, why.err
     listed = shell(home, "Get-Message -Queue EX01\\Unreachable -IncludeRecipientInfo | fl Recipients").out
     assert "a@elsewhere.example;Ready;0;A matching connector cannot be found" in listed
+    # Each recipient is an object with Exchange's RecipientInfo properties (the administrator's one-liner).
+    rows = shell(home, "Get-Message -Queue EX01\\Unreachable -IncludeRecipientInfo | "
+                       "Select-Object -ExpandProperty Recipients | ft Address,Type,Status,FinalDestination").out
+    assert "a@elsewhere.example External Ready <No Matching Connector>" in [" ".join(r.split()) for r in rows.splitlines()]
     dns_server.add("elsewhere.example", "A", "127.0.0.20")
     peer = SmtpPeer("127.0.0.20", peer_port)
     try:

@@ -274,6 +274,26 @@ def test_format_table_and_list_output():
     assert "Name           : x" in out and "RemoteIPRanges : {a, b, c, d...}" in out
     ok, out, _ = run('$FormatEnumerationLimit = -1; @{R=@("a","b","c","d","e")} | fl R')
     assert "R : {a, b, c, d, e}" in out
+    # Text and numbers have no properties to list: Format-List prints them as themselves (it printed nothing).
+    ok, out, _ = run('"hello", 5 | fl')
+    assert ok and out.split() == ["hello", "5"]
+
+
+def test_a_record_inside_a_list_prints_as_its_text_also_after_the_control_socket():
+    from mailgate.control import decode, encode
+
+    info = Record("RecipientInfo", {"Address": "a@x.example", "Status": "Retry"}, text="a@x.example;Retry;1;")
+    message = Record("Message", {"Identity": "EX01\\x.example\\7", "Recipients": [info]})
+    shell_side = decode(json_roundtrip(encode([message])))[0]
+    assert str(shell_side["Recipients"][0]) == "a@x.example;Retry;1;"
+    assert shell_side["Recipients"][0]["Status"] == "Retry"
+    assert str(Record("Message", {"Identity": "EX01\\Submission\\1"})) == "EX01\\Submission\\1"
+
+
+def json_roundtrip(value):
+    import json
+
+    return json.loads(json.dumps(value))
 
 
 def test_errors_name_the_problem_and_fail_the_script():

@@ -41,14 +41,16 @@ def custom_object(properties: dict[Any, Any]) -> "Record":
 
 
 class Record:
-    """An output object with case-insensitive property access."""
+    """An output object with case-insensitive property access. ``text`` is what it prints as inside a list
+    (its ToString in Exchange, e.g. a RecipientInfo's ``address;status;...``); by default its Identity."""
 
-    __slots__ = ("type_name", "_props", "_index")
+    __slots__ = ("type_name", "_props", "_index", "text")
 
-    def __init__(self, type_name: str, props: dict[str, Any]) -> None:
+    def __init__(self, type_name: str, props: dict[str, Any], text: str | None = None) -> None:
         self.type_name = type_name
         self._props = dict(props)
         self._index = _shared_index(tuple(self._props))
+        self.text = text
 
     def get(self, name: str, default: Any = None) -> Any:
         key = self._index.get(name.lower())
@@ -83,6 +85,8 @@ class Record:
         return f"Record({self.type_name}, {self._props.get('Identity', '')!r})"
 
     def __str__(self) -> str:
+        if self.text is not None:
+            return self.text
         ident = self.get("Identity")
         return str(ident) if ident is not None else self.type_name
 

@@ -199,8 +199,7 @@ class QueueAdmin:
         else:
             status = "Ready"
         errors = [r["last_error"] for r in rcpts if r["last_error"]]
-        recipients = [f"{r['address']};{r['status']};{r['retry_count']};{r['last_error'] or ''}" for r in rcpts] \
-            if include else []
+        recipients = [self._recipient_record(q, r) for r in rcpts] if include else []
         return Record("Message", {
             "Identity": f"{self.server}\\{self._name(q)}\\{m['id']}", "Subject": m["subject"],
             "InternetMessageId": m["message_id"], "FromAddress": m["sender"] or "<>", "Status": status,
@@ -212,6 +211,16 @@ class QueueAdmin:
             "Priority": m["priority"], "Queue": f"{self.server}\\{self._name(q)}", "IsValid": True,
             "ObjectState": "New", "RecipientCount": len(rcpts),
         })
+
+    @staticmethod
+    def _recipient_record(q: DeliveryQueue, r: Any) -> Record:
+        """One recipient of a queued message, as Get-Message -IncludeRecipientInfo lists it (RecipientInfo)."""
+        mailbox = q.delivery_type == "SmtpDeliveryToMailbox"
+        return Record("RecipientInfo", {
+            "Address": r["address"], "Type": "Mailbox" if mailbox else "External",
+            "FinalDestination": "<No Matching Connector>" if q.key == UNREACHABLE else q.next_hop,
+            "Status": r["status"], "LastError": r["last_error"], "RetryCount": r["retry_count"], "OutboundIPPool": 0,
+        }, text=f"{r['address']};{r['status']};{r['retry_count']};{r['last_error'] or ''}")
 
     def resolve_messages(self, identities: list[str]) -> list[tuple[DeliveryQueue, int]]:
         out = []

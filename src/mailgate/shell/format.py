@@ -211,6 +211,9 @@ def render_list(objects: list[Any], properties: list[Any] | None, *, limit: int 
     lines = [""]
     for obj in objects:
         cols = properties if properties else properties_of(obj)
+        if not cols:   # text, a number: printed as itself, as PowerShell's Format-List does
+            lines.append(format_value(obj, limit))
+            continue
         titles = [_column_title(c) for c in cols]
         pad = max((len(t) for t in titles), default=0)
         for col, title in zip(cols, titles):
