@@ -301,9 +301,10 @@ class TransportService:
                                   "path": str(self.pressure.path)}}
 
     async def submit_local(self, sender: str, recipients: list[str], body: bytes, *, source: str,
-                           connector_id: str = "Submission") -> dict[str, Any]:
+                           connector_id: str = "Submission", message_source: str | None = None) -> dict[str, Any]:
         """Submit a message generated on this server (Test-Mailflow's probe, a Pickup or Replay file) as
-        mailbox submission does."""
+        mailbox submission does. ``source`` is its tracking source, ``message_source`` the component
+        Get-Message names (MessageSourceName), the same unless given."""
         size = len(body)
         now = time.time()
         routed = self.manager.categorise([(r, None, None) for r in recipients], size)
@@ -313,7 +314,7 @@ class TransportService:
         new = NewMessage(network_id=str(uuid.uuid4()), message_id=message_id_of(block), sender=sender,
                          subject=block.get("Subject"), size=size, received_at=now,
                          expires_at=now + self.server_object.message_expiration_timeout.seconds, recipients=routed,
-                         body=ref, source=source, directionality="Originating",
+                         body=ref, source=message_source or source, directionality="Originating",
                          in_submission=any(r.queue == SUBMISSION for r in routed))
         fields = {"client_hostname": self.server_object.fqdn, "server_hostname": self.server_object.fqdn,
                   "connector_id": f"{self.home.server}\\{connector_id}"}
@@ -336,7 +337,7 @@ class TransportService:
             raise UserError(f"the queue's disk is nearly full (back pressure {self.pressure.level})")
         if directory == "Pickup":   # a trace line of its own, as an MTA gives mail injected on its host
             body = fold("Received", f"by {self.server_object.fqdn} with Pickup; {rfc5322_date()}") + body
-        await self.submit_local(sender, recipients, body, source="SMTP", connector_id=directory)
+        await self.submit_local(sender, recipients, body, source="SMTP", connector_id=directory, message_source=directory)
 
     def _bad_file(self, reason: str, path: str) -> None:
         log.warning("%s; kept as %s", reason, path)

@@ -55,6 +55,13 @@ def test_an_exported_message_replays_to_its_recipients_and_a_directory_set_to_nu
     listed = wait_for(lambda: shell(home, 'Get-Message -Queue "EX01\\Mailbox Database EX01" | '
                                           'ForEach-Object { $_.Identity }').out.strip().splitlines(), timeout=30)
     (identity,) = listed
+    # A Pickup file's message waiting in a queue names its source as Exchange's Get-Message does.
+    (home.path / "Pickup" / "note.eml").write_bytes(b"From: other@domain.com\r\nTo: keeper@domain.com\r\n"
+                                                    b"Subject: dropped\r\n\r\nx\r\n")
+    sources = wait_for(lambda: shell(home, 'Get-Message -Queue "EX01\\Mailbox Database EX01" | Where-Object { '
+                                           '$_.Subject -eq "dropped" } | ForEach-Object { $_.MessageSourceName }'
+                                     ).out.split(), timeout=30, message="the Pickup file's message in the queue")
+    assert sources == ["Pickup"]
     replay = home.path / "Replay"
     exported = shell(home, f'Suspend-Message "{identity}"\nExport-Message "{identity}" -Path "{tmp_path / "m.eml"}"\n'
                            f'Remove-Message "{identity}" -WithNDR $false')
