@@ -337,7 +337,8 @@ class TransportService:
             raise UserError(f"the queue's disk is nearly full (back pressure {self.pressure.level})")
         if directory == "Pickup":   # a trace line of its own, as an MTA gives mail injected on its host
             body = fold("Received", f"by {self.server_object.fqdn} with Pickup; {rfc5322_date()}") + body
-        await self.submit_local(sender, recipients, body, source="SMTP", connector_id=directory, message_source=directory)
+        await self.submit_local(sender, recipients, body, source="SMTP", connector_id=directory,
+                                message_source=directory)
 
     def _bad_file(self, reason: str, path: str) -> None:
         log.warning("%s; kept as %s", reason, path)

@@ -520,7 +520,8 @@ def test_no_connector_means_unreachable_until_one_is_created(home, org, dns_serv
     # Each recipient is an object with Exchange's RecipientInfo properties (the administrator's one-liner).
     rows = shell(home, "Get-Message -Queue EX01\\Unreachable -IncludeRecipientInfo | "
                        "Select-Object -ExpandProperty Recipients | ft Address,Type,Status,FinalDestination").out
-    assert "a@elsewhere.example External Ready <No Matching Connector>" in [" ".join(r.split()) for r in rows.splitlines()]
+    assert "a@elsewhere.example External Ready <No Matching Connector>" in [" ".join(r.split())
+                                                                            for r in rows.splitlines()]
     dns_server.add("elsewhere.example", "A", "127.0.0.20")
     peer = SmtpPeer("127.0.0.20", peer_port)
     try:

@@ -233,8 +233,9 @@ def build_app(service: Any, loop: asyncio.AbstractEventLoop) -> FastAPI:
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> JSONResponse:
-        return JSONResponse(status_code=404 if isinstance(exc, CommandNotFoundError) else 400, content={"error": exc.message, "parameter": exc.parameter,
-                                                      "category": exc.category, "exception": exc.exception_name})
+        status = 404 if isinstance(exc, CommandNotFoundError) else 400
+        return JSONResponse(status_code=status, content={"error": exc.message, "parameter": exc.parameter,
+                                                         "category": exc.category, "exception": exc.exception_name})
 
     @app.get("/api/health")
     async def health() -> dict[str, Any]:
