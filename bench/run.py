@@ -476,7 +476,8 @@ def main() -> int:
                     e2e = f" e2e {r.e2e_rate}/s" if r.e2e_rate else ""
                     print(f"  rep {rep} {load.label:22} {t.name:13} {r.rate:8.1f}/s{e2e} {r.errors}", flush=True)
                     time.sleep(0.5)
-            for t in (t for t in order if t.timed):   # latency repeats like the loads: a single measurement moves too much to compare
+            # Latency repeats like the loads: a single measurement moves too much to compare.
+            for t in (t for t in order if t.timed):
                 lat = latency(t, lat_n, 20, 2048)
                 extra["latency_runs"].append({"target": t.name, "rep": rep, **lat})
                 print(f"  rep {rep} latency {'':15} {t.name:13} p50 {lat.get('p50_ms')} ms p99 {lat.get('p99_ms')} ms",
