@@ -51,6 +51,10 @@ class Cmdlet:
     mutates: bool = False
     default_view: str | None = None   # type name whose view formats the output
     builtin: bool = False             # a shell utility (Format-Table...), not a management operation
+    # The builtin's form that takes its input as it flows (shell/streams.py): (ctx, args, chunks, per_chunk) →
+    # its output's chunks, or None when these arguments need all of the input at once. ``per_chunk(args)`` runs
+    # the cmdlet itself on args holding one chunk as its input.
+    stream: Callable[..., Any] | None = None
 
     @property
     def confirm_impact(self) -> str:
@@ -166,6 +170,16 @@ def cmdlet(name: str, params: Iterable[Param] = (), *, synopsis: str = "", descr
         registry.add(Cmdlet(name=name, handler=fn, params=plist, synopsis=synopsis or (fn.__doc__ or "").strip().split("\n")[0],
                             description=description or (fn.__doc__ or "").strip(), examples=list(examples),
                             needs_runtime=needs_runtime, mutates=mutates, default_view=default_view, builtin=builtin))
+        return fn
+
+    return wrap
+
+
+def streams(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn`` as the form of builtin ``name`` that takes its input as it flows (``Cmdlet.stream``)."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        registry.get(name).stream = fn
         return fn
 
     return wrap

@@ -15,11 +15,11 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from mailgate.config.values import ByteSize, TimeSpan
 from mailgate.errors import InvalidValueError, ParameterError, UserError
-from mailgate.manage.cmdlets import SHELL_COMMON_NAMES, SHELL_COMMON_PARAMS, Param, cmdlet, registry
+from mailgate.manage.cmdlets import SHELL_COMMON_NAMES, SHELL_COMMON_PARAMS, Param, cmdlet, registry, streams
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.params import as_list, to_datetime, to_int, to_str, to_str_list
 from mailgate.manage.present import PS_CUSTOM_OBJECT, Record, to_json
@@ -28,6 +28,7 @@ from mailgate.shell import format as fmt
 from mailgate.shell import textfiles
 from mailgate.shell.textfiles import to_file_encoding
 from mailgate.shell.evaluator import ScriptBlock, member
+from mailgate.shell.streams import Stream, marked
 
 _INPUT = Param("InputObject", from_pipeline=True, raw=True, help="The objects to process (from the pipeline).")
 
@@ -80,15 +81,44 @@ def format_table(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     if args.get("GroupBy") is not None:
         return _grouped(items, args["GroupBy"], lambda run: format_table(ctx, {**args, "GroupBy": None,
                                                                                "InputObject": run})[0].lines)
+    cols = _table_columns(items, args)
+    if not cols:
+        return [fmt.Formatted([to_text(i) for i in items])]
+    return [fmt.Formatted(fmt.render_table(items, cols, limit=_limit(ctx), width=None if args.get("Wrap") else _width(),
+                                           hide_headers=bool(args.get("HideTableHeaders"))))]
+
+
+def _table_columns(items: list[Any], args: dict[str, Any]) -> list[Any]:
+    """Format-Table's columns: -Property (wildcards expanded), else the type's table view, else every property."""
     cols = fmt.expand_columns(items, _props(args))
     if not cols:
         first = items[0]
         view = fmt.DEFAULT_VIEWS.get(first.type_name) if isinstance(first, Record) else None
         cols = list(view[1]) if view and view[0] == "table" and view[1] else fmt.column_names(items)
-    if not cols:
-        return [fmt.Formatted([to_text(i) for i in items])]
-    return [fmt.Formatted(fmt.render_table(items, cols, limit=_limit(ctx), width=None if args.get("Wrap") else _width(),
-                                           hide_headers=bool(args.get("HideTableHeaders"))))]
+    return cols
+
+
+@streams("Format-Table")
+def format_table_stream(ctx: ManagementContext, args: dict[str, Any], chunks: Stream, per_chunk: Any) -> Any:
+    """One table, printed a chunk at a time: the header once, every column as wide as the first chunk made it
+    (longer values later are cut, as PowerShell does). -AutoSize and -GroupBy need all the objects first."""
+    if args.get("AutoSize") or args.get("GroupBy") is not None:
+        return None
+
+    def tables() -> Iterator[list[Any]]:
+        layout = fmt.TableLayout()
+        cols: list[Any] | None = None
+        for chunk in marked(chunks):
+            cols = cols if cols is not None else _table_columns(chunk, args)
+            if not cols:
+                yield [fmt.Formatted([to_text(i) for i in chunk])]
+                continue
+            yield [fmt.Formatted(fmt.render_table(chunk, cols, limit=_limit(ctx),
+                                                  width=None if args.get("Wrap") else _width(),
+                                                  hide_headers=bool(args.get("HideTableHeaders")),
+                                                  layout=layout, closing=chunk.last))]
+
+    return tables()
 
 
 @cmdlet("Format-List", [Param("Property", position=0, raw=True), _GROUP_BY, _INPUT],
@@ -103,6 +133,28 @@ def format_list(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
                                                                               "InputObject": run})[0].lines)
     cols = fmt.expand_columns(items, _props(args))
     return [fmt.Formatted(fmt.render_list(items, cols or None, limit=_limit(ctx)))]
+
+
+@streams("Format-List")
+def format_list_stream(ctx: ManagementContext, args: dict[str, Any], chunks: Stream, per_chunk: Any) -> Any:
+    """Each chunk's objects as lists, one blank line apart as if they were one list."""
+    if args.get("GroupBy") is not None:
+        return None
+
+    def lists() -> Iterator[list[Any]]:
+        for number, chunk in enumerate(chunks):
+            out = per_chunk({**args, "InputObject": chunk})
+            if number and out and isinstance(out[0], fmt.Formatted) and out[0].lines[:1] == [""]:
+                out = [fmt.Formatted(out[0].lines[1:]), *out[1:]]
+            yield out
+
+    return lists()
+
+
+def _each_chunk(args: dict[str, Any], chunks: Iterable[list[Any]], per_chunk: Any) -> Iterator[list[Any]]:
+    """A builtin that handles each object on its own, run on each chunk in turn."""
+    for chunk in chunks:
+        yield per_chunk({**args, "InputObject": chunk})
 
 
 def _select_props(items: list[Any], props: list[Any]) -> list[Any]:
@@ -161,6 +213,31 @@ def select_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     return items
 
 
+@streams("Select-Object")
+def select_object_stream(ctx: ManagementContext, args: dict[str, Any], chunks: Stream, per_chunk: Any) -> Any:
+    """-Skip and -First counted across chunks (reading stops after the first N); -Last and -Unique need all."""
+    if args.get("Last") is not None or args.get("Unique"):
+        return None
+    skip, first = args.get("Skip") or 0, args.get("First")
+    rest = {**args, "Skip": None, "First": None}
+
+    def selected() -> Iterator[list[Any]]:
+        to_skip, taken = skip, 0
+        for chunk in chunks:
+            if to_skip:
+                cut = min(to_skip, len(chunk))
+                chunk, to_skip = chunk[cut:], to_skip - cut
+            if first is not None:
+                chunk = chunk[: first - taken]
+                taken += len(chunk)
+            if chunk:
+                yield per_chunk({**rest, "InputObject": chunk})
+            if first is not None and taken >= first:
+                return
+
+    return selected()
+
+
 _OPERATOR_SWITCHES = ["EQ", "NE", "GT", "GE", "LT", "LE", "Like", "NotLike", "Match", "NotMatch", "Contains",
                       "NotContains", "In", "NotIn", "CEQ", "CNE", "CLike", "CMatch"]
 
@@ -188,6 +265,11 @@ def where_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     value = args.get("Value")
     variables = ctx.shell.variables if ctx.shell else {}
     return [item for item in items if truthy(compare(op, fmt.get_property(item, prop), value, variables))]
+
+
+@streams("Where-Object")
+def where_object_stream(ctx: ManagementContext, args: dict[str, Any], chunks: Stream, per_chunk: Any) -> Any:
+    return _each_chunk(args, chunks, per_chunk)
 
 
 @cmdlet("Sort-Object", [Param("Property", position=0, raw=True), Param("Descending", switch=True),
@@ -239,23 +321,46 @@ def _sort_key(value: Any) -> tuple:
         synopsis="Count objects, or sum/average a property (alias measure).", builtin=True)
 def measure_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """Count the objects; with -Property and -Sum/-Average/-Maximum/-Minimum, compute those."""
-    items = _inputs(args)
+    return [_measure(args, [_inputs(args)])]
+
+
+@streams("Measure-Object")
+def measure_object_stream(ctx: ManagementContext, args: dict[str, Any], chunks: Stream, per_chunk: Any) -> Any:
+    """The measure of all the chunks, kept as running totals."""
+    def measured() -> Iterator[list[Any]]:
+        yield [_measure(args, chunks)]
+
+    return measured()
+
+
+def _measure(args: dict[str, Any], chunks: Iterable[list[Any]]) -> Record:
     props = _props(args)
     prop = to_text(props[0]) if props else None
-    values = [fmt.get_property(i, prop) for i in items] if prop else items
     statistics = any(args.get(k) for k in ("Sum", "Average", "Maximum", "Minimum"))
-    numbers = [_number(v) for v in values if v is not None] if statistics else []
-    result: dict[str, Any] = {"Count": len(values), "Average": None, "Sum": None, "Maximum": None, "Minimum": None,
+    count = numbered = 0
+    total: float = 0
+    largest = smallest = None
+    for chunk in chunks:
+        values = [fmt.get_property(i, prop) for i in chunk] if prop else chunk
+        count += len(values)
+        if statistics:
+            numbers = [_number(v) for v in values if v is not None]
+            if numbers:
+                numbered += len(numbers)
+                total += sum(numbers)
+                largest = max(numbers) if largest is None else max(largest, *numbers)
+                smallest = min(numbers) if smallest is None else min(smallest, *numbers)
+    result: dict[str, Any] = {"Count": count, "Average": None, "Sum": None, "Maximum": None, "Minimum": None,
                               "Property": prop}
     if args.get("Sum"):
-        result["Sum"] = sum(numbers)
+        result["Sum"] = total
     if args.get("Average"):
-        result["Average"] = sum(numbers) / len(numbers) if numbers else None
+        result["Average"] = total / numbered if numbered else None
     if args.get("Maximum"):
-        result["Maximum"] = max(numbers) if numbers else None
+        result["Maximum"] = largest
     if args.get("Minimum"):
-        result["Minimum"] = min(numbers) if numbers else None
-    return [Record("MeasureInfo", result)]
+        result["Minimum"] = smallest
+    return Record("MeasureInfo", result)
 
 
 def _number(value: Any) -> float:
@@ -364,6 +469,11 @@ def foreach_object(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
             value = fmt.get_property(item, args.get("MemberName") or to_text(block))
             out.extend(value if isinstance(value, list) else [value])
     return out
+
+
+@streams("ForEach-Object")
+def foreach_object_stream(ctx: ManagementContext, args: dict[str, Any], chunks: Stream, per_chunk: Any) -> Any:
+    return _each_chunk(args, chunks, per_chunk)
 
 
 @cmdlet("Get-Command", [Param("Name", position=0, convert=to_str_list, type_name="String[]"),
@@ -500,6 +610,17 @@ def out_null(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     return []
 
 
+@streams("Out-Null")
+def out_null_stream(ctx: ManagementContext, args: dict[str, Any], chunks: Stream, per_chunk: Any) -> Any:
+    def discarded() -> Iterator[list[Any]]:
+        for _ in chunks:
+            pass
+        return
+        yield
+
+    return discarded()
+
+
 @cmdlet("Out-String", [_INPUT, Param("Stream", switch=True), Param("Width", convert=to_int, type_name="Int32")],
         synopsis="Render objects as text.", builtin=True)
 def out_string(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
@@ -560,15 +681,38 @@ _NO_CLOBBER = Param("NoClobber", switch=True, aliases=("NoOverwrite",), help="Re
         synopsis="Write output to a file.", builtin=True)
 def out_file(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """Write what the objects print as to a file (tables cut to -Width columns when it is given)."""
-    width = args.get("Width")
-    if width is not None and width < 2:
-        raise InvalidValueError(f"Cannot validate argument on parameter 'Width'. The {width} argument is less than "
-                                "the minimum allowed range of 2.", parameter="Width")
-    lines = fmt.default_render(_inputs(args), limit=_limit(ctx), width=width)
+    lines = fmt.default_render(_inputs(args), limit=_limit(ctx), width=_out_file_width(args))
     text = "".join(lines) if args.get("NoNewline") else "\n".join(lines) + "\n"
     textfiles.write_text(args["FilePath"], text, args.get("Encoding"), append=bool(args.get("Append")),
                          no_clobber=bool(args.get("NoClobber")))
     return []
+
+
+def _out_file_width(args: dict[str, Any]) -> int | None:
+    width = args.get("Width")
+    if width is not None and width < 2:
+        raise InvalidValueError(f"Cannot validate argument on parameter 'Width'. The {width} argument is less than "
+                                "the minimum allowed range of 2.", parameter="Width")
+    return width
+
+
+@streams("Out-File")
+def out_file_stream(ctx: ManagementContext, args: dict[str, Any], chunks: Stream, per_chunk: Any) -> Any:
+    """The file written a chunk at a time, as the screen would show them (one table, one header)."""
+    width = _out_file_width(args)
+
+    def written() -> Iterator[list[Any]]:
+        carry = fmt.OpenOutput()
+        for chunk in marked(chunks):
+            lines = fmt.default_render(chunk, limit=_limit(ctx), width=width, carry=carry)
+            text = "".join(lines) if args.get("NoNewline") else "".join(line + "\n" for line in lines)
+            textfiles.write_text(args["FilePath"], text, args.get("Encoding"),
+                                 append=bool(args.get("Append")) or not chunk.first,
+                                 no_clobber=bool(args.get("NoClobber")) and chunk.first)
+        return
+        yield
+
+    return written()
 
 
 def _delimiter(args: dict[str, Any]) -> str:
@@ -616,27 +760,52 @@ def export_csv(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """Write the objects' properties as CSV, as Windows PowerShell does: every value quoted, a ``#TYPE`` line
     unless -NoTypeInformation. -Append adds rows under the file's own header; an object without one of its
     columns is refused unless -Force."""
-    items = _inputs(args)
+    _write_csv(args, [_inputs(args)])
+    return []
+
+
+@streams("Export-Csv")
+def export_csv_stream(ctx: ManagementContext, args: dict[str, Any], chunks: Stream, per_chunk: Any) -> Any:
+    """The file written a chunk at a time, under the header the first chunk gave it."""
+    def written() -> Iterator[list[Any]]:
+        _write_csv(args, chunks)
+        return
+        yield
+
+    return written()
+
+
+def _write_csv(args: dict[str, Any], chunks: Iterable[list[Any]]) -> None:
+    """Export-Csv of the objects in ``chunks``: the first makes the file (or is checked against the header of the
+    file -Append adds to); the others are appended in the same columns."""
     delimiter = _delimiter(args)
     path, encoding, append = args["Path"], args.get("Encoding"), bool(args.get("Append"))
-    header: list[str] | None = None
+    file_header: list[str] | None = None
     if append:
         existing = [line for line in textfiles.existing_text(path, encoding).splitlines()
                     if line.strip() and not line.startswith("#")]
-        header = next(csv.reader(existing[:1], delimiter=delimiter), None)
-    if header:
-        missing = [c for c in header if c and not any(fmt.get_property(i, c) is not None or
-                                                      c.lower() in (p.lower() for p in fmt.properties_of(i))
-                                                      for i in items)]
-        if missing and items and not args.get("Force"):
-            raise UserError(f"Cannot append CSV content to the following file: {path}. The appended object does not "
-                            f"have a property that corresponds to the following column: {missing[0]}. To continue "
-                            "with mismatched properties, add the -Force parameter, and then retry the command.",
-                            target=path)
-    lines = _csv_lines(items, delimiter, type_line=not args.get("NoTypeInformation"), columns=header or None)
-    textfiles.write_text(path, "".join(line + "\n" for line in lines), encoding, append=append,
-                         no_clobber=bool(args.get("NoClobber")))
-    return []
+        file_header = next(csv.reader(existing[:1], delimiter=delimiter), None) or None
+    header = file_header
+    written = False
+    for items in chunks:
+        if file_header:
+            missing = [c for c in file_header if c and not any(fmt.get_property(i, c) is not None or
+                                                          c.lower() in (p.lower() for p in fmt.properties_of(i))
+                                                          for i in items)]
+            if missing and items and not args.get("Force"):
+                raise UserError(f"Cannot append CSV content to the following file: {path}. The appended object does "
+                                f"not have a property that corresponds to the following column: {missing[0]}. To "
+                                "continue with mismatched properties, add the -Force parameter, and then retry the "
+                                "command.", target=path)
+        lines = _csv_lines(items, delimiter, type_line=not args.get("NoTypeInformation"), columns=header)
+        textfiles.write_text(path, "".join(line + "\n" for line in lines), encoding, append=append or written,
+                             no_clobber=bool(args.get("NoClobber")) and not written)
+        header = header or fmt.column_names(items)
+        written = True
+    if not written:   # nothing to export: the file is made (or left as it is, with -Append) all the same
+        textfiles.write_text(path, "".join(line + "\n" for line in _csv_lines(
+            [], delimiter, type_line=not args.get("NoTypeInformation"), columns=header)), encoding, append=append,
+            no_clobber=bool(args.get("NoClobber")))
 
 
 @cmdlet("ConvertTo-Csv", [_INPUT, Param("NoTypeInformation", switch=True, aliases=("NTI",)),
@@ -646,6 +815,18 @@ def export_csv(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
 def convert_to_csv(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """The CSV text of the objects, one string per line."""
     return _csv_lines(_inputs(args), _delimiter(args), type_line=not args.get("NoTypeInformation"))
+
+
+@streams("ConvertTo-Csv")
+def convert_to_csv_stream(ctx: ManagementContext, args: dict[str, Any], chunks: Stream, per_chunk: Any) -> Any:
+    """The header (from the first chunk) once, then each chunk's lines."""
+    def converted() -> Iterator[list[Any]]:
+        columns: list[str] | None = None
+        for chunk in chunks:
+            yield _csv_lines(chunk, _delimiter(args), type_line=not args.get("NoTypeInformation"), columns=columns)
+            columns = columns or fmt.column_names(chunk)
+
+    return converted()
 
 
 def _html_cell(value: Any) -> str:

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from lark import Token, Tree
 
@@ -40,6 +40,7 @@ from mailgate.shell import binder, textfiles
 from mailgate.shell import format as fmt
 from mailgate.shell.format import Formatted, get_property
 from mailgate.shell.parser import NESTED_TOO_DEEPLY, parse
+from mailgate.shell.streams import Stream, marked
 
 log = logging.getLogger("mailgate.shell")
 
@@ -278,7 +279,12 @@ class Evaluator:
             raise Terminating(reason.error if isinstance(reason, ErrorRecord) else
                               UserError(to_text(reason) or "ScriptHalted"), stmt, None, stops_script=True)
         else:
-            output(self.eval_pipeline(stmt))
+            result = self.eval_pipeline(stmt, stream=True)
+            if isinstance(result, Stream):   # printed (or collected) a chunk at a time, as it is read
+                for chunk in marked(result):
+                    output(chunk)
+            else:
+                output(result)
 
     def _loop_body(self, body: Tree, output: Callable[[list[Any]], None], nested_errors: bool) -> bool:
         """One turn of a loop's body; False when ``break`` ends the loop."""
@@ -416,19 +422,21 @@ class Evaluator:
         return out
 
     # -- pipelines ----------------------------------------------------------------------
-    def eval_pipeline(self, node: Tree) -> list[Any]:
+    def eval_pipeline(self, node: Tree, *, stream: bool = False) -> Any:
+        """The pipeline's output: a list, or with ``stream`` a ``Stream`` when it flows (streams.py)."""
         if node.data != "pipeline":
             return self._as_items(self.eval(node))
         elements = node.children
         head = elements[0]
         redirects = [e for e in elements[1:] if e.data == "redirection"]   # only after an expression head
+        items: list[Any] | Stream
         if isinstance(head, Tree) and head.data == "command":
             items = self.invoke_command(head, None)
         else:
             items = self._redirected(lambda: self._as_items(self.eval(head)), redirects, head)
         for cmd in elements[1 + len(redirects):]:
             items = self.invoke_command(cmd, items)
-        return items
+        return items.materialise() if isinstance(items, Stream) and not stream else items
 
     @staticmethod
     def _as_items(value: Any) -> list[Any]:
@@ -458,11 +466,17 @@ class Evaluator:
             return str(node.children[0])
         return self.eval(node)
 
-    def invoke_command(self, node: Tree, input_items: list[Any] | None) -> list[Any]:
+    def invoke_command(self, node: Tree, input_items: list[Any] | Stream | None) -> list[Any] | Stream:
+        """One command of a pipeline; its output may be a ``Stream`` (the caller materialises what it keeps)."""
         redirects = [c for c in node.children[1:] if c.data == "redirection"]
         if not redirects:
             return self._invoke_command(node, input_items)
-        return self._redirected(lambda: self._invoke_command(node, input_items), redirects, node)
+        items = input_items.materialise() if isinstance(input_items, Stream) else input_items
+        return self._redirected(lambda: self._materialised(self._invoke_command(node, items)), redirects, node)
+
+    @staticmethod
+    def _materialised(items: list[Any] | Stream) -> list[Any]:
+        return items.materialise() if isinstance(items, Stream) else items
 
     def _redirected(self, run: Callable[[], list[Any]], redirects: list[Tree], node: Any) -> list[Any]:
         """Run a command (or an expression) with PowerShell's redirections: ``>``/``>>`` send its output to a
@@ -518,11 +532,11 @@ class Evaluator:
                     raise file_error(exc) from exc
         return [] if "1" in targets else out
 
-    def _invoke_command(self, node: Tree, input_items: list[Any] | None) -> list[Any]:
+    def _invoke_command(self, node: Tree, input_items: list[Any] | Stream | None) -> list[Any] | Stream:
         self.ctx.confirm_all = None   # "Yes to All" holds for this command's objects, not the next command's
         return self._run_command(node, input_items)
 
-    def _run_command(self, node: Tree, input_items: list[Any] | None) -> list[Any]:
+    def _run_command(self, node: Tree, input_items: list[Any] | Stream | None) -> list[Any] | Stream:
         """Run one command of a pipeline. An unknown command or parameters that don't bind end the statement
         (PowerShell's terminating errors: a try block catches them); an error of the cmdlet itself is shown
         and the pipeline goes on with the next object, unless -ErrorAction (or $ErrorActionPreference) says
@@ -540,6 +554,12 @@ class Evaluator:
         except UserError as exc:
             raise Terminating(exc, node, cmd.name, stops_script=False) from None
         pipe = binder.pipeline_param(cmd)
+        if isinstance(input_items, Stream):
+            if cmd.stream is not None and pipe is not None and pipe.name not in bound:
+                flowing = self._flowing(node, cmd, bound, pipe.name, input_items, error_action, warning_action)
+                if flowing is not None:
+                    return flowing
+            input_items = input_items.materialise()
         calls: list[dict[str, Any]] = []
         if input_items is None:
             calls = [bound]
@@ -561,10 +581,42 @@ class Evaluator:
             except UserError as exc:   # a value that doesn't convert to its parameter's type: a binding error
                 raise Terminating(exc, node, cmd.name, stops_script=False) from None
             try:
-                out.extend(self.call(cmd, args, error_action=error_action, warning_action=warning_action))
+                result = self.call(cmd, args, error_action=error_action, warning_action=warning_action,
+                                   stream=input_items is None)
             except UserError as exc:
                 self._cmdlet_error(exc, node, cmd.name, error_action)
+                continue
+            if isinstance(result, Stream):   # the first command of the pipeline reads as it is used
+                return self._guarded(result, node, cmd, error_action)
+            out.extend(result)
         return out
+
+    def _flowing(self, node: Tree, cmd: Cmdlet, bound: dict[str, Any], input_name: str, items: Stream,
+                 error_action: str, warning_action: str) -> Stream | None:
+        """A builtin taking a stream as it comes (``Cmdlet.stream``); None when these arguments need all of its
+        input at once (Select-Object -Last, Sort-Object...). Its errors are reported as when it takes a list."""
+        try:
+            args = binder.convert(cmd, {**bound, input_name: []})
+        except UserError as exc:
+            raise Terminating(exc, node, cmd.name, stops_script=False) from None
+
+        def per_chunk(chunk_args: dict[str, Any]) -> list[Any]:
+            return self.call(cmd, chunk_args, error_action=error_action, warning_action=warning_action)
+
+        assert cmd.stream is not None
+        flowing = cmd.stream(self.ctx, args, items, per_chunk)
+        return None if flowing is None else self._guarded(flowing, node, cmd, error_action)
+
+    def _guarded(self, chunks: Iterable[list[Any]], node: Tree, cmd: Cmdlet, error_action: str) -> Stream:
+        """A command's flowing output; an error it meets on the way is its error, reported as when it takes a
+        list (the stream ends there; what came before has gone on down the pipeline)."""
+        def guarded() -> Iterator[list[Any]]:
+            try:
+                yield from chunks
+            except UserError as exc:
+                self._cmdlet_error(exc, node, cmd.name, error_action)
+
+        return Stream(guarded())
 
     def _preference(self, given: Any, variable: str) -> str:
         """-ErrorAction/-WarningAction as given, else the preference variable (Continue if it isn't one)."""
@@ -589,32 +641,53 @@ class Evaluator:
         self._fail(error, node, cmdlet)
 
     def call(self, cmd: Cmdlet, args: dict[str, Any], *, error_action: str = "Continue",
-             warning_action: str = "Continue") -> list[Any]:
+             warning_action: str = "Continue", stream: bool = False) -> list[Any] | Stream:
+        """Run a cmdlet. One that reads as it is used (Get-MessageTrackingLog) is read here, unless ``stream``:
+        then its output is a ``Stream``, and its errors and warnings come when it has been read."""
         ctx = self.ctx
         ctx.whatif = bool(args.get("WhatIf"))
         ctx.confirm, ctx.confirm_impact = args.get("Confirm"), cmd.confirm_impact
         ctx.shell = self
         try:
             result = cmd.handler(ctx, args)
-            if isinstance(result, Iterator):   # read as it is used (Get-MessageTrackingLog): read it all here,
-                result = list(result)          # where its errors are handled and before its warnings are shown
+            if isinstance(result, Iterator):
+                if stream:
+                    return Stream.of(self._read_as_used(cmd, result, error_action, warning_action))
+                result = list(result)
         except (UserError, RecursionError, Terminating, LoopControl):
             raise
-        except OSError as exc:   # a file the administrator named (Out-File, Export-Csv, Export-Message …)
-            raise file_error(exc) from exc
-        except Exception as exc:  # a bug is reported like any error; it doesn't end the administrator's session
-            if is_unreachable(exc):
-                raise UserError(f"{cmd.name} needs the organisation's store, which can't be reached "
-                                f"({unreachable_reason(exc)}).") from exc
-            log.debug("%s raised", cmd.name, exc_info=True)
-            raise UserError(f"{cmd.name} failed with an internal error ({type(exc).__name__}: {exc}). This is a bug "
-                            "in mailgate.") from exc
+        except Exception as exc:  # noqa: BLE001 - reported as a UserError (_cmdlet_failure)
+            raise _cmdlet_failure(cmd, exc) from exc
         finally:
-            ctx.whatif, ctx.confirm = False, None
-            if warning_action in ("SilentlyContinue", "Ignore"):
-                ctx.warnings.clear()
-            self._flush_side_channels()
-        if ctx.errors:  # errors the cmdlet reported and went on from
+            self._after_cmdlet(warning_action)
+        self._cmdlet_errors(cmd, error_action)
+        return [] if result is None else list(result) if isinstance(result, (list, tuple)) else [result]
+
+    def _read_as_used(self, cmd: Cmdlet, items: Iterator[Any], error_action: str,
+                      warning_action: str) -> Iterator[Any]:
+        """A cmdlet's output read as the pipeline uses it; once read, its warnings and errors are shown."""
+        try:
+            yield from items
+        except (UserError, RecursionError, Terminating, LoopControl):
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported as a UserError (_cmdlet_failure)
+            raise _cmdlet_failure(cmd, exc) from exc
+        finally:
+            self._after_cmdlet(warning_action)
+        self._cmdlet_errors(cmd, error_action)
+
+    def _after_cmdlet(self, warning_action: str) -> None:
+        ctx = self.ctx
+        ctx.whatif, ctx.confirm = False, None
+        if warning_action in ("SilentlyContinue", "Ignore"):
+            ctx.warnings.clear()
+        self._flush_side_channels()
+
+    def _cmdlet_errors(self, cmd: Cmdlet, error_action: str) -> None:
+        """Errors the cmdlet reported and went on from: raised (-ErrorAction Stop), redirected, or shown once
+        the statement's output is out."""
+        ctx = self.ctx
+        if ctx.errors:
             errors, ctx.errors = ctx.errors, []
             if error_action == "Stop":
                 raise UserError(errors[0])
@@ -623,7 +696,6 @@ class Evaluator:
                     self._cmdlet_error(UserError(message), None, cmd.name, error_action)
             elif error_action not in ("SilentlyContinue", "Ignore"):   # shown once the statement's output is out
                 self._deferred_errors += [(cmd.name, message) for message in errors]
-        return [] if result is None else list(result) if isinstance(result, (list, tuple)) else [result]
 
     def _flush_side_channels(self) -> None:
         if self._warning_sink is not None:   # 3> or *>: the warnings go where they were sent
@@ -914,6 +986,19 @@ def repeated(left: str | list, right: Any) -> str | list:
     if len(left) * count > REPEAT_MAX:
         raise ShellError(f"Repeating {len(left)} items {count} times would make more than {REPEAT_MAX:,} items.")
     return left * count
+
+
+def _cmdlet_failure(cmd: Cmdlet, exc: Exception) -> UserError:
+    """An exception out of a cmdlet as the error the administrator sees: a file it could not use, a store it
+    could not reach, or a bug (reported like any error: it doesn't end the administrator's session)."""
+    if isinstance(exc, OSError):   # a file the administrator named (Out-File, Export-Csv, Export-Message …)
+        return file_error(exc)
+    if is_unreachable(exc):
+        return UserError(f"{cmd.name} needs the organisation's store, which can't be reached "
+                         f"({unreachable_reason(exc)}).")
+    log.debug("%s raised", cmd.name, exc_info=exc)
+    return UserError(f"{cmd.name} failed with an internal error ({type(exc).__name__}: {exc}). This is a bug "
+                     "in mailgate.")
 
 
 def file_error(exc: OSError) -> UserError:

@@ -164,8 +164,20 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, (bool, enum.Enum))
 
 
+@dataclass
+class TableLayout:
+    """The column widths (and right-aligned columns) of a table printed in parts: set by its first part, kept
+    by the rest, as PowerShell sizes a streamed table by its first objects and cuts longer values after them."""
+
+    widths: list[int] | None = None
+    numeric: list[bool] | None = None
+
+
 def render_table(objects: list[Any], columns: list[Any], *, limit: int = 4, width: int | None = None,
-                 evaluate: Any = None, hide_headers: bool = False, wrap: bool = False) -> list[str]:
+                 evaluate: Any = None, hide_headers: bool = False, wrap: bool = False,
+                 layout: TableLayout | None = None, closing: bool = True) -> list[str]:
+    """A table's lines. With ``layout``, one part of a longer table: the first part (an empty layout) opens it
+    and sets the layout, later parts are rows in the same columns; ``closing`` False leaves the table open."""
     titles = [_column_title(c) for c in columns]
     rows: list[list[str]] = []
     numeric = [True] * len(columns)
@@ -177,9 +189,15 @@ def render_table(objects: list[Any], columns: list[Any], *, limit: int = 4, widt
                 numeric[i] = False
             row.append(format_value(value, limit).replace("\r", " ").replace("\n", " "))
         rows.append(row)
-    widths = [max([len(t)] + [len(r[i]) for r in rows]) for i, t in enumerate(titles)]
-    if width:
-        _shrink(widths, [len(t) for t in titles], width)
+    continued = layout is not None and layout.widths is not None
+    if continued:
+        widths, numeric = layout.widths, layout.numeric
+    else:
+        widths = [max([len(t)] + [len(r[i]) for r in rows]) for i, t in enumerate(titles)]
+        if width:
+            _shrink(widths, [len(t) for t in titles], width)
+        if layout is not None:
+            layout.widths, layout.numeric = widths, numeric
 
     def cell(text: str, i: int) -> str:
         w = widths[i]
@@ -187,13 +205,14 @@ def render_table(objects: list[Any], columns: list[Any], *, limit: int = 4, widt
             text = text[: max(w - 3, 0)] + "..." if w > 3 else text[:w]
         return text.rjust(w) if numeric[i] and text else text.ljust(w)
 
-    lines = [""]
-    if not hide_headers:   # a title, and its dashes, are cut to the column's width like its values
+    lines = [] if continued else [""]
+    if not hide_headers and not continued:   # a title, and its dashes, are cut to the column's width like its values
         lines.append(" ".join(cell(t, i) for i, t in enumerate(titles)).rstrip())
         lines.append(" ".join(cell("-" * min(len(t), widths[i]), i) for i, t in enumerate(titles)).rstrip())
     for r in rows:
         lines.append(" ".join(cell(v, i) for i, v in enumerate(r)).rstrip())
-    lines.append("")
+    if closing:
+        lines.append("")
     return lines
 
 
@@ -226,51 +245,81 @@ def render_list(objects: list[Any], properties: list[Any] | None, *, limit: int 
     return lines
 
 
-def default_render(objects: list[Any], *, limit: int = 4, width: int | None = None) -> list[str]:
-    """What PowerShell's Out-Default prints for a batch of pipeline output."""
-    lines: list[str] = []
-    group: list[Any] = []
-    group_type: str | None = None
+@dataclass
+class OpenOutput:
+    """What one chunk of a streamed output left open for the next: the type of its last objects and, when
+    they made a table, that table's layout (its header is not printed again)."""
 
-    def flush() -> None:
-        nonlocal group
-        if not group:
-            return
-        first = group[0]
-        if isinstance(first, Record):
-            view = DEFAULT_VIEWS.get(first.type_name)
-            if view is None:
-                view = ("table", first.keys()) if len(first.keys()) <= 4 else ("list", None)
-            kind, cols = view
-            if first.type_name == "MemberDefinition":   # Get-Member: a table per type, under its name
-                for type_name in dict.fromkeys(m.get("TypeName") for m in group):
-                    lines.extend(["", f"   TypeName: {type_name}"])
-                    lines.extend(render_table([m for m in group if m.get("TypeName") == type_name], list(cols),
-                                              limit=limit, width=width))
-            elif kind == "table":
-                lines.extend(render_table(group, list(cols or first.keys()), limit=limit, width=width))
-            else:
-                lines.extend(render_list(group, cols, limit=limit))
-        elif isinstance(first, dict):
-            lines.extend(render_table([{"Name": k, "Value": v} for obj in group for k, v in obj.items()],
-                                      ["Name", "Value"], limit=limit, width=width))
-        else:
-            for obj in group:
-                if isinstance(obj, Formatted):
-                    lines.extend(str(obj).split("\n"))
-                elif isinstance(obj, dt.datetime):   # a date on its own: long date and time, as Get-Date prints
-                    lines.append(dotnet_strftime(obj.astimezone() if obj.tzinfo else obj, "F"))
-                else:
-                    lines.append(format_value(obj, limit))
-        group = []
+    kind: str | None = None
+    layout: TableLayout | None = None
 
+
+def default_render(objects: list[Any], *, limit: int = 4, width: int | None = None,
+                   carry: OpenOutput | None = None) -> list[str]:
+    """What PowerShell's Out-Default prints for a batch of pipeline output. With ``carry``, the batch is one
+    chunk of a longer output (``objects`` a ``streams.Chunk``, marked first and last): a table or list of the
+    same type goes on from the previous chunk, and the last group stays open unless this chunk is the last."""
+    continues = carry is not None and not getattr(objects, "first", True)
+    ends = carry is None or getattr(objects, "last", True)
+    groups: list[tuple[str, list[Any]]] = []
     for obj in objects:
         kind = obj.type_name if isinstance(obj, Record) else ("dict" if isinstance(obj, dict) else "scalar")
-        if kind != group_type:
-            flush()
-            group_type = kind
-        group.append(obj)
-    flush()
+        if not groups or groups[-1][0] != kind:
+            groups.append((kind, []))
+        groups[-1][1].append(obj)
+    lines: list[str] = []
+    if continues and carry is not None and carry.layout is not None and (not groups or groups[0][0] != carry.kind):
+        lines.append("")   # the table the previous chunk left open ends here
+    for index, (kind, group) in enumerate(groups):
+        going_on = continues and index == 0 and carry is not None and carry.kind == kind
+        left_open = not ends and index == len(groups) - 1
+        layout = None
+        if going_on and carry is not None:
+            layout = carry.layout
+        elif left_open:
+            layout = TableLayout()
+        rendered = _render_group(group, limit=limit, width=width, layout=layout, closing=not left_open)
+        if going_on and layout is None and rendered[:1] == [""]:
+            rendered = rendered[1:]   # a list goes on: its objects are already apart
+        lines.extend(rendered)
+        if left_open and carry is not None:
+            carry.kind, carry.layout = kind, layout if layout is not None and layout.widths is not None else None
+    if ends and carry is not None:
+        carry.kind, carry.layout = None, None
+    return lines
+
+
+def _render_group(group: list[Any], *, limit: int, width: int | None, layout: TableLayout | None,
+                  closing: bool) -> list[str]:
+    """Objects of one type, in their default view."""
+    first = group[0]
+    if isinstance(first, Record):
+        view = DEFAULT_VIEWS.get(first.type_name)
+        if view is None:
+            view = ("table", first.keys()) if len(first.keys()) <= 4 else ("list", None)
+        kind, cols = view
+        if first.type_name == "MemberDefinition":   # Get-Member: a table per type, under its name
+            lines: list[str] = []
+            for type_name in dict.fromkeys(m.get("TypeName") for m in group):
+                lines.extend(["", f"   TypeName: {type_name}"])
+                lines.extend(render_table([m for m in group if m.get("TypeName") == type_name], list(cols),
+                                          limit=limit, width=width))
+            return lines
+        if kind == "table":
+            return render_table(group, list(cols or first.keys()), limit=limit, width=width, layout=layout,
+                                closing=closing)
+        return render_list(group, cols, limit=limit)
+    if isinstance(first, dict):
+        return render_table([{"Name": k, "Value": v} for obj in group for k, v in obj.items()],
+                            ["Name", "Value"], limit=limit, width=width)
+    lines = []
+    for obj in group:
+        if isinstance(obj, Formatted):
+            lines.extend(str(obj).split("\n"))
+        elif isinstance(obj, dt.datetime):   # a date on its own: long date and time, as Get-Date prints
+            lines.append(dotnet_strftime(obj.astimezone() if obj.tzinfo else obj, "F"))
+        else:
+            lines.append(format_value(obj, limit))
     return lines
 
 

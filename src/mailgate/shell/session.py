@@ -19,8 +19,9 @@ from mailgate.manage.cmdlets import registry
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.params import value_choices
 from mailgate.shell.evaluator import Evaluator
-from mailgate.shell.format import default_render
+from mailgate.shell.format import OpenOutput, default_render
 from mailgate.shell.parser import is_incomplete
+from mailgate.shell.streams import Chunk
 
 
 class LinePrompter:
@@ -57,6 +58,7 @@ class Shell:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.evaluator = Evaluator(ctx, emit=self._emit, report=self._report)
+        self._open = OpenOutput()   # a streamed table still being printed (its chunks come one by one)
 
     # -- output --------------------------------------------------------------------
     def _emit(self, objects: list[Any]) -> None:
@@ -64,7 +66,11 @@ class Shell:
             return
         limit = self.evaluator.enumeration_limit()
         width = shutil.get_terminal_size().columns if self.out.isatty() else None
-        for line in default_render(objects, limit=limit, width=width):
+        streamed = isinstance(objects, Chunk)
+        if self._open.layout is not None and not (streamed and not objects.first):
+            self.out.write("\n")   # a streamed table cut short (an error, a warning): it ends here
+            self._open = OpenOutput()
+        for line in default_render(objects, limit=limit, width=width, carry=self._open if streamed else None):
             self.out.write(line + "\n")
         self.out.flush()
 
