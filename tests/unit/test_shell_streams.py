@@ -110,9 +110,10 @@ def test_measure_and_export_hold_a_chunk_at_a_time(tmp_path: Path):
     lines = (tmp_path / "odd.csv").read_text().splitlines()
     assert lines[0] == '"N","Name","Size"' and len(lines) == 2501
     assert lines[1] == '"1","item-00001","10"' and lines[-1] == '"4999","item-04999","49990"'
-    for tail in (f"Out-File '{tmp_path / 'all.txt'}'", "Format-Table", "Format-List", "ConvertTo-Csv", "Out-Null",
-                 "ForEach-Object { $_.N }", "Select-Object N"):
-        ok, _, err = run(f"Test-Stream 5000 | {tail}")
+    for tail in (f"| Out-File '{tmp_path / 'all.txt'}'", "| Format-Table", "| Format-List", "| ConvertTo-Csv",
+                 "| Out-Null", "| ForEach-Object { $_.N }", "| Select-Object N", f"> '{tmp_path / 'all.txt'}'",
+                 "> $null", f"| Select-Object N >> '{tmp_path / 'all.txt'}'"):
+        ok, _, err = run(f"Test-Stream 5000 {tail}")
         assert ok, err
         assert _Probe.most_alive <= 3 * CHUNK, (tail, _Probe.most_alive)   # a few chunks, not all 5000
 
@@ -126,9 +127,11 @@ def test_what_flows_prints_and_writes_what_the_whole_list_gives(tmp_path: Path):
         assert ok, err
         assert streamed == listed, tail
     assert run("Test-Stream 2500")[1].count("Name") == 1   # one table, one header
-    for writer in ("Export-Csv", "Out-File", "Out-File -Encoding Unicode", "Format-List | Out-File"):
-        ok, _, err = run(f"Test-Stream 2500 | {writer} '{tmp_path / 'a'}'; "
-                         f"$all = Test-Stream 2500; $all | {writer} '{tmp_path / 'b'}'")
+    for writer in ("Export-Csv", "Out-File", "Out-File -Encoding Unicode", "Format-List | Out-File", ">",
+                   "Select-Object N >"):
+        pipe = "" if writer.startswith(">") else "| "
+        ok, _, err = run(f"Test-Stream 2500 {pipe}{writer} '{tmp_path / 'a'}'; "
+                         f"$all = Test-Stream 2500; $all {pipe}{writer} '{tmp_path / 'b'}'")
         assert ok, err
         assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes(), writer
         assert _Probe.most_alive == 2500   # the second one held them all; the first ran before it, chunk by chunk
@@ -201,3 +204,11 @@ def test_get_message_tracking_log_flows_from_the_store(tmp_path: Path):
     assert ok, err
     assert len((tmp_path / "all.csv").read_text().splitlines()) == 2 + 2500
     assert out.count("subject ") == 1000 and out.count("WARNING: Only the first 1000 items are shown") == 1
+
+
+def test_a_file_that_cannot_be_written_is_a_clear_error_when_output_flows_to_it(tmp_path: Path):
+    for tail in ("| Out-File", "| Export-Csv", ">"):
+        ok, out, err = run(f"Test-Stream 1500 {tail} '{tmp_path / 'no' / 'such' / 'x.txt'}'; 'next'")
+        assert not ok and "This is a bug" not in err, err
+        assert "No such file or directory" in err, err
+        assert out.strip() == "next"

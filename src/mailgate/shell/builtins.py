@@ -28,7 +28,7 @@ from mailgate.shell import format as fmt
 from mailgate.shell import textfiles
 from mailgate.shell.textfiles import to_file_encoding
 from mailgate.shell.evaluator import ScriptBlock, member
-from mailgate.shell.streams import Stream, marked
+from mailgate.shell.streams import Stream, marked, write_printed
 
 _INPUT = Param("InputObject", from_pipeline=True, raw=True, help="The objects to process (from the pipeline).")
 
@@ -702,13 +702,10 @@ def out_file_stream(ctx: ManagementContext, args: dict[str, Any], chunks: Stream
     width = _out_file_width(args)
 
     def written() -> Iterator[list[Any]]:
-        carry = fmt.OpenOutput()
-        for chunk in marked(chunks):
-            lines = fmt.default_render(chunk, limit=_limit(ctx), width=width, carry=carry)
-            text = "".join(lines) if args.get("NoNewline") else "".join(line + "\n" for line in lines)
-            textfiles.write_text(args["FilePath"], text, args.get("Encoding"),
-                                 append=bool(args.get("Append")) or not chunk.first,
-                                 no_clobber=bool(args.get("NoClobber")) and chunk.first)
+        if not write_printed(chunks, args["FilePath"], limit=_limit(ctx), width=width, encoding=args.get("Encoding"),
+                             append=bool(args.get("Append")), no_clobber=bool(args.get("NoClobber")),
+                             no_newline=bool(args.get("NoNewline"))):
+            out_file(ctx, {**args, "InputObject": []})   # nothing came: what Out-File writes for nothing
         return
         yield
 

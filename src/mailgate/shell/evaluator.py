@@ -40,7 +40,7 @@ from mailgate.shell import binder, textfiles
 from mailgate.shell import format as fmt
 from mailgate.shell.format import Formatted, get_property
 from mailgate.shell.parser import NESTED_TOO_DEEPLY, parse
-from mailgate.shell.streams import Stream, marked
+from mailgate.shell.streams import Stream, marked, write_printed
 
 log = logging.getLogger("mailgate.shell")
 
@@ -471,17 +471,14 @@ class Evaluator:
         redirects = [c for c in node.children[1:] if c.data == "redirection"]
         if not redirects:
             return self._invoke_command(node, input_items)
-        items = input_items.materialise() if isinstance(input_items, Stream) else input_items
-        return self._redirected(lambda: self._materialised(self._invoke_command(node, items)), redirects, node)
+        return self._redirected(lambda: self._invoke_command(node, input_items), redirects, node)
 
-    @staticmethod
-    def _materialised(items: list[Any] | Stream) -> list[Any]:
-        return items.materialise() if isinstance(items, Stream) else items
-
-    def _redirected(self, run: Callable[[], list[Any]], redirects: list[Tree], node: Any) -> list[Any]:
+    def _redirected(self, run: Callable[[], list[Any] | Stream], redirects: list[Tree],
+                    node: Any) -> list[Any] | Stream:
         """Run a command (or an expression) with PowerShell's redirections: ``>``/``>>`` send its output to a
         file (as Out-File; ``$null`` discards it), ``2>`` its errors, ``3>`` its warnings, ``*>`` all three,
-        ``2>&1`` its errors into its output. An error that stops the script (-ErrorAction Stop) isn't redirected."""
+        ``2>&1`` its errors into its output. An error that stops the script (-ErrorAction Stop) isn't redirected.
+        Output that flows (streams.py) is written as it comes when only the output is redirected."""
         targets: dict[str, tuple[Any, bool]] = {}   # stream → (path or None for $null, append)
         merge_errors = False
         for r in redirects:
@@ -495,6 +492,12 @@ class Evaluator:
             for s in ("1", "2", "3") if stream == "*" else (stream,):
                 targets[s] = (path, token.endswith(">>"))
         catch_errors = merge_errors or "2" in targets
+        ran: list[Any] | None = None
+        if not catch_errors and "3" not in targets:   # only the output is redirected: it may flow to its file
+            output = run()
+            if isinstance(output, Stream):
+                return self._stream_to(output, targets.get("1"))
+            ran = output
         errors: list[tuple[UserError, str | None]] = []
         saved = (self._error_sink, self._warning_sink)
         if catch_errors:
@@ -503,7 +506,7 @@ class Evaluator:
             self._warning_sink = []
         try:
             try:
-                out = run()
+                out = ran if ran is not None else self._materialised(run())
             except Terminating as stop:   # a binding error or an unknown command is in the error stream too
                 if not catch_errors or stop.stops_script:
                     raise
@@ -531,6 +534,25 @@ class Evaluator:
                 except OSError as exc:
                     raise file_error(exc) from exc
         return [] if "1" in targets else out
+
+    def _stream_to(self, output: Stream, target: tuple[str | None, bool] | None) -> list[Any] | Stream:
+        """Flowing output redirected with ``>``/``>>``: written as it comes (``$null``: read and dropped)."""
+        if target is None:   # only 4> 5> 6>, streams this shell has nothing in
+            return output
+        path, append = target
+        try:
+            if path is None:
+                for _ in output:
+                    pass
+            elif not write_printed(output, path, limit=self.enumeration_limit(), append=append) and not append:
+                textfiles.write_text(path, "", None)   # > makes the file even for nothing, as PowerShell does
+        except OSError as exc:
+            raise file_error(exc) from exc
+        return []
+
+    @staticmethod
+    def _materialised(items: list[Any] | Stream) -> list[Any]:
+        return items.materialise() if isinstance(items, Stream) else items
 
     def _invoke_command(self, node: Tree, input_items: list[Any] | Stream | None) -> list[Any] | Stream:
         self.ctx.confirm_all = None   # "Yes to All" holds for this command's objects, not the next command's
@@ -613,8 +635,12 @@ class Evaluator:
         def guarded() -> Iterator[list[Any]]:
             try:
                 yield from chunks
+            except (Terminating, LoopControl, RecursionError):
+                raise
             except UserError as exc:
                 self._cmdlet_error(exc, node, cmd.name, error_action)
+            except Exception as exc:  # noqa: BLE001 - a file it could not write, a bug: as from call()
+                self._cmdlet_error(_cmdlet_failure(cmd, exc), node, cmd.name, error_action)
 
         return Stream(guarded())
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Iterator
 
+from mailgate.shell import format as fmt
+from mailgate.shell import textfiles
+
 CHUNK = 1000   # objects per chunk: a default -ResultSize (1000) of output still prints as one table
 
 
@@ -73,3 +76,18 @@ def marked(chunks: Iterable[list[Any]]) -> Iterator[Chunk]:
         raise
     if pending is not None:
         yield Chunk(pending, first=first, last=True)
+
+
+def write_printed(chunks: Iterable[list[Any]], path: str, *, limit: int, width: int | None = None,
+                  encoding: str | None = None, append: bool = False, no_clobber: bool = False,
+                  no_newline: bool = False) -> bool:
+    """Write objects to a file as the shell prints them, a chunk at a time (Out-File, ``>``): one table with one
+    header, however long. False when there was nothing to write (the caller decides what an empty output makes)."""
+    carry = fmt.OpenOutput()
+    written = False
+    for chunk in marked(chunks):
+        lines = fmt.default_render(chunk, limit=limit, width=width, carry=carry)
+        text = "".join(lines) if no_newline else "".join(line + "\n" for line in lines)
+        textfiles.write_text(path, text, encoding, append=append or written, no_clobber=no_clobber and not written)
+        written = True
+    return written
