@@ -9,6 +9,7 @@ on, as PowerShell does with non-terminating errors.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import math
@@ -674,40 +675,38 @@ class Evaluator:
         ctx.whatif = bool(args.get("WhatIf"))
         ctx.confirm, ctx.confirm_impact = args.get("Confirm"), cmd.confirm_impact
         ctx.shell = self
-        try:
+        with self._running(cmd, warning_action):
             result = cmd.handler(ctx, args)
             if isinstance(result, Iterator):
                 if stream:
                     return Stream.of(self._read_as_used(cmd, result, error_action, warning_action))
                 result = list(result)
-        except (UserError, RecursionError, Terminating, LoopControl):
-            raise
-        except Exception as exc:  # noqa: BLE001 - reported as a UserError (_cmdlet_failure)
-            raise _cmdlet_failure(cmd, exc) from exc
-        finally:
-            self._after_cmdlet(warning_action)
         self._cmdlet_errors(cmd, error_action)
         return [] if result is None else list(result) if isinstance(result, (list, tuple)) else [result]
 
     def _read_as_used(self, cmd: Cmdlet, items: Iterator[Any], error_action: str,
                       warning_action: str) -> Iterator[Any]:
         """A cmdlet's output read as the pipeline uses it; once read, its warnings and errors are shown."""
-        try:
+        with self._running(cmd, warning_action):
             yield from items
-        except (UserError, RecursionError, Terminating, LoopControl):
-            raise
-        except Exception as exc:  # noqa: BLE001 - reported as a UserError (_cmdlet_failure)
-            raise _cmdlet_failure(cmd, exc) from exc
-        finally:
-            self._after_cmdlet(warning_action)
         self._cmdlet_errors(cmd, error_action)
 
-    def _after_cmdlet(self, warning_action: str) -> None:
+    @contextlib.contextmanager
+    def _running(self, cmd: Cmdlet, warning_action: str) -> Iterator[None]:
+        """A cmdlet at work: what it raises becomes the error the administrator sees (``_cmdlet_failure``); when
+        it stops, its -WhatIf/-Confirm end and its warnings and messages are shown."""
         ctx = self.ctx
-        ctx.whatif, ctx.confirm = False, None
-        if warning_action in ("SilentlyContinue", "Ignore"):
-            ctx.warnings.clear()
-        self._flush_side_channels()
+        try:
+            yield
+        except (UserError, RecursionError, Terminating, LoopControl):
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported as a UserError
+            raise _cmdlet_failure(cmd, exc) from exc
+        finally:
+            ctx.whatif, ctx.confirm = False, None
+            if warning_action in ("SilentlyContinue", "Ignore"):
+                ctx.warnings.clear()
+            self._flush_side_channels()
 
     def _cmdlet_errors(self, cmd: Cmdlet, error_action: str) -> None:
         """Errors the cmdlet reported and went on from: raised (-ErrorAction Stop), redirected, or shown once
