@@ -679,6 +679,16 @@ def test_help_names_parameter_types_as_exchange_does():
     assert ok and "[-RequireTLS <Boolean>]" in out and "[-TlsAuthLevel <TlsAuthLevel>]" in out, err
 
 
+def test_help_descriptions_read_as_text():
+    """A description of several lines kept its docstring's indentation (every line after the first indented
+    twice as far) and reST's ``quotes``."""
+    ok, out, err = run("Get-Help Export-Csv")
+    assert ok, err
+    description = out.split("DESCRIPTION\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert len(description) > 1 and all(line.startswith("    ") and line[4] != " " for line in description), description
+    assert "``" not in out and "a #TYPE line" in out
+
+
 def test_resolve_dnsname_and_test_netconnection_troubleshoot_mail_flow():
     """The Windows cmdlets administrators reach for when mail doesn't flow: MX and address lookups (a missing
     name or record type said as Windows says it) and a TCP test of a port."""

@@ -8,6 +8,7 @@ Exchange parameter names), and returns the objects it outputs.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -167,8 +168,10 @@ def cmdlet(name: str, params: Iterable[Param] = (), *, synopsis: str = "", descr
         names = {p.name.lower() for p in plist}
         extra = (COMMON_WRITE_PARAMS if mutates else COMMON_READ_PARAMS) + SHELL_COMMON_PARAMS
         plist += [p for p in extra if p.name.lower() not in names]
-        registry.add(Cmdlet(name=name, handler=fn, params=plist, synopsis=synopsis or (fn.__doc__ or "").strip().split("\n")[0],
-                            description=description or (fn.__doc__ or "").strip(), examples=list(examples),
+        # The docstring, as Get-Help shows it to an administrator: its lines dedented, without reST's ``quotes``.
+        doc = inspect.cleandoc(fn.__doc__ or "").replace("``", "")
+        registry.add(Cmdlet(name=name, handler=fn, params=plist, synopsis=synopsis or doc.split("\n")[0],
+                            description=description or doc, examples=list(examples),
                             needs_runtime=needs_runtime, mutates=mutates, default_view=default_view, builtin=builtin))
         return fn
 
