@@ -269,6 +269,8 @@ class TransportService:
             limit = args.get("limit")
             return admin.messages(args.get("queue"), bool(args.get("include_recipients")),
                                   None if limit is None else int(limit), args.get("message_id"))
+        if op == "redirect":
+            return self.manager.redirect([name.lower() for name in args["servers"]])
         if op == "message_action":
             return admin.message_action(args["action"], args["identities"], bool(args.get("with_ndr", True)))
         if op == "export":

@@ -175,7 +175,7 @@ class Supervisor:
             keys = sorted({key for found in self._successes(await self._all("queue_keys", args)) for key in found})
             counts = self._successes(await self._all(op, {**args, "keys": keys}))
             return max(counts)
-        if op in ("queue_action", "message_action"):
+        if op in ("queue_action", "message_action", "redirect"):
             # Each worker acts on what it holds.
             return sum(r for r in self._successes(await self._all(op, args)) if isinstance(r, int))
         if op == "reload":

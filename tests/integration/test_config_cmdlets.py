@@ -326,7 +326,7 @@ def test_no_value_given_to_the_queue_cmdlets_is_an_internal_error_in_the_running
     monkeypatch.chdir(tmp_path)
     cmdlets = [registry.get(name) for name in ("Get-Queue", "Get-QueueDigest", "Suspend-Queue", "Resume-Queue",
                                                "Retry-Queue", "Get-Message", "Suspend-Message", "Resume-Message",
-                                               "Remove-Message", "Export-Message")]
+                                               "Remove-Message", "Export-Message", "Redirect-Message")]
     tried, failures = odd_value_failures(home, cmdlets)
     assert tried > 200 and not failures, "\n".join(failures)
     assert "Traceback" not in server.output()

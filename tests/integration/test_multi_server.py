@@ -196,6 +196,60 @@ def test_another_servers_queues_are_managed_from_this_shell(organisation):
     assert refused.value.code == 401
 
 
+def test_redirect_message_drains_a_servers_delivery_queues_to_another_server(organisation):
+    """Maintenance of EX01: its queued mail (here for a smart host EX01 can't reach, the queue suspended) goes to
+    EX02 with Redirect-Message and EX02 delivers it; a suspended message stays on EX01, as Exchange leaves it."""
+    ex01, ex02, ports = organisation
+    sink_port = free_port()
+    r = shell(ex01, f"New-SendConnector ToSink -AddressSpaces sink.test -SmartHosts 127.0.0.1 -Port {sink_port} "
+                    f"-SourceTransportServers EX01,EX02")
+    assert r.ok, r.err
+    synced(ex01)
+    synced(ex02)
+    for n in range(3):
+        submit(ports["EX01"], f"user{n}@sink.test", f"drained {n}")
+    submit(ports["EX01"], "kept@sink.test", "kept")
+
+    def queued_on_ex01() -> int:
+        out = shell(ex01, "(Get-Queue | Where-Object DeliveryType -eq SmartHostConnectorDelivery | "
+                          "Measure-Object -Property MessageCount -Sum).Sum").out.strip()
+        return int(out) if out.isdigit() else 0
+
+    wait_for(lambda: queued_on_ex01() == 4, timeout=60, message="four messages queued on EX01")
+    r = shell(ex01, "Suspend-Queue -Filter \"DeliveryType -eq 'SmartHostConnectorDelivery'\"; "
+                    "Get-Message -Filter \"Subject -eq 'kept'\" | Suspend-Message -Confirm:$false")
+    assert r.ok, r.err
+    r = shell(ex01, "Redirect-Message -Server EX01 -Target EX01")
+    assert not r.ok and "can't be the server being drained" in r.err
+    r = shell(ex01, "Redirect-Message -Server EX02 -Target EX01")   # another server, through its admin API
+    assert r.ok, r.err
+    sink = SmtpPeer("127.0.0.1", sink_port)
+    try:
+        r = shell(ex01, "Redirect-Message -Server EX01 -Target ex02.domain.com")
+        assert r.ok, r.err
+        wait_for(lambda: len(sink.received) == 3, timeout=60, message="the three drained messages at the sink")
+        for got in sink.received:
+            msg = email.message_from_bytes(got.data)
+            received = [" ".join(h.split()) for h in msg.get_all("Received")]
+            assert "by ex02.domain.com" in received[0] and "by ex01.domain.com" in received[1], received
+        assert sorted(email.message_from_bytes(g.data)["Subject"] for g in sink.received) == \
+            ["drained 0", "drained 1", "drained 2"]
+        left = shell(ex01, "Get-Message | ForEach-Object { $_.Subject + '|' + $_.Status }").out.split()
+        assert left == ["kept|Suspended"], left
+        # EX01 handed them over as within the organisation, tracked as sent (SEND) to EX02.
+        def sent_by_ex01() -> list[str]:
+            out = shell(ex01, "Get-MessageTrackingLog -EventId SEND -Server EX01 | "
+                              "ForEach-Object { $_.MessageSubject + '|' + $_.ConnectorId }").out.split("\n")
+            return sorted(line for line in out if line.startswith("drained"))
+
+        wait_for(lambda: len(sent_by_ex01()) == 3, timeout=30, message="EX01's SEND events")
+        assert sent_by_ex01() == [f"drained {n}|Intra-Organization SMTP Send Connector" for n in range(3)]
+        time.sleep(1.5)
+        assert len(sink.received) == 3   # nothing sent twice
+    finally:
+        sink.stop()
+
+
 @pytest.fixture
 def behind_a_proxy(tmp_path, postgres_url):
     """EX01 whose PostgreSQL is reached through a TCP proxy the test can cut, with a mailbox admin@domain.com."""

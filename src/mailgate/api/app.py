@@ -40,7 +40,8 @@ from mailgate.manage.present import to_json
 log = logging.getLogger("mailgate.api")
 STATIC = Path(__file__).with_name("static")
 # What another server of the organisation may ask of this one (the queue cmdlets' -Server and Server\ identities).
-REMOTE_RUNTIME_OPS = frozenset({"queues", "messages", "queue_action", "message_action", "export", "status"})
+REMOTE_RUNTIME_OPS = frozenset({"queues", "messages", "queue_action", "message_action", "redirect", "export",
+                                "status"})
 
 
 # The admin center runs only its own script, can't be framed by another site (clickjacking), and its

@@ -11,7 +11,8 @@ from mailgate.errors import ParameterError, UserError
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.filters import parse_filter
-from mailgate.manage.params import as_list, first_results, result_size, to_bool, to_result_size, to_str
+from mailgate.manage.params import (as_list, first_results, result_size, to_bool, to_result_size, to_str,
+                                    to_str_list)
 from mailgate.manage.present import Record
 from mailgate.manage.psvalues import compare
 
@@ -296,6 +297,32 @@ class BinaryData(bytes):
 
     def __str__(self) -> str:
         return f"System.Byte[] ({len(self):,} bytes)"
+
+
+@cmdlet("Redirect-Message", [Param("Server", mandatory=True, convert=to_str, type_name="ServerIdParameter",
+                                    help="The server whose delivery queues are drained (name or FQDN)."),
+                              Param("Target", mandatory=True, convert=to_str_list, type_name="MultiValuedProperty",
+                                    help="The servers that take the mail (FQDN or name), tried in order.")],
+        synopsis="Drain a server's delivery queues to other servers of the organisation.", needs_runtime=True,
+        mutates=True, examples=["Redirect-Message -Server EX01 -Target ex02.contoso.com"])
+def redirect_message(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """Before maintenance: the active messages of every delivery queue on -Server go to the -Target servers,
+    relayed as within the organisation (X-EXPS), which deliver them. Suspended messages, Submission,
+    Unreachable, Poison and mail for the server's own mailboxes stay. The server goes on taking new mail."""
+    from mailgate.manage.transport import resolve_server
+
+    with ctx.store.reader() as tx:
+        source = resolve_server(ctx, tx, args["Server"])
+        targets = [resolve_server(ctx, tx, target) for target in args["Target"]]
+    if not targets:
+        raise ParameterError("Redirect-Message needs at least one -Target server.", parameter="Target")
+    if any(t.name.lower() == source.name.lower() for t in targets):
+        raise ParameterError(f"The target can't be the server being drained ({source.name}).", parameter="Target")
+    names = list(dict.fromkeys(t.name for t in targets))
+    if not ctx.should_process(f"Redirecting messages from {source.fqdn} to {', '.join(t.fqdn for t in targets)}."):
+        return []
+    _runtime(ctx, source.name).call("redirect", servers=names)
+    return []
 
 
 @cmdlet("Export-Message", [Param("Identity", position=0, from_pipeline=True, mandatory=True),

@@ -63,7 +63,7 @@ NOT_ENFORCED_WHY = {
 NOT_ENFORCED = frozenset(NOT_ENFORCED_WHY)
 
 
-def _resolve_server(ctx: ManagementContext, tx: Any, identity: Any) -> TransportServer:
+def resolve_server(ctx: ManagementContext, tx: Any, identity: Any) -> TransportServer:
     if identity is None:
         return ctx.local_server(tx)
     return find_one(tx, TransportServer, identity, kind_text="transport servers",
@@ -75,7 +75,7 @@ def _resolve_server(ctx: ManagementContext, tx: Any, identity: Any) -> Transport
 def get_transport_service(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """Show the transport settings of each server (retry, expiry, DNS, logs)."""
     with ctx.store.reader() as tx:
-        items = tx.list(TransportServer) if args.get("Identity") is None else [_resolve_server(ctx, tx, args["Identity"])]
+        items = tx.list(TransportServer) if args.get("Identity") is None else [resolve_server(ctx, tx, args["Identity"])]
     records = [present(s) for s in items]
     for server, record in zip(items, records):
         if server.name.lower() == ctx.home.server.lower():   # another server's data directory isn't known here
@@ -93,7 +93,7 @@ def get_transport_service(ctx: ManagementContext, args: dict[str, Any]) -> list[
 def get_exchange_server(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """The servers of the organisation as Exchange lists them (each is a mailgate transport server)."""
     with ctx.store.reader() as tx:
-        items = tx.list(TransportServer) if args.get("Identity") is None else [_resolve_server(ctx, tx, args["Identity"])]
+        items = tx.list(TransportServer) if args.get("Identity") is None else [resolve_server(ctx, tx, args["Identity"])]
     return [Record("ExchangeServer", {
         "Name": s.name, "Site": "Default-First-Site-Name", "ServerRole": s.server_role, "Edition": "Standard",
         "AdminDisplayVersion": s.admin_display_version, "Fqdn": s.fqdn, "Domain": s.fqdn.partition(".")[2],
@@ -108,7 +108,7 @@ def get_exchange_server(ctx: ManagementContext, args: dict[str, Any]) -> list[An
 def set_transport_service(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """Change the transport settings of a server (default: this server)."""
     with ctx.store.transaction() as tx:
-        server = _resolve_server(ctx, tx, args.get("Identity"))
+        server = resolve_server(ctx, tx, args.get("Identity"))
         changes = {k: v for k, v in args.items() if k not in ("Identity", "WhatIf", "Confirm", "DomainController")}
         updated = apply_changes(server, changes)
         if updated.delay_notification_timeout.seconds <= (updated.transient_failure_retry_count

@@ -33,8 +33,8 @@ from mailgate.queue.store import (
     QueueStore,
     StoredBody,
 )
-from mailgate.routing.table import (NO_CONNECTOR, POISON, SUBMISSION, UNREACHABLE, Failure, Route, RoutingTable,
-                                    mailbox_database)
+from mailgate.routing.table import (INTRA_ORG_CONNECTOR, NO_CONNECTOR, POISON, SUBMISSION, UNREACHABLE, Failure,
+                                    Route, RoutingTable, mailbox_database)
 from mailgate.send import dsn as DSN
 from mailgate.tracking.tracker import MessageTracker
 
@@ -45,6 +45,11 @@ FRESH_LIMIT = 20_000          # just-received messages whose rows are kept for t
 FRESH_BODIES = 2_000          # ... and of those, how many keep their (inline, ≤ 16 KB) body too
 MAILBOX_WORKERS = 4
 MAILBOX_BATCH = 32
+REDIRECT = "redirect"         # the key of a queue Redirect-Message made: redirect:<server>[,<server>...]
+# The delivery queues Redirect-Message drains: those to a next hop another server can reach as well. Mail for this
+# server's own mailboxes stays, as do Submission, Unreachable and Poison (Exchange drains the delivery queues).
+REDIRECTED_DELIVERY_TYPES = {"DnsConnectorDelivery", "SmartHostConnectorDelivery",
+                             "SmtpRelayToConnectorSourceServers", "SmtpRelayToServers"}
 
 
 def _path(sender: str) -> str:
@@ -102,6 +107,14 @@ class DeliveryQueue:
     idle: int = 0                                        # workers holding an open connection, waiting for mail
     backlog: bool = False                                # the last refill or offer left mail in the store only
     _waiters: list[asyncio.Future[bool]] = field(default_factory=list, repr=False)
+
+    @property
+    def tracked_connector(self) -> str:
+        """The ConnectorId of its SEND, FAIL and DEFER events: its send connector, Exchange's implicit
+        intra-organisation connector for Redirect-Message's queue, else its next hop."""
+        if self.connector:
+            return self.connector
+        return INTRA_ORG_CONNECTOR if self.delivery_type == "SmtpRelayToServers" else self.next_hop
 
     @property
     def status(self) -> str:
@@ -264,6 +277,9 @@ class QueueManager:
             return DeliveryQueue(key, number, "SmartHostConnectorDelivery", hop, rest, "External")
         if kind == "relay":
             return DeliveryQueue(key, number, "SmtpRelayToConnectorSourceServers", rest, rest, "Internal")
+        if kind == REDIRECT:   # Redirect-Message: to other servers of the organisation, named in the key
+            hop = ",".join(self.server_fqdns.get(name, name) for name in rest.split(","))
+            return DeliveryQueue(key, number, "SmtpRelayToServers", hop, None, "Internal")
         return DeliveryQueue(key, number, "Undefined", key, None, "Internal")
 
     def _resubmit_stale_routes(self) -> None:
@@ -510,6 +526,31 @@ class QueueManager:
         """Drop a message from the in-memory shortcut (an administrator changed it)."""
         self._fresh.pop(message_id, None)
 
+    def redirect(self, servers: list[str]) -> int:
+        """Redirect-Message: the active mail of the delivery queues (Ready or Retry, not suspended) moves to one
+        queue for ``servers`` (names, lower case), relayed to them as to a connector's source servers. Mail being
+        delivered or committed right now stays where it is, so nothing is sent twice. Returns how many
+        recipients moved."""
+        key = f"{REDIRECT}:{','.join(servers)}"
+        drained = [q for q in self.queues.values() if q.delivery_type in REDIRECTED_DELIVERY_TYPES and q.key != key]
+        moved = 0
+        for q in drained:
+            busy = (q.held - set(q.ready)) | self._accepting   # being delivered, or not yet acknowledged
+            q.ready.clear()
+            q.held = q.held & busy
+            q.backlog = False
+            marks = ",".join("?" * len(busy))
+            moved += self.store.execute(
+                "UPDATE recipient SET queue=?, next_attempt=0 WHERE queue=? AND status IN ('Ready','Retry') AND "
+                "suspended=0" + (f" AND message NOT IN ({marks})" if busy else ""),
+                (key, q.key, *busy)).result(timeout=60) or 0
+            q.next_retry = None
+        self._fresh.clear()   # the rows kept in memory name the queues they were in
+        if moved:
+            self.queue(key)
+        self.wake()
+        return moved
+
     def load(self, message_id: int, queue: str) -> tuple[Any, list[Any]] | None:
         """The message row and its pending, unsuspended recipients in ``queue``."""
         fresh = self._fresh.get(message_id)
@@ -679,7 +720,7 @@ class QueueManager:
             event, source = ("DELIVER", "STOREDRIVER") if mailbox else ("SEND", "SMTP")
             self.tracker.event(event, source, recipients=[r["address"] for r in delivered_rows],
                                recipient_status=[results[r["idx"]][1] for r in delivered_rows],
-                               recipient_count=len(delivered_rows), connector_id=q.connector or q.next_hop,
+                               recipient_count=len(delivered_rows), connector_id=q.tracked_connector,
                                source_context=f"{q.delivery_type};{q.next_hop}", **common)
             q.outgoing.add()
             self.delivered_total += len(delivered_rows)
@@ -690,7 +731,7 @@ class QueueManager:
             self.tracker.event("DEFER", "SMTP" if not mailbox else "STOREDRIVER",
                                recipients=[r["address"] for r in deferred],
                                recipient_status=[results[r["idx"]][1] for r in deferred], recipient_count=len(deferred),
-                               connector_id=q.connector or q.next_hop, **common)
+                               connector_id=q.tracked_connector, **common)
         dsns: list[NewMessage] = []
         if failed_rows:
             fail_dsns, fail_updates = self._failure_effects(msg, failed_rows, results,
@@ -805,7 +846,7 @@ class QueueManager:
         self.store.execute("UPDATE recipient SET status='Retry', last_error=?, next_attempt=?, retry_count=retry_count+1"
                            " WHERE queue=? AND status IN ('Ready','Retry') AND next_attempt<=?",
                            (error, q.next_retry, q.key, now))
-        self.tracker.event("DEFER", "SMTP", connector_id=q.connector or q.next_hop,
+        self.tracker.event("DEFER", "SMTP", connector_id=q.tracked_connector,
                            source_context=f"{q.delivery_type};{q.next_hop}", recipient_status=[error],
                            server_hostname=host or None, server_ip=ip or None)
 

@@ -21,6 +21,8 @@ from mailgate.config.values import AuthMechanism, DomainType, PermissionGroups
 SUBMISSION = "Submission"
 UNREACHABLE = "Unreachable"
 POISON = "Poison"
+# Exchange's implicit send connector between the servers of an organisation (its protocol log and tracking name).
+INTRA_ORG_CONNECTOR = "Intra-Organization SMTP Send Connector"
 
 NO_CONNECTOR = "A matching connector cannot be found to route the external recipient"
 RECIPIENT_NOT_FOUND = "550 5.1.1 RESOLVER.ADR.ExRecipNotFound; not found"

@@ -16,6 +16,7 @@ from mailgate.config.values import ErrorPolicies, SmartHostAuthMechanism, parse_
 from mailgate.queue.store import StoredBody
 from mailgate.receive.headers import without_organisation_headers
 from mailgate.routing import dns as D
+from mailgate.routing.table import INTRA_ORG_CONNECTOR
 from mailgate.send import maildir
 from mailgate.send.smtp import (
     ConnectFailure,
@@ -35,7 +36,6 @@ log = logging.getLogger("mailgate.send")
 BATCH = 10   # messages a delivery worker takes at once: one connection carries them back to back
 CONNECTION_CACHE_SECONDS = 2.0   # an idle delivery connection waits this long for more mail (Postfix: 2 s)
 MAILBOX_REJECTED = "550 5.1.1 RESOLVER.ADR.ExRecipNotFound; not found"
-INTRA_ORG_CONNECTOR = "Intra-Organization SMTP Send Connector"
 
 
 class Delivery:
@@ -118,14 +118,17 @@ class Delivery:
                 raise D.DnsFailure(f"451 4.4.0 {exc}", permanent=False) from None
             return [D.Host(host, (host,))] if _is_ip(host) else [D.Host(host, (await D._addresses(resolver, host)))]
         if q.delivery_type == "SmtpRelayToConnectorSourceServers" and connector is not None:
-            return await self._source_servers(manager, resolver, connector)
+            return await self._servers(manager, resolver, connector.source_transport_servers,
+                                       f"the source servers of {connector.name}")
+        if q.delivery_type == "SmtpRelayToServers":   # Redirect-Message's queue: its key names the servers
+            return await self._servers(manager, resolver, q.key.partition(":")[2].split(","), q.next_hop)
         raise D.DnsFailure(f"451 4.4.0 No way to reach the next hop {q.next_hop}", permanent=False)
 
-    async def _source_servers(self, manager: Any, resolver: Any, connector: SendConnector) -> list[D.Host]:
-        """The connector's source servers, each at the receive connectors where it takes mail from the others
+    async def _servers(self, manager: Any, resolver: Any, names: list[str], what: str) -> list[D.Host]:
+        """Other servers of the organisation, each at the receive connectors where it takes mail from the others
         (``intra_org_endpoints``); a wildcard binding is reached through the server's FQDN."""
         hosts = []
-        for name in connector.source_transport_servers:
+        for name in names:
             if name.lower() == manager.server_name.lower():
                 continue
             fqdn = manager.server_fqdns.get(name.lower()) or name
@@ -140,8 +143,7 @@ class Delivery:
                 if addresses:
                     hosts.append(D.Host(fqdn, addresses, port))
         if not hosts:
-            raise D.DnsFailure(f"451 4.4.0 None of the source servers of {connector.name} could be resolved",
-                               permanent=False)
+            raise D.DnsFailure(f"451 4.4.0 None of {what} could be resolved", permanent=False)
         return hosts
 
     async def deliver_smtp(self, manager: Any, q: Any) -> None:
@@ -162,7 +164,8 @@ class Delivery:
                 manager.connection_failed(q, failure.reply)
             return
         config = manager.settings
-        if q.delivery_type == "SmtpRelayToConnectorSourceServers":
+        to_organisation = q.delivery_type in ("SmtpRelayToConnectorSourceServers", "SmtpRelayToServers")
+        if to_organisation:
             settings = self.intra_org_settings(manager)
         else:
             settings = self.session_settings(manager, connector, q.next_hop, lmtp=lmtp)
@@ -172,8 +175,7 @@ class Delivery:
         max_per_connection = connector.smtp_max_messages_per_connection if connector else 20
         # The outbound header firewall: organisation headers go only to the organisation's own servers (the
         # intra-organisation connector, an Internal connector, the LMTP mailbox store).
-        keep_organisation_headers = connector is None or connector.usage == "Internal" or \
-            q.delivery_type == "SmtpRelayToConnectorSourceServers"
+        keep_organisation_headers = connector is None or connector.usage == "Internal" or to_organisation
         conn: SmtpConnection | None = None
         try:
             while not manager._stopping and not q.suspended:
