@@ -107,7 +107,8 @@ class TransportService:
                                                frozenset(d.lower() for d in org.tls_receive_domain_secure_list))
         config = ReceiveConfig(revision, server, mine, policies, routing,
                                org_servers={s.name.lower(): s.name for s in snapshot.get("TransportServer", [])},
-                               org_fqdns=frozenset(s.fqdn.lower() for s in snapshot.get("TransportServer", [])))
+                               org_fqdns=frozenset(s.fqdn.lower() for s in snapshot.get("TransportServer", [])),
+                               refusing=server.refusing_mail())
         reply = routing.exchange_recipient_reply
         return config, RuntimeSettings(server, org, routing,
                                        ndr_copies_to=reply.primary_smtp_address if reply else None)

@@ -295,6 +295,40 @@ def test_no_matching_connector_refuses_the_connection(home, server):
                                       b"connections from 127.0.0.7")
 
 
+def test_maintenance_mode_refuses_new_sessions_and_keeps_delivering(home, server):
+    """Set-ServerComponentState HubTransport Draining (Exchange's maintenance procedure): new connections get
+    421 4.3.2, a session already open finishes its message, and the server takes mail again once no requester
+    holds the component (a second requester's Active doesn't end the Maintenance requester's Draining)."""
+    assert shell(home, "New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com").ok
+    synced(home)
+    port = server.ports["frontend"]
+
+    def banner() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            return s.recv(300)
+
+    assert banner().startswith(b"220 ")
+    open_session = smtp(port)
+    open_session.ehlo("printer.test")
+    r = shell(home, "Set-ServerComponentState EX01 -Component HubTransport -State Draining -Requester Maintenance; "
+                    "Set-ServerComponentState EX01 -Component HubTransport -State Active -Requester Functional")
+    assert r.ok, r.err
+    synced(home)
+    assert banner() == b"421 4.3.2 Service not available\r\n"
+    states = shell(home, "Get-ServerComponentState EX01 | ForEach-Object { $_.Component + '=' + $_.State }").out.split()
+    assert states == ["ServerWideOffline=Active", "HubTransport=Draining", "FrontendTransport=Active"], states
+    open_session.sendmail("app@outside.test", ["admin@domain.com"], b"Subject: in flight\r\n\r\nbody\r\n")
+    open_session.quit()
+    wait_for(lambda: maildir_messages(home, "admin@domain.com"), message="the message of the open session delivered")
+    r = shell(home, "Set-ServerComponentState EX01 -Component ServerWideOffline -State Draining -Requester Maintenance")
+    assert not r.ok and "Only HubTransport and FrontendTransport can be Draining" in r.err
+    assert shell(home, "Set-ServerComponentState EX01 -Component HubTransport -State Active -Requester Maintenance").ok
+    synced(home)
+    assert banner().startswith(b"220 ")
+    assert "HubTransport Active" in " ".join(shell(home, "Get-ServerComponentState EX01 -Component HubTransport | "
+                                                        "ft Component,State -HideTableHeaders").out.split())
+
+
 def test_aiosmtplib_pipelined_and_chunked_submission(home, server):
     shell(home, 'New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com')
     synced(home)

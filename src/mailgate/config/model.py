@@ -463,6 +463,25 @@ class TransportServer(ConfigObject):
     pickup_directory_max_recipients_per_message: int = 100
     # Where the other servers reach this one's queues (Get-Queue -Server): published by `serve` at start.
     admin_api_url: str = ""
+    # Set-ServerComponentState: component → requester → state (Active, Inactive, Draining); absent is Active.
+    component_states: dict[str, dict[str, str]] = Field(default_factory=dict)
+
+    def component_state(self, component: str) -> str:
+        """A component's state as Exchange works it out: Inactive if any requester set it Inactive, else
+        Draining if any set it Draining, else Active."""
+        states = set(self.component_states.get(component, {}).values())
+        return "Inactive" if "Inactive" in states else "Draining" if "Draining" in states else "Active"
+
+    def refusing_mail(self) -> str | None:
+        """Why this server takes no new SMTP sessions (maintenance): the server offline, or its transport
+        components draining or inactive; None when it takes mail."""
+        if self.component_state("ServerWideOffline") == "Inactive":
+            return "ServerWideOffline is Inactive"
+        for component in ("HubTransport", "FrontendTransport"):
+            state = self.component_state(component)
+            if state != "Active":
+                return f"{component} is {state}"
+        return None
 
     def store_key(self) -> str:
         return self.name.lower()

@@ -116,7 +116,7 @@ _SEND_ORDER = [
     "UseExternalDNSServersEnabled",
 ]
 _HIDDEN = {"ADPermissions", "PasswordHash", "EncryptedPrivateKey", "CertificatePem", "ChainPem", "RequestPem",
-           "EncryptedPassword"}
+           "EncryptedPassword", "ComponentStates"}
 _TRAILER = ["Identity", "Guid", "WhenChanged", "WhenCreated", "IsValid", "ObjectState"]
 
 

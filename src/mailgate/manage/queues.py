@@ -308,7 +308,8 @@ class BinaryData(bytes):
 def redirect_message(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """Before maintenance: the active messages of every delivery queue on -Server go to the -Target servers,
     relayed as within the organisation (X-EXPS), which deliver them. Suspended messages, Submission,
-    Unreachable, Poison and mail for the server's own mailboxes stay. The server goes on taking new mail."""
+    Unreachable, Poison and mail for the server's own mailboxes stay. Set HubTransport Draining first
+    (Set-ServerComponentState) so that the server takes no new mail meanwhile."""
     from mailgate.manage.transport import resolve_server
 
     with ctx.store.reader() as tx:

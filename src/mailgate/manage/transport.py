@@ -40,7 +40,8 @@ def _dns_server(value: Any) -> str:
 
 _SERVICE_PARAMS = field_params(TransportServer, exclude={"name", "fqdn", "server_role", "admin_display_version",
                                                          "external_dns_servers", "internal_dns_servers",
-                                                         "admin_api_url", *LOG_PATH_FIELDS.values(),
+                                                         "admin_api_url", "component_states",
+                                                         *LOG_PATH_FIELDS.values(),
                                                          *SERVICE_DIR_FIELDS.values()})
 _LOG_PATH_PARAMS = [Param(name, convert=parse_log_path, type_name="LocalLongFullPath",
                           help='A full path; "" for the data directory\'s logs/; $null turns the log off.')
@@ -98,6 +99,67 @@ def get_exchange_server(ctx: ManagementContext, args: dict[str, Any]) -> list[An
         "Name": s.name, "Site": "Default-First-Site-Name", "ServerRole": s.server_role, "Edition": "Standard",
         "AdminDisplayVersion": s.admin_display_version, "Fqdn": s.fqdn, "Domain": s.fqdn.partition(".")[2],
         "IsMemberOfCluster": "No", "Identity": s.name}) for s in items]
+
+
+# Server component states (maintenance mode). mailgate's server has these three of Exchange's components.
+SERVER_COMPONENTS = ("ServerWideOffline", "HubTransport", "FrontendTransport")
+_DRAINABLE = ("HubTransport", "FrontendTransport")
+_REQUESTERS = ("HealthAPI", "Maintenance", "Sidelined", "Functional", "Deployment")
+_STATES = ("Active", "Inactive", "Draining")
+
+
+def _one_of(choices: tuple[str, ...], what: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        text = to_str(value).strip()
+        match = next((c for c in choices if c.lower() == text.lower()), None)
+        if match is None:
+            raise ValueError(f'"{text}" is not a {what} of this server; use one of: {", ".join(choices)}')
+        return match
+    return convert
+
+
+@cmdlet("Get-ServerComponentState", [Param("Identity", position=0, from_pipeline=True),
+                                     Param("Component", convert=_one_of(SERVER_COMPONENTS, "component"))],
+        synopsis="Show whether a server takes mail (maintenance mode).", default_view="ServerComponentState",
+        examples=["Get-ServerComponentState EX01", "Get-ServerComponentState EX01 -Component HubTransport"])
+def get_server_component_state(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """The state of each component of the server (default: this one): Active unless a requester set it
+    Inactive or Draining (the strongest of the requesters' states counts)."""
+    with ctx.store.reader() as tx:
+        server = resolve_server(ctx, tx, args.get("Identity"))
+    components = [args["Component"]] if args.get("Component") else list(SERVER_COMPONENTS)
+    return [Record("ServerComponentState", {"Server": server.fqdn, "Component": c, "State": server.component_state(c),
+                                            "Identity": f"{server.name}\\{c}"}) for c in components]
+
+
+@cmdlet("Set-ServerComponentState", [Param("Identity", position=0, mandatory=True, from_pipeline=True),
+                                     Param("Component", mandatory=True,
+                                           convert=_one_of(SERVER_COMPONENTS, "component")),
+                                     Param("State", mandatory=True, convert=_one_of(_STATES, "state"),
+                                           type_name="ServiceState"),
+                                     Param("Requester", mandatory=True, convert=_one_of(_REQUESTERS, "requester"),
+                                           type_name="ServerComponentRequest")],
+        synopsis="Put a server in or out of maintenance: it stops or starts taking mail.", mutates=True,
+        examples=["Set-ServerComponentState EX01 -Component HubTransport -State Draining -Requester Maintenance",
+                  "Set-ServerComponentState EX01 -Component HubTransport -State Active -Requester Maintenance"])
+def set_server_component_state(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
+    """HubTransport or FrontendTransport Draining (or Inactive), or ServerWideOffline Inactive: the server's
+    receive connectors answer new connections 421 4.3.2 within a second or two, sessions under way finish, and
+    queued mail is still delivered (Redirect-Message hands it to another server). Each requester's state is
+    kept; the component is Active again when no requester holds it Inactive or Draining."""
+    component, state, requester = args["Component"], args["State"], args["Requester"]
+    if state == "Draining" and component not in _DRAINABLE:
+        raise InvalidValueError(f"Only {' and '.join(_DRAINABLE)} can be Draining; {component} is Active or "
+                                "Inactive.", parameter="State")
+    with ctx.store.transaction() as tx:
+        server = resolve_server(ctx, tx, args["Identity"])
+        if not ctx.should_process(f"Setting {component} of {server.name} to {state} for {requester}."):
+            return []
+        states = {k: dict(v) for k, v in server.component_states.items()}
+        states.setdefault(component, {})[requester] = state
+        server.component_states = states
+        tx.put(server)
+    return []
 
 
 @cmdlet("Set-TransportService", [Param("Identity", position=0, from_pipeline=True), *_SERVICE_PARAMS, *_LOG_PATH_PARAMS,

@@ -168,6 +168,7 @@ class ReceiveConfig:
     submission_suspended: bool = False
     org_servers: dict[str, str] = field(default_factory=dict)   # the organisation's servers, lower-case name → name
     org_fqdns: frozenset[str] = frozenset()                      # and their FQDNs, lower case (local hops)
+    refusing: str | None = None   # why no new session is taken (Set-ServerComponentState), None when mail is taken
 
     _selection: dict[tuple[str, int, str], tuple[ReceiveConnector | None, Any]] = field(default_factory=dict)
 

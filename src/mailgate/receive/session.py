@@ -94,6 +94,11 @@ class SmtpSession(asyncio.Protocol):
         connector, self.local_ip = self.config.select(sock[0], sock[1], peer[0])
         self.local_address = sock[0]
         self.server.sessions.add(self)
+        if self.config.refusing is not None:   # maintenance (Set-ServerComponentState): no new sessions
+            transport.write(RP.SERVICE_NOT_AVAILABLE.encode())
+            self.server.refused += 1
+            self._close()
+            return
         if connector is None:
             transport.write(f"554 5.7.1 {self.config.fqdn} No receive connector on this server accepts connections "
                             f"from {self.client_ip} to {self.local}\r\n".encode())

@@ -44,6 +44,7 @@ DEFAULT_VIEWS: dict[str, tuple[str, list[str] | None]] = {
         ("CNAME", ["NameHost"]), ("NS", ["NameHost"]), ("PTR", ["NameHost"]),
         ("SOA", ["PrimaryServer", "NameAdministrator", "SerialNumber"]),
         ("SRV", ["NameTarget", "Priority", "Weight", "Port"]))},
+    "ServerComponentState": ("table", ["Server", "Component", "State"]),
     "TestNetConnectionResult": ("list", ["ComputerName", "RemoteAddress", "RemotePort", "SourceAddress",
                                          "TcpTestSucceeded"]),
 }
