@@ -269,7 +269,7 @@ class TransportService:
         if op == "messages":
             limit = args.get("limit")
             return admin.messages(args.get("queue"), bool(args.get("include_recipients")),
-                                  None if limit is None else int(limit), args.get("message_id"))
+                                  None if limit is None else int(limit), args.get("message_id"), args.get("after"))
         if op == "redirect":
             return self.manager.redirect([name.lower() for name in args["servers"]])
         if op == "message_action":

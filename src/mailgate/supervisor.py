@@ -166,10 +166,14 @@ class Supervisor:
         if op == "queues":
             return merge_queues(self._successes(await self._all(op, args)))
         if op == "messages":
-            # Each worker returns its first ``limit``; the first ``limit`` of all are among them.
+            # Each worker returns the records of its first ``limit`` messages; the first ``limit`` of all are
+            # among them, each with all of its records.
             results = await self._all(op, args)
             merged = sorted((record for r in self._successes(results) for record in r), key=message_order)
-            return merged[:args["limit"]] if args.get("limit") is not None else merged
+            if args.get("limit") is None:
+                return merged
+            first = sorted({message_order(r)[0] for r in merged})[:args["limit"]]
+            return [r for r in merged if first and message_order(r)[0] <= first[-1]]
         if op == "queue_action" and args.get("action") in ("suspend", "resume"):
             # A suspended queue stays suspended in every worker, including those that hold none of its mail yet.
             keys = sorted({key for found in self._successes(await self._all("queue_keys", args)) for key in found})

@@ -204,9 +204,24 @@ def test_a_stopped_worker_exits_even_if_a_request_thread_is_still_busy():
     assert "busy-request" in done.stderr
 
 
-def test_result_size_counts_the_messages_of_every_worker_together(home, ports):
+def test_result_size_counts_the_messages_of_every_worker_together(home, ports, monkeypatch):
     """-ResultSize N gives N messages in id order however many workers hold them; without it, 1000 and
-    a warning that more exist (as in Exchange); -Identity finds one message among many."""
+    a warning that more exist (as in Exchange); -Identity finds one message among many. A listing is read a page
+    at a time (here 64 messages), so no request holds a whole long queue, and every message comes once."""
+    from mailgate.control import RuntimeClient
+    from mailgate.manage import queues
+
+    monkeypatch.setattr(queues, "MESSAGE_PAGE", 64)
+    pages: list[int] = []
+    plain_call = RuntimeClient.call
+
+    def counted_call(self, op, **args):
+        result = plain_call(self, op, **args)
+        if op == "messages" and args.get("message_id") is None:
+            pages.append(len({r["Identity"].rsplit("\\", 1)[1] for r in result}))
+        return result
+
+    monkeypatch.setattr(RuntimeClient, "call", counted_call)
     shell(home, f'Set-ReceiveConnector "Default Frontend EX01" -Bindings 127.0.0.1:{ports["frontend"]} '
                 '-TarpitInterval 00:00:00 -MaxInboundConnectionPerSource unlimited\n'
                 'Add-ADPermission "Default Frontend EX01" -User "NT AUTHORITY\\ANONYMOUS LOGON" -ExtendedRights '
@@ -223,8 +238,11 @@ def test_result_size_counts_the_messages_of_every_worker_together(home, ports):
 
         first = shell(home, "Get-Message -ResultSize 5 | ForEach-Object { $_.Identity }")
         assert first.ok and "WARNING" not in first.out and len(ids(first)) == 5 and ids(first) == sorted(ids(first))
+        pages.clear()
         everything = ids(shell(home, "Get-Message -ResultSize Unlimited | ForEach-Object { $_.Identity }"))
         assert len(everything) == 1010 and any(i > 10**12 for i in everything) and any(i < 10**12 for i in everything)
+        assert everything == sorted(set(everything))   # in id order, each once
+        assert len(pages) == 16 and max(pages) == 64, pages   # 15 full pages and the last (50)
         assert ids(first) == sorted(everything)[:5]
         default = shell(home, "Get-Message | ForEach-Object { $_.Identity }")
         assert default.out.count("WARNING: Only the first 1000 items are shown") == 1

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from mailgate.errors import ParameterError, UserError
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.filters import parse_filter
-from mailgate.manage.params import (as_list, first_results, result_size, to_bool, to_result_size, to_str,
-                                    to_str_list)
+from mailgate.manage.params import (as_list, first_results, stream_first_results, to_bool,
+                                    to_result_size, to_str, to_str_list)
 from mailgate.manage.present import Record
 from mailgate.manage.psvalues import compare
 
@@ -39,11 +39,16 @@ def _runtime(ctx: ManagementContext, server: str | None, identity: str | None = 
     return ctx.runtime_for(server or _server_part(identity, parts))
 
 
-def _filter(records: list[Record], text: str | None) -> list[Record]:
+def _predicate(text: str | None) -> Callable[[Record], bool] | None:
+    """-Filter as a test of one record (None: no filter)."""
     if not text:
-        return records
-    predicate = parse_filter(text, lambda op, left, right: compare(op, left, right), lambda r, p: r.get(p))
-    return [r for r in records if predicate(r)]
+        return None
+    return parse_filter(text, lambda op, left, right: compare(op, left, right), lambda r, p: r.get(p))
+
+
+def _filter(records: list[Record], text: str | None) -> list[Record]:
+    predicate = _predicate(text)
+    return records if predicate is None else [r for r in records if predicate(r)]
 
 
 
@@ -202,27 +207,48 @@ def retry_queue(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
 # Messages
 
 
-def messages(ctx: ManagementContext, args: dict[str, Any]) -> list[Record]:
+MESSAGE_PAGE = 1000   # messages per request to the running server when a listing is read page by page
+
+
+def messages(ctx: ManagementContext, args: dict[str, Any]) -> Iterator[Record]:
+    """The messages -Identity, -Queue, -Filter and -ResultSize select, read from the running server as they are
+    used: a page of messages at a time, so that a queue of hundreds of thousands is never held whole — not by
+    the server, not here — and the shell or the REST API shows the first ones at once."""
     queue = args.get("Queue")
     ident = args.get("Identity")
     runtime = _runtime(ctx, args.get("Server") or (_server_part(_identity(queue), 2) if queue else None),
                        _identity(ident) if ident is not None else None, parts=3)
-    # The workers cut their lists to the result size only when nothing is picked from them here.
-    limit = result_size(args) if ident is None and not args.get("Filter") else None
-    number = _identity(ident).rpartition("\\")[2] if ident is not None else ""
-    records: list[Record] = runtime.call("messages", queue=_identity(queue) if queue else None,
-                                         include_recipients=bool(args.get("IncludeRecipientInfo")),
-                                         limit=None if limit is None else limit + 1,
-                                         message_id=int(number) if number.isascii() and number.isdigit() else None)
+    include = bool(args.get("IncludeRecipientInfo"))
     if ident is not None:
         wanted = _identity(ident)
+        number = wanted.rpartition("\\")[2]
+        records: list[Record] = runtime.call("messages", include_recipients=include,
+                                             message_id=int(number) if number.isascii() and number.isdigit() else None)
         parts = wanted.split("\\")
         queue_part = parts[-2].lower() if len(parts) >= 2 else "*"
         records = [r for r in records if r["Identity"].split("\\")[-1] == number and
                    (queue_part == "*" or r["Queue"].split("\\")[-1].lower() == queue_part)]
         if not records:
             raise UserError(f"The message '{wanted}' couldn't be found on server {ctx.server_name}.", target=wanted)
-    return first_results(ctx, _filter(records, args.get("Filter")), args)
+        return iter(first_results(ctx, _filter(records, args.get("Filter")), args))
+
+    def pages() -> Iterator[Record]:
+        after = None
+        while True:
+            page: list[Record] = runtime.call("messages", queue=_identity(queue) if queue else None,
+                                              include_recipients=include, limit=MESSAGE_PAGE, after=after)
+            yield from page
+            numbers = {_message_number(r) for r in page}
+            if len(numbers) < MESSAGE_PAGE:
+                return
+            after = max(numbers)
+
+    predicate = _predicate(args.get("Filter"))
+    return stream_first_results(ctx, (r for r in pages() if predicate is None or predicate(r)), args)
+
+
+def _message_number(record: Record) -> int:
+    return int(record["Identity"].rpartition("\\")[2])
 
 
 _MESSAGE_PARAMS = [
@@ -253,13 +279,14 @@ def _message_action(ctx: ManagementContext, args: dict[str, Any], action: str, v
     if args.get("Identity") is not None and args.get("Filter"):
         raise ParameterError("-Identity and -Filter can't be used together.", parameter="Filter")
     if args.get("Identity") is not None:
-        found = messages(ctx, {"Identity": args["Identity"], "Server": args.get("Server")})
+        found = list(messages(ctx, {"Identity": args["Identity"], "Server": args.get("Server")}))
         if len(found) > 1:
             raise UserError(f"The identity '{_identity(args['Identity'])}' matches {len(found)} copies of the message "
                             "in different queues; give the queue (Server\\Queue\\Number) or use -Filter.",
                             target=_identity(args["Identity"]))
     else:
-        found = messages(ctx, {"Filter": args["Filter"], "Server": args.get("Server")})
+        found = list(messages(ctx, {"Filter": args["Filter"], "Server": args.get("Server"),
+                                    "ResultSize": None}))
     targets = [r["Identity"] for r in found]
     if not targets:
         return []

@@ -157,7 +157,7 @@ def _arrived_in_mailbox(ctx: ManagementContext, mailbox: str, probe_id: str, sin
 
 
 def _why_pending(ctx: ManagementContext, internal_id: int, target: str, timeout: int) -> str:
-    messages = [m for m in ctx.runtime.call("messages") if m["Identity"].endswith(f"\\{internal_id}")]
+    messages = ctx.runtime.call("messages", message_id=internal_id)
     if not messages:
         return f"The probe to {target} wasn't delivered within {timeout} seconds."
     m = messages[0]

@@ -145,43 +145,50 @@ class QueueAdmin:
 
     # -- messages ------------------------------------------------------------------------------
     def messages(self, queue: str | None = None, include_recipients: bool = False,
-                 limit: int | None = None, message_id: int | None = None) -> list[Record]:
-        """The messages of ``queue`` (or every queue) in the order of their ids; at most ``limit`` (None: all);
-        only the message ``message_id`` when it is given."""
+                 limit: int | None = None, message_id: int | None = None, after: int | None = None) -> list[Record]:
+        """The messages of ``queue`` (or every queue), a record per message and queue, in the order of their ids:
+        those of the first ``limit`` messages (None: all) whose id is above ``after`` (a page of a long listing;
+        a message's records are never split between pages); only the message ``message_id`` when it is given."""
         if message_id is not None and not 0 < message_id <= MAX_MESSAGE_ID:
             return []   # no message has that number (and SQLite can't even compare with it)
-        if limit is None:
-            limit = -1   # SQLite's "no limit"; the count below is never reached
-        only, only_params = ("", []) if message_id is None else (" AND m.id=?", [int(message_id)])
+        conditions, params = "", []
+        if message_id is not None:
+            conditions, params = " AND m.id=?", [int(message_id)]
+        if after is not None:
+            conditions, params = conditions + " AND m.id>?", params + [min(int(after), MAX_MESSAGE_ID)]
+        sql_limit = -1 if limit is None else limit   # SQLite's -1: no limit
         db = self.manager.store.reader()
-        if queue is not None:
-            keys = [q.key for q in self.resolve_queues([queue])]
-        else:
-            keys = None
-        out: list[Record] = []
+        keys = None if queue is None else [q.key for q in self.resolve_queues([queue])]
+        groups: dict[tuple[int, str], list[Any]] = {}   # (message, queue key) → its recipients; POISON: the message
+        poison: dict[int, Any] = {}
         if keys is None or POISON in keys:
-            rows = db.execute(f"SELECT * FROM message m WHERE poison=1{only} ORDER BY id LIMIT ?",
-                              (*only_params, limit)).fetchall()
-            for m in rows:
-                rcpts = db.execute("SELECT * FROM recipient WHERE message=?", (m["id"],)).fetchall()
-                out.append(self._message_record(m, self.manager.queue(POISON), rcpts, include_recipients))
+            for m in db.execute(f"SELECT * FROM message m WHERE poison=1{conditions} ORDER BY id LIMIT ?",
+                                (*params, sql_limit)):
+                poison[m["id"]] = m
+                groups[(m["id"], POISON)] = db.execute("SELECT * FROM recipient WHERE message=?", (m["id"],)).fetchall()
         wanted = [k for k in (keys or []) if k != POISON]
-        sql = ("SELECT r.*, m.id AS mid FROM recipient r JOIN message m ON m.id=r.message WHERE m.poison=0 AND"
-               f" r.status IN ('Ready','Retry'){only}")
-        params: list[Any] = list(only_params)
-        if keys is not None:
-            if not wanted:
-                return out
-            sql += f" AND r.queue IN ({','.join('?' * len(wanted))})"
-            params += wanted
-        sql += " ORDER BY r.message, r.queue, r.idx"
-        grouped: dict[tuple[int, str], list[Any]] = {}
-        for r in db.execute(sql, params):
-            grouped.setdefault((r["message"], r["queue"]), []).append(r)
-            if len(grouped) > limit >= 0:
+        if keys is None or wanted:
+            sql = ("SELECT r.* FROM recipient r JOIN message m ON m.id=r.message WHERE m.poison=0 AND"
+                   f" r.status IN ('Ready','Retry'){conditions}")
+            query_params = list(params)
+            if keys is not None:
+                sql += f" AND r.queue IN ({','.join('?' * len(wanted))})"
+                query_params += wanted
+            seen: set[int] = set()
+            for r in db.execute(sql + " ORDER BY r.message, r.queue, r.idx", query_params):
+                if r["message"] not in seen:
+                    if limit is not None and len(seen) >= limit:
+                        break
+                    seen.add(r["message"])
+                groups.setdefault((r["message"], r["queue"]), []).append(r)
+        chosen = sorted({message for message, _ in groups})
+        if limit is not None:
+            chosen = chosen[:limit]
+        out: list[Record] = []
+        for (message, key), rcpts in sorted(groups.items()):
+            if message > chosen[-1]:
                 break
-        for (message_id, key), rcpts in list(grouped.items())[:limit if limit >= 0 else None]:
-            m = db.execute("SELECT * FROM message WHERE id=?", (message_id,)).fetchone()
+            m = poison.get(message) or db.execute("SELECT * FROM message WHERE id=?", (message,)).fetchone()
             if m is not None:
                 out.append(self._message_record(m, self.manager.queue(key), rcpts, include_recipients))
         return out
