@@ -265,7 +265,17 @@ class QueueAdmin:
         return [self.manager.queue(key) for key in keys]
 
     def message_action(self, action: str, identities: list[str], with_ndr: bool = True) -> int:
-        targets = self.resolve_messages(identities)
+        """Suspend, resume or remove the messages named. Of several (-Filter's matches), those this worker holds:
+        the others are in another worker, or were delivered since they were listed. None held is NotFound."""
+        targets: list[tuple[DeliveryQueue, int]] = []
+        missing: NotFoundError | None = None
+        for identity in identities:
+            try:
+                targets += self.resolve_messages([identity])
+            except NotFoundError as exc:
+                missing = missing or exc
+        if not targets and missing is not None:
+            raise missing
         store = self.manager.store
         manager = self.manager
         for q, message_id in targets:
