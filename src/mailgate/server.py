@@ -273,7 +273,7 @@ class TransportService:
         if op == "redirect":
             return self.manager.redirect([name.lower() for name in args["servers"]])
         if op == "message_action":
-            return admin.message_action(args["action"], args["identities"], bool(args.get("with_ndr", True)))
+            return await admin.message_action(args["action"], args["identities"], bool(args.get("with_ndr", True)))
         if op == "export":
             identity, body = admin.export(args["identity"])
             return {"identity": identity, "body": body}
