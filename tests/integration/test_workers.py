@@ -250,7 +250,11 @@ def test_result_size_counts_the_messages_of_every_worker_together(home, ports, m
         wanted = max(everything)
         one = shell(home, f"Get-Message {wanted} | ForEach-Object {{ $_.Identity }}")
         assert one.ok and ids(one) == [wanted], one
-        # An action with -Filter reaches every message that matches, not the first 1000 of a listing.
+        # An action with -Filter reaches every message that matches, not the first 1000 of a listing; what it
+        # would do is said in one line that names ten of them, not all.
+        whatif = shell(home, "Remove-Message -Filter \"FromAddress -eq 'a@b.example'\" -WhatIf")
+        assert whatif.ok and whatif.out.count("\\Unreachable\\") == 10, whatif.out[:300]
+        assert "and 1,000 more (1,010 in all)." in whatif.out
         suspended = shell(home, "Suspend-Message -Filter \"FromAddress -eq 'a@b.example'\" -Confirm:$false; "
                                 "(Get-Message -Filter \"Status -eq 'Suspended'\" -ResultSize Unlimited).Count")
         assert suspended.ok and suspended.out.split() == ["1010"], (suspended.out[-300:], suspended.err)

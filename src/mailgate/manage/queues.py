@@ -163,7 +163,7 @@ def _queue_action(ctx: ManagementContext, args: dict[str, Any], action: str, ver
         targets = [r["Identity"] for r in queues(ctx, {"Filter": args["Filter"], "Server": args.get("Server")})]
         if not targets:
             return []
-    if not ctx.should_process(f"{verb} queue(s) {', '.join(targets)}."):
+    if not ctx.should_process(f"{verb} queue(s) {_listed(targets)}."):
         return []
     for server, identities in _by_server(ctx, args.get("Server"), targets, 2).items():
         _runtime(ctx, server).call("queue_action", action=action, identities=identities,
@@ -247,6 +247,14 @@ def messages(ctx: ManagementContext, args: dict[str, Any]) -> Iterator[Record]:
     return stream_first_results(ctx, (r for r in pages() if predicate is None or predicate(r)), args)
 
 
+def _listed(identities: list[str], shown: int = 10) -> str:
+    """Identities for a confirmation prompt or -WhatIf: the first few and how many more (a -Filter can match
+    tens of thousands)."""
+    if len(identities) <= shown:
+        return ", ".join(identities)
+    return f"{', '.join(identities[:shown])} and {len(identities) - shown:,} more ({len(identities):,} in all)"
+
+
 def _message_number(record: Record) -> int:
     return int(record["Identity"].rpartition("\\")[2])
 
@@ -290,7 +298,7 @@ def _message_action(ctx: ManagementContext, args: dict[str, Any], action: str, v
     targets = [r["Identity"] for r in found]
     if not targets:
         return []
-    if not ctx.should_process(f"{verb} message(s) {', '.join(targets)}."):
+    if not ctx.should_process(f"{verb} message(s) {_listed(targets)}."):
         return []
     for server, identities in _by_server(ctx, args.get("Server"), targets, 3).items():
         _runtime(ctx, server).call("message_action", action=action, identities=identities,
