@@ -49,6 +49,15 @@ def submit(port: int, recipient: str, subject: str) -> None:
         client.sendmail("app@outside.test", [recipient], f"Subject: {subject}\r\n\r\nbody\r\n".encode())
 
 
+def connector_to_sink(ex01, ex02, port: int, sources: str) -> None:
+    """Send connector ToSink for sink.test (a smart host on ``port``) with these source servers, loaded by both."""
+    r = shell(ex01, f"New-SendConnector ToSink -AddressSpaces sink.test -SmartHosts 127.0.0.1 -Port {port} "
+                    f"-SourceTransportServers {sources}")
+    assert r.ok, r.err
+    synced(ex01)
+    synced(ex02)
+
+
 def tls_session(port: int) -> smtplib.SMTP:
     client = smtplib.SMTP("127.0.0.1", port, timeout=30)
     client.ehlo("probe.test")
@@ -62,11 +71,7 @@ def test_mail_for_another_servers_connector_is_relayed_to_it(organisation):
     sink = SmtpPeer("127.0.0.1", free_port())
     try:
         # A change made on EX01 reaches both running servers within seconds.
-        r = shell(ex01, f"New-SendConnector ToSink -AddressSpaces sink.test -SmartHosts 127.0.0.1 -Port {sink.port} "
-                        f"-SourceTransportServers EX02")
-        assert r.ok, r.err
-        synced(ex01)
-        synced(ex02)
+        connector_to_sink(ex01, ex02, sink.port, "EX02")
         submit(ports["EX01"], "user@sink.test", "across the organisation")
         wait_for(lambda: sink.received, timeout=60, message="the message at the sink")
         got = sink.received[0]
@@ -147,11 +152,7 @@ def test_another_servers_queues_are_managed_from_this_shell(organisation):
     servers = shell(ex02, "Get-ExchangeServer | Sort-Object Name | ft Name,ServerRole -HideTableHeaders")
     assert servers.ok and servers.out.split() == ["EX01", "Mailbox", "EX02", "Mailbox"]
     sink_port = free_port()
-    r = shell(ex01, f"New-SendConnector ToSink -AddressSpaces sink.test -SmartHosts 127.0.0.1 -Port {sink_port} "
-                    f"-SourceTransportServers EX02")
-    assert r.ok, r.err
-    synced(ex01)
-    synced(ex02)
+    connector_to_sink(ex01, ex02, sink_port, "EX02")
     submit(ports["EX01"], "user@sink.test", "waiting on EX02")   # nothing listens at the sink yet
 
     def ex02_queue() -> list[str]:
@@ -201,11 +202,7 @@ def test_redirect_message_drains_a_servers_delivery_queues_to_another_server(org
     EX02 with Redirect-Message and EX02 delivers it; a suspended message stays on EX01, as Exchange leaves it."""
     ex01, ex02, ports = organisation
     sink_port = free_port()
-    r = shell(ex01, f"New-SendConnector ToSink -AddressSpaces sink.test -SmartHosts 127.0.0.1 -Port {sink_port} "
-                    f"-SourceTransportServers EX01,EX02")
-    assert r.ok, r.err
-    synced(ex01)
-    synced(ex02)
+    connector_to_sink(ex01, ex02, sink_port, "EX01,EX02")
     for n in range(3):
         submit(ports["EX01"], f"user{n}@sink.test", f"drained {n}")
     submit(ports["EX01"], "kept@sink.test", "kept")
