@@ -19,7 +19,7 @@ from mailgate.queue.manager import DeliveryQueue, QueueManager
 from mailgate.routing.table import POISON, SUBMISSION, UNREACHABLE
 from mailgate.send.smtp import Outcome
 
-ACTION_BATCH = 500   # messages a queue or message action handles before it gives the event loop back
+ACTION_BATCH = 500   # messages a message action handles before it gives the event loop back
 
 ZEROS = "00000000-0000-0000-0000-000000000000"
 MAX_MESSAGE_ID = 2**63 - 1   # the largest SQLite INTEGER: no message number is larger
