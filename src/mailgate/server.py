@@ -326,9 +326,10 @@ class TransportService:
 
     def _pickup_settings(self) -> DirectorySettings:
         server = self.server_object
+        taking_mail = server.refusing_mail() is None   # in maintenance (Set-ServerComponentState) files wait
         return DirectorySettings(
-            pickup=self.home.service_dir(server.pickup_directory_path, "PickupDirectoryPath"),
-            replay=self.home.service_dir(server.replay_directory_path, "ReplayDirectoryPath"),
+            pickup=self.home.service_dir(server.pickup_directory_path, "PickupDirectoryPath") if taking_mail else None,
+            replay=self.home.service_dir(server.replay_directory_path, "ReplayDirectoryPath") if taking_mail else None,
             per_minute=server.pickup_directory_max_messages_per_minute,
             max_header_size=server.pickup_directory_max_header_size.bytes or 64 * 1024,
             max_recipients=server.pickup_directory_max_recipients_per_message,

@@ -16,6 +16,8 @@ import aiosmtplib
 import pytest
 from helpers import free_port, maildir_messages, shell, synced, wait_for
 
+from mailgate.receive.pickup import POLL_SECONDS
+
 
 def unverified() -> ssl.SSLContext:
     return ssl._create_unverified_context()
@@ -322,9 +324,17 @@ def test_maintenance_mode_refuses_new_sessions_and_keeps_delivering(home, server
     wait_for(lambda: maildir_messages(home, "admin@domain.com"), message="the message of the open session delivered")
     r = shell(home, "Set-ServerComponentState EX01 -Component ServerWideOffline -State Draining -Requester Maintenance")
     assert not r.ok and "Only HubTransport and FrontendTransport can be Draining" in r.err
+    # A file dropped into Pickup waits too (two of the reader's polls), and is taken once the server is back.
+    dropped = home.path / "Pickup" / "dropped.eml"
+    wait_for(dropped.parent.exists, message="the Pickup directory")
+    dropped.write_bytes(b"From: app@domain.com\r\nTo: admin@domain.com\r\nSubject: dropped\r\n\r\nx\r\n")
+    time.sleep(2 * POLL_SECONDS + 1.5)
+    assert dropped.exists()
     assert shell(home, "Set-ServerComponentState EX01 -Component HubTransport -State Active -Requester Maintenance").ok
     synced(home)
     assert banner().startswith(b"220 ")
+    wait_for(lambda: any(b"Subject: dropped" in m for m in maildir_messages(home, "admin@domain.com")), timeout=30,
+             message="the Pickup file delivered once the server takes mail again")
     assert "HubTransport Active" in " ".join(shell(home, "Get-ServerComponentState EX01 -Component HubTransport | "
                                                         "ft Component,State -HideTableHeaders").out.split())
 

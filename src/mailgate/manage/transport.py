@@ -144,8 +144,8 @@ def get_server_component_state(ctx: ManagementContext, args: dict[str, Any]) -> 
                   "Set-ServerComponentState EX01 -Component HubTransport -State Active -Requester Maintenance"])
 def set_server_component_state(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """HubTransport or FrontendTransport Draining (or Inactive), or ServerWideOffline Inactive: the server's
-    receive connectors answer new connections 421 4.3.2 within a second or two, sessions under way finish, and
-    queued mail is still delivered (Redirect-Message hands it to another server). Each requester's state is
+    receive connectors answer new connections 421 4.3.2 within a second or two and its Pickup and Replay files
+    wait; sessions under way finish, and queued mail is still delivered (Redirect-Message hands it to another server). Each requester's state is
     kept; the component is Active again when no requester holds it Inactive or Draining."""
     component, state, requester = args["Component"], args["State"], args["Requester"]
     if state == "Draining" and component not in _DRAINABLE:
