@@ -236,15 +236,19 @@ def test_result_size_counts_the_messages_of_every_worker_together(home, ports, m
         def ids(result) -> list[int]:
             return [int(line.rsplit("\\", 1)[1]) for line in result.out.split()]
 
+        pages.clear()
         first = shell(home, "Get-Message -ResultSize 5 | ForEach-Object { $_.Identity }")
         assert first.ok and "WARNING" not in first.out and len(ids(first)) == 5 and ids(first) == sorted(ids(first))
+        assert pages == [6]   # no more read than the result size needs, and one to tell whether more exist
         pages.clear()
         everything = ids(shell(home, "Get-Message -ResultSize Unlimited | ForEach-Object { $_.Identity }"))
         assert len(everything) == 1010 and any(i > 10**12 for i in everything) and any(i < 10**12 for i in everything)
         assert everything == sorted(set(everything))   # in id order, each once
         assert len(pages) == 16 and max(pages) == 64, pages   # 15 full pages and the last (50)
         assert ids(first) == sorted(everything)[:5]
+        pages.clear()
         default = shell(home, "Get-Message | ForEach-Object { $_.Identity }")
+        assert sum(pages) == 1001, pages
         assert default.out.count("WARNING: Only the first 1000 items are shown") == 1
         assert len([line for line in default.out.split("\n") if line.startswith("EX01\\")]) == 1000
         wanted = max(everything)

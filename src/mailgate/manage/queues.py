@@ -11,7 +11,7 @@ from mailgate.errors import ParameterError, UserError
 from mailgate.manage.cmdlets import Param, cmdlet
 from mailgate.manage.context import ManagementContext
 from mailgate.manage.filters import parse_filter
-from mailgate.manage.params import (as_list, first_results, stream_first_results, to_bool,
+from mailgate.manage.params import (as_list, first_results, result_size, stream_first_results, to_bool,
                                     to_result_size, to_str, to_str_list)
 from mailgate.manage.present import Record
 from mailgate.manage.psvalues import compare
@@ -232,18 +232,23 @@ def messages(ctx: ManagementContext, args: dict[str, Any]) -> Iterator[Record]:
             raise UserError(f"The message '{wanted}' couldn't be found on server {ctx.server_name}.", target=wanted)
         return iter(first_results(ctx, _filter(records, args.get("Filter")), args))
 
+    predicate = _predicate(args.get("Filter"))
+    # Without a filter no more is read than -ResultSize needs, and one more to tell whether some were left out.
+    wanted = None if predicate is not None else result_size(args)
+
     def pages() -> Iterator[Record]:
-        after = None
+        after, read = None, 0
         while True:
+            size = MESSAGE_PAGE if wanted is None else max(1, min(MESSAGE_PAGE, wanted + 1 - read))
             page: list[Record] = runtime.call("messages", queue=_identity(queue) if queue else None,
-                                              include_recipients=include, limit=MESSAGE_PAGE, after=after)
+                                              include_recipients=include, limit=size, after=after)
             yield from page
+            read += len(page)
             numbers = {_message_number(r) for r in page}
-            if len(numbers) < MESSAGE_PAGE:
+            if len(numbers) < size:
                 return
             after = max(numbers)
 
-    predicate = _predicate(args.get("Filter"))
     return stream_first_results(ctx, (r for r in pages() if predicate is None or predicate(r)), args)
 
 
