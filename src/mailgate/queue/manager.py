@@ -165,6 +165,15 @@ class DeliveryQueue:
                 self._waiters.remove(waiter)
 
 
+# The periodic scans for expired mail and for mail that has waited DelayNotificationTimeout. Each must find its
+# rows through an index (message_expiry, message_undelayed): they run on the event loop every SCAN_SECONDS, and a
+# long queue is where they matter (tests/unit/test_queue_scans.py).
+SCAN_SECONDS = 5
+EXPIRY_SCAN = "SELECT * FROM message WHERE expires_at<=? AND poison=0 LIMIT 200"
+DELAY_SCAN = ("SELECT * FROM message WHERE received_at<=? AND delay_notified=0 AND poison=0 AND sender != ''"
+              " AND is_dsn=0 LIMIT 200")
+
+
 @dataclass
 class RuntimeSettings:
     server: TransportServer
@@ -433,7 +442,7 @@ class QueueManager:
         if not sub.suspended and not sub.active and self.store.reader().execute(
                 "SELECT 1 FROM message WHERE in_submission=1 AND poison=0 LIMIT 1").fetchone():
             self._spawn(sub, self._categorise_submission(sub))
-        if now - self._last_scan >= 5:
+        if now - self._last_scan >= SCAN_SECONDS:
             self._last_scan = now
             self._spawn(None, self._expire_and_delay())
         server = self.settings.server
@@ -880,7 +889,7 @@ class QueueManager:
         server, org = self.settings.server, self.settings.org
         now = time.time()
         db = self.store.reader()
-        expired = db.execute("SELECT * FROM message WHERE expires_at<=? AND poison=0 LIMIT 200", (now,)).fetchall()
+        expired = db.execute(EXPIRY_SCAN, (now,)).fetchall()
         for msg in expired:
             rcpts = db.execute("SELECT * FROM recipient WHERE message=? AND status IN ('Ready','Retry')",
                                (msg["id"],)).fetchall()
@@ -900,8 +909,7 @@ class QueueManager:
         if not (org.external_delay_dsn_enabled or org.internal_delay_dsn_enabled):
             return
         cutoff = now - server.delay_notification_timeout.seconds
-        delayed = db.execute("SELECT * FROM message WHERE received_at<=? AND delay_notified=0 AND poison=0 AND"
-                             " sender != '' AND is_dsn=0 LIMIT 200", (cutoff,)).fetchall()
+        delayed = db.execute(DELAY_SCAN, (cutoff,)).fetchall()
         for msg in delayed:
             rcpts = db.execute("SELECT * FROM recipient WHERE message=? AND status IN ('Ready','Retry')",
                                (msg["id"],)).fetchall()
