@@ -260,7 +260,7 @@ class TransportService:
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
         admin = self.admin
         if op == "queues":
-            return admin.queues(empty_poison=bool(args.get("empty_poison")))
+            return await admin.queues(empty_poison=bool(args.get("empty_poison")))
         if op == "queue_keys":
             return [q.key for q in admin.resolve_queues(args["identities"])]
         if op == "queue_action":
@@ -268,8 +268,9 @@ class TransportService:
                                       keys=args.get("keys"))
         if op == "messages":
             limit = args.get("limit")
-            return admin.messages(args.get("queue"), bool(args.get("include_recipients")),
-                                  None if limit is None else int(limit), args.get("message_id"), args.get("after"))
+            return await admin.messages(args.get("queue"), bool(args.get("include_recipients")),
+                                        None if limit is None else int(limit), args.get("message_id"),
+                                        args.get("after"))
         if op == "redirect":
             return self.manager.redirect([name.lower() for name in args["servers"]])
         if op == "message_action":

@@ -83,9 +83,11 @@ class QueueAdmin:
             "IsValid": True, "ObjectState": "New",
         })
 
-    def queues(self, empty_poison: bool = False) -> list[Record]:
-        """Every queue; Poison only when it holds mail (as in Exchange) or ``empty_poison`` (it was named)."""
-        counts = self._counts()
+    async def queues(self, empty_poison: bool = False) -> list[Record]:
+        """Every queue; Poison only when it holds mail (as in Exchange) or ``empty_poison`` (it was named).
+        Counting reads every queued recipient: it runs in a thread (its own read connection, SQLite lets go of
+        the interpreter while it reads), so that the event loop goes on serving SMTP meanwhile."""
+        counts = await asyncio.to_thread(self._counts)
         out = []
         keys = [key for key in self.manager.queues if key != POISON]
         for key in counts:
@@ -148,13 +150,21 @@ class QueueAdmin:
         return len(queues)
 
     # -- messages ------------------------------------------------------------------------------
-    def messages(self, queue: str | None = None, include_recipients: bool = False,
-                 limit: int | None = None, message_id: int | None = None, after: int | None = None) -> list[Record]:
+    async def messages(self, queue: str | None = None, include_recipients: bool = False, limit: int | None = None,
+                       message_id: int | None = None, after: int | None = None) -> list[Record]:
         """The messages of ``queue`` (or every queue), a record per message and queue, in the order of their ids:
         those of the first ``limit`` messages (None: all) whose id is above ``after`` (a page of a long listing;
-        a message's records are never split between pages); only the message ``message_id`` when it is given."""
+        a message's records are never split between pages); only the message ``message_id`` when it is given.
+        The rows are read in a thread, as in ``queues``: finding one queue's first messages sorts all of them."""
         if message_id is not None and not 0 < message_id <= MAX_MESSAGE_ID:
             return []   # no message has that number (and SQLite can't even compare with it)
+        keys = None if queue is None else [q.key for q in self.resolve_queues([queue])]
+        rows = await asyncio.to_thread(self._message_rows, keys, limit, message_id, after)
+        return [self._message_record(m, self.manager.queue(key), rcpts, include_recipients) for m, key, rcpts in rows]
+
+    def _message_rows(self, keys: list[str] | None, limit: int | None, message_id: int | None,
+                      after: int | None) -> list[tuple[Any, str, list[Any]]]:
+        """``messages``' reading: (message row, queue key, its recipients there), in order."""
         conditions, params = "", []
         if message_id is not None:
             conditions, params = " AND m.id=?", [int(message_id)]
@@ -162,7 +172,6 @@ class QueueAdmin:
             conditions, params = conditions + " AND m.id>?", params + [min(int(after), MAX_MESSAGE_ID)]
         sql_limit = -1 if limit is None else limit   # SQLite's -1: no limit
         db = self.manager.store.reader()
-        keys = None if queue is None else [q.key for q in self.resolve_queues([queue])]
         groups: dict[tuple[int, str], list[Any]] = {}   # (message, queue key) → its recipients; POISON: the message
         poison: dict[int, Any] = {}
         if keys is None or POISON in keys:
@@ -188,13 +197,13 @@ class QueueAdmin:
         chosen = sorted({message for message, _ in groups})
         if limit is not None:
             chosen = chosen[:limit]
-        out: list[Record] = []
+        out: list[tuple[Any, str, list[Any]]] = []
         for (message, key), rcpts in sorted(groups.items()):
             if message > chosen[-1]:
                 break
             m = poison.get(message) or db.execute("SELECT * FROM message WHERE id=?", (message,)).fetchone()
             if m is not None:
-                out.append(self._message_record(m, self.manager.queue(key), rcpts, include_recipients))
+                out.append((m, key, rcpts))
         return out
 
     def _message_record(self, m: Any, q: DeliveryQueue, rcpts: list[Any], include: bool) -> Record:
