@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import heapq
 import itertools
 import logging
 import time
@@ -169,6 +170,11 @@ class DeliveryQueue:
 # rows through an index (message_expiry, message_undelayed): they run on the event loop every SCAN_SECONDS, and a
 # long queue is where they matter (tests/unit/test_queue_scans.py).
 SCAN_SECONDS = 5
+# A delivery queue's due recipients of one status, in due order: recipient_due gives that order, so a refill reads
+# only as far as it needs (queue/manager.py _refill).
+REFILL_WALK = ("SELECT r.message, r.next_attempt FROM recipient r JOIN message m ON m.id = r.message"
+               " WHERE r.queue=? AND r.status=? AND r.suspended=0 AND r.next_attempt<=? AND m.poison=0"
+               " AND m.in_submission=0 ORDER BY r.next_attempt")
 EXPIRY_SCAN = "SELECT * FROM message WHERE expires_at<=? AND poison=0 LIMIT 200"
 DELAY_SCAN = ("SELECT * FROM message WHERE received_at<=? AND delay_notified=0 AND poison=0 AND sender != ''"
               " AND is_dsn=0 LIMIT 200")
@@ -487,13 +493,22 @@ class QueueManager:
         task.add_done_callback(finished)
 
     def _refill(self, q: DeliveryQueue, now: float) -> None:
-        rows = self.store.reader().execute(
-            "SELECT DISTINCT r.message FROM recipient r JOIN message m ON m.id = r.message"
-            " WHERE r.queue=? AND r.status IN ('Ready','Retry') AND r.suspended=0 AND r.next_attempt<=?"
-            " AND m.poison=0 AND m.in_submission=0 ORDER BY r.next_attempt LIMIT ?",
-            (q.key, now, WINDOW)).fetchall()
-        q.backlog = len(rows) >= WINDOW
-        for (message_id,) in rows:
+        """Offer the queue's first WINDOW messages that are due. One walk of recipient_due in due order per status,
+        merged, stopping at WINDOW: with ``status IN ('Ready','Retry')`` SQLite sorted every due recipient of the
+        queue first, on the event loop, at every refill (0.1 s at a backlog of 50,000)."""
+        db = self.store.reader()
+        walks = [db.execute(REFILL_WALK, (q.key, status, now)) for status in (READY, RETRY)]
+        found: dict[int, None] = {}
+        try:
+            for message_id, _ in heapq.merge(*walks, key=lambda row: row[1]):
+                found[message_id] = None
+                if len(found) >= WINDOW:
+                    break
+        finally:
+            for walk in walks:
+                walk.close()
+        q.backlog = len(found) >= WINDOW
+        for message_id in found:
             if message_id not in self._accepting:
                 q.offer(message_id)
 
