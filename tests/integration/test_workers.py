@@ -300,3 +300,35 @@ def test_a_data_directory_deep_in_the_file_system_still_has_its_control_sockets(
         assert oct((home.run_dir / "control.sock").stat().st_mode & 0o777) == "0o600"
     finally:
         stop(proc)
+
+
+def test_a_second_server_cannot_share_a_binding_through_so_reuseport(home, ports, tmp_path):
+    """Workers share their endpoints with SO_REUSEPORT, which lets any process of the same user that sets it bind
+    them too: a second mailgate (its own data directory, the same binding) started without a word and took half
+    of the connections. It now gets the "already in use" error, as any other program would; the first keeps
+    them all."""
+    import socket
+
+    from helpers import free_port
+
+    shared = free_port()
+    other = make_home(tmp_path / "other", server="EX02", domain="other.example")
+    bind_ports(other)
+    for h in (home, other):
+        assert shell(h, f"New-ReceiveConnector Shared -Bindings 127.0.0.1:{shared} -RemoteIPRanges 127.0.0.0/8 "
+                        "-Usage Custom", runtime=None).ok
+    first = serve(home, 2)
+    try:
+        second = serve(other, 2)
+        try:
+            log = (other.path / "serve-2.log").read_text()
+            assert f"can't listen on 127.0.0.1:{shared}: the address is already in use" in log, log
+            banners = set()
+            for _ in range(40):
+                with socket.create_connection(("127.0.0.1", shared), timeout=10) as c:
+                    banners.add(c.recv(200).split()[1].decode())
+            assert len(banners) == 1 and banners.pop().lower().startswith("ex01."), "the second server answered"
+        finally:
+            stop(second)
+    finally:
+        stop(first)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -68,6 +69,62 @@ def _describe_bind_error(exc: OSError, endpoint: str, connectors: list[str], por
     return f"Receive connector {who} can't listen on {endpoint}: {exc.strerror or exc}"
 
 
+def _listening_inodes(family: int, address: str, port: int) -> set[int]:
+    """The socket inodes of every TCP listener on ``port`` whose address overlaps ``address`` (equal, or either
+    one the wildcard), from /proc/net/tcp or tcp6."""
+    table = "/proc/net/tcp" if family == socket.AF_INET else "/proc/net/tcp6"
+    wanted = socket.inet_pton(family, address)
+    wildcard = bytes(len(wanted))
+    found: set[int] = set()
+    try:
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], int(fields[9])
+                host, _, hex_port = local.partition(":")
+                if state != "0A" or int(hex_port, 16) != port:   # 0A: LISTEN
+                    continue
+                # The kernel prints the address as 32-bit words in host byte order.
+                raw = b"".join(int(host[i:i + 8], 16).to_bytes(4, "little") for i in range(0, len(host), 8))
+                if raw == wanted or wildcard in (raw, wanted):
+                    found.add(inode)
+    except OSError:
+        pass
+    return found
+
+
+def _this_servers_sockets() -> set[int]:
+    """The socket inodes held by this server's processes: this worker's supervisor and its children."""
+    supervisor = os.getppid()
+    pids = {supervisor, os.getpid()}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == supervisor:
+                        pids.add(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    inodes: set[int] = set()
+    for pid in pids:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        inodes.update(int(link[8:-1]) for link in links if link.startswith("socket:["))
+    return inodes
+
+
+def shared_with_another_program(sock: socket.socket, family: int, address: str, port: int) -> bool:
+    """Whether another program listens where ``sock`` (bound with SO_REUSEPORT) was just bound. SO_REUSEPORT,
+    which lets this server's workers share their endpoints, lets any process of the same user that sets it bind
+    them too: a second mailgate (another data directory, the same binding) would silently take half of the
+    connections. Only this server's supervisor and workers may share them."""
+    others = _listening_inodes(family, address, port) - {os.fstat(sock.fileno()).st_ino}
+    return bool(others - _this_servers_sockets()) if others else False
+
+
 class ReceiveServer:
     """Owns the listening sockets and the state every session shares."""
 
@@ -102,6 +159,8 @@ class ReceiveServer:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((address, port))
             sock.listen(1024)
+            if self.reuse_port and shared_with_another_program(sock, family, address, port):
+                raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
             sock.setblocking(False)
         except OSError:
             sock.close()
