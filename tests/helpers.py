@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,17 +28,31 @@ PYTHON = sys.executable
 _HANDED_OUT: set[tuple[str, int]] = set()
 
 
+# pytest-xdist runs tests in several processes at once: each takes only the ports of its own residue, so two of
+# them never hand out the same port (a server refuses a binding another program listens on, and two tests'
+# servers on one port would each take the other's mail).
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+PORTS_FROM, PORTS_TO = 20000, 32000   # Linux's ephemeral ports start at 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on. The kernel may offer the same port twice in a row once the probe socket is
-    closed, so a port this process has handed out before is never given again."""
+    """A port nothing listens on, of this test process's residue, below the kernel's ephemeral range (so no
+    client connection holds it either; the kernel's own choice for bind(("", 0)) is always odd, which would
+    starve one residue). A port this process has handed out before is never given again."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     while True:
+        port = random.randrange(PORTS_FROM, PORTS_TO)
+        port -= (port - _WORKER) % _WORKERS
+        if port < PORTS_FROM or (host, port) in _HANDED_OUT:
+            continue
         with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if (host, port) not in _HANDED_OUT:
-            _HANDED_OUT.add((host, port))
-            return port
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add((host, port))
+        return port
 
 
 def make_home(path: Path, *, server: str = "EX01", domain: str = "domain.com", store: str | None = None) -> Home:

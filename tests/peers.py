@@ -370,10 +370,10 @@ class TcpProxy:
     and restore on the same port: a database or peer that goes away and comes back."""
 
     def __init__(self, target: tuple[str, int], host: str = "127.0.0.1") -> None:
+        from helpers import free_port
+
         self.target, self.host = target, host
-        with socket.socket() as s:
-            s.bind((host, 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port(host)
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
