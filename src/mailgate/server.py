@@ -180,7 +180,10 @@ class TransportService:
             if self._stop.is_set():
                 return
             try:
-                await self.reload()
+                if not await self.reload() and self.receive.bind_errors:
+                    # A binding that couldn't be opened (its port held by another program, or one going away) is
+                    # tried again at every poll: it is taken as soon as it is free, without a change or a restart.
+                    await self.receive.apply(self.receive.config)
                 await self._publish_admin_url_once()
             except Exception as exc:  # noqa: BLE001 - keep serving with the last good configuration
                 self._reload_failed(exc)

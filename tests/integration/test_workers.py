@@ -332,3 +332,38 @@ def test_a_second_server_cannot_share_a_binding_through_so_reuseport(home, ports
             stop(second)
     finally:
         stop(first)
+
+
+def test_a_binding_held_by_another_program_is_taken_as_soon_as_it_is_free(home, ports):
+    """A port another program holds when the server starts (Postfix on 25, an old server's workers still going)
+    is reported and tried again every poll: the connector listens once the port is free, with no change to the
+    configuration and no restart (it stayed closed until one)."""
+    import socket
+
+    from helpers import free_port
+
+    port = free_port()
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held.bind(("127.0.0.1", port))
+    held.listen(1)
+    assert shell(home, f"New-ReceiveConnector Late -Bindings 127.0.0.1:{port} -RemoteIPRanges 127.0.0.0/8 "
+                       "-Usage Custom", runtime=None).ok
+    proc = serve(home, 2)
+    try:
+        log = home.path / "serve-2.log"
+        assert f"can't listen on 127.0.0.1:{port}: the address is already in use" in log.read_text()
+        held.close()
+
+        def greeted() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+                    return c.recv(100).startswith(b"220 ")
+            except OSError:
+                return False
+
+        wait_for(greeted, timeout=15, message="the connector listening once its port is free")
+        assert f"Listening on 127.0.0.1:{port} for EX01\\Late" in log.read_text()
+    finally:
+        held.close()
+        stop(proc)
