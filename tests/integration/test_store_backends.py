@@ -106,8 +106,20 @@ def test_tracking_insert_and_every_filter(store):
     assert len(q(limit=2)) == 2
     got = q(internal_message_id=0)[0]
     assert got["recipients"] == ["r0@b.example", "common@b.example"] and got["timestamp"].tzinfo is not None
-    removed = store.purge_tracking(now + dt.timedelta(seconds=3), "EX01")
-    assert removed == 3 and len(q()) == 3
+    # Retention deletes in short transactions (batch events each), recipients' index rows with their events.
+    transactions = []
+    connect = store._connect
+
+    def counted(*args, **kwargs):
+        if kwargs.get("write"):
+            transactions.append(1)
+        return connect(*args, **kwargs)
+
+    store._connect = counted
+    removed = store.purge_tracking(now + dt.timedelta(seconds=3), "EX01", batch=2)
+    store._connect = connect
+    assert removed == 3 and len(q()) == 3 and len(transactions) == 2
+    assert [r["internal_message_id"] for r in q(recipients=["common@b.example"])] == [3, 4, 5]
 
 
 def test_tracking_is_read_a_page_at_a_time_and_each_event_once_in_order(store):

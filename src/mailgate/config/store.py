@@ -37,6 +37,7 @@ from mailgate.errors import is_damaged_sqlite
 T = TypeVar("T", bound=ConfigObject)
 Converted = TypeVar("Converted")
 log = logging.getLogger("mailgate.store")
+PURGE_BATCH = 5_000   # tracking events deleted per transaction by retention (purge_tracking)
 
 metadata = sa.MetaData()
 
@@ -328,13 +329,23 @@ class ConfigStore:
         with self._connect(write=False) as conn:
             return int(conn.execute(sa.select(sa.func.max(message_tracking.c.id))).scalar() or 0)
 
-    def purge_tracking(self, before: dt.datetime, server: str) -> int:
+    def purge_tracking(self, before: dt.datetime, server: str, *, batch: int = PURGE_BATCH) -> int:
+        """Delete ``server``'s events older than ``before`` (retention), ``batch`` events per transaction: an
+        hour of a busy server's events deleted at once held the store's write lock — which the workers' tracking
+        writers and every configuration change wait for — for as long as the delete took."""
         t = message_tracking
-        with self._connect(write=True) as conn:
-            ids = sa.select(t.c.id).where(t.c.timestamp < _naive_utc(before), t.c.server == server)
-            conn.execute(message_tracking_recipient.delete().where(message_tracking_recipient.c.tracking_id.in_(ids)))
-            result = conn.execute(t.delete().where(t.c.timestamp < _naive_utc(before), t.c.server == server))
-            return result.rowcount or 0
+        removed = 0
+        while True:
+            with self._connect(write=True) as conn:
+                ids = [row[0] for row in conn.execute(sa.select(t.c.id).where(
+                    t.c.timestamp < _naive_utc(before), t.c.server == server).order_by(t.c.timestamp).limit(batch))]
+                if ids:
+                    conn.execute(message_tracking_recipient.delete().where(
+                        message_tracking_recipient.c.tracking_id.in_(ids)))
+                    conn.execute(t.delete().where(t.c.id.in_(ids)))
+            removed += len(ids)
+            if len(ids) < batch:
+                return removed
 
 
 # What the store raises when it can't be reached or used right now (PostgreSQL down, the network cut,
