@@ -166,15 +166,15 @@ class DeliveryQueue:
                 self._waiters.remove(waiter)
 
 
+# A delivery queue's due recipients of one status, in due order: recipient_due gives that order, so a refill reads
+# only as far as it needs (``QueueManager._refill``).
+REFILL_WALK = ("SELECT r.message, r.next_attempt FROM recipient r JOIN message m ON m.id = r.message"
+               " WHERE r.queue=? AND r.status=? AND r.suspended=0 AND r.next_attempt<=? AND m.poison=0"
+               " AND m.in_submission=0 ORDER BY r.next_attempt")
 # The periodic scans for expired mail and for mail that has waited DelayNotificationTimeout. Each must find its
 # rows through an index (message_expiry, message_undelayed): they run on the event loop every SCAN_SECONDS, and a
 # long queue is where they matter (tests/unit/test_queue_scans.py).
 SCAN_SECONDS = 5
-# A delivery queue's due recipients of one status, in due order: recipient_due gives that order, so a refill reads
-# only as far as it needs (queue/manager.py _refill).
-REFILL_WALK = ("SELECT r.message, r.next_attempt FROM recipient r JOIN message m ON m.id = r.message"
-               " WHERE r.queue=? AND r.status=? AND r.suspended=0 AND r.next_attempt<=? AND m.poison=0"
-               " AND m.in_submission=0 ORDER BY r.next_attempt")
 EXPIRY_SCAN = "SELECT * FROM message WHERE expires_at<=? AND poison=0 LIMIT 200"
 DELAY_SCAN = ("SELECT * FROM message WHERE received_at<=? AND delay_notified=0 AND poison=0 AND sender != ''"
               " AND is_dsn=0 LIMIT 200")
