@@ -94,8 +94,9 @@ def _listening_inodes(family: int, address: str, port: int) -> set[int]:
     return found
 
 
-def _this_servers_sockets() -> set[int]:
-    """The socket inodes held by this server's processes: this worker's supervisor and its children."""
+def _this_servers_sockets() -> set[int] | None:
+    """The socket inodes held by this server's processes: this worker's supervisor and its children; None when
+    one of them can't be looked into (a hardened /proc): then nobody is taken for a stranger."""
     supervisor = os.getppid()
     pids = {supervisor, os.getpid()}
     for entry in os.listdir("/proc"):
@@ -108,10 +109,17 @@ def _this_servers_sockets() -> set[int]:
                 continue
     inodes: set[int] = set()
     for pid in pids:
+        links = []
         try:
-            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-        except OSError:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+                except FileNotFoundError:   # closed meanwhile
+                    continue
+        except FileNotFoundError:   # the process ended meanwhile
             continue
+        except PermissionError:
+            return None
         inodes.update(int(link[8:-1]) for link in links if link.startswith("socket:["))
     return inodes
 
@@ -122,7 +130,10 @@ def shared_with_another_program(sock: socket.socket, family: int, address: str, 
     them too: a second mailgate (another data directory, the same binding) would silently take half of the
     connections. Only this server's supervisor and workers may share them."""
     others = _listening_inodes(family, address, port) - {os.fstat(sock.fileno()).st_ino}
-    return bool(others - _this_servers_sockets()) if others else False
+    if not others:
+        return False
+    ours = _this_servers_sockets()
+    return ours is not None and bool(others - ours)
 
 
 class ReceiveServer:
