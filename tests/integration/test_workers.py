@@ -363,7 +363,9 @@ def test_a_binding_held_by_another_program_is_taken_as_soon_as_it_is_free(home, 
                 return False
 
         wait_for(greeted, timeout=15, message="the connector listening once its port is free")
-        assert f"Listening on 127.0.0.1:{port} for EX01\\Late" in log.read_text()
+        # Each worker takes the port at its own next poll and says so (the first one may have answered already).
+        wait_for(lambda: f"Listening on 127.0.0.1:{port} for EX01\\Late" in log.read_text(), timeout=15,
+                 message="the report that the connector listens")
     finally:
         held.close()
         stop(proc)
