@@ -38,8 +38,8 @@ PORTS_FROM, PORTS_TO = 20000, 32000   # Linux's ephemeral ports start at 32768
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on, of this test process's residue, below the kernel's ephemeral range (so no
-    client connection holds it either; the kernel's own choice for bind(("", 0)) is always odd, which would
-    starve one residue). A port this process has handed out before is never given again."""
+    client connection holds it either; the kernel prefers odd ports for bind(("", 0)), which starved one
+    residue). A port this process has handed out before is never given again."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     while True:
         port = random.randrange(PORTS_FROM, PORTS_TO)

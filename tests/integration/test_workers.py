@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import time
 
-from helpers import ROOT, bind_ports, cli, make_home, shell, synced, wait_for
+from helpers import ROOT, bind_ports, cli, free_port, make_home, shell, synced, wait_for
 
 
 def serve(home, workers: int) -> subprocess.Popen[str]:
@@ -307,10 +308,6 @@ def test_a_second_server_cannot_share_a_binding_through_so_reuseport(home, ports
     them too: a second mailgate (its own data directory, the same binding) started without a word and took half
     of the connections. It now gets the "already in use" error, as any other program would; the first keeps
     them all."""
-    import socket
-
-    from helpers import free_port
-
     shared = free_port()
     other = make_home(tmp_path / "other", server="EX02", domain="other.example")
     bind_ports(other)
@@ -338,10 +335,6 @@ def test_a_binding_held_by_another_program_is_taken_as_soon_as_it_is_free(home, 
     """A port another program holds when the server starts (Postfix on 25, an old server's workers still going)
     is reported and tried again every poll: the connector listens once the port is free, with no change to the
     configuration and no restart (it stayed closed until one)."""
-    import socket
-
-    from helpers import free_port
-
     port = free_port()
     held = socket.socket()
     held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

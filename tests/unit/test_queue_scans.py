@@ -4,9 +4,13 @@ scan read the whole message table, bodies included, each time (0.11 s at 100,000
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 
-from mailgate.queue.manager import DELAY_SCAN, EXPIRY_SCAN
+from mailgate.queue import manager as manager_module
+from mailgate.queue.admin import QueueAdmin
+from mailgate.queue.manager import DELAY_SCAN, EXPIRY_SCAN, REFILL_WALK, QueueManager
 from mailgate.queue.store import NewMessage, NewRecipient
 
 HOUR = 3600.0
@@ -47,12 +51,6 @@ def test_get_queue_and_get_message_read_the_queue_off_the_event_loop_and_poison_
     """Get-Queue counts every queued recipient and Get-Message -Queue sorts a queue's messages: at a long queue
     that took 0.1 s per call at 25,000 messages, during which the worker's SMTP sessions waited. The reading runs
     in a thread; the Poison queue's count and listing search an index instead of reading every message."""
-    import asyncio
-    import threading
-
-    from mailgate.queue.admin import QueueAdmin
-    from mailgate.queue.manager import QueueManager
-
     for n in range(30):
         queued(store, f"m{n}", age=60)
     store.execute("UPDATE message SET poison=1 WHERE id=?", (queued(store, "bad", age=60),)).result(timeout=30)
@@ -94,9 +92,6 @@ def test_refilling_a_delivery_queue_reads_only_as_far_as_its_window(store, monke
     """A queue's window is refilled from the store in due order, Ready and Retry mail merged. With a backlog
     (a next hop that was down) that ran on the event loop at every refill, and sorted every due recipient of
     the queue first: 0.1 s at 50,000 messages. Each status is now one walk of recipient_due in due order."""
-    from mailgate.queue import manager as manager_module
-    from mailgate.queue.manager import REFILL_WALK, QueueManager
-
     monkeypatch.setattr(manager_module, "WINDOW", 5)
     key = "dns:internet:remote.example"
     ids = [queued(store, f"m{n}", age=60) for n in range(12)]
