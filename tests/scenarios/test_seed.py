@@ -243,6 +243,10 @@ def test_section_5_mail_queue_monitoring(org):
         c.sendmail("scanner@domain.com", ["admin@domain.com"], b"Subject: waiting in submission\r\n\r\nx\r\n")
     out = org.type(seed.sections()[5][0]).stdout
     assert "waiting in submission" in out and "EX01\\Submission\\" in out
+    # As in Exchange, no message is removed from Submission: refused with the way out, and the message stays.
+    refused = org.type("Get-Message -Queue EX01\\Submission | Remove-Message -WithNDR $false -Confirm:$false")
+    assert refused.returncode != 0 and "Submission queue can't be removed" in refused.stderr
+    assert "waiting in submission" in org.type(seed.sections()[5][0]).stdout
     org.type("Resume-Queue EX01\\Submission")
     wait_for(lambda: maildir_messages(org.home, "admin@domain.com"), timeout=30)
 

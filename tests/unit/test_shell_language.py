@@ -274,6 +274,11 @@ def test_format_table_and_list_output():
     assert "Name           : x" in out and "RemoteIPRanges : {a, b, c, d...}" in out
     ok, out, _ = run('$FormatEnumerationLimit = -1; @{R=@("a","b","c","d","e")} | fl R')
     assert "R : {a, b, c, d, e}" in out
+    # A named property the object lacks: Format-List leaves it out, Format-Table shows an empty column.
+    ok, out, _ = run('@{Name="x"; Enabled=$true} | fl Name,Bogus,Enabled')
+    assert ok and [line for line in out.splitlines() if line] == ["Name    : x", "Enabled : True"]
+    ok, out, _ = run('@{Name="x"} | ft Name,Bogus')
+    assert out.strip("\n").splitlines()[0].split() == ["Name", "Bogus"]
     # Text and numbers have no properties to list: Format-List prints them as themselves (it printed nothing).
     ok, out, _ = run('"hello", 5 | fl')
     assert ok and out.split() == ["hello", "5"]

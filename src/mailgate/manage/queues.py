@@ -286,6 +286,18 @@ def get_message(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     return messages(ctx, args)
 
 
+def _refuse_submission(found: list[Any]) -> None:
+    """Exchange removes no message from Submission: it is still to be categorised. Refused before anything is
+    removed, so a -Filter that also matches messages elsewhere changes nothing either."""
+    waiting = [r["Identity"] for r in found if str(r.get("Queue") or "").lower().endswith("\\submission")]
+    if waiting:
+        queue = waiting[0].rsplit("\\", 1)[0]
+        raise UserError(f"Messages in the Submission queue can't be removed ({_listed(waiting)}): they are waiting "
+                        f"for the categoriser. Resume-Queue {queue} lets them move to their delivery queues, where "
+                        "Remove-Message can take them; with -Filter, add \"-and Queue -ne '" + queue + "'\" to "
+                        "leave them out.", target=waiting[0])
+
+
 def _message_action(ctx: ManagementContext, args: dict[str, Any], action: str, verb: str) -> list[Any]:
     if args.get("Identity") is None and not args.get("Filter"):
         raise ParameterError(f"{verb}-Message needs -Identity or -Filter.", parameter="Identity")
@@ -303,6 +315,8 @@ def _message_action(ctx: ManagementContext, args: dict[str, Any], action: str, v
     targets = [r["Identity"] for r in found]
     if not targets:
         return []
+    if action == "remove":
+        _refuse_submission(found)
     if not ctx.should_process(f"{verb} message(s) {_listed(targets)}."):
         return []
     for server, identities in _by_server(ctx, args.get("Server"), targets, 3).items():
@@ -328,7 +342,8 @@ def resume_message(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
         synopsis="Delete messages from the queues.", needs_runtime=True, mutates=True,
         examples=['Remove-Message -Filter "FromAddress -eq \'spam@example.com\'" -WithNDR $false'])
 def remove_message(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
-    """Delete a message (or those matching -Filter); -WithNDR $false deletes silently."""
+    """Delete a message (or those matching -Filter); -WithNDR $false deletes silently. Messages still in
+    Submission can't be removed (as in Exchange): resume the queue and remove them from their delivery queue."""
     return _message_action(ctx, args, "remove", "Remove")
 
 

@@ -227,11 +227,20 @@ def _shrink(widths: list[int], minimums: list[int], total: int) -> None:
         widths[i] -= 1
 
 
+def _present(obj: Any, columns: list[Any]) -> list[Any]:
+    """The columns an object has: PowerShell's Format-List leaves out a named property the object lacks
+    (Format-Table shows it as an empty column). Calculated properties always stay."""
+    names = {p.lower() for p in properties_of(obj)}
+    if not names:
+        return columns
+    return [c for c in columns if not isinstance(c, str) or c.lower() in names]
+
+
 def render_list(objects: list[Any], properties: list[Any] | None, *, limit: int = 4, evaluate: Any = None) -> list[str]:
     lines = [""]
     for obj in objects:
-        cols = properties if properties else properties_of(obj)
-        if not cols:   # text, a number: printed as itself, as PowerShell's Format-List does
+        cols = _present(obj, properties) if properties else properties_of(obj)
+        if not cols and not properties:   # text, a number: printed as itself, as PowerShell's Format-List does
             lines.append(format_value(obj, limit))
             continue
         titles = [_column_title(c) for c in cols]
