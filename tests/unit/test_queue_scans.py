@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from types import SimpleNamespace
 
 from mailgate.queue import manager as manager_module
 from mailgate.queue.admin import QueueAdmin
-from mailgate.queue.manager import DELAY_SCAN, EXPIRY_SCAN, REFILL_WALK, QueueManager
+from mailgate.queue.manager import DELAY_SCAN, EXPIRY_SCAN, REFILL_WALK, SUBMISSION_WAITING, QueueManager
 from mailgate.queue.store import NewMessage, NewRecipient
 
 HOUR = 3600.0
@@ -112,3 +113,71 @@ def test_refilling_a_delivery_queue_reads_only_as_far_as_its_window(store, monke
     db = store.reader()
     plan = " ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + REFILL_WALK, (key, "Ready", now)))
     assert "recipient_due" in plan and "TEMP B-TREE" not in plan, plan
+
+
+class RecordingReader:
+    """The store's reader, recording each statement it runs."""
+
+    def __init__(self, db, statements: list[str]) -> None:
+        self.db, self.statements = db, statements
+
+    def execute(self, sql, params=()):
+        self.statements.append(sql)
+        return self.db.execute(sql, params)
+
+
+def test_an_idle_queue_looks_in_the_store_now_and_then_and_at_once_when_told(store, monkeypatch):
+    """At one message at a time the manager ticks for every message, and each tick looked in the store for due mail
+    of every queue with nothing in memory, and for mail in Submission: three queries on the event loop per message,
+    18 % of its busy time. An idle queue now looks at most every IDLE_REFILL_SECONDS, and at the next tick when
+    something changed the store behind memory's back (an administrator, mail a delivery gave back untried)."""
+    key = "dns:internet:remote.example"
+    clock = [time.time()]
+    monkeypatch.setattr(manager_module, "time", SimpleNamespace(time=lambda: clock[0], monotonic=time.monotonic))
+    statements: list[str] = []
+    db = store.reader()
+    monkeypatch.setattr(store, "reader", lambda: RecordingReader(db, statements))
+    delivered: list[int] = []
+
+    async def deliver(manager, q):   # a delivery that takes what is offered and gives it back untried
+        taken = manager.take(q, 10)
+        delivered.extend(taken)
+        manager.release(q, taken)
+
+    manager = QueueManager(store=store, tracker=None, server_name="EX01", mailbox_root=None,  # type: ignore[arg-type]
+                           deliver_smtp=deliver, deliver_mailbox=None)  # type: ignore[arg-type]
+    q = manager.queue(key)
+    manager.queue("Submission")
+    unlimited = SimpleNamespace(value=None)
+    manager.settings = SimpleNamespace(server=SimpleNamespace(  # type: ignore[assignment]
+        max_outbound_connections=unlimited, max_per_domain_outbound_connections=unlimited,
+        queue_max_idle_time=SimpleNamespace(seconds=3600)))
+
+    def looks() -> list[str]:
+        statements.clear()
+        manager._tick()
+        return [s for s in statements if s in (REFILL_WALK, SUBMISSION_WAITING)]
+
+    async def main() -> None:
+        assert looks() == [SUBMISSION_WAITING, REFILL_WALK, REFILL_WALK]   # the first tick looks
+        assert looks() == []                                               # the next ones don't, for a while
+        message = queued(store, "behind", age=60)   # due mail memory wasn't told of...
+        store.execute("SELECT 1").result(timeout=30)
+        assert looks() == [] and not q.ready
+        clock[0] += manager_module.IDLE_REFILL_SECONDS   # ...is found IDLE_REFILL_SECONDS later
+        assert looks() == [SUBMISSION_WAITING, REFILL_WALK, REFILL_WALK]
+        for _ in range(50):
+            if delivered:
+                break
+            await asyncio.sleep(0.01)
+        assert delivered == [message]
+        # The delivery gave it back untried: the queue looks again at its next tick, and offers it again.
+        assert REFILL_WALK in looks() and list(q.ready) == [message]
+        manager.take(q, 10)
+        assert looks() == []
+        manager.refill_soon()   # what an administrator's action or a configuration change calls
+        assert looks() == [SUBMISSION_WAITING, REFILL_WALK, REFILL_WALK]
+        for task in list(manager._tasks):
+            task.cancel()
+
+    asyncio.run(main())

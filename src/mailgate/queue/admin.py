@@ -146,7 +146,7 @@ class QueueAdmin:
                     store.execute("UPDATE recipient SET next_attempt=? WHERE queue=? AND status IN ('Ready','Retry')",
                                   (time.time(), q.key)).result(timeout=30)
                 q.next_retry = None
-        self.manager.wake()
+        self.manager.refill_soon()
         return len(queues)
 
     # -- messages ------------------------------------------------------------------------------
@@ -306,7 +306,7 @@ class QueueAdmin:
                 await asyncio.gather(*(asyncio.wrap_future(f) for f in pending))
                 pending = []
         await asyncio.gather(*(asyncio.wrap_future(f) for f in pending))
-        manager.wake()
+        manager.refill_soon()
         return len(targets)
 
     def _act(self, action: str, q: DeliveryQueue, message_id: int,
