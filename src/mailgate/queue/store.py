@@ -623,9 +623,11 @@ class QueueStore:
                 [(st, err, nxt, inc, message, idx) for idx, st, err, nxt, inc in updates])
             for sql, params in extra:
                 conn.execute(sql, params)
-            left = conn.execute("SELECT count(*) FROM recipient WHERE message=? AND status IN (?,?)",
-                                (message, READY, RETRY)).fetchone()[0]
-            done = left == 0 and conn.execute("SELECT 1 FROM message WHERE id=?", (message,)).fetchone()
+            # Nothing left to deliver (and the message not removed meanwhile): one statement, as it runs for
+            # every delivered message on the event loop.
+            done = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM recipient WHERE message=? AND status IN (?,?))"
+                                " AND EXISTS (SELECT 1 FROM message WHERE id=?)",
+                                (message, READY, RETRY, message)).fetchone()[0]
             if done:
                 job.freed_segments, job.freed_spools = self._delete(conn, [message])
             job.result = bool(done)
