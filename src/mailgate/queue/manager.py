@@ -433,12 +433,16 @@ class QueueManager:
         self.wake()
 
     async def run(self) -> None:
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         while not self._stopping:
-            try:
-                await asyncio.wait_for(self._wake.wait(), 1.0)
-            except asyncio.TimeoutError:
-                pass
+            # A tick at least every second: a timer that wakes it, not asyncio.wait_for, which makes a task per
+            # wait (at one message at a time the manager ticks for every message: 4 % of the loop's busy time).
+            timer = loop.call_later(1.0, self._wake.set)
+            await self._wake.wait()
+            timer.cancel()
+            # The callbacks already due run first, so one tick answers all their wake-ups (wait() doesn't yield
+            # when it is set already: without this, ticks ran back to back at 20 sessions, 7 % more CPU).
+            await asyncio.sleep(0)
             self._wake.clear()
             if self._stopping:
                 break
