@@ -70,6 +70,20 @@ def cpu_jiffies() -> int:
     return sum(int(x) for x in parts[:3]) + sum(int(x) for x in parts[5:8])   # user nice system irq softirq steal
 
 
+def cpu_steal() -> tuple[int, int]:
+    """(stolen, all) CPU ticks of the machine so far: time the host gave this VM's CPUs to others (the 8th field
+    of /proc/stat's cpu line). A run during which the host takes a share of the CPUs measures the neighbours
+    as much as the servers."""
+    with open("/proc/stat") as fh:
+        parts = [int(x) for x in fh.readline().split()[1:9]]
+    return parts[7], sum(parts)
+
+
+def steal_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    stolen, total = after[0] - before[0], after[1] - before[1]
+    return round(100 * stolen / total, 1) if total > 0 else 0.0
+
+
 def proc_cpu(pid: int, children: bool = False) -> float:
     try:
         fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
@@ -238,6 +252,7 @@ class Run:
     server_cpu_per_1000: float | None = None
     machine_cpu_per_1000: float | None = None
     errors: str = ""
+    steal_percent: float | None = None   # of the machine's CPU time during the load, taken by the host
 
 
 def smtp_source(target: Target, load: Load, rcpt: str) -> tuple[float, str]:
@@ -255,7 +270,7 @@ def smtp_source(target: Target, load: Load, rcpt: str) -> tuple[float, str]:
 def measure(target: Target, load: Load, rep: int, rcpt: str) -> Run:
     sink = target.relay_sink
     before_sink = sink.count if sink else 0
-    cpu0, machine0 = target.cpu(), cpu_jiffies()
+    cpu0, machine0, steal0 = target.cpu(), cpu_jiffies(), cpu_steal()
     start = time.monotonic()
     seconds, errors = smtp_source(target, load, rcpt)
     run = Run(target.name, load.label, rep, round(seconds, 3), round(load.messages / seconds, 1), errors=errors)
@@ -271,6 +286,7 @@ def measure(target: Target, load: Load, rep: int, rcpt: str) -> Run:
     ticks = os.sysconf("SC_CLK_TCK")
     run.server_cpu_per_1000 = round((target.cpu() - cpu0) / load.messages * 1000, 3) if target.pid else None
     run.machine_cpu_per_1000 = round((cpu_jiffies() - machine0) / ticks / load.messages * 1000, 3)
+    run.steal_percent = steal_percent(steal0, cpu_steal())
     return run
 
 
@@ -421,6 +437,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="mailgate-bench-"))
     os.chmod(work, 0o755)
     started = dt.datetime.now(dt.timezone.utc)
+    steal_at_start = cpu_steal()
     print(f"bench: working in {work}; {len(loads)} loads x {reps} reps", flush=True)
     sinks = {name: Sink() for name in ("ceiling", "postfix", "mailgate")}
     postfix_accept = Postfix(work / "pf-accept", "127.0.0.1", port(), transports={"sink.test": "discard:"},
@@ -509,6 +526,7 @@ def main() -> int:
         postfix_relay.stop()
         for s in sinks.values():
             s.stop()
+    extra["steal_percent"] = steal_percent(steal_at_start, cpu_steal())
     report = build_report(runs, [load.label for load in loads], extra, started, quick)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = f"{started:%Y%m%d-%H%M}" + ("-quick" if quick else "")
@@ -575,6 +593,25 @@ def median(values: list[float]) -> float | None:
     return round(statistics.median(values), 1) if values else None
 
 
+STEAL_WARNING_PERCENT = 5.0
+
+
+def steal_lines(runs: list[Run], extra: dict[str, Any]) -> list[str]:
+    """What the host took of the CPUs during the run (older runs didn't measure it: nothing is said)."""
+    if extra.get("steal_percent") is None:
+        return []
+    worst = max((r for r in runs if r.steal_percent is not None), key=lambda r: r.steal_percent or 0.0, default=None)
+    line = f"CPU time taken by the host (steal) during the run: {extra['steal_percent']} %"
+    if worst is not None:
+        line += f"; the most during one measurement: {worst.steal_percent} % ({worst.target}, {worst.load}, rep {worst.rep})"
+    if max(extra["steal_percent"], worst.steal_percent if worst and worst.steal_percent else 0.0) > STEAL_WARNING_PERCENT:
+        line += (". **Over 5 %: the host's other guests took part of these CPUs, so the figures measure them too; "
+                 "compare with runs where it is near 0.**")
+    else:
+        line += "."
+    return ["", line]
+
+
 def build_report(runs: list[Run], labels: list[str], extra: dict[str, Any], started: dt.datetime, quick: bool,
                  m: dict[str, Any] | None = None) -> str:
     m = m or machine()
@@ -592,6 +629,7 @@ def build_report(runs: list[Run], labels: list[str], extra: dict[str, Any], star
                  "", f"This machine's disk: creating a 2 KB file costs {m['create_file_us']} µs of CPU (Postfix makes one "
                  f"per message), appending 2 KB to an open file {m['append_us']} µs (mailgate), fdatasync after an "
                  f"append {m['append_fdatasync_us']} µs."]),
+             *steal_lines(runs, extra),
              "", "## Acceptance (messages/s, smtp-source; new connection per message unless 'reuse')", "",
              "| load | sink (ceiling) | postfix | mailgate | mailgate / postfix |", "|---|---:|---:|---:|---:|"]
     for label in labels:

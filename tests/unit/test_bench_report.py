@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "run.py"
+LABELS = ["10000x2K c20", "10000x50K c20"]
 MACHINE = {"cpus": 2, "cpu": "Test CPU", "kernel": "6", "python": "3.11", "postfix": "3.7"}
 
 
@@ -52,3 +53,25 @@ def test_a_run_without_holding_servers_reports_as_before():
                                 dt.datetime(2026, 12, 5, tzinfo=dt.timezone.utc), False, MACHINE)
     assert "Acceptance alone" not in report
     assert "| acceptance ≥ 3× Postfix, 10000x2K c20 | 1.50× | no (50% of it) |" in report
+
+
+def test_cpu_time_taken_by_the_host_is_reported_and_warned_of():
+    """A run on a VM whose host gives the CPUs to other guests measures them too: the report says how much was
+    taken, over the whole run and at the worst measurement, and warns above 5 %."""
+    bench = load_bench()
+    runs = [bench.Run("postfix", "10000x2K c20", 0, 10.0, 1000.0, steal_percent=0.4),
+            bench.Run("mailgate", "10000x2K c20", 0, 10.0, 1500.0, steal_percent=18.2)]
+    started = dt.datetime(2026, 12, 6, tzinfo=dt.timezone.utc)
+    report = bench.build_report(runs, LABELS, {"steal_percent": 7.5}, started, False, MACHINE)
+    assert ("CPU time taken by the host (steal) during the run: 7.5 %; the most during one measurement: 18.2 % "
+            "(mailgate, 10000x2K c20, rep 0). **Over 5 %") in report
+    calm = [bench.Run("postfix", "10000x2K c20", 0, 10.0, 1000.0, steal_percent=0.2)]
+    report = bench.build_report(calm, LABELS, {"steal_percent": 0.1}, started, False, MACHINE)
+    assert "steal) during the run: 0.1 %; the most during one measurement: 0.2 % (postfix, 10000x2K c20, rep 0)." in report
+    assert "Over 5 %" not in report
+    # A run recorded before steal was measured says nothing of it.
+    assert "steal" not in bench.build_report(calm, LABELS, {}, started, False, MACHINE)
+    before, after = (10, 1000), (85, 2000)
+    assert bench.steal_percent(before, after) == 7.5
+    stolen, total = bench.cpu_steal()
+    assert 0 <= stolen <= total
