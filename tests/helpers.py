@@ -108,7 +108,9 @@ class Server:
         self.proc: subprocess.Popen[str] | None = None
         self.log = home.path / "serve.log"
 
-    def start(self, timeout: float = 30) -> "Server":
+    def start(self, timeout: float = 30, give_up_on: str | None = None) -> "Server":
+        """Start ``mailgate serve`` and wait until it runs. ``give_up_on``: text that, once printed, means it won't
+        (the start then fails at once instead of at the timeout)."""
         admin = f"127.0.0.1:{self.admin_port}" if self.admin_port else "off"
         offset = len(self.output())
         self._fh = open(self.log, "a")
@@ -123,6 +125,8 @@ class Server:
                 raise RuntimeError(f"mailgate serve exited with {self.proc.returncode}:\n{self.output()[offset:]}")
             if "is running" in self.output()[offset:]:
                 return self
+            if give_up_on is not None and give_up_on in self.output()[offset:]:
+                break
             time.sleep(0.05)
         self.kill()   # its workers die with it (PR_SET_PDEATHSIG)
         raise RuntimeError(f"mailgate serve did not start:\n{self.output()}")

@@ -299,7 +299,9 @@ def test_a_server_starts_with_the_configuration_it_read_last_while_postgresql_is
     home, port, proxy = behind_a_proxy
     proxy.cut()
     with pytest.raises(RuntimeError, match="did not start") as never_read:
-        Server(home).start(timeout=6)
+        # Two failed starts and a longer wait before the third: under a loaded CI a worker's start (imports, the
+        # refused connection) took long enough that six seconds didn't cover two of them.
+        Server(home).start(timeout=60, give_up_on="restarting it in 2 s")
     assert "has not read its configuration before: start it when the store answers" in str(never_read.value)
     assert "restarting it in 2 s" in str(never_read.value)                 # backing off, not once a second
 
