@@ -600,11 +600,12 @@ def steal_lines(runs: list[Run], extra: dict[str, Any]) -> list[str]:
     """What the host took of the CPUs during the run (older runs didn't measure it: nothing is said)."""
     if extra.get("steal_percent") is None:
         return []
-    worst = max((r for r in runs if r.steal_percent is not None), key=lambda r: r.steal_percent or 0.0, default=None)
+    measured = [r for r in runs if r.steal_percent is not None]
+    worst = max(measured, key=lambda r: r.steal_percent, default=None)
     line = f"CPU time taken by the host (steal) during the run: {extra['steal_percent']} %"
     if worst is not None:
         line += f"; the most during one measurement: {worst.steal_percent} % ({worst.target}, {worst.load}, rep {worst.rep})"
-    if max(extra["steal_percent"], worst.steal_percent if worst and worst.steal_percent else 0.0) > STEAL_WARNING_PERCENT:
+    if max([extra["steal_percent"]] + [r.steal_percent for r in measured]) > STEAL_WARNING_PERCENT:
         line += (". **Over 5 %: the host's other guests took part of these CPUs, so the figures measure them too; "
                  "compare with runs where it is near 0.**")
     else:
