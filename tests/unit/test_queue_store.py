@@ -255,3 +255,47 @@ def test_a_damaged_queue_database_is_a_clear_error_that_names_the_file_and_the_w
         QueueStore(tmp_path / "q").open()
     message = raised.value.message
     assert f"The queue database {path} is damaged" in message and ".recover" in message and "aside" in message
+
+
+
+def test_a_delivery_outcome_rides_on_the_commit_that_new_mail_starts(store, tmp_path, monkeypatch):
+    """An outcome has nothing to sync: it waits (OUTCOME_COMMIT_DELAY) for the commit that new mail starts, which
+    takes both, instead of a commit of its own."""
+    import asyncio
+
+    from mailgate.queue import store as store_module
+    monkeypatch.setattr(store_module, "OUTCOME_COMMIT_DELAY", 60)    # only new mail can carry it here
+
+    async def scenario() -> None:
+        store.attach_loop(asyncio.get_running_loop())
+        first = message(store.append_body([b"Subject: first\r\n\r\nx\r\n"]), "first")
+        await asyncio.wrap_future(store.submit(first))
+        commits = store.commits
+        outcome = store.record(first.id, [(0, store_module.DELIVERED, "250 ok", time.time(), 0)])
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not outcome.done() and store.commits == commits     # no commit of its own at the turn's end
+        await asyncio.wrap_future(store.submit(message(store.append_body([b"Subject: second\r\n\r\ny\r\n"]),
+                                                       "second")))
+        assert outcome.done() and store.commits == commits + 1     # one commit took both
+        assert subjects(tmp_path / "queue") == ["second"]          # the delivered message is gone
+
+    asyncio.run(scenario())
+
+
+def test_a_delivery_outcome_commits_alone_when_no_new_mail_comes(store, tmp_path):
+    import asyncio
+
+    from mailgate.queue.store import DELIVERED
+
+    async def scenario() -> None:
+        store.attach_loop(asyncio.get_running_loop())
+        only = message(store.append_body([b"Subject: only\r\n\r\nx\r\n"]), "only")
+        await asyncio.wrap_future(store.submit(only))
+        outcome = store.record(only.id, [(0, DELIVERED, "250 ok", time.time(), 0)])
+        deadline = time.monotonic() + 10
+        while not outcome.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert outcome.done() and subjects(tmp_path / "queue") == []
+
+    asyncio.run(scenario())
