@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from mailgate.smtp import to_crlf
 from mailgate.smtp.address import xtext_encode
+from mailgate.smtp.bodyscan import stuff_body
 from mailgate.smtp.replies import Reply, parse_enhanced
 
 MAX_REPLY_LINE = 4096
@@ -125,7 +126,7 @@ class DotStuffer:
             return b""
         if self._last == b"\n" and data.startswith(b"."):
             data = b"." + data
-        data = data.replace(b"\n.", b"\n..")
+        data = stuff_body(data)
         self._last = data[-1:]
         return data
 

@@ -37,6 +37,7 @@ from mailgate.smtp.address import (
     parse_rcpt_params,
     split_path,
 )
+from mailgate.smtp.bodyscan import unstuff_body
 from mailgate.smtp.replies import Reply
 
 DATA_END = b"\r\n.\r\n"
@@ -393,9 +394,8 @@ class ServerProtocol:
         return self._chunk(chunk)
 
     def _chunk(self, raw: bytes) -> BodyChunk:
-        data = raw.replace(b"\r\n.", b"\r\n")
-        n = data.count(b"\n")
-        if n != data.count(b"\r\n") or data.count(b"\r") != n:
+        data, bare = unstuff_body(raw)
+        if bare:
             self._bare_lf = True
             if not self.ext.reject_bare_linefeeds:
                 data = to_crlf(data)
