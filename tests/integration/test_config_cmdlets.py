@@ -185,6 +185,24 @@ def test_a_multivalued_property_grown_in_a_variable_is_set_back_as_microsoft_doc
     assert not wrong.ok and "The property 'NoSuchThing' cannot be found on this object" in wrong.err
 
 
+def test_bindings_and_remote_ip_ranges_have_exchanges_properties_in_the_shell(home):
+    """An IPBinding has Address, AddressFamily and Port; an IPRange LowerBound, UpperBound, RangeFormat and
+    CIDRLength — while each still prints, and travels back into Set-ReceiveConnector, as its text."""
+    r = shell(home, 'New-ReceiveConnector Relay -Bindings 0.0.0.0:2600 -Usage Custom '
+                    '-RemoteIPRanges 192.168.0.0/24,10.0.0.5,10.0.0.10-10.0.0.20,fe80::/64\n'
+                    '$rc = Get-ReceiveConnector Relay\n'
+                    '"port=" + $rc.Bindings[0].Port; "family=" + $rc.Bindings[0].AddressFamily\n'
+                    '$rc.RemoteIPRanges | ft LowerBound,UpperBound,RangeFormat,CIDRLength\n'
+                    '($rc.RemoteIPRanges | ? { $_.RangeFormat -eq "LoHi" }).UpperBound')
+    assert r.ok, r.err
+    assert "port=2600" in r.out and "family=InterNetwork" in r.out
+    rows = [line.split() for line in r.out.splitlines()]
+    assert ["192.168.0.0", "192.168.0.255", "CIDR", "24"] in rows
+    assert ["10.0.0.5", "10.0.0.5", "SingleAddress"] in rows
+    assert ["fe80::", "fe80::ffff:ffff:ffff:ffff", "CIDR", "64"] in rows
+    assert ["10.0.0.20"] in rows
+
+
 def test_text_that_isnt_utf8_is_refused_where_it_comes_in_and_changes_nothing(home, tmp_path):
     """Bytes that aren't UTF-8 — in -c, a script, or piped input — are named with their place; nothing runs
     from that text and nothing is stored (they used to reach the store as surrogates and fail there)."""

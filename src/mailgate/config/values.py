@@ -268,6 +268,18 @@ class IPRange:
     def __str__(self) -> str:
         return self.text
 
+    def ps_property(self, name: str) -> Any:
+        """Exchange's IPRange properties, for the shell (``$rc.RemoteIPRanges[0].LowerBound``)."""
+        key = name.lower()
+        if key in ("lowerbound", "upperbound"):
+            value = self.first if key == "lowerbound" else self.last
+            return str(ipaddress.IPv4Address(value) if self.version == 4 else ipaddress.IPv6Address(value))
+        if key == "rangeformat":
+            return "CIDR" if "/" in self.text else "LoHi" if "-" in self.text else "SingleAddress"
+        if key == "cidrlength":
+            return int(self.text.rsplit("/", 1)[1]) if "/" in self.text else None
+        return None
+
     @property
     def size(self) -> int:
         return self.last - self.first + 1
@@ -317,6 +329,11 @@ class IPBinding:
         if not 1 <= port <= 65535:
             raise ValueError(f'"{text}" is not a valid binding: the port must be between 1 and 65535')
         return cls(address, port)
+
+    def ps_property(self, name: str) -> Any:
+        """Exchange's IPBinding properties (an IPEndPoint's), for the shell (``$rc.Bindings[0].Port``)."""
+        return {"address": str(self.address), "port": self.port,
+                "addressfamily": "InterNetwork" if self.version == 4 else "InterNetworkV6"}.get(name.lower())
 
     @property
     def is_wildcard(self) -> bool:

@@ -106,6 +106,9 @@ def get_property(obj: Any, name: str) -> Any:
             if str(k).lower() == name.lower():
                 return v
         return None
+    ps_property = getattr(obj, "ps_property", None)   # a value with Exchange's properties (config/values.py)
+    if ps_property is not None:
+        return ps_property(name)
     getter = getattr(obj, "get", None)
     if callable(getter):
         try:
