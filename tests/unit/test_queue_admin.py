@@ -71,3 +71,29 @@ def test_suspending_many_messages_gives_the_event_loop_back_and_uses_the_primary
     for sql in statements:
         plan = " ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, (0,) * sql.count("?")))
         assert "PRIMARY KEY" in plan, (sql, plan)
+
+
+def test_removing_messages_commits_at_once_though_outcomes_alone_may_wait_for_new_mail(store, monkeypatch):
+    """Remove-Message -WithNDR $false writes outcomes only, which the store lets wait for the next commit of new
+    mail (OUTCOME_COMMIT_DELAY); an administrator waiting for the action has them committed at once."""
+    from mailgate.queue import store as store_module
+    monkeypatch.setattr(store_module, "OUTCOME_COMMIT_DELAY", 600)   # no new mail comes: they would wait 10 min
+
+    class Tracker:
+        def event(self, *args, **kwargs) -> None:
+            pass
+
+    ids = held_messages(store, 3)
+    manager = QueueManager(store=store, tracker=Tracker(), server_name="EX01", mailbox_root=None,  # type: ignore[arg-type]
+                           deliver_smtp=None, deliver_mailbox=None)  # type: ignore[arg-type]
+    admin = QueueAdmin(manager, "EX01")
+
+    async def main() -> int:
+        store.attach_loop(asyncio.get_running_loop())
+        manager.queue(QUEUE)             # the queue known (its first lookup writes, and wakes the commit thread)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return await asyncio.wait_for(admin.message_action("remove", [str(i) for i in ids], with_ndr=False), 60)
+
+    assert asyncio.run(main()) == 3
+    assert store.reader().execute("SELECT count(*) FROM message").fetchone()[0] == 0

@@ -303,11 +303,15 @@ class QueueAdmin:
                 raise UserError("Messages in the Poison queue are already suspended.")
             pending += self._act(action, q, message_id, with_ndr)
             if number % ACTION_BATCH == 0:
-                await asyncio.gather(*(asyncio.wrap_future(f) for f in pending))
+                await self._committed(pending)
                 pending = []
-        await asyncio.gather(*(asyncio.wrap_future(f) for f in pending))
+        await self._committed(pending)
         manager.refill_soon()
         return len(targets)
+
+    async def _committed(self, writes: list[concurrent.futures.Future[Any]]) -> None:
+        self.manager.store.commit_now()
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in writes))
 
     def _act(self, action: str, q: DeliveryQueue, message_id: int,
              with_ndr: bool) -> list[concurrent.futures.Future[Any]]:

@@ -615,6 +615,11 @@ class QueueStore:
         self._wake_pending = False
         self._wake.set()
 
+    def commit_now(self) -> None:
+        """Someone waits for what was written (an administrator's action): commit it now, outcomes too, instead
+        of letting them wait up to OUTCOME_COMMIT_DELAY."""
+        self._wake.set()
+
     def _wake_late(self) -> None:
         """Commit the outcomes still waiting, unless a commit since took them."""
         self._late_wake_pending = False
