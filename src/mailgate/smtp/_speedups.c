@@ -49,8 +49,7 @@ unstuff_body(PyObject *module, PyObject *arg)
         }
         memcpy(w, from, end - from);
     }
-    PyObject *result = Py_BuildValue("(NO)", out, bare ? Py_True : Py_False);
-    return result;
+    return Py_BuildValue("(NO)", out, bare ? Py_True : Py_False);
 }
 
 /* stuff_body(content: bytes) -> bytes
