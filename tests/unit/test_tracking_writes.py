@@ -8,6 +8,8 @@ import errno
 import sqlite3
 
 import mailgate.tracking.logs as logs
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mailgate.tracking.logs import TRACKING_FIELDS, CsvLogWriter
 from mailgate.tracking.tracker import MessageTracker
 
@@ -119,3 +121,15 @@ def test_workers_started_in_the_same_millisecond_never_share_a_protocol_log_sess
     finally:
         for log in logs:
             log.close()
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.integers(), st.text(alphabet='a,"\r\n é;', max_size=6)), min_size=2, max_size=8))
+def test_a_log_record_is_written_as_the_csv_module_writes_it(values):
+    """Records with nothing to quote take a shortcut (one look at the whole line); both ways give the csv module's
+    text (minimal quoting, CRLF)."""
+    import csv
+    import io
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\r\n").writerow(values)
+    assert logs.csv_line(values) == out.getvalue()

@@ -222,13 +222,15 @@ class ConfigStore:
     def tracking_values(self, r: dict[str, Any]) -> tuple[Any, ...]:
         """One event as the values of a ``message_tracking`` row without its id. The tracker calls this when
         the event happens, so that its writer thread only runs the statements (see tracking/tracker.py)."""
+        values = list(map(r.get, _TRACKING_INSERT_COLUMNS))
         timestamp = _naive_utc(r["timestamp"])
-        status = r.get("recipient_status")
         # SQLite: the text form SQLAlchemy's DateTime uses there.
-        derived = {"timestamp": timestamp.isoformat(" ", "microseconds") if self.is_sqlite else timestamp,
-                   "recipients": ";".join(r.get("recipients") or []),
-                   "recipient_status": STATUS_SEPARATOR.join(status) if isinstance(status, list) else status}
-        return tuple(derived[c] if c in derived else r.get(c) for c in _TRACKING_INSERT_COLUMNS)
+        values[_TRACKING_TIMESTAMP] = timestamp.isoformat(" ", "microseconds") if self.is_sqlite else timestamp
+        values[_TRACKING_RECIPIENTS] = ";".join(r.get("recipients") or [])
+        status = values[_TRACKING_STATUS]
+        if isinstance(status, list):
+            values[_TRACKING_STATUS] = STATUS_SEPARATOR.join(status)
+        return tuple(values)
 
     def insert_tracking_values(self, values: list[tuple[Any, ...]], recipients: list[tuple[str, ...]]) -> None:
         """Insert rows made by ``tracking_values`` in one transaction.
@@ -411,6 +413,8 @@ def _naive_utc(value: dt.datetime) -> dt.datetime:
 
 _TRACKING_COLUMNS = [k for k in TRACKING_FIELDS if k in message_tracking.c]
 _TRACKING_INSERT_COLUMNS = [c.name for c in message_tracking.columns if c.name != "id"]
+_TRACKING_TIMESTAMP, _TRACKING_RECIPIENTS, _TRACKING_STATUS = (
+    _TRACKING_INSERT_COLUMNS.index(c) for c in ("timestamp", "recipients", "recipient_status"))
 # Columns whose few values repeat from event to event (a query's result keeps one copy of each).
 _TRACKING_REPEATED_COLUMNS = ("server", "event_id", "source", "sender", "return_path", "client_ip", "client_hostname",
                               "server_ip", "server_hostname", "connector_id", "directionality", "tenant_id",

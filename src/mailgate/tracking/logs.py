@@ -37,17 +37,19 @@ SCHEMA_VERSION = "15.02.0000.000"
 
 
 _NEEDS_QUOTES = re.compile(r'[,"\r\n]')
+_QUOTE_OR_LINE_END = re.compile(r'["\r\n]')
 
 
 def csv_line(values: list[Any]) -> str:
     """One CSV record as the csv module writes it (minimal quoting, CRLF)."""
-    out = []
-    for value in values:
-        text = "" if value is None else value if isinstance(value, str) else str(value)
-        if _NEEDS_QUOTES.search(text):
-            text = '"' + text.replace('"', '""') + '"'
-        out.append(text)
-    return ",".join(out) + "\r\n"
+    texts = ["" if value is None else value if isinstance(value, str) else str(value) for value in values]
+    line = ",".join(texts)
+    # Most records need no quotes: no comma but the separators, no quote, no line end. One look at the whole
+    # line instead of one per field (tracking writes two or three records per message).
+    if line.count(",") == len(texts) - 1 and not _QUOTE_OR_LINE_END.search(line):
+        return line + "\r\n"
+    return ",".join('"' + text.replace('"', '""') + '"' if _NEEDS_QUOTES.search(text) else text
+                    for text in texts) + "\r\n"
 
 
 def iso(ts: dt.datetime) -> str:
