@@ -4,19 +4,29 @@
 #include <Python.h>
 #include <string.h>
 
+/* The bytes of a bytes object as [*start, *end); 0 with TypeError for anything else. */
+static int
+bytes_range(PyObject *arg, const char *function, const char **start, const char **end)
+{
+    if (!PyBytes_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "%s() expects bytes", function);
+        return 0;
+    }
+    *start = PyBytes_AS_STRING(arg);
+    *end = *start + PyBytes_GET_SIZE(arg);
+    return 1;
+}
+
 /* unstuff_body(chunk: bytes) -> (bytes, bool)
  * A chunk of DATA as the receiving state machine cuts it (never ending inside "\r\n"): the leading dot of
  * every line after a CRLF removed (RFC 5321 4.5.2), and whether any CR or LF stands outside a CRLF pair. */
 static PyObject *
 unstuff_body(PyObject *module, PyObject *arg)
 {
-    if (!PyBytes_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "unstuff_body() expects bytes");
+    const char *start, *end;
+    if (!bytes_range(arg, "unstuff_body", &start, &end))
         return NULL;
-    }
-    const char *start = PyBytes_AS_STRING(arg);
-    Py_ssize_t size = PyBytes_GET_SIZE(arg);
-    const char *end = start + size;
+    Py_ssize_t size = end - start;
     Py_ssize_t lf = 0, crlf = 0, cr = 0, dots = 0;
     for (const char *p = start; p < end && (p = memchr(p, '\n', end - p)) != NULL; p++) {
         lf++;
@@ -57,13 +67,10 @@ unstuff_body(PyObject *module, PyObject *arg)
 static PyObject *
 stuff_body(PyObject *module, PyObject *arg)
 {
-    if (!PyBytes_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "stuff_body() expects bytes");
+    const char *start, *end;
+    if (!bytes_range(arg, "stuff_body", &start, &end))
         return NULL;
-    }
-    const char *start = PyBytes_AS_STRING(arg);
-    Py_ssize_t size = PyBytes_GET_SIZE(arg);
-    const char *end = start + size;
+    Py_ssize_t size = end - start;
     Py_ssize_t dots = 0;
     for (const char *p = start; p < end && (p = memchr(p, '\n', end - p)) != NULL; p++)
         if (p + 1 < end && p[1] == '.')
