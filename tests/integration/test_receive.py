@@ -14,7 +14,7 @@ import time
 
 import aiosmtplib
 import pytest
-from helpers import free_port, maildir_messages, shell, synced, wait_for
+from helpers import Server, free_port, maildir_messages, shell, synced, wait_for
 
 from mailgate.receive.pickup import POLL_SECONDS
 
@@ -76,6 +76,31 @@ def test_anonymous_mail_to_a_mailbox_is_delivered_with_audit_headers(home, serve
     assert "X-Source: SMTP:EX01\\Default Frontend EX01" in head and "X-Source-IP: 127.0.0.3" in head
     assert head.startswith("Return-Path: <a@b.example>\r\nDelivered-To: ADMIN@domain.com\r\nReceived: from client.example")
     assert "Message-ID: <" in head  # added when the client sent none
+
+
+def test_audit_headers_are_each_clients_own(home, ports):
+    """The audit headers are built once per client address and session state and kept by the connector's policy;
+    with one worker every session meets the same cache: another client, the first over TLS, and the first again
+    in plain text each get their own."""
+    settings = home.path / "mailgate.toml"
+    settings.write_text(settings.read_text().replace('workers = "auto"', "workers = 1"))
+    assert "workers = 1" in settings.read_text()
+    Server(home).start()
+    shell(home, "New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com")
+    synced(home)
+    for n, (source, tls) in enumerate((("127.0.0.3", False), ("127.0.0.4", False), ("127.0.0.3", True),
+                                       ("127.0.0.3", False))):
+        with smtp(ports["frontend"], source) as c:
+            c.ehlo("client.example")
+            if tls:
+                c.starttls(context=unverified())
+                c.ehlo("client.example")
+            assert c.sendmail("a@b.example", ["admin@domain.com"], f"Subject: message {n}\r\n\r\nbody\r\n") == {}
+        msg = wait_for(lambda: [m for m in maildir_messages(home, "admin@domain.com")
+                                if f"Subject: message {n}\r\n".encode() in m], message=f"message {n}")[0]
+        head = msg.split(b"\r\n\r\n", 1)[0].decode()
+        assert f"X-Source-IP: {source}\r\n" in head and f"OriginalClientIPAddress: {source}\r\n" in head, head
+        assert ("X-Source-TLS: TLSv1." in head) is tls and ("X-Source-TLS: none" in head) is not tls, head
 
 
 def test_send_mail_message_tries_a_connector_from_the_shell(home, server, tmp_path):

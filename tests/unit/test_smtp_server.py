@@ -299,3 +299,46 @@ def test_organisation_headers_are_removed_with_their_folded_lines_and_nothing_el
         b"Received: from a\r\n\tby b; Sat, 5 Dec 2026\r\n"
         b"X-MS-Exchange-Organizational: not an organisation header\r\n"
         b"Subject: X-MS-Exchange-Organization-AuthAs: in a value\r\n\r\n")
+
+
+@given(st.integers(200, 599), st.sampled_from([None, "2.0.0", "5.7.1"]), st.text(max_size=40), st.booleans())
+def test_a_one_line_reply_encodes_as_the_general_form_does(code, enhanced, text, use_enhanced):
+    """Replies of one line take a shorter way to bytes (one per command); it must give the bytes the general form
+    gives for the same line."""
+    one = R.Reply(code, enhanced, text).encode(use_enhanced)
+    assert one == R.Reply(code, enhanced, (text,)).encode(use_enhanced)
+    assert one.endswith(b"\r\n") and one.startswith(f"{code} ".encode())
+
+
+def closing_bracket_by_hand(text: str) -> int:
+    """The ">" that closes a path, walking the characters: quoted strings (with backslash escapes) skipped."""
+    in_quote, i = False, 1
+    while i < len(text):
+        if text[i] == "\\" and in_quote:
+            i += 2
+            continue
+        if text[i] == '"':
+            in_quote = not in_quote
+        elif text[i] == ">" and not in_quote:
+            return i
+        i += 1
+    return -1
+
+
+@given(st.text(alphabet='<>"\\@a. \x01\x1f\x7f', max_size=30))
+def test_paths_are_split_and_checked_as_character_by_character(text):
+    """split_path finds the path's end with a search where nothing is quoted, and parse_path refuses control
+    characters, and unquoted spaces and angle brackets, with searches: the same answers as a walk over the
+    characters."""
+    from mailgate.smtp.address import AddressError, _closing_bracket, parse_path
+
+    path = "<" + text
+    assert _closing_bracket(path) == closing_bracket_by_hand(path)
+    try:
+        parse_path(text, allow_null=True, allow_unqualified=True)
+    except (AddressError, ValueError):
+        return
+    inner = text[1:-1] if text.startswith("<") and text.endswith(">") else text
+    inner = inner.split(":", 1)[1] if inner.startswith("@") else inner
+    assert not any(ord(c) < 32 or ord(c) == 127 for c in inner)
+    assert inner.startswith('"') or not any(c in " <>" for c in inner)

@@ -11,7 +11,7 @@ import ipaddress
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from mailgate.config.model import BANNER_MAX, ReceiveConnector, TransportServer
 from mailgate.config.values import AuthMechanism, PermissionGroups, SizeMode, UnlimitedInt
@@ -21,6 +21,9 @@ from mailgate.routing.table import RoutingTable
 from mailgate.smtp import exps
 from mailgate.smtp.replies import Reply
 from mailgate.smtp.server import Extensions
+
+# Entries of a policy's per-client cache (audit headers by client address and session state); cleared when full.
+PER_CLIENT_CACHE = 4096
 
 
 @dataclass
@@ -32,6 +35,7 @@ class ConnectorPolicy:
     _rights_cache: dict[tuple[str, ...], R.Right] = field(default_factory=dict)
     _extensions_cache: dict[bool, Extensions] = field(default_factory=dict)
     _banner_cache: tuple[int, bytes] = (0, b"")
+    _per_client_cache: dict[tuple[Any, ...], bytes] = field(default_factory=dict)
 
     @functools.cached_property
     def identity(self) -> str:
@@ -147,6 +151,17 @@ class ConnectorPolicy:
         if c.smtp_utf8_enabled:
             lines.append("SMTPUTF8")
         return Reply(250, None, tuple(lines))
+
+    def per_client(self, key: tuple[Any, ...], build: Callable[[], bytes]) -> bytes:
+        """Bytes a session derives from this policy and its client's address and state (the audit headers):
+        built once per key for this configuration revision. A client that connects for every message (most
+        do) would otherwise have them built anew each time."""
+        value = self._per_client_cache.get(key)
+        if value is None:
+            if len(self._per_client_cache) >= PER_CLIENT_CACHE:
+                self._per_client_cache.clear()
+            value = self._per_client_cache[key] = build()
+        return value
 
     def rights(self, principals: tuple[str, ...]) -> R.Right:
         cached = self._rights_cache.get(principals)

@@ -799,11 +799,14 @@ class SmtpSession(asyncio.Protocol):
         return b"".join(lines)
 
     def _audit_headers(self) -> bytes:
-        """The organisation and X-Source headers: the same for every message of the session's current state."""
-        key = (self.authenticated, self.tls_info, self.partner_domain, self.org_server)
-        cached = getattr(self, "_audit_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        """The organisation and X-Source headers: the same for every message from one client address in one
+        session state (kept by the connector's policy)."""
+        peer = _subject_of(self.peer_cert) if self.peer_cert else None
+        key = (self.client_ip, self.authenticated, self.auth_mechanism, self.org_server, self.tls_info,
+               self.partner_domain, peer)
+        return self.policy.per_client(key, self._build_audit_headers)
+
+    def _build_audit_headers(self) -> bytes:
         fqdn = self.policy.fqdn
         tls = self.tls_info
         auth_as = "Internal" if (self.authenticated or self.org_server or self.policy.externally_secured) \
@@ -830,9 +833,7 @@ class SmtpSession(asyncio.Protocol):
             org.append(("X-Source-TLS-Peer", _subject_of(self.peer_cert)))
         if self.authenticated:
             org.append(("X-Originating-IP", f"[{self.client_ip}]"))
-        block = b"".join(fold(name, value) for name, value in org)
-        self._audit_cache = (key, block)
-        return block
+        return b"".join(fold(name, value) for name, value in org)
 
     # -- commit ------------------------------------------------------------------------------------------
     def _commit(self, msg: IncomingMessage) -> None:

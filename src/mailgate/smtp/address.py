@@ -16,6 +16,8 @@ _DOT_STRING_UTF8 = re.compile(rf"^(?:[{_ATEXT}]|[^\x00-\x7f])+(?:\.(?:[{_ATEXT}]
 _QUOTED = re.compile(r'^"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e]|[^\x00-\x7f])*"$')
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _LABEL_UTF8 = re.compile(r"^(?!-)(?:[A-Za-z0-9-]|[^\x00-\x7f]){1,63}(?<!-)$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_UNQUOTED_SPECIAL = re.compile(r"[ <>]")
 
 
 class AddressError(ValueError):
@@ -105,6 +107,9 @@ def split_path(args: str) -> tuple[str, str]:
 
 
 def _closing_bracket(text: str) -> int:
+    """Index of the ">" that closes the path opening ``text``, skipping quoted local parts; -1 if none."""
+    if '"' not in text:
+        return text.find(">", 1)
     in_quote = False
     i = 1
     while i < len(text):
@@ -132,9 +137,9 @@ def parse_path(path: str, *, utf8: bool = False, allow_null: bool, allow_unquali
         if ":" not in inner:
             raise AddressError("invalid source route")
         inner = inner.split(":", 1)[1]
-    if any(ord(c) < 32 or ord(c) == 127 for c in inner):
+    if _CONTROL.search(inner):
         raise AddressError("control characters")
-    if not inner.startswith('"') and any(c in " <>" for c in inner):
+    if not inner.startswith('"') and _UNQUOTED_SPECIAL.search(inner):
         raise AddressError("invalid characters")
     return parse_mailbox(inner, utf8=utf8, allow_unqualified=allow_unqualified)
 

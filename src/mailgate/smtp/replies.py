@@ -32,6 +32,9 @@ class Reply:
         return self.code >= 500
 
     def encode(self, enhanced: bool = True) -> bytes:
+        if isinstance(self.text, str):   # one line: most replies, one per command
+            prefix = f"{self.enhanced} " if enhanced and self.enhanced else ""
+            return f"{self.code} {prefix}{self.text}\r\n".encode("utf-8", "replace")
         lines = self.lines
         out = []
         last = len(lines) - 1
