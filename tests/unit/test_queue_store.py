@@ -299,3 +299,37 @@ def test_a_delivery_outcome_commits_alone_when_no_new_mail_comes(store, tmp_path
         assert outcome.done() and subjects(tmp_path / "queue") == []
 
     asyncio.run(scenario())
+
+
+def test_the_event_loop_does_not_wait_for_a_commit_in_progress(store, tmp_path, monkeypatch):
+    """Writes made on the event loop while the commit thread holds the write connection return at once (every
+    session of the worker waited there), and run after the commit, in the order they were made."""
+    import asyncio
+
+    entered, release = threading.Event(), threading.Event()
+    bound_wal = store._bound_wal
+
+    def slow_commit() -> None:   # runs in the commit thread, holding the write connection, after each COMMIT
+        entered.set()
+        release.wait(10)
+        bound_wal()
+
+    async def scenario() -> None:
+        store.attach_loop(asyncio.get_running_loop())
+        first = message(store.append_body([b"Subject: first\r\n\r\nx\r\n"]), "first")
+        monkeypatch.setattr(store, "_bound_wal", slow_commit)
+        committed_first = asyncio.wrap_future(store.submit(first))
+        while not entered.is_set():
+            await asyncio.sleep(0.001)
+        threading.Timer(2, release.set).start()   # the old behaviour waited here until this
+        second = message(store.append_body([b"Subject: second\r\n\r\ny\r\n"]), "second")
+        insert = store.submit(second)
+        rename = store.execute("UPDATE message SET subject='renamed' WHERE id=?", (second.id,))
+        assert not release.is_set()            # both returned while the commit was still going on
+        release.set()
+        await committed_first
+        assert await asyncio.wrap_future(rename) == 1    # ran after the insert it depends on
+        assert await asyncio.wrap_future(insert)
+        assert subjects(tmp_path / "queue") == ["first", "renamed"]
+
+    asyncio.run(scenario())

@@ -218,12 +218,12 @@ class _Commit(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def result(self, timeout: float | None = None) -> Any:
         if not self.done():
-            self._store._wake.set()
+            self._store.commit_now()
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if not self.done():   # done callbacks (asyncio.wrap_future's) read it too: no wake-up for those
-            self._store._wake.set()
+            self._store.commit_now()
         return super().exception(timeout)
 
 
@@ -264,6 +264,7 @@ class QueueStore:
         self._conn: sqlite3.Connection | None = None
         self._in_transaction = False
         self._pending: list[_Job] = []               # run in the open transaction, waiting for its commit
+        self._deferred: list[_Job] = []              # the loop's jobs that came during a commit (``_run``)
         self._wake = _Wakeup()
         self._stopping = False
         self._committer: threading.Thread | None = None
@@ -368,6 +369,7 @@ class QueueStore:
             conn.execute("COMMIT")
 
     def close(self) -> None:
+        self._run_deferred(wait=True)
         if self._committer is not None:
             self._stopping = True
             self._wake.set()
@@ -572,35 +574,77 @@ class QueueStore:
 
     def _run(self, job: _Job) -> None:
         """Run a job's statements in the open transaction (one savepoint each, so a failing job leaves no
-        trace) and hand it to the commit thread. A failure resolves the job's future at once."""
+        trace) and hand it to the commit thread. A failure resolves the job's future at once.
+
+        On the event loop a job that comes while the commit thread is committing (it holds the write
+        connection) is not waited for: it joins ``_deferred`` and runs, in order, once the commit is over
+        (``_run_deferred``, called by whichever side sees the connection free). Waiting held every session of
+        the worker: ≈ 3 % of the loop's time at 20 sessions, up to 5 ms at once."""
+        if self._conn is None:
+            raise RuntimeError("the queue store isn't open")
+        if self._on_loop():
+            self._deferred.append(job)
+            self._run_deferred()
+            return
         with self._sql_lock:
-            conn = self._conn
-            if conn is None:
-                raise RuntimeError("the queue store isn't open")
-            try:
-                if not self._in_transaction:
-                    conn.execute("BEGIN IMMEDIATE")
-                    self._in_transaction = True
-                conn.execute("SAVEPOINT job")
-                try:
-                    self._apply(conn, job)
-                except BaseException:
-                    if conn.in_transaction:   # else SQLite has rolled the whole transaction back already
-                        conn.execute("ROLLBACK TO job")
-                        conn.execute("RELEASE job")
-                    raise
-                conn.execute("RELEASE job")
-            except Exception as exc:  # noqa: BLE001 - the waiter hears about it
-                self._fail([job], exc)
-                if self._in_transaction and not conn.in_transaction:
-                    # SQLite rolled the whole transaction back (disk full, I/O error): so went every job in it.
-                    self._fail(self._pending, exc)
-                    self._pending = []
-                    self._in_transaction = False
-                return
-            self._pending.append(job)
+            ran = self._apply_in_transaction(job)
+        if ran:
+            self._wake_for(job)
+
+    def _on_loop(self) -> bool:
         loop = self.loop
-        if loop is not None and loop.is_running() and threading.get_ident() == self._loop_thread:
+        return loop is not None and threading.get_ident() == self._loop_thread and loop.is_running()
+
+    def _run_deferred(self, wait: bool = False) -> None:
+        """Run the deferred jobs if the write connection is free (or once it is, with ``wait``). The commit
+        thread calls for this after every commit that found jobs deferred, so none waits for more traffic."""
+        if not self._deferred or not self._sql_lock.acquire(blocking=wait):
+            return
+        try:
+            jobs, self._deferred = self._deferred, []
+            if self._conn is None:   # closed meanwhile: nothing of them was written
+                self._fail(jobs, RuntimeError("the queue store isn't open"))
+                return
+            ran = [job for job in jobs if self._apply_in_transaction(job)]
+        finally:
+            self._sql_lock.release()
+        for job in ran:
+            self._wake_for(job)
+
+    def _apply_in_transaction(self, job: _Job) -> bool:
+        """A job's statements in the open transaction, under ``_sql_lock``; it then waits for the commit. False
+        when they failed (rolled back, the future resolved with the error)."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("the queue store isn't open")
+        try:
+            if not self._in_transaction:
+                conn.execute("BEGIN IMMEDIATE")
+                self._in_transaction = True
+            conn.execute("SAVEPOINT job")
+            try:
+                self._apply(conn, job)
+            except BaseException:
+                if conn.in_transaction:   # else SQLite has rolled the whole transaction back already
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                raise
+            conn.execute("RELEASE job")
+        except Exception as exc:  # noqa: BLE001 - the waiter hears about it
+            self._fail([job], exc)
+            if self._in_transaction and not conn.in_transaction:
+                # SQLite rolled the whole transaction back (disk full, I/O error): so went every job in it.
+                self._fail(self._pending, exc)
+                self._pending = []
+                self._in_transaction = False
+            return False
+        self._pending.append(job)
+        return True
+
+    def _wake_for(self, job: _Job) -> None:
+        """Tell the commit thread about a job that ran: once per turn of the loop, later for outcomes alone."""
+        loop = self.loop
+        if self._on_loop():
             if job.can_wait:
                 if not self._late_wake_pending:
                     self._late_wake_pending = True
@@ -616,8 +660,10 @@ class QueueStore:
         self._wake.set()
 
     def commit_now(self) -> None:
-        """Someone waits for what was written (an administrator's action): commit it now, outcomes too, instead
-        of letting them wait up to OUTCOME_COMMIT_DELAY."""
+        """Someone waits for what was written (an administrator's action, a caller blocking on a future): commit
+        it now, deferred jobs and outcomes too, instead of letting them wait up to OUTCOME_COMMIT_DELAY."""
+        if self._on_loop():
+            self._run_deferred(wait=True)
         self._wake.set()
 
     def _wake_late(self) -> None:
@@ -701,6 +747,11 @@ class QueueStore:
                     if error is None:
                         self.commits += 1
                         self._bound_wal()
+            if self._deferred:   # jobs the loop made while this commit held the connection (``_run``)
+                try:
+                    self.loop.call_soon_threadsafe(self._run_deferred)
+                except RuntimeError:   # the loop is closed: close() runs them
+                    pass
             if error is not None:
                 self._fail(jobs, error)
             elif jobs:
