@@ -66,6 +66,31 @@ def test_a_failing_job_leaves_no_trace_and_the_rest_of_its_transaction_commits(s
         assert db.execute("SELECT count(*) FROM counter WHERE name='twice'").fetchone()[0] == 0
 
 
+def test_a_job_failing_after_others_in_its_transaction_takes_out_only_its_own_part(store, tmp_path):
+    """Jobs share the open transaction and have no savepoint each: the one that fails part-way (its first row
+    written, its second refused) is taken out by rolling back and running the others again; they commit as if
+    nothing had happened, their results intact."""
+    from mailgate.queue.store import DELIVERED
+
+    wake, store._wake = store._wake, threading.Event()   # the commit thread sleeps until the jobs are in
+    try:
+        kept = message(store.append_body([b"a\r\n"]), "kept")
+        delivered = message(store.append_body([b"b\r\n"]), "delivered")
+        jobs = [store.submit(kept), store.submit(delivered),
+                store.record(delivered.id, [(0, DELIVERED, "250 ok", time.time(), 0)])]
+        bad = store.execute("INSERT INTO counter (name, value) VALUES (?, ?)", [("twice", 1), ("twice", 2)], many=True)
+        jobs.append(store.submit(message(store.append_body([b"c\r\n"]), "after")))
+    finally:
+        store._wake = wake
+    with pytest.raises(sqlite3.IntegrityError):
+        bad.result(timeout=10)
+    assert [job.result(timeout=10) for job in jobs] == [True, True, True, True]   # the outcome: deleted
+    assert subjects(tmp_path / "queue") == ["kept", "after"]
+    assert store.committed_messages == 3     # each counted once, though two ran twice
+    with sqlite3.connect(tmp_path / "queue" / "queue.db") as db:
+        assert db.execute("SELECT count(*) FROM counter WHERE name='twice'").fetchone()[0] == 0
+
+
 def test_rows_whose_body_a_crash_cut_short_are_dropped_at_open(tmp_path, caplog):
     """A machine crash can leave the rows of a message that was never acknowledged without all of its
     body (rows are committed before the body is synced). Start-up drops those and keeps the rest."""
