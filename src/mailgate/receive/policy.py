@@ -23,7 +23,7 @@ from mailgate.smtp.replies import Reply
 from mailgate.smtp.server import Extensions
 
 # Entries of a policy's per-client cache (audit headers by client address and session state); cleared when full.
-PER_CLIENT_CACHE = 4096
+PER_CLIENT_CACHE = 1024
 
 
 @dataclass
