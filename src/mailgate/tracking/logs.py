@@ -2,7 +2,8 @@
 (RECV/SEND), plus the tracking index in the store.
 
 Events are formatted when they happen (a CSV line, and for tracking the index
-row) and a background thread writes what gathered every quarter second. The
+row) and a background thread writes what gathered every quarter second (tracking:
+every 50 ms, tracker.FLUSH_SECONDS). The
 thread does only the writes: Python work in a helper thread holds the GIL in
 slices of up to 5 ms that the event loop waits for, which showed as a third
 of the p99 accept latency when the thread formatted the rows itself. Files
