@@ -213,6 +213,19 @@ def tracking_events(home: Home, *args: str, until: Iterable[str] = (), timeout: 
         shell(home, command).out.split()
 
 
+def protocol_log(home: Home, direction: str, *, until: Iterable[str], timeout: float = 20.0) -> str:
+    """The text of the SmtpReceive or SmtpSend protocol logs (``direction`` "Receive" or "Send"), waiting until
+    every string in ``until`` is in it: the logs are written in batches, a quarter second apart."""
+    wanted = list(until)
+    directory = home.log_dir / "ProtocolLog" / f"Smtp{direction}"
+
+    def text() -> str:
+        got = "".join(p.read_text() for p in sorted(directory.rglob("*.LOG")))
+        return got if all(w in got for w in wanted) else ""
+
+    return wait_for(text, timeout=timeout, message=f"the {direction} protocol log to hold {wanted}")
+
+
 def maildir_messages(home: Home, address: str) -> list[bytes]:
     new = home.mailbox_dir / address.lower() / "Maildir" / "new"
     if not new.exists():

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 from cryptography.fernet import Fernet
-from helpers import Server, bind_ports, cli, free_port, maildir_messages, make_home, shell, synced, wait_for
+from helpers import Server, bind_ports, cli, free_port, maildir_messages, make_home, protocol_log, shell, synced, wait_for
 from peers import SmtpPeer, TcpProxy
 
 from mailgate.config.secrets import SecretBox
@@ -97,8 +97,7 @@ def test_mail_for_another_servers_connector_is_relayed_to_it(organisation):
         assert len(ids) == 1, events("EX01") + events("EX02")
         assert any(e.startswith("RECEIVE") for e in events("EX02"))
         # EX01's side of the hop is logged under Exchange's implicit connector's name, with the proof hidden.
-        send_logs = "".join(p.read_text() for p in (ex01.log_dir / "ProtocolLog" / "SmtpSend").rglob("*.LOG"))
-        assert "Intra-Organization SMTP Send Connector" in send_logs and "X-EXPS HMAC-SHA256" in send_logs
+        protocol_log(ex01, "Send", until=["Intra-Organization SMTP Send Connector", "X-EXPS HMAC-SHA256"])
     finally:
         sink.stop()
 

@@ -10,7 +10,7 @@ import ssl
 import time
 
 import pytest
-from helpers import Server, free_port, shell, synced, tracking_events, wait_for
+from helpers import Server, free_port, protocol_log, shell, synced, tracking_events, wait_for
 from peers import DnsServer, SmtpPeer
 
 from mailgate.tracking.logs import TRACKING_FIELDS, CsvLogWriter
@@ -119,9 +119,13 @@ def test_protocol_logs_show_the_session_and_never_the_credentials(home, flow):
         c.login("kate", "Tr0ub4dor&3")
         c.sendmail("kate@domain.com", ["kate@remote.example"], b"Subject: logged\r\n\r\nx\r\n")
     wait_for(lambda: peer.received)
-    time.sleep(0.6)
-    receive = "".join(p.read_text() for p in (home.log_dir / "ProtocolLog" / "SmtpReceive").glob("RECV*.LOG"))
-    assert "#Log-type: SMTP Receive Protocol Log" in receive
+
+    def ended_session() -> str:   # the log once the session's last line ("-") is in it: it is written in batches
+        text = protocol_log(home, "Receive", until=["#Log-type: SMTP Receive Protocol Log"])
+        lines = [line for line in text.splitlines() if "Client Frontend EX01" in line]
+        return text if lines and lines[-1].split(",")[6] == "-" else ""
+
+    receive = wait_for(ended_session, message="the end of the session in the receive log")
     lines = [line for line in receive.splitlines() if "Client Frontend EX01" in line]
     events = [line.split(",")[6] for line in lines]
     assert events[0] == "+" and events[-1] == "-" and ">" in events and "<" in events and "*" in events
@@ -131,8 +135,7 @@ def test_protocol_logs_show_the_session_and_never_the_credentials(home, flow):
     assert base64.b64encode(b"\0kate\0Tr0ub4dor&3").decode() not in receive
     session_ids = {line.split(",")[2] for line in lines}
     assert len(session_ids) == 1
-    sent = "".join(p.read_text() for p in (home.log_dir / "ProtocolLog" / "SmtpSend").glob("SEND*.LOG"))
-    assert "#Log-type: SMTP Send Protocol Log" in sent and "Outbound" in sent and "RCPT TO:<kate@remote.example>" in sent
+    protocol_log(home, "Send", until=["#Log-type: SMTP Send Protocol Log", "Outbound", "RCPT TO:<kate@remote.example>"])
 
 
 @pytest.mark.timeout(150)   # the probe no connector routes must not wait out its 240 s ExecutionTimeout

@@ -11,13 +11,12 @@ import email
 import smtplib
 import ssl
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import seed
 import trustme
-from helpers import Server, bind_ports, cli, free_port, make_home, maildir_messages, shell, synced, tracking_events, wait_for
+from helpers import Server, bind_ports, cli, free_port, make_home, maildir_messages, protocol_log, shell, synced, tracking_events, wait_for
 from peers import DnsServer, SmtpPeer
 from postfix import Postfix, available
 
@@ -270,11 +269,13 @@ def test_section_6_best_practices(org):
     assert msg["X-Source"] == "SMTP:EX01\\InternalRelay" and msg["X-Source-IP"] == PRINTER
     assert msg["X-Source-Auth"] == "anonymous" and msg["X-MS-Exchange-Organization-AuthAs"] == "Anonymous"
     assert msg["X-Source-TLS"].startswith("TLSv1.")
-    time.sleep(0.6)
-    log = "".join(p.read_text() for p in (org.home.log_dir / "ProtocolLog" / "SmtpReceive").glob("*.LOG"))
-    relay_lines = [line for line in log.splitlines() if ",EX01\\InternalRelay," in line]
-    assert relay_lines and any("STARTTLS" in line for line in relay_lines)
-    assert any("250 2.6.0" in line for line in relay_lines)
+
+    def relay_lines() -> list[str]:
+        log = protocol_log(org.home, "Receive", until=[])
+        lines = [line for line in log.splitlines() if ",EX01\\InternalRelay," in line]
+        return lines if any("250 2.6.0" in line for line in lines) else []
+
+    assert any("STARTTLS" in line for line in wait_for(relay_lines, message="the relay's session in the log"))
     # Regularly test connectors and queue performance.
     assert "Success" in org.type("Test-SmtpConnectivity").stdout
     report = org.type("Test-MailflowBestPractice | ft Severity,Object,Rule")
