@@ -12,6 +12,11 @@ That is done twice: first with A started before B, then with both restarted, B f
 on its start as well as on its code (A/A runs on this VM: B/A 0.82 with A started first, 1.12 with B first, in
 one pair of runs; 0.97 and 0.99 in another), so the result is the geometric mean of the two rounds' ratios, and
 each round's ratio is printed: a difference under ≈ 5 % is not a finding.
+
+``--latency N`` adds, in each repetition, the bench's accept-latency client (N messages of 2 KB at 20 sessions,
+timed from the end of the body to the 250) on both, alternated the same way, and prints the medians of p50 and
+p99 per round: a server's start moves its p99 by ≈ ±1.5 ms on this VM, so only a difference that holds in both
+start orders counts.
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="the git revision to compare the working tree against")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--latency", type=int, default=0, metavar="N",
+                        help="also time N messages' acceptance at 20 sessions in each repetition (p50, p99)")
     parser.add_argument("loads", nargs="*", default=["4000x20", "1500x1"], help="MESSAGESxSESSIONS[xKB] (2 KB)")
     args = parser.parse_args()
     loads = [(*map(int, text.split("x")), 2)[:3] for text in args.loads]
@@ -76,6 +83,7 @@ def main() -> int:
     build_speedups(base)
     servers: dict[str, tuple] = {}
     results: dict[tuple[int, int, int, str, int], list[tuple[float, float]]] = {}
+    latencies: dict[tuple[str, int], list[dict[str, float]]] = {}
     try:
         for round_index, order in enumerate((("A", "B"), ("B", "A"))):
             for label in order:
@@ -95,6 +103,12 @@ def main() -> int:
                         results.setdefault((messages, sessions, kb, label, round_index), []).append(
                             (r.rate, r.server_cpu_per_1000))
                         time.sleep(1)
+                for label in ("A", "B") if rep % 2 == 0 else ("B", "A"):
+                    if args.latency:
+                        run, target, _, _ = servers[label]
+                        latencies.setdefault((label, round_index), []).append(
+                            run.latency(target, args.latency, 20, 2048))
+                        time.sleep(1)
             stop(servers)
         print(f"A = {args.base}, B = the working tree; medians of {args.reps} per round; round 1 started A first, "
               f"round 2 B first")
@@ -112,6 +126,12 @@ def main() -> int:
             print(f"{messages} x {kb} KB, {sessions} sessions: A {rate_a:.0f} msg/s, {cpu_a:.3f} ms CPU/msg; "
                   f"B {rate_b:.0f} msg/s, {cpu_b:.3f} ms CPU/msg; B/A rate {rate_ratio:.3f} (rounds: {each}), "
                   f"CPU {cpu_ratio:.3f}")
+        for round_index in (0, 1) if args.latency else ():
+            each = {label: [lat for lat in latencies[(label, round_index)] if lat] for label in ("A", "B")}
+            line = "; ".join(f"{label} p50 {statistics.median(x['p50_ms'] for x in v):.2f} ms, "
+                             f"p99 {statistics.median(x['p99_ms'] for x in v):.2f} ms" for label, v in each.items())
+            print(f"accept latency, {args.latency} x 2 KB at 20 sessions, round {round_index + 1} "
+                  f"({'A' if round_index == 0 else 'B'} started first): {line}")
     finally:
         stop(servers)
         subprocess.run(["git", "-C", str(HERE.parent), "worktree", "remove", "--force", str(base)],
