@@ -133,3 +133,50 @@ def test_a_log_record_is_written_as_the_csv_module_writes_it(values):
     out = io.StringIO()
     csv.writer(out, lineterminator="\r\n").writerow(values)
     assert logs.csv_line(values) == out.getvalue()
+
+
+_OFFSETS = st.sampled_from([dt.timedelta(microseconds=1), dt.timedelta(milliseconds=999), dt.timedelta(seconds=1),
+                            dt.timedelta(minutes=1), dt.timedelta(hours=1), dt.timedelta(days=1),
+                            dt.timedelta(days=31), dt.timedelta(days=365), dt.timedelta(days=366)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.datetimes(min_value=dt.datetime(1971, 1, 1), max_value=dt.datetime(9980, 1, 1)),
+       st.lists(st.tuples(_OFFSETS, st.booleans(), st.sampled_from([0, 5, -8])), max_size=12))
+def test_log_and_index_timestamps_read_as_isoformat_writes_them(start, steps):
+    """The logs and the index keep the text of the last second they formatted: times that share it, and times
+    that differ from it only in a minute, hour, day, month or year, each get their own text."""
+    from mailgate.config.store import _sqlite_timestamp
+    when = start
+    for offset, backwards, hours in [(dt.timedelta(0), False, 0), *steps]:
+        when = when - offset if backwards and when - offset > dt.datetime(1971, 1, 1) else when + offset
+        aware = when.replace(tzinfo=dt.timezone.utc).astimezone(dt.timezone(dt.timedelta(hours=hours)))
+        assert logs.iso(aware) == when.isoformat(timespec="milliseconds") + "Z"
+        assert _sqlite_timestamp(aware) == _sqlite_timestamp(when) == when.isoformat(" ", "microseconds")
+
+
+_FIELD_VALUES = st.one_of(st.none(), st.integers(), st.floats(allow_nan=False), st.text(alphabet='a,"\r\n é;', max_size=6),
+                          st.lists(st.one_of(st.integers(), st.text(alphabet='a,"é;', max_size=4)), max_size=3))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["client_ip", "message_subject", "recipient_status", "total_bytes",
+                                        "source_context", "custom_data", "message_id"]), _FIELD_VALUES),
+       st.lists(st.text(alphabet='a,"é;@', max_size=4), max_size=3))
+def test_a_tracking_record_holds_each_field_as_text(tmp_path_factory, fields, recipients):
+    """Each field of a MSGTRK record reads back as its text: lists joined with ";", nothing for None."""
+    import csv
+    tracker = MessageTracker(FlakyIndex(), "EX01", tmp_path_factory.mktemp("t"))
+    try:
+        tracker._buffer.add = lambda event: written.append(event[0])
+        written: list[str] = []
+        fields["recipients"] = recipients
+        tracker.event("RECEIVE", "SMTP", **fields)
+        record = dict(zip(TRACKING_FIELDS, next(csv.reader([written[0].removesuffix("\r\n")]))))
+    finally:
+        tracker.close()
+    keys = {"recipients": "recipient-address"}
+    for key, value in fields.items():
+        wanted = "" if value is None else ";".join(map(str, value)) if isinstance(value, list) else str(value)
+        assert record[keys.get(key, key.replace("_", "-"))] == wanted
+    assert record["event-id"] == "RECEIVE" and record["transport-traffic-type"] == "Email"

@@ -33,6 +33,7 @@ from sqlalchemy import event
 
 from mailgate.config.model import ALL_KINDS, ConfigObject
 from mailgate.errors import is_damaged_sqlite
+from mailgate.utctext import SecondText
 
 T = TypeVar("T", bound=ConfigObject)
 Converted = TypeVar("Converted")
@@ -223,9 +224,7 @@ class ConfigStore:
         """One event as the values of a ``message_tracking`` row without its id. The tracker calls this when
         the event happens, so that its writer thread only runs the statements (see tracking/tracker.py)."""
         values = list(map(r.get, _TRACKING_INSERT_COLUMNS))
-        timestamp = _naive_utc(r["timestamp"])
-        # SQLite: the text form SQLAlchemy's DateTime uses there.
-        values[_TRACKING_TIMESTAMP] = timestamp.isoformat(" ", "microseconds") if self.is_sqlite else timestamp
+        values[_TRACKING_TIMESTAMP] = _sqlite_timestamp(r["timestamp"]) if self.is_sqlite else _naive_utc(r["timestamp"])
         values[_TRACKING_RECIPIENTS] = ";".join(r.get("recipients") or [])
         status = values[_TRACKING_STATUS]
         if isinstance(status, list):
@@ -403,6 +402,15 @@ def load_snapshot(path: Path) -> tuple[int, dict[str, list[ConfigObject]]] | Non
         log.warning("%s can't be read (%s)", path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
 
+
+
+_SQLITE_SECOND = SecondText(" ")
+
+
+def _sqlite_timestamp(value: dt.datetime) -> str:
+    """The text form SQLAlchemy's DateTime uses in SQLite: ``isoformat(" ", "microseconds")`` of the UTC time."""
+    value = _naive_utc(value)
+    return f"{_SQLITE_SECOND(value)}.{value.microsecond:06d}"
 
 
 def _naive_utc(value: dt.datetime) -> dt.datetime:

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from mailgate.utctext import SecondText
+
 log = logging.getLogger("mailgate.tracking")
 
 TRACKING_FIELDS = [
@@ -43,7 +45,11 @@ _QUOTE_OR_LINE_END = re.compile(r'["\r\n]')
 
 def csv_line(values: list[Any]) -> str:
     """One CSV record as the csv module writes it (minimal quoting, CRLF)."""
-    texts = ["" if value is None else value if isinstance(value, str) else str(value) for value in values]
+    return csv_text_line(["" if value is None else value if isinstance(value, str) else str(value) for value in values])
+
+
+def csv_text_line(texts: list[str]) -> str:
+    """``csv_line`` of fields that are text already."""
     line = ",".join(texts)
     # Most records need no quotes: no comma but the separators, no quote, no line end. One look at the whole
     # line instead of one per field (tracking writes two or three records per message).
@@ -53,11 +59,14 @@ def csv_line(values: list[Any]) -> str:
                     for text in texts) + "\r\n"
 
 
+_ISO_SECOND = SecondText("T")
+
+
 def iso(ts: dt.datetime) -> str:
     """``2026-12-04T18:00:00.123Z``: UTC, milliseconds (truncated), as Exchange's logs write it."""
     if ts.tzinfo is not dt.timezone.utc:
         ts = ts.astimezone(dt.timezone.utc)
-    return ts.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
+    return f"{_ISO_SECOND(ts)}.{ts.microsecond // 1000:03d}Z"
 
 
 class CsvLogWriter:

@@ -12,7 +12,7 @@ from typing import Any
 
 from mailgate.config.model import TransportServer
 from mailgate.tracking.logs import (PROTOCOL_FIELDS, SCHEMA_VERSION, TRACKING_FIELDS, BufferedLog, CsvLogWriter,
-                                   csv_line, iso)
+                                   csv_line, csv_text_line, iso)
 
 log = logging.getLogger("mailgate.tracking")
 HELD_EVENTS = 100_000   # events kept for a later write while the log files or the index cannot be written
@@ -73,7 +73,7 @@ class MessageTracker:
             fields["message_subject"] = None
         # Formatted now, on the caller's thread; the writer thread only writes (tracking/logs.py). Tuples of
         # strings and numbers only: the garbage collector stops tracking those, so a long buffer costs it nothing.
-        self._buffer.add((csv_line(self._file_values(fields)), self.store.tracking_values(fields),
+        self._buffer.add((csv_text_line(self._file_texts(fields)), self.store.tracking_values(fields),
                           tuple(fields.get("recipients") or ())))
 
     def flush(self) -> None:
@@ -83,14 +83,15 @@ class MessageTracker:
         self._buffer.close()
         self.files.close()
 
-    def _file_values(self, r: dict[str, Any]) -> list[Any]:
-        """The event's fields in the MSGTRK file's order (lists joined with ";")."""
-        row = [";".join(map(str, v)) if v.__class__ is list else v for v in map(r.get, _FILE_KEYS)]
+    def _file_texts(self, r: dict[str, Any]) -> list[str]:
+        """The event's fields in the MSGTRK file's order, as text (lists joined with ";", None empty)."""
+        row = list(map(r.get, _FILE_KEYS))
         row[_DATE_TIME] = iso(row[_DATE_TIME])
         row[_LOG_ID] = f"{self._pid:x}-{next(self._log_ids)}"
         row[_SCHEMA_VERSION] = SCHEMA_VERSION
         row[_TRAFFIC_TYPE] = row[_TRAFFIC_TYPE] or "Email"
-        return row
+        return [v if isinstance(v, str) else "" if v is None else ";".join(map(str, v)) if v.__class__ is list
+                else str(v) for v in row]
 
     def _flush(self, events: list[tuple[str, tuple[Any, ...], tuple[str, ...]]]) -> None:
         """Write events to the files and to the index. A part that fails (a full disk, the PostgreSQL server
