@@ -10,7 +10,6 @@ import smtplib
 import socket
 import ssl
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -306,7 +305,12 @@ def test_failed_tls_handshakes_give_their_connection_slot_back(home, server):
             s.sendall(b"EHLO t\r\nSTARTTLS\r\n")   # the 250 and 220 are left unread: TLS reads them as a record
             with pytest.raises(ssl.SSLError):
                 ctx.wrap_socket(s)
-    time.sleep(0.5)
+
+    def greeted() -> bool:   # the six slots come back as the server ends those sessions, within moments
+        with socket.create_connection(("127.0.0.1", server.ports["frontend"]), timeout=10) as s:
+            return s.recv(200).startswith(b"220")
+
+    wait_for(greeted, timeout=10, interval=0.2, message="a new session greeted after the failed handshakes")
     with smtplib.SMTP("127.0.0.1", server.ports["frontend"], timeout=10) as client:
         assert client.ehlo()[0] == 250
         client.starttls(context=ctx)

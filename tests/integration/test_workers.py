@@ -85,10 +85,12 @@ def test_connection_limits_hold_across_workers(home, ports):
         assert sum(b"421 4.3.2" in g for g in greetings) == 3
         for s in held:
             s.close()
-        time.sleep(0.5)
-        again = socket.create_connection(("127.0.0.1", ports["frontend"]), source_address=("127.0.0.9", 0))
-        assert again.recv(200).startswith(b"220")
-        again.close()
+
+        def greeted() -> bool:   # a slot comes back as its worker ends the session
+            with socket.create_connection(("127.0.0.1", ports["frontend"]), source_address=("127.0.0.9", 0)) as again:
+                return again.recv(200).startswith(b"220")
+
+        wait_for(greeted, timeout=10, interval=0.2, message="a new session greeted from the address")
     finally:
         stop(proc)
     assert cli(home, "shell", "-c", "Get-ReceiveConnector").returncode == 0
@@ -129,11 +131,14 @@ def test_a_killed_worker_gives_back_the_connections_it_counted(home, ports):
         wait_for(answers, timeout=30, interval=0.2, message="the new worker")
         for s, _ in held:
             s.close()
-        time.sleep(0.5)
-        again = [connect() for _ in range(6)]
-        assert [g[:3] for _, g in again] == [b"220"] * 6, [g for _, g in again]
-        for s, _ in again:
-            s.close()
+
+        def six_greeted() -> bool:   # the slots come back as the surviving worker ends those sessions
+            again = [connect() for _ in range(6)]
+            for s, _ in again:
+                s.close()
+            return [g[:3] for _, g in again] == [b"220"] * 6
+
+        wait_for(six_greeted, timeout=10, interval=0.2, message="six sessions greeted from the address again")
     finally:
         stop(proc)
 
