@@ -84,11 +84,22 @@ def steal_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
     return round(100 * stolen / total, 1) if total > 0 else 0.0
 
 
-def proc_cpu(pid: int, children: bool = False) -> float:
+def read_proc(path: str) -> str | None:
+    """A file under /proc, or None when its process has gone: a server's child (Postfix's smtpd, cleanup) may
+    exit between being listed and being read, and reading then fails with ESRCH, not ENOENT (that ended the
+    08:30 run half way)."""
     try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
+        with open(path) as fh:
+            return fh.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def proc_cpu(pid: int, children: bool = False) -> float:
+    text = read_proc(f"/proc/{pid}/stat")
+    if text is None:
         return 0.0
+    fields = text.rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12]) + ((int(fields[13]) + int(fields[14])) if children else 0)
     return ticks / os.sysconf("SC_CLK_TCK")
 
@@ -98,12 +109,9 @@ def tree_rss_kb(pid: int, key: str = "VmRSS") -> int:
 
 
 def rss_kb(pid: int, key: str = "VmRSS") -> int:
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except FileNotFoundError:
-        pass
+    for line in (read_proc(f"/proc/{pid}/status") or "").splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
     return 0
 
 
@@ -111,10 +119,7 @@ def descendants(pid: int) -> list[int]:
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
-        try:
-            kids = open(f"/proc/{p}/task/{p}/children").read().split()
-        except FileNotFoundError:
-            kids = []
+        kids = (read_proc(f"/proc/{p}/task/{p}/children") or "").split()
         for k in kids:
             out.append(int(k))
             todo.append(int(k))

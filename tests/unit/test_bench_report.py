@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -75,3 +76,34 @@ def test_cpu_time_taken_by_the_host_is_reported_and_warned_of():
     assert bench.steal_percent(before, after) == 7.5
     stolen, total = bench.cpu_steal()
     assert 0 <= stolen <= total
+
+
+def test_a_child_that_exits_while_it_is_read_counts_nothing_and_stops_nothing(monkeypatch):
+    """A server's child may exit between being listed and having its /proc files read; the read then fails with
+    ESRCH (a run of `make bench` ended half way on it). Its figures count as nothing; the rest still count."""
+    bench = load_bench()
+    gone = 4_000_000   # above any pid_max: a process that has just gone
+    real_open = open
+
+    class Vanished:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self):
+            raise ProcessLookupError(3, "No such process")
+
+    def fake_open(path, *args, **kwargs):
+        return Vanished() if f"/proc/{gone}/" in str(path) else real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "open", fake_open, raising=False)
+    monkeypatch.setattr(bench, "descendants", lambda pid: [gone])
+    me = bench.proc_cpu(os.getpid())
+    assert me > 0
+    target = bench.Target("server", "127.0.0.1", 25, pid=os.getpid(), cpu_children=True)
+    assert target.cpu() >= me
+    assert bench.proc_cpu(gone) == 0.0
+    assert bench.rss_kb(gone) == 0
+    assert bench.tree_rss_kb(os.getpid()) == bench.rss_kb(os.getpid()) > 0
