@@ -164,6 +164,20 @@ def test_test_mailflow_success_and_failure_with_the_reason(home, flow):
     assert "Unreachable" in broken.err and "New-SendConnector" in broken.err
 
 
+@pytest.mark.timeout(120)   # the probe in a suspended queue must not wait out its 240 s ExecutionTimeout
+def test_test_mailflow_says_when_a_suspended_queue_holds_the_probe(home, flow):
+    assert shell(home, 'Suspend-Queue "EX01\\Submission"').ok
+    held = shell(home, 'Test-Mailflow -TargetEmailAddress "admin@domain.com"')
+    assert not held.ok and "Failure" in held.out
+    assert 'Resume-Queue "EX01\\Submission"' in held.err, held.err
+    assert shell(home, 'Get-Message -Queue "EX01\\Submission" | % Subject').out.startswith("Test-Mailflow ")
+    assert shell(home, 'Resume-Queue "EX01\\Submission"').ok
+    again = shell(home, 'Test-Mailflow -TargetEmailAddress "admin@domain.com" | % TestMailflowResult')
+    assert again.ok and again.out.split()[-1] == "Success", again.err
+    wait_for(lambda: not shell(home, 'Get-Message -Queue "EX01\\Submission"').out.strip(),
+             message="the held probe to leave Submission once it is resumed")
+
+
 def test_test_mailflow_tells_the_outcome_with_message_tracking_off(home, flow):
     """MessageTrackingLogEnabled $false: the probe is still followed — it reaching the system mailbox, or its NDR
     coming back there, or it leaving the queue with none — instead of waiting out ExecutionTimeout."""

@@ -88,14 +88,22 @@ def test_mailflow(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     internal_id = submitted["internal_id"]
     deadline = started + timeout
     left_queue_at: float | None = None
+    held_at: float | None = None   # when the probe was first seen held by a suspension
     next_look = started + 1.0
     while time.monotonic() < deadline:
         queued = None   # the probe's entries in the queues, asked of the server at most once a round
-        if time.monotonic() >= next_look:   # a probe no connector routes won't move: say so now, not at the timeout
+        if time.monotonic() >= next_look:   # a probe that can't move (no route, suspended): say so now, not at the timeout
             next_look = time.monotonic() + 2.0
             queued = ctx.runtime.call("messages", message_id=internal_id)
             if any(m["Queue"].endswith("\\Unreachable") for m in queued):
                 return _failure(ctx, remote, _why_pending(ctx, internal_id, target, timeout))
+            held = _held_by_suspension(ctx, queued, target)
+            if held is None:
+                held_at = None
+            elif held_at is None:
+                held_at = time.monotonic()
+            elif time.monotonic() - held_at >= _HELD_GRACE_SECONDS:   # seen held twice: not a Resume on its way
+                return _failure(ctx, remote, held)
         if tracked:
             rows = ctx.store.query_tracking(network_message_id=submitted["network_id"], server=ctx.server_name,
                                             limit=None)
@@ -132,6 +140,22 @@ def test_mailflow(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
 
 # With tracking off, a probe that has left the queues is taken as sent once this long has passed without an NDR.
 _NDR_GRACE_SECONDS = 3.0
+# A probe held by a suspended queue at two looks this far apart fails then, naming the way out,
+# instead of waiting out ExecutionTimeout (240 s) in an administrator's shell.
+_HELD_GRACE_SECONDS = 2.0
+
+
+def _held_by_suspension(ctx: ManagementContext, queued: list[dict[str, Any]], target: str) -> str | None:
+    """Why the probe can't move, when what holds it is a queue an administrator suspended; None otherwise."""
+    if not queued:
+        return None
+    queues = {q["Identity"]: q for q in ctx.runtime.call("queues")}
+    for m in queued:
+        q = queues.get(m["Queue"])
+        if q is not None and q["Status"] == "Suspended":
+            return (f"The probe to {target} is waiting in queue {m['Queue']}, which is suspended: "
+                    f"Resume-Queue \"{m['Queue']}\" lets it go on.")
+    return None
 
 
 def _arrived_in_mailbox(ctx: ManagementContext, mailbox: str, probe_id: str, since: float) -> tuple[str, str] | None:
