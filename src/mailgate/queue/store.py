@@ -14,18 +14,21 @@ committed in one go (group commit, adaptive: the next commit starts as soon as
 the previous one ends).
 
 Who does what: a write's statements run at once, on the calling thread (the
-event loop), inside the open transaction; the commit thread commits that
-transaction and syncs. SQLite's own syncs are off on the write connection:
-the commit thread syncs the segment, the spool files and the WAL itself after
-the COMMIT. Done the other way round — the statements on a writer thread —
+event loop), inside the open transaction; the commit thread syncs the new
+bodies' segment and spool files, then commits that transaction with SQLite's
+``synchronous=FULL``, which syncs the WAL inside the COMMIT: one stretch
+without the GIL for both (the thread used to sync the WAL itself after the
+COMMIT, and waited for the GIL once more in between, up to the interpreter's
+5 ms switch interval while the event loops kept the CPUs busy). Done the other way round — the statements on a writer thread —
 every statement waits for the event loop to hand over the GIL, which was the
 largest part of a commit's time under load (bench/README.md).
 
-Durability rule: a message is acknowledged (``250``) only after its rows are
-committed and its body **and** the WAL are synced. A crash (of the machine:
-a killed process loses nothing the kernel holds) can therefore leave rows
-whose body isn't all on disk only for messages that were never acknowledged;
-``open`` drops those. Unreferenced segment bytes and spool files are garbage
+Durability rule: a message is acknowledged (``250``) only after its body is
+synced and then its rows are committed and the WAL synced. So a committed row's
+body is on disk, even after a crash of the machine (a killed process loses
+nothing the kernel holds); ``open`` still drops a row whose body is missing or
+cut short (a queue written by an earlier release, which synced bodies after the
+commit, may hold such rows of messages never acknowledged). Unreferenced segment bytes and spool files are garbage
 and are removed at start-up too.
 """
 
@@ -268,7 +271,6 @@ class QueueStore:
         self._wake = _Wakeup()
         self._stopping = False
         self._committer: threading.Thread | None = None
-        self._wal_fd = -1
         self.loop: Any = None                        # see attach_loop
         self._loop_thread = 0
         self._wake_pending = False
@@ -334,10 +336,9 @@ class QueueStore:
         self._segment_no = max(existing + [0])
         self._open_new_segment()
         self._conn = self._connect()
-        self._conn.execute("PRAGMA synchronous=OFF")          # the commit thread syncs (module docstring)
+        self._conn.execute("PRAGMA synchronous=FULL")         # COMMIT syncs the WAL (module docstring)
         self._conn.execute("PRAGMA wal_autocheckpoint=0")     # the checkpoint thread copies the WAL
         self._conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
-        self._wal_fd = os.open(f"{self.db_path}-wal", os.O_RDONLY)   # exists while a connection is open
         self._stopping = False
         self._committer = threading.Thread(target=self._commit_loop, name="queue-commit", daemon=True)
         self._committer.start()
@@ -378,9 +379,6 @@ class QueueStore:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-        if self._wal_fd >= 0:
-            os.close(self._wal_fd)
-            self._wal_fd = -1
         if self._checkpointer is not None:
             self._checkpoint_stop.set()
             self._checkpointer.join(timeout=30)
@@ -747,7 +745,9 @@ class QueueStore:
                 if self._in_transaction:
                     assert self._conn is not None
                     try:
-                        self._conn.execute("COMMIT")
+                        if any(job.durable for job in jobs):
+                            self._sync_bodies(jobs)
+                        self._conn.execute("COMMIT")   # synchronous=FULL: SQLite syncs the WAL before it returns
                     except Exception as exc:  # noqa: BLE001 - every waiter must hear about the failure
                         error = exc
                         try:
@@ -776,47 +776,40 @@ class QueueStore:
         syncs on for it, see ``_checkpoint_loop``), lets the next one rewind it and bounds its size."""
         assert self._conn is not None
         if self.commits % 64 == 0 and os.path.getsize(f"{self.db_path}-wal") > WAL_LIMIT_BYTES:
-            self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            self._conn.execute("PRAGMA synchronous=OFF")
+
+    def _sync_bodies(self, jobs: list[_Job]) -> None:
+        """Before the commit that makes new messages' rows durable: sync the bodies they refer to in the active
+        segment and in spool files (a failure fails the commit: nothing of it is acknowledged)."""
+        with self._lock:
+            # A duplicate stays valid even if the loop thread rotates the segment meanwhile.
+            fd = os.dup(self._segment_fd) if self._segment_dirty else -1
+            self._segment_dirty = False
+        if fd >= 0:
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                with self._lock:
+                    self._segment_dirty = True
+                raise
+            finally:
+                os.close(fd)
+        spools = [path for job in jobs for path in job.fsync_paths]
+        for path in spools:
+            spool_fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(spool_fd)
+            finally:
+                os.close(spool_fd)
+        if spools:
+            dir_fd = os.open(self.spool_dir, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
     def _finish(self, jobs: list[_Job]) -> None:
-        """After the commit: sync what the new messages need, free space, resolve the futures."""
-        try:
-            if any(job.durable for job in jobs):
-                with self._lock:
-                    # A duplicate stays valid even if the loop thread rotates the segment meanwhile.
-                    fd = os.dup(self._segment_fd) if self._segment_dirty else -1
-                    self._segment_dirty = False
-                if fd >= 0:
-                    try:
-                        os.fdatasync(fd)
-                    finally:
-                        os.close(fd)
-                spools = [path for job in jobs for path in job.fsync_paths]
-                for path in spools:
-                    spool_fd = os.open(path, os.O_RDONLY)
-                    try:
-                        os.fsync(spool_fd)
-                    finally:
-                        os.close(spool_fd)
-                if spools:
-                    dir_fd = os.open(self.spool_dir, os.O_RDONLY)
-                    try:
-                        os.fsync(dir_fd)
-                    finally:
-                        os.close(dir_fd)
-                os.fdatasync(self._wal_fd)
-        except OSError as exc:
-            # The rows are committed but may not be on disk: the waiters hear of a failure (nothing is
-            # acknowledged); the bodies keep their references, so nothing they may still need is freed.
-            log.error("queue sync failed: %s", exc)
-            if is_disk_full(exc):
-                self.on_disk_full()
-            for job in jobs:
-                if job.future is not None and not job.future.done():
-                    job.future.set_exception(exc)
-            return
+        """After the commit (synced): free space, resolve the futures."""
         self.committed_messages += sum(len(job.inserted) for job in jobs)
         for job in jobs:
             self._drop_references(job.freed_segments)
