@@ -3,7 +3,9 @@ and syncs; a failing job leaves no trace; rows whose body a crash cut short are 
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -92,8 +94,9 @@ def test_a_job_failing_after_others_in_its_transaction_takes_out_only_its_own_pa
 
 
 def test_rows_whose_body_a_crash_cut_short_are_dropped_at_open(tmp_path, caplog):
-    """A machine crash can leave the rows of a message that was never acknowledged without all of its
-    body (rows are committed before the body is synced). Start-up drops those and keeps the rest."""
+    """A queue written by an earlier release (its rows were committed before their body was synced) can hold,
+    after a machine crash, the rows of a message that was never acknowledged without all of its body.
+    Start-up drops those and keeps the rest."""
     directory = tmp_path / "queue"
     store = QueueStore(directory)
     store.open()
@@ -214,6 +217,32 @@ def test_the_active_segment_gives_its_space_back_once_nothing_refers_to_it(store
     store.submit(message(again, "again")).result(timeout=10)
     row = store.reader().execute("SELECT * FROM message WHERE subject='again'").fetchone()
     assert store.read_body(row).startswith(b"Subject: again\r\n")
+
+
+def test_a_body_that_cannot_be_synced_fails_its_commit_and_leaves_no_row(store, tmp_path, monkeypatch):
+    """Bodies are synced before the COMMIT of their rows: a failed sync (an I/O error) undoes the commit, so no
+    row is committed whose body may not be on disk; the next commit syncs that segment again."""
+    real_fdatasync = os.fdatasync
+    calls: list[int] = []
+
+    def fdatasync_failing_once(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "simulated I/O error")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync_failing_once)
+    lost = store.append_body(segment_body(b"lost"))
+    assert lost.segment is not None
+    with pytest.raises(OSError, match="simulated I/O error"):
+        store.submit(message(lost, "lost")).result(timeout=10)
+    assert subjects(tmp_path / "queue") == []
+    kept = store.append_body(segment_body(b"kept"))
+    store.submit(message(kept, "kept")).result(timeout=10)
+    assert subjects(tmp_path / "queue") == ["kept"]
+    assert len(calls) == 2   # the segment was synced again for the second commit
+    row = store.reader().execute("SELECT * FROM message").fetchone()
+    assert store.read_body(row) == b"".join(segment_body(b"kept"))
 
 
 def test_a_body_whose_message_failed_to_commit_does_not_hold_its_segment(store, tmp_path, monkeypatch):

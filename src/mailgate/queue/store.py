@@ -16,10 +16,9 @@ the previous one ends).
 Who does what: a write's statements run at once, on the calling thread (the
 event loop), inside the open transaction; the commit thread syncs the new
 bodies' segment and spool files, then commits that transaction with SQLite's
-``synchronous=FULL``, which syncs the WAL inside the COMMIT: one stretch
-without the GIL for both (the thread used to sync the WAL itself after the
-COMMIT, and waited for the GIL once more in between, up to the interpreter's
-5 ms switch interval while the event loops kept the CPUs busy). Done the other way round — the statements on a writer thread —
+``synchronous=FULL``, which syncs the WAL inside the COMMIT (the thread used
+to sync the WAL itself after the COMMIT, and waited once more for the GIL in
+between). Done the other way round — the statements on a writer thread —
 every statement waits for the event loop to hand over the GIL, which was the
 largest part of a commit's time under load (bench/README.md).
 
@@ -28,8 +27,8 @@ synced and then its rows are committed and the WAL synced. So a committed row's
 body is on disk, even after a crash of the machine (a killed process loses
 nothing the kernel holds); ``open`` still drops a row whose body is missing or
 cut short (a queue written by an earlier release, which synced bodies after the
-commit, may hold such rows of messages never acknowledged). Unreferenced segment bytes and spool files are garbage
-and are removed at start-up too.
+commit, may hold such rows of messages never acknowledged). Unreferenced
+segment bytes and spool files are garbage and are removed at start-up too.
 """
 
 from __future__ import annotations
@@ -242,12 +241,6 @@ class _Job:
     freed_segments: list[int] = field(default_factory=list)
     freed_spools: list[str] = field(default_factory=list)
     after: Callable[[], None] | None = None
-
-    @property
-    def durable(self) -> bool:
-        """New messages (a DSN is one) and removals are synced before the future resolves; delivery outcomes
-        alone are not: after a crash a message is at worst delivered again, never lost, and a sync is saved."""
-        return bool(self.inserted) or self.kind == "remove"
 
     @property
     def can_wait(self) -> bool:
@@ -745,11 +738,13 @@ class QueueStore:
                 if self._in_transaction:
                     assert self._conn is not None
                     try:
-                        if any(job.durable for job in jobs):
+                        if any(job.inserted for job in jobs):   # new messages (a DSN is one)
                             self._sync_bodies(jobs)
                         self._conn.execute("COMMIT")   # synchronous=FULL: SQLite syncs the WAL before it returns
                     except Exception as exc:  # noqa: BLE001 - every waiter must hear about the failure
                         error = exc
+                        if not is_disk_full(exc):   # a full disk is back pressure's to report (queue/pressure.py)
+                            log.error("queue commit failed, %d writes undone: %s", len(jobs), exc)
                         try:
                             self._conn.execute("ROLLBACK")
                         except sqlite3.Error:
