@@ -161,6 +161,11 @@ def test_sequence_errors():
     (b"MAIL FROM:<a@b.example> ENVID=a+E9b", b"501 5.5.4 Unrecognized parameter"),
     (b"MAIL FROM:<a@b.example> AUTH=a+0A@b.example", b"501 5.5.4 Unrecognized parameter"),
     (b"MAIL FROM:<a@b.example> ENVID=a+20b", b"250 2.1.0"),
+    # Bytes that aren't UTF-8: the command's own reply for a bad argument, else "unrecognized".
+    (b"EHLO \xff\xfe", b"501 5.5.4 Invalid domain name"),
+    (b"MAIL FROM:<\xff@b.example>", b"501 5.1.7 Invalid address"),
+    (b"RCPT TO:<a\xe9@b.example>", b"501 5.1.3 Invalid address"),
+    (b"FROB \xff", b"500 5.3.3 Unrecognized command"),
 ])
 def test_malformed_commands(line, code):
     m = S.ServerProtocol()

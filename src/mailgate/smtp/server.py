@@ -42,6 +42,9 @@ from mailgate.smtp.replies import Reply
 
 DATA_END = b"\r\n.\r\n"
 _BDAT_RE = re.compile(r"^(\d{1,10})(?:\s+(LAST))?\s*$", re.I)
+# A command line that isn't UTF-8: its argument can't be valid (EHLO's domain, MAIL's and RCPT's address).
+_NOT_UTF8_REPLIES = {"EHLO": R.INVALID_DOMAIN, "HELO": R.INVALID_DOMAIN, "MAIL": R.INVALID_SENDER,
+                     "RCPT": R.INVALID_RECIPIENT}
 
 
 class State(Enum):
@@ -243,8 +246,9 @@ class ServerProtocol:
                 raw = raw[:-1]
             try:
                 return raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return BadCommand(R.UNRECOGNIZED_COMMAND, raw.decode("latin-1"))
+            except UnicodeDecodeError:   # refused with the reply to the command's own bad argument, as Exchange does
+                text = raw.decode("latin-1")
+                return BadCommand(_NOT_UTF8_REPLIES.get(text.split(" ", 1)[0].upper(), R.UNRECOGNIZED_COMMAND), text)
 
     def _parse_command(self, line: str) -> Event:
         verb, _, arg = line.strip(" ").partition(" ")
