@@ -12,7 +12,7 @@ DEBIAN_PACKAGES := postfix swaks testssl.sh libnet-ssleay-perl libio-socket-ssl-
 
 .PHONY: run test bench deps venv clean
 
-$(STAMP): pyproject.toml setup.py src/mailgate/smtp/_speedups.c
+$(STAMP): pyproject.toml setup.py $(wildcard src/mailgate/*/_*.c)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,bench]'

@@ -46,19 +46,19 @@ def harness(root: Path, name: str) -> ModuleType:
 
 
 def build_speedups(tree: Path) -> None:
-    """Compile a checked-out tree's C part next to its source, so that A runs its own C and not the Python twin.
-    (Built on its own, outside the tree: setuptools would read the tree's pyproject.toml, which older setuptools
-    refuse.)"""
-    source = tree / "src" / "mailgate" / "smtp" / "_speedups.c"
-    if not source.exists():
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        script = ("from setuptools import Extension, setup; "
-                  f"setup(name='speedups', script_args=['-q', 'build_ext', '--build-lib', 'lib', '--build-temp', 'obj'], "
-                  f"ext_modules=[Extension('mailgate.smtp._speedups', [{str(source)!r}])])")
-        subprocess.run([sys.executable, "-c", script], cwd=tmp, check=True, capture_output=True)
-        for built in (Path(tmp) / "lib" / "mailgate" / "smtp").glob("_speedups*"):
-            shutil.copy(built, source.parent)
+    """Compile a checked-out tree's C parts next to their sources, so that A runs its own C and not the Python
+    fallbacks. (Built on their own, outside the tree: setuptools would read the tree's pyproject.toml, which older
+    setuptools refuse.)"""
+    package = tree / "src" / "mailgate"
+    for source in sorted(package.glob("*/_*.c")):
+        name = f"mailgate.{source.parent.name}.{source.stem}"
+        with tempfile.TemporaryDirectory() as tmp:
+            script = ("from setuptools import Extension, setup; "
+                      f"setup(name='speedups', script_args=['-q', 'build_ext', '--build-lib', 'lib', '--build-temp', "
+                      f"'obj'], ext_modules=[Extension({name!r}, [{str(source)!r}])])")
+            subprocess.run([sys.executable, "-c", script], cwd=tmp, check=True, capture_output=True)
+            for built in (Path(tmp) / "lib" / "mailgate" / source.parent.name).glob(f"{source.stem}*"):
+                shutil.copy(built, source.parent)
 
 
 def stop(servers: dict[str, tuple]) -> None:

@@ -357,7 +357,8 @@ def test_a_delivery_outcome_commits_alone_when_no_new_mail_comes(store, tmp_path
 
 def test_the_event_loop_does_not_wait_for_a_commit_in_progress(store, tmp_path, monkeypatch):
     """Writes made on the event loop while the commit thread holds the write connection return at once (every
-    session of the worker waited there), and run after the commit, in the order they were made."""
+    session of the worker waited there), and run after the commit, in the order they were made. (The commit
+    thread's path: where the loop commits itself, test_queue_loop_commits.py.)"""
     import asyncio
 
     entered, release = threading.Event(), threading.Event()
@@ -369,7 +370,7 @@ def test_the_event_loop_does_not_wait_for_a_commit_in_progress(store, tmp_path, 
         bound_wal()
 
     async def scenario() -> None:
-        store.attach_loop(asyncio.get_running_loop())
+        store.attach_loop(asyncio.get_running_loop(), commits_on_loop=False)
         first = message(store.append_body([b"Subject: first\r\n\r\nx\r\n"]), "first")
         monkeypatch.setattr(store, "_bound_wal", slow_commit)
         committed_first = asyncio.wrap_future(store.submit(first))

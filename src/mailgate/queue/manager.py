@@ -257,7 +257,7 @@ class QueueManager:
             q.next_retry = None
         self.store.execute(f"UPDATE recipient SET next_attempt=? WHERE queue IN ({','.join('?' * len(keys))}) "
                            "AND status IN ('Ready','Retry')", (time.time(), *keys),
-                           after=lambda: self.loop.call_soon_threadsafe(self.wake) if self.loop else None)
+                           after=lambda: self._soon(self.wake))
 
     def _load_queues(self) -> None:
         numbers = self.store.queue_numbers()
@@ -321,7 +321,7 @@ class QueueManager:
                 f" AND status IN ('Ready','Retry'))", stale)
             self.store.execute(f"UPDATE recipient SET queue='Submission' WHERE queue IN ({marks}) AND status IN "
                                f"('Ready','Retry')", stale,
-                               after=lambda: self.loop.call_soon_threadsafe(self.wake) if self.loop else None)
+                               after=lambda: self._soon(self.wake))
             for key in stale:
                 q = self.queues.get(key)
                 if q is not None and not q.active:
@@ -379,8 +379,24 @@ class QueueManager:
                 self._accepting.discard(new.id)
 
         if loop is not None:
-            fut.add_done_callback(lambda f: loop.call_soon_threadsafe(on_loop, f))
+            fut.add_done_callback(lambda f: self._soon(on_loop, f))
         return fut
+
+    def _soon(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` on the event loop soon, from a store future's callback. Where the loop commits, the future
+        resolves on the loop itself (queue/store.py), and call_soon_threadsafe's wake-up of the loop (a write
+        to its self-pipe, and a turn of the loop to read it) would be work for nothing."""
+        loop = self.loop
+        if loop is None:
+            return
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:   # another thread (the commit thread)
+            here = False
+        if here:
+            loop.call_soon(fn, *args)
+        else:
+            loop.call_soon_threadsafe(fn, *args)
 
     def _accepted(self, new: NewMessage, fields: dict[str, Any], source: str) -> None:
         self._accepting.discard(new.id)
@@ -707,7 +723,7 @@ class QueueManager:
             self._accepting.discard(message_id)
             self._after_record(f, dsns, targets, message_id)
 
-        fut.add_done_callback(lambda f: self.loop.call_soon_threadsafe(committed, f) if self.loop else None)
+        fut.add_done_callback(lambda f: self._soon(committed, f))
 
     def _store_record(self, message_id: int, updates: list[tuple[Any, ...]], dsns: list[NewMessage],
                       extra: list[tuple[str, tuple[Any, ...]]] | None = None) -> concurrent.futures.Future[Any]:
@@ -801,8 +817,7 @@ class QueueManager:
         fut = self._store_record(msg["id"], updates, dsns)
         # The message stays held by this queue until its new state is committed, so a refill can't pick it again.
         q.held.add(msg["id"])
-        fut.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._after_record, f, dsns, set(), msg["id"], q)
-                              if self.loop else None)
+        fut.add_done_callback(lambda f: self._soon(self._after_record, f, dsns, set(), msg["id"], q))
         return fut
 
     def _failure_effects(self, msg: Any, failed: list[Any], results: dict[int, tuple[str, str]], *, source: str,
@@ -947,8 +962,7 @@ class QueueManager:
                        for r in rcpts}
             dsns, updates = self._failure_effects(msg, rcpts, results, source="QUEUE")
             fut = self._store_record(msg["id"], updates, dsns)
-            fut.add_done_callback(lambda f, d=dsns, m=msg["id"]: self.loop.call_soon_threadsafe(
-                self._after_record, f, d, set(), m) if self.loop else None)
+            fut.add_done_callback(lambda f, d=dsns, m=msg["id"]: self._soon(self._after_record, f, d, set(), m))
             await asyncio.sleep(0)
         if not (org.external_delay_dsn_enabled or org.internal_delay_dsn_enabled):
             return
@@ -966,6 +980,5 @@ class QueueManager:
                                      r["last_error"] or "400 4.4.7 Message delayed") for r in wanted]))
                 self._track_dsn(msg, [r["address"] for r in wanted], dsns[0], "delay notification")
             fut = self._store_record(msg["id"], [], dsns, extra)
-            fut.add_done_callback(lambda f, d=dsns, m=msg["id"]: self.loop.call_soon_threadsafe(
-                self._after_record, f, d, set(), m) if self.loop else None)
+            fut.add_done_callback(lambda f, d=dsns, m=msg["id"]: self._soon(self._after_record, f, d, set(), m))
             await asyncio.sleep(0)

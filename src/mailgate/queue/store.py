@@ -14,21 +14,27 @@ committed in one go (group commit, adaptive: the next commit starts as soon as
 the previous one ends).
 
 Who does what: a write's statements run at once, on the calling thread (the
-event loop), inside the open transaction; the commit thread syncs the new
-bodies' segment and spool files, then commits that transaction with SQLite's
-``synchronous=FULL``, which syncs the WAL inside the COMMIT (the thread used
-to sync the WAL itself after the COMMIT, and waited once more for the GIL in
-between). Done the other way round — the statements on a writer thread —
-every statement waits for the event loop to hand over the GIL, which was the
-largest part of a commit's time under load (bench/README.md).
+event loop), inside the open transaction. Then, where the sync thread
+(``queue/_syncer.c``) is built, the event loop commits: at the end of a turn
+that wrote something it syncs the new bodies through the sync thread, runs
+COMMIT (``synchronous=NORMAL``: no sync) and has the sync thread sync the WAL,
+which signals an eventfd the loop reads; no thread waits for the GIL between
+the steps ("commits on the event loop", below). Elsewhere a commit thread
+does the same steps with SQLite's ``synchronous=FULL``, which syncs the WAL
+inside the COMMIT. Done the other way round — the statements on a writer
+thread — every statement waits for the event loop to hand over the GIL, which
+was the largest part of a commit's time under load (bench/README.md).
 
 Durability rule: a message is acknowledged (``250``) only after its body is
 synced and then its rows are committed and the WAL synced. So a committed row's
 body is on disk, even after a crash of the machine (a killed process loses
 nothing the kernel holds); ``open`` still drops a row whose body is missing or
 cut short (a queue written by an earlier release, which synced bodies after the
-commit, may hold such rows of messages never acknowledged). Unreferenced
-segment bytes and spool files are garbage and are removed at start-up too.
+commit, may hold such rows of messages never acknowledged). A failed body sync
+undoes its commit; a failed WAL sync (on the loop's path, after the COMMIT)
+leaves the rows but acknowledges nothing: the sender tries again, and the mail
+may come twice but is never lost. Unreferenced segment bytes and spool files
+are garbage and are removed at start-up too.
 """
 
 from __future__ import annotations
@@ -46,6 +52,12 @@ from typing import Any, Callable, Iterable
 from mailgate.errors import UserError, is_damaged_sqlite
 from mailgate.queue.pressure import is_disk_full
 
+try:   # compiled at install (setup.py); without it, or without eventfd, commits run on the commit thread
+    from mailgate.queue._syncer import Syncer
+except ImportError:  # pragma: no cover - a platform without a C compiler
+    Syncer = None
+LOOP_COMMITS_AVAILABLE = Syncer is not None and hasattr(os, "eventfd")
+
 log = logging.getLogger("mailgate.queue")
 
 SEGMENT_BYTES = 64 * 1024 * 1024
@@ -57,6 +69,11 @@ CHECKPOINT_SECONDS = 0.5
 # new mail starts, whose pages they mostly share (the same index and table leaves). At 20 sessions relaying, commits
 # fell from 0.80 to 0.62 per message and WAL bytes written from 47 to 40 KB (bench/README.md, sixth round).
 OUTCOME_COMMIT_DELAY = 0.02
+# On the loop's path, when writes came while a commit was in flight (the load is high), the next commit starts no
+# sooner than this after that one landed, so that it takes more of them: at 20 sessions, without the gap the loop
+# made 1.5 times the commit thread's commits (≈ 1.5 messages per commit instead of 2.3), and spent 7 % more CPU
+# per message on them (bench/README.md, item 33). A single session's next message comes later than this.
+COMMIT_GAP = 0.001
 WAL_LIMIT_BYTES = 32 * 1024 * 1024
 ID_BLOCK = 10_000
 
@@ -248,6 +265,20 @@ class _Job:
         return self.kind == "record" and not self.inserted
 
 
+# What a flight (a batch handed to the sync thread, or a checkpoint) is for: see ``QueueStore._start_commit``.
+BODIES, WAL, CHECKPOINT = "bodies", "wal", "checkpoint"
+
+
+@dataclass(slots=True)
+class _Flight:
+    phase: str
+    jobs: list[_Job]
+    fds: list[int] = field(default_factory=list)   # BODIES: descriptors the flight owns (closed when it lands)
+    segment: bool = False                           # BODIES: the active segment is among them
+    checkpoint_next: bool = False                   # WAL: a checkpoint follows, new statements wait for it
+    thread: threading.Thread | None = None          # CHECKPOINT: the thread running it
+
+
 class QueueStore:
     def __init__(self, directory: Path, id_base: int = 0) -> None:
         self.dir = directory
@@ -268,6 +299,15 @@ class QueueStore:
         self._loop_thread = 0
         self._wake_pending = False
         self._late_wake_pending = False
+        # Commits on the event loop (``attach_loop``): the sync thread, the eventfd it signals, the WAL's descriptor
+        self._syncer: Any = None
+        self._eventfd = -1
+        self._wal_fd = -1
+        self._flight: _Flight | None = None
+        self._sealed = False             # new statements wait in ``_deferred`` (the open transaction is committing)
+        self._commit_wanted = False
+        self._commit_scheduled = False
+        self._gap_until = 0.0
         self._segment_fd = -1
         self._segment_no = 0
         self._segment_size = 0
@@ -363,6 +403,7 @@ class QueueStore:
             conn.execute("COMMIT")
 
     def close(self) -> None:
+        self._leave_loop_commits()
         self._run_deferred(wait=True)
         if self._committer is not None:
             self._stopping = True
@@ -506,11 +547,17 @@ class QueueStore:
                 self._read_fds[segment] = fd
         return os.pread(fd, length, offset)
 
-    def attach_loop(self, loop: Any) -> None:
-        """Called on the event loop's thread: writes made there wake the commit thread once per turn of the
-        loop, so that one commit takes everything the turn produced (waking a thread per write cost ~2 %)."""
+    def attach_loop(self, loop: Any, commits_on_loop: bool | None = None) -> None:
+        """Called on the event loop's thread. Writes made there are committed once per turn of the loop, so that
+        one commit takes everything the turn produced (waking a thread per write cost ~2 %): by the loop itself
+        where the sync thread is available (``commits_on_loop``, the default then), else by the commit thread."""
+        self._leave_loop_commits()   # a former loop's
         self.loop, self._loop_thread = loop, threading.get_ident()
         self._wake_pending = self._late_wake_pending = False   # a wake-up a former loop owed died with it
+        if commits_on_loop is None:
+            commits_on_loop = LOOP_COMMITS_AVAILABLE
+        if commits_on_loop and self._conn is not None:
+            self._enter_loop_commits()
 
     # -- writes -------------------------------------------------------------------------------
     def allocate_id(self) -> int:
@@ -578,6 +625,9 @@ class QueueStore:
             self._run_deferred()
             return
         with self._sql_lock:
+            if self._sealed:   # the open transaction is being committed: the loop runs the job after it
+                self._deferred.append(job)
+                return
             ran = self._apply_in_transaction(job)
         if ran:
             self._wake_for(job)
@@ -592,6 +642,8 @@ class QueueStore:
         if not self._deferred or not self._sql_lock.acquire(blocking=wait):
             return
         try:
+            if self._sealed:   # the loop runs them once the sealed transaction is committed (``_land``)
+                return
             jobs, self._deferred = self._deferred, []
             if self._conn is None:   # closed meanwhile: nothing of them was written
                 self._fail(jobs, RuntimeError("the queue store isn't open"))
@@ -651,11 +703,13 @@ class QueueStore:
                 if not self._late_wake_pending:
                     self._late_wake_pending = True
                     loop.call_later(OUTCOME_COMMIT_DELAY, self._wake_late)
+            elif self._syncer is not None:
+                self._request_commit()
             elif not self._wake_pending:
                 self._wake_pending = True
                 loop.call_soon(self._wake_after_turn)
         else:
-            self._wake.set()
+            self._request_commit()
 
     def _wake_after_turn(self) -> None:
         self._wake_pending = False
@@ -663,15 +717,41 @@ class QueueStore:
 
     def commit_now(self) -> None:
         """Someone waits for what was written (an administrator's action, a caller blocking on a future): commit
-        it now, deferred jobs and outcomes too, instead of letting them wait up to OUTCOME_COMMIT_DELAY."""
+        it now, deferred jobs and outcomes too, instead of letting them wait up to OUTCOME_COMMIT_DELAY. On the
+        loop, when the loop commits, that means here and now: the caller may block the loop on the result."""
+        if self._syncer is not None and self._on_loop():
+            self._drain_loop_commits()
+            return
         if self._on_loop():
             self._run_deferred(wait=True)
-        self._wake.set()
+        self._request_commit()
 
     def _wake_late(self) -> None:
         """Commit the outcomes still waiting, unless a commit since took them."""
         self._late_wake_pending = False
         if self._pending:
+            self._request_commit()
+
+    def _request_commit(self) -> None:
+        """Have what was written committed: by the commit thread, or at the end of the loop's turn (later, when
+        a commit is in flight: the sync thread syncs one batch at a time, and the next starts as it lands)."""
+        if self._syncer is None:
+            self._wake.set()
+            return
+        self._commit_wanted = True
+        if self._commit_scheduled:
+            return
+        self._commit_scheduled = True
+        if self._on_loop():
+            self.loop.call_soon(self._commit_turn)
+            return
+        try:
+            if not self.loop.is_running():
+                raise RuntimeError("the loop doesn't run")
+            self.loop.call_soon_threadsafe(self._commit_turn)
+        except RuntimeError:   # no loop to commit on any more (stopped or closed): back to the commit thread
+            self._commit_scheduled = False
+            self._leave_loop_commits()
             self._wake.set()
 
     def _apply(self, conn: sqlite3.Connection, job: _Job) -> None:
@@ -731,6 +811,8 @@ class QueueStore:
         """Group commit: whatever ran since the last commit is committed together, then synced."""
         while True:
             self._wake.wait()
+            if self._syncer is not None and not self._stopping:   # the loop commits (``attach_loop``)
+                continue
             with self._sql_lock:
                 jobs, self._pending = self._pending, []
                 stopping = self._stopping
@@ -773,35 +855,268 @@ class QueueStore:
         if self.commits % 64 == 0 and os.path.getsize(f"{self.db_path}-wal") > WAL_LIMIT_BYTES:
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
+    def _body_fds(self, jobs: list[_Job]) -> tuple[list[int], bool]:
+        """Descriptors of what must be synced before the commit that makes new messages' rows durable: the
+        active segment (when bodies were appended since its last sync), new spool files and their directory;
+        and whether the segment is among them. The caller closes them."""
+        fds: list[int] = []
+        segment = False
+        try:
+            with self._lock:
+                # A duplicate stays valid even if the loop thread rotates the segment meanwhile.
+                if self._segment_dirty:
+                    fds.append(os.dup(self._segment_fd))
+                    self._segment_dirty, segment = False, True
+            spools = [path for job in jobs for path in job.fsync_paths]
+            fds += [os.open(path, os.O_RDONLY) for path in spools]
+            if spools:
+                fds.append(os.open(self.spool_dir, os.O_RDONLY))
+        except OSError:
+            self._bodies_unsynced(fds, segment)
+            raise
+        return fds, segment
+
+    def _bodies_unsynced(self, fds: list[int], segment: bool) -> None:
+        """Close a failed body sync's descriptors; the segment's bodies still want syncing."""
+        for fd in fds:
+            os.close(fd)
+        if segment:
+            with self._lock:
+                self._segment_dirty = True
+
     def _sync_bodies(self, jobs: list[_Job]) -> None:
-        """Before the commit that makes new messages' rows durable: sync the bodies they refer to in the active
-        segment and in spool files (a failure fails the commit: nothing of it is acknowledged)."""
-        with self._lock:
-            # A duplicate stays valid even if the loop thread rotates the segment meanwhile.
-            fd = os.dup(self._segment_fd) if self._segment_dirty else -1
-            self._segment_dirty = False
-        if fd >= 0:
-            try:
+        """The commit thread's sync of new bodies before the COMMIT (a failure fails the commit: nothing of it is
+        acknowledged)."""
+        fds, segment = self._body_fds(jobs)
+        try:
+            for fd in fds:
                 os.fdatasync(fd)
-            except OSError:
-                with self._lock:
-                    self._segment_dirty = True
-                raise
-            finally:
-                os.close(fd)
-        spools = [path for job in jobs for path in job.fsync_paths]
-        for path in spools:
-            spool_fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            self._bodies_unsynced(fds, segment)
+            raise
+        for fd in fds:
+            os.close(fd)
+
+    # -- commits on the event loop -------------------------------------------------------------------
+    # Where the sync thread (queue/_syncer.c) is available, the loop commits: at the end of a turn that wrote
+    # something, it runs COMMIT itself (SQLite writes the WAL, ≈ 50 µs; synchronous=NORMAL, so no sync) and
+    # hands the WAL's descriptor to the sync thread, which syncs it without the GIL and signals an eventfd; the
+    # loop reads it and resolves the futures (``_land``). A commit that brings new bodies in the segment or in
+    # spool files syncs them first, in a flight of their own (BODIES), with the transaction sealed: statements
+    # that come meanwhile wait in ``_deferred`` and go into the next transaction. So the order is the commit
+    # thread's (bodies, COMMIT, WAL) and nothing waits for the GIL between the steps (bench/README.md, items 32
+    # and 33). One flight at a time; the next commit starts as one lands.
+    def _enter_loop_commits(self) -> None:
+        assert self._conn is not None and Syncer is not None
+        with self._sql_lock:
+            self._conn.execute("PRAGMA synchronous=NORMAL")   # the COMMIT doesn't sync; a checkpoint still does
+            self._wal_fd = os.open(f"{self.db_path}-wal", os.O_RDONLY | os.O_CLOEXEC)   # made by journal_mode=WAL
+            self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._syncer = Syncer(self._eventfd)
+        self.loop.add_reader(self._eventfd, self._on_synced)
+        if self._in_transaction:
+            self._request_commit()
+
+    def _leave_loop_commits(self) -> None:
+        """Commit and sync what is written, then hand commits back to the commit thread (``close``, or no loop
+        to commit on). Run on the loop while it runs (the loop's state is the loop's), else here."""
+        if self._syncer is None:
+            return
+        loop = self.loop
+        if loop is not None and loop.is_running() and not self._on_loop():
+            done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+            def leave() -> None:
+                try:
+                    self._leave_loop_commits()
+                    done.set_result(None)
+                except BaseException as exc:  # noqa: BLE001 - the closing thread raises it
+                    done.set_exception(exc)
+
             try:
-                os.fsync(spool_fd)
-            finally:
-                os.close(spool_fd)
-        if spools:
-            dir_fd = os.open(self.spool_dir, os.O_RDONLY)
+                loop.call_soon_threadsafe(leave)
+            except RuntimeError:   # closed since
+                pass
+            else:
+                done.result(timeout=60)
+                return
+        self._drain_loop_commits()
+        syncer, self._syncer = self._syncer, None
+        if syncer is None:
+            return
+        try:
+            loop.remove_reader(self._eventfd)
+        except Exception:  # noqa: BLE001 - a closed loop has no readers left
+            pass
+        syncer.close()
+        os.close(self._eventfd)
+        os.close(self._wal_fd)
+        self._eventfd = self._wal_fd = -1
+        if self._conn is not None:
+            with self._sql_lock:
+                self._conn.execute("PRAGMA synchronous=FULL")   # the commit thread's COMMIT syncs the WAL
+
+    def _commit_turn(self) -> None:
+        """The end of a turn of the loop that wrote something: commit it, unless a flight is out."""
+        self._commit_scheduled = False
+        if self._syncer is not None and self._flight is None and self._commit_wanted:
+            wait = self._gap_until - self.loop.time()
+            if wait > 0:
+                self._commit_scheduled = True
+                self.loop.call_later(wait, self._commit_turn)
+                return
+            self._commit_wanted = False
+            self._start_commit()
+
+    def _start_commit(self) -> None:
+        """Commit the open transaction: sync its new bodies first (a BODIES flight), else COMMIT and sync the WAL."""
+        error: Exception | None = None
+        with self._sql_lock:
+            if not self._in_transaction:
+                return
+            jobs, self._pending = self._pending, []
             try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+                fds, segment = self._body_fds(jobs) if any(job.inserted for job in jobs) else ([], False)
+            except OSError as exc:
+                error = self._undo_transaction(jobs, exc)
+            else:
+                if fds:
+                    self._sealed = True
+                    self._fly(_Flight(BODIES, jobs, fds, segment), fds)
+                    return
+                error = self._commit_sealed(jobs)
+        if error is not None:
+            self._fail(jobs, error)
+        self._run_deferred()
+
+    def _commit_sealed(self, jobs: list[_Job]) -> Exception | None:
+        """COMMIT (its bodies are synced), then sync the WAL; under ``_sql_lock``. The error, if it failed."""
+        assert self._conn is not None
+        try:
+            self._conn.execute("COMMIT")
+        except Exception as exc:  # noqa: BLE001 - every waiter must hear about the failure
+            return self._undo_transaction(jobs, exc)
+        self._in_transaction = False
+        self.commits += 1
+        # Under steady load the checkpoint thread never catches up with the WAL, which then never rewinds: now
+        # and then, between two transactions, a checkpoint runs with new statements held back (``_land``).
+        big = self.commits % 64 == 0 and os.fstat(self._wal_fd).st_size > WAL_LIMIT_BYTES
+        self._sealed = big
+        self._fly(_Flight(WAL, jobs, checkpoint_next=big), [self._wal_fd])
+        return None
+
+    def _undo_transaction(self, jobs: list[_Job], exc: Exception) -> Exception:
+        """Roll the open transaction back after its commit failed (under ``_sql_lock``); the caller fails the
+        jobs."""
+        assert self._conn is not None
+        if not is_disk_full(exc):   # a full disk is back pressure's to report (queue/pressure.py)
+            log.error("queue commit failed, %d writes undone: %s", len(jobs), exc)
+        try:
+            self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        self._in_transaction = self._sealed = False
+        return exc
+
+    def _fly(self, flight: _Flight, fds: list[int]) -> None:
+        self._flight = flight
+        self._syncer.sync(fds)
+
+    def _on_synced(self) -> None:
+        """The eventfd's reader: a batch is synced."""
+        try:
+            os.eventfd_read(self._eventfd)
+        except BlockingIOError:   # already read, and the batch taken, by a caller that waited for it
+            pass
+        self._collect()
+
+    def _collect(self) -> None:
+        syncer = self._syncer
+        error = syncer.take() if syncer is not None else None
+        if error is None:
+            return
+        flight, self._flight = self._flight, None
+        assert flight is not None
+        self._land(flight, error)
+
+    def _land(self, flight: _Flight, error_number: int) -> None:
+        """A flight is over: go on with its commit, or finish or fail its jobs; then start the next commit."""
+        sync_error = OSError(error_number, f"the queue's files could not be synced: {os.strerror(error_number)}")
+        if flight.phase == BODIES:
+            error: Exception | None = None
+            with self._sql_lock:
+                self._sealed = False
+                if error_number:
+                    self._bodies_unsynced(flight.fds, flight.segment)
+                    error = self._undo_transaction(flight.jobs, sync_error)
+                else:
+                    for fd in flight.fds:
+                        os.close(fd)
+                    error = self._commit_sealed(flight.jobs)
+            if error is not None:
+                self._fail(flight.jobs, error)
+            self._run_deferred()
+        elif flight.phase == WAL:
+            if error_number:
+                # Committed but maybe not on disk: nothing is acknowledged (the senders try again, and the mail
+                # may then come twice), nothing is undone (the rows are there and may be delivered).
+                log.error("queue commit not synced, %d writes not acknowledged: %s", len(flight.jobs), sync_error)
+                if is_disk_full(sync_error):
+                    self.on_disk_full()
+                for job in flight.jobs:
+                    if job.future is not None and not job.future.done():
+                        job.future.set_exception(sync_error)
+            else:
+                self._finish(flight.jobs)
+            if flight.checkpoint_next:
+                self._flight = _Flight(CHECKPOINT, [])
+                self._flight.thread = threading.Thread(target=self._checkpoint_sealed, args=(self._flight,),
+                                                       name="queue-wal-checkpoint", daemon=True)
+                self._flight.thread.start()
+                return
+        else:   # CHECKPOINT
+            self._sealed = False
+            self._run_deferred()
+        self._gap_until = self.loop.time() + COMMIT_GAP if self._commit_wanted else 0.0   # see COMMIT_GAP
+        if self._flight is None and self._commit_wanted:
+            self._commit_turn()
+
+    def _checkpoint_sealed(self, flight: _Flight) -> None:
+        """A CHECKPOINT flight's thread: copy the WAL into the database between two transactions, so that the
+        next one rewinds it (synchronous=NORMAL: SQLite syncs the WAL and the database for it)."""
+        try:
+            with self._sql_lock:
+                assert self._conn is not None
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except Exception as exc:  # noqa: BLE001 - the checkpoint thread tries again, and says so
+            log.warning("queue checkpoint failed: %s", exc)
+        try:
+            self.loop.call_soon_threadsafe(self._checkpoint_landed, flight)
+        except RuntimeError:   # the loop is closed: the closing thread lands it (``_drain_loop_commits``)
+            pass
+
+    def _checkpoint_landed(self, flight: _Flight) -> None:
+        if self._flight is flight:
+            self._flight = None
+            self._land(flight, 0)
+
+    def _drain_loop_commits(self) -> None:
+        """Commit and sync everything written so far, on the calling thread, waiting for the flight out."""
+        for _ in range(1000):   # bounded: each round lands a flight or starts a commit
+            flight = self._flight
+            if flight is not None and flight.phase == CHECKPOINT:
+                assert flight.thread is not None
+                flight.thread.join()
+                self._checkpoint_landed(flight)
+            elif flight is not None:
+                self._syncer.wait()
+                self._collect()
+            else:
+                self._run_deferred(wait=True)
+                if not self._in_transaction:
+                    return
+                self._commit_wanted = False
+                self._start_commit()
 
     def _finish(self, jobs: list[_Job]) -> None:
         """After the commit (synced): free space, resolve the futures."""
