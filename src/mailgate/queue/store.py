@@ -279,6 +279,10 @@ class _Flight:
     thread: threading.Thread | None = None          # CHECKPOINT: the thread running it
 
 
+def _sync_error(error_number: int) -> OSError:
+    return OSError(error_number, f"the queue's files could not be synced: {os.strerror(error_number)}")
+
+
 class QueueStore:
     def __init__(self, directory: Path, id_base: int = 0) -> None:
         self.dir = directory
@@ -905,7 +909,7 @@ class QueueStore:
     # spool files syncs them first, in a flight of their own (BODIES), with the transaction sealed: statements
     # that come meanwhile wait in ``_deferred`` and go into the next transaction. So the order is the commit
     # thread's (bodies, COMMIT, WAL) and nothing waits for the GIL between the steps (bench/README.md, items 32
-    # and 33). One flight at a time; the next commit starts as one lands.
+    # and 33). One flight at a time; the next commit starts as one lands (under load, COMMIT_GAP later).
     def _enter_loop_commits(self) -> None:
         assert self._conn is not None and Syncer is not None
         with self._sql_lock:
@@ -1041,14 +1045,13 @@ class QueueStore:
 
     def _land(self, flight: _Flight, error_number: int) -> None:
         """A flight is over: go on with its commit, or finish or fail its jobs; then start the next commit."""
-        sync_error = OSError(error_number, f"the queue's files could not be synced: {os.strerror(error_number)}")
         if flight.phase == BODIES:
             error: Exception | None = None
             with self._sql_lock:
                 self._sealed = False
                 if error_number:
                     self._bodies_unsynced(flight.fds, flight.segment)
-                    error = self._undo_transaction(flight.jobs, sync_error)
+                    error = self._undo_transaction(flight.jobs, _sync_error(error_number))
                 else:
                     for fd in flight.fds:
                         os.close(fd)
@@ -1060,6 +1063,7 @@ class QueueStore:
             if error_number:
                 # Committed but maybe not on disk: nothing is acknowledged (the senders try again, and the mail
                 # may then come twice), nothing is undone (the rows are there and may be delivered).
+                sync_error = _sync_error(error_number)
                 log.error("queue commit not synced, %d writes not acknowledged: %s", len(flight.jobs), sync_error)
                 if is_disk_full(sync_error):
                     self.on_disk_full()
