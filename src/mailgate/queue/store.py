@@ -828,13 +828,7 @@ class QueueStore:
                             self._sync_bodies(jobs)
                         self._conn.execute("COMMIT")   # synchronous=FULL: SQLite syncs the WAL before it returns
                     except Exception as exc:  # noqa: BLE001 - every waiter must hear about the failure
-                        error = exc
-                        if not is_disk_full(exc):   # a full disk is back pressure's to report (queue/pressure.py)
-                            log.error("queue commit failed, %d writes undone: %s", len(jobs), exc)
-                        try:
-                            self._conn.execute("ROLLBACK")
-                        except sqlite3.Error:
-                            pass
+                        error = self._undo_transaction(jobs, exc)
                     self._in_transaction = False
                     if error is None:
                         self.commits += 1
@@ -1010,8 +1004,8 @@ class QueueStore:
         return None
 
     def _undo_transaction(self, jobs: list[_Job], exc: Exception) -> Exception:
-        """Roll the open transaction back after its commit failed (under ``_sql_lock``); the caller fails the
-        jobs."""
+        """Roll the open transaction back after its commit failed, on either path (under ``_sql_lock``); the
+        caller fails the jobs."""
         assert self._conn is not None
         if not is_disk_full(exc):   # a full disk is back pressure's to report (queue/pressure.py)
             log.error("queue commit failed, %d writes undone: %s", len(jobs), exc)
