@@ -183,17 +183,6 @@ syncer_close(Syncer *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-static PyObject *
-syncer_busy(Syncer *self, void *closure)
-{
-    if (!self->started)
-        Py_RETURN_FALSE;
-    pthread_mutex_lock(&self->mutex);
-    int busy = self->state == SUBMITTED;
-    pthread_mutex_unlock(&self->mutex);
-    return PyBool_FromLong(busy);
-}
-
 static void
 syncer_dealloc(Syncer *self)
 {
@@ -216,11 +205,6 @@ static PyMethodDef syncer_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyGetSetDef syncer_getset[] = {
-    {"busy", (getter)syncer_busy, NULL, "Whether a batch is being synced.", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
-
 static PyTypeObject SyncerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "mailgate.queue._syncer.Syncer",
@@ -231,7 +215,6 @@ static PyTypeObject SyncerType = {
     .tp_init = (initproc)syncer_init,
     .tp_dealloc = (destructor)syncer_dealloc,
     .tp_methods = syncer_methods,
-    .tp_getset = syncer_getset,
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_syncer", NULL, -1, NULL};

@@ -229,7 +229,8 @@ class _Wakeup:
 
 class _Commit(concurrent.futures.Future):  # type: ignore[type-arg]
     """The future of a write. Its commit may be waiting for the event loop's turn to end (``QueueStore.loop``);
-    a caller that blocks on it wakes the commit thread itself, or a caller on the loop would wait forever."""
+    a caller that blocks on it has it committed at once (``QueueStore.commit_now``: on the loop, right there), or
+    a caller on the loop would wait forever."""
 
     def __init__(self, store: "QueueStore") -> None:
         super().__init__()
