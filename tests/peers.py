@@ -227,11 +227,13 @@ class StallingPeer(_ListeningPeer):
 
 
 class DeafPeer(_ListeningPeer):
-    """A next hop that misbehaves slowly: ``"trickle"`` sends its greeting a byte at a time and never ends the
-    line; ``"deaf"`` speaks SMTP up to DATA's 354 and then stops reading (its small receive window fills)."""
+    """A next hop that misbehaves: ``"trickle"`` sends its greeting a byte at a time and never ends the line;
+    ``"deaf"`` speaks SMTP up to DATA's 354 and then stops reading (its small receive window fills); ``"babble"``
+    answers EHLO with a multi-line reply that goes on (40 MB of "250-" lines, then it hangs up); ``"junk"`` is
+    not an SMTP server (it greets with an HTTP error)."""
 
     def __init__(self, host: str, port: int, mode: str) -> None:
-        assert mode in ("trickle", "deaf")
+        assert mode in ("trickle", "deaf", "babble", "junk")
         self.mode = mode
         self.data_started = threading.Event()
         super().__init__(host, port, receive_buffer=4096)
@@ -244,6 +246,10 @@ class DeafPeer(_ListeningPeer):
                         return
                     conn.sendall(bytes([byte]))
                 return
+            if self.mode == "junk":
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                self._stop.wait(5)
+                return
             conn.sendall(b"220 deaf.example ESMTP\r\n")
             lines = conn.makefile("rb")
             while not self._stop.is_set():
@@ -251,6 +257,10 @@ class DeafPeer(_ListeningPeer):
                 if not line:
                     return
                 verb = line[:4].upper()
+                if verb in (b"EHLO", b"HELO") and self.mode == "babble":
+                    for _ in range(10_000):
+                        conn.sendall((b"250-" + b"x" * 60 + b"\r\n") * 64)
+                    return
                 if verb in (b"EHLO", b"HELO"):
                     conn.sendall(b"250 deaf.example\r\n")
                 elif verb == b"DATA":

@@ -847,3 +847,32 @@ def test_a_next_hop_that_trickles_or_stops_reading_is_given_up_after_the_inactiv
         assert not ndrs(home)
     finally:
         peer.stop()
+
+
+@pytest.mark.parametrize("mode", ["babble", "junk"])
+def test_a_next_hop_that_is_not_an_smtp_server_or_never_ends_its_reply_defers_the_mail(
+        home, org, dns_server, peer_port, mode):
+    """A next hop that answers EHLO with a reply that never ends (40 MB of "250-" lines), or that isn't an SMTP
+    server at all (an HTTP error for a greeting): the attempt ends at once as a protocol error, without reading
+    the flood, and the message waits in Retry with a transient error, no NDR; mail for another next hop flows."""
+    from peers import DeafPeer
+
+    dns_server.add("odd.example", "A", "127.0.0.21")
+    dns_server.add("fine.example", "A", "127.0.0.20")
+    assert shell(home, "Set-TransportService EX01 -TransientFailureRetryInterval 00:01:00").ok   # stays in Retry
+    synced(home)
+    odd = DeafPeer("127.0.0.21", peer_port, mode)
+    fine = SmtpPeer("127.0.0.20", peer_port)
+    try:
+        submit(org, "sender@domain.com", ["kate@odd.example"], b"Subject: to the odd one\r\n\r\nx\r\n")
+        started = time.monotonic()
+        queue = wait_for(lambda: retrying(home, "odd.example"), timeout=30, message="the queue in Retry")
+        assert time.monotonic() - started < 10   # not the inactivity timeout: the reply itself is refused
+        assert queue["MessageCount"] == "1" and "LED=4" in queue["LastError"], queue
+        assert ("too many reply lines" if mode == "babble" else "not an SMTP reply") in queue["LastError"], queue
+        submit(org, "sender@domain.com", ["joe@fine.example"], b"Subject: to the fine one\r\n\r\nx\r\n")
+        assert wait_for(lambda: fine.received, message="the other next hop served")[0].rcpt_tos == ["joe@fine.example"]
+        assert not ndrs(home)
+    finally:
+        odd.stop()
+        fine.stop()
