@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -242,3 +243,43 @@ def bind_ports(home: Home, **extra: str) -> dict[str, int]:
                     f'-TarpitInterval 00:00:00 -AuthTarpitInterval 00:00:00', runtime=None)
     assert r.ok, r
     return ports
+
+
+def server_rss_kb(pid: int) -> int:
+    """RSS of a server: its process and its worker processes."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        for line in open(f"/proc/{p}/status"):
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+        todo += [int(c) for c in open(f"/proc/{p}/task/{p}/children").read().split()]
+    return total
+
+
+class PeakRss:
+    """``with PeakRss(pid) as rss:`` samples the server's RSS in a thread; ``rss.growth_mb`` is its peak over
+    what it was at the start."""
+
+    def __init__(self, pid: int, interval: float = 0.005) -> None:
+        self.pid, self.interval = pid, interval
+        self.before = self.peak = server_rss_kb(pid)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, server_rss_kb(self.pid))
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        self._thread.join(5)
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.before) / 1024

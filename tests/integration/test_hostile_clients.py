@@ -11,25 +11,13 @@ import smtplib
 import socket
 import ssl
 import struct
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from helpers import maildir_messages, shell, synced, wait_for
+from helpers import PeakRss, maildir_messages, shell, synced, wait_for
 
 REPLY_LINE = re.compile(rb"^[2-5]\d\d[ -]")
-
-
-def _tree_rss_kb(pid: int) -> int:
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        for line in open(f"/proc/{p}/status"):
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-        todo += [int(c) for c in open(f"/proc/{p}/task/{p}/children").read().split()]
-    return total
 
 
 class Client:
@@ -75,6 +63,14 @@ class Client:
 ENVELOPE = b"EHLO hostile.example\r\nMAIL FROM:<x@hostile.example>\r\nRCPT TO:<admin@domain.com>\r\n"
 
 
+def in_data(port: int) -> Client:
+    """A session that has sent its envelope and DATA, and read the 354."""
+    c = Client(port)
+    c.send(ENVELOPE + b"DATA\r\n")
+    c.read_until(b"354 ")
+    return c
+
+
 def random_bytes(port: int, seed: int) -> None:
     rnd = random.Random(seed)
     c = Client(port)
@@ -96,27 +92,21 @@ def endless_line(port: int) -> None:
 
 
 def header_line_bomb(port: int) -> None:
-    c = Client(port)
-    c.send(ENVELOPE + b"DATA\r\n")
-    c.read_until(b"354 ")
+    c = in_data(port)
     c.send(b"Subject: " + b"x" * 3_000_000 + b"\r\n\r\nbody\r\n.\r\n")
     assert b"552 5.3.4" in c.read_until(b"552 5.3.4"), c.received[-300:]
     c.close()
 
 
 def many_headers(port: int) -> None:
-    c = Client(port)
-    c.send(ENVELOPE + b"DATA\r\n")
-    c.read_until(b"354 ")
+    c = in_data(port)
     c.send(b"".join(b"X-Filler-%d: v\r\n" % i for i in range(150_000)) + b"\r\nbody\r\n.\r\n")
     assert b"552 5.3.4" in c.read_until(b"552 5.3.4"), c.received[-300:]
     c.close()
 
 
 def half_close_in_data(port: int) -> None:
-    c = Client(port)
-    c.send(ENVELOPE + b"DATA\r\n")
-    c.read_until(b"354 ")
+    c = in_data(port)
     c.send(b"Subject: half-sent\r\n\r\nno end of data follows\r\n")
     c.sock.shutdown(socket.SHUT_WR)
     assert b"250 2.6.0" not in c.read_to_close()
@@ -124,9 +114,7 @@ def half_close_in_data(port: int) -> None:
 
 
 def reset_in_data(port: int) -> None:
-    c = Client(port)
-    c.send(ENVELOPE + b"DATA\r\n")
-    c.read_until(b"354 ")
+    c = in_data(port)
     c.send(b"Subject: cut-off\r\n\r\n" + b"line\r\n" * 5000)
     c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # close with a RST
     c.close()
@@ -173,39 +161,23 @@ def test_hostile_clients_at_once_leave_the_server_serving_bounded_and_storing_no
                        '-MaxInboundConnection unlimited').ok
     synced(home)
     port = server.ports["frontend"]
-    before = _tree_rss_kb(server.proc.pid)
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _tree_rss_kb(server.proc.pid))
-            time.sleep(0.01)
-
     attacks: list[Callable[[], None]] = [lambda s=s: random_bytes(port, s) for s in range(120)]
     attacks += [lambda: endless_line(port), lambda: header_line_bomb(port), lambda: many_headers(port),
                 lambda: half_close_in_data(port), lambda: reset_in_data(port), lambda: starttls_then_garbage(port),
                 lambda: starttls_with_smuggled_commands(port), lambda: absurd_bdat(port)] * 2
     random.Random(5).shuffle(attacks)
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     delivered_meanwhile: list[dict] = []
-    try:
-        with ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(a) for a in attacks]
-            # An ordinary client in the middle of it all.
-            with smtplib.SMTP("127.0.0.1", port, timeout=30) as ok:
-                delivered_meanwhile.append(ok.sendmail("a@example.org", ["admin@domain.com"],
-                                                       b"Subject: meanwhile\r\n\r\nordinary mail\r\n"))
-            for f in futures:
-                f.result(timeout=120)   # each attack's own assertions
-    finally:
-        done.set()
-        sampler.join(5)
+    with PeakRss(server.proc.pid, interval=0.01) as rss, ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(a) for a in attacks]
+        # An ordinary client in the middle of it all.
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as ok:
+            delivered_meanwhile.append(ok.sendmail("a@example.org", ["admin@domain.com"],
+                                                   b"Subject: meanwhile\r\n\r\nordinary mail\r\n"))
+        for f in futures:
+            f.result(timeout=120)   # each attack's own assertions
     assert delivered_meanwhile == [{}]
-    growth_mb = (peak[0] - before) / 1024
     # 16 MB: less than one of the floods; a server that buffered one whole would pass it (2-3 MB measured).
-    assert growth_mb < 16, f"the server grew {growth_mb:.1f} MB under hostile clients"
+    assert rss.growth_mb < 16, f"the server grew {rss.growth_mb:.1f} MB under hostile clients"
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as ok:
         assert ok.sendmail("a@example.org", ["admin@domain.com"], b"Subject: after\r\n\r\nordinary mail\r\n") == {}
     wait_for(lambda: len(maildir_messages(home, "admin@domain.com")) >= 2, message="the two ordinary messages")

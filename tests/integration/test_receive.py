@@ -14,7 +14,7 @@ import time
 
 import aiosmtplib
 import pytest
-from helpers import Server, free_port, maildir_messages, shell, synced, wait_for
+from helpers import PeakRss, Server, free_port, maildir_messages, server_rss_kb, shell, synced, wait_for
 
 from mailgate.receive.pickup import POLL_SECONDS
 
@@ -420,18 +420,6 @@ def test_swaks_plain_and_starttls(home, server):
     wait_for(lambda: len(maildir_messages(home, "admin@domain.com")) == 2)
 
 
-def _rss_kb(pid: int) -> int:
-    """RSS of the server: its process and its worker processes."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        for line in open(f"/proc/{p}/status"):
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-        todo += [int(c) for c in open(f"/proc/{p}/task/{p}/children").read().split()]
-    return total
-
-
 def test_memory_stays_bounded_for_idle_sessions_and_a_30mb_message(home, server):
     shell(home, 'New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com\n'
                 'Set-ReceiveConnector "Default Frontend EX01" -MaxInboundConnectionPerSource unlimited '
@@ -439,40 +427,26 @@ def test_memory_stays_bounded_for_idle_sessions_and_a_30mb_message(home, server)
                 'Set-TransportConfig -MaxReceiveSize 64MB')   # the organisation's own limit is 10 MB
     synced(home)
     pid = server.proc.pid
-    base = _rss_kb(pid)
+    base = server_rss_kb(pid)
     sockets = []
     for i in range(400):
         s = socket.create_connection(("127.0.0.1", server.ports["frontend"]), source_address=(f"127.0.1.{i % 200 + 1}", 0))
         sockets.append(s)
     for s in sockets:
         s.recv(100)
-    idle_growth = _rss_kb(pid) - base
+    idle_growth = server_rss_kb(pid) - base
     assert idle_growth / len(sockets) < 64, f"{idle_growth / len(sockets):.1f} KB per idle session"
     for s in sockets:
         s.close()
-    before = _rss_kb(pid)
     # The peak while the message is received and then delivered to the mailbox (which streams it too).
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_kb(pid))
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    with PeakRss(pid) as rss:
         with smtp(server.ports["frontend"], timeout=120) as c:
             c.ehlo("x")
             line = b"x" * 998 + b"\r\n"
             body = b"Subject: big\r\n\r\n" + line * (30 * 1024 * 1024 // len(line))
             assert c.sendmail("a@b.example", ["admin@domain.com"], body) == {}
         assert wait_for(lambda: maildir_messages(home, "admin@domain.com"), timeout=60)[0].endswith(line)
-    finally:
-        done.set()
-        sampler.join(5)
-    growth_mb = (peak[0] - before) / 1024
+    growth_mb = rss.growth_mb
     assert growth_mb < 20, f"RSS grew {growth_mb:.1f} MB while receiving and delivering a 30 MB message"
 
 
