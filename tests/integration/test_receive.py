@@ -9,7 +9,6 @@ import smtplib
 import socket
 import ssl
 import subprocess
-import threading
 import time
 
 import aiosmtplib
