@@ -146,6 +146,30 @@ def test_send_mail_message_tries_a_connector_from_the_shell(home, server, tmp_pa
     assert len(maildir_messages(home, "admin@domain.com")) == 3
 
 
+def test_send_mail_message_refuses_line_breaks_and_non_addresses_before_sending(home, server):
+    """A CR or LF in -Subject, -From or -To would write a header or an SMTP command of its own: each is a clear
+    error and nothing is sent; a -To of several comma-separated addresses reaches all of them, as .NET's does."""
+    assert shell(home, "New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com\n"
+                       "New-Mailbox -Name Kim -PrimarySmtpAddress kim@domain.com").ok
+    synced(home)
+    send = f'Send-MailMessage -SmtpServer 127.0.0.1 -Port {server.ports["frontend"]} '
+    attempts = {
+        "-From a@b.example -To admin@domain.com -Subject \"hi`r`nBcc: kim@domain.com\"": "form required for a subject",
+        "-From \"a@b.example`r`nRCPT TO:<kim@domain.com>\" -To admin@domain.com -Subject hi": "an e-mail address",
+        "-From a@b.example -To \"admin@domain.com>`nDATA\" -Subject hi": "an e-mail address",
+        "-From a@b.example -To admin -Subject hi": "an e-mail address",
+        "-From a@b.example -To admin@domain.com -Cc \"kim@domain.com`0\" -Subject hi": "an e-mail address",
+    }
+    for arguments, error in attempts.items():
+        r = shell(home, send + arguments)
+        assert not r.ok and error in r.err and "bug" not in r.err, (arguments, r.err)
+    r = shell(home, send + '-From "Printer <a@b.example>" -To "admin@domain.com, Kim <kim@domain.com>" -Subject both')
+    assert r.ok, r.err
+    for box in ("admin@domain.com", "kim@domain.com"):
+        got = wait_for(lambda: maildir_messages(home, box), message=f"the message at {box}")
+        assert len(got) == 1 and b"Subject: both" in got[0], got
+
+
 def test_require_tls_refuses_mail_before_starttls(home, server):
     shell(home, 'New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com\n'
                 'Set-ReceiveConnector "Default Frontend EX01" -RequireTLS $true')

@@ -22,6 +22,7 @@ from mailgate.manage.params import as_list, to_int, to_str, to_str_list
 from mailgate.manage.psvalues import truthy
 from mailgate.shell.evaluator import unwrap
 from mailgate.shell.textfiles import ENCODINGS, to_file_encoding
+from mailgate.smtp.address import AddressError, parse_mailbox
 
 SMTP_TIMEOUT = 100   # seconds, .NET's SmtpClient.Timeout
 # -DeliveryNotificationOption → the NOTIFY keyword of RFC 3461 (several join with commas).
@@ -67,6 +68,38 @@ def _tls_context(ctx: ManagementContext) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+_LINE_BREAKS = ("\r", "\n", "\x00")
+
+
+def _addresses(text: str) -> list[str]:
+    """What .NET's MailAddressCollection takes: "user@domain", "Display Name <user@domain>", or several of them
+    separated by commas; nothing with CR, LF or NUL (a header or an SMTP command of its own). The addresses alone
+    are returned, for the envelope."""
+    parsed = email.utils.getaddresses([text])
+    try:
+        if any(c in text for c in _LINE_BREAKS) or not parsed or not all(address for _, address in parsed):
+            raise AddressError("not an address")
+        for _, address in parsed:
+            parse_mailbox(address, utf8=not address.isascii())
+    except (AddressError, ValueError):
+        raise UserError(f'The specified string is not in the form required for an e-mail address: "{text}".') from None
+    return [address for _, address in parsed]
+
+
+def _envelope(args: dict[str, Any]) -> tuple[str, list[str]]:
+    """The envelope's sender and recipients. A parameter that would break a header or the SMTP dialogue is an error
+    before anything is sent, as .NET refuses it when it builds the message."""
+    senders = _addresses(args["From"])
+    if len(senders) != 1:
+        raise UserError(f'The specified string is not in the form required for an e-mail address: "{args["From"]}".')
+    recipients = [a for name in ("To", "Cc", "Bcc") for text in (args.get(name) or []) for a in _addresses(text)]
+    for reply_to in args.get("ReplyTo") or []:
+        _addresses(reply_to)
+    if any(c in args["Subject"] for c in _LINE_BREAKS):
+        raise UserError("The specified string is not in the form required for a subject: it holds a line break.")
+    return senders[0], recipients
 
 
 def _message(args: dict[str, Any], charset: str) -> EmailMessage:
@@ -129,8 +162,8 @@ def send_mail_message(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]
     encoding = args.get("Encoding") or "utf8nobom"
     charset = "us-ascii" if encoding == "ascii" else "utf-8" if ENCODINGS[encoding][0] == "utf-8" else \
         ENCODINGS[encoding][0]
+    sender, recipients = _envelope(args)
     msg = _message(args, charset)
-    recipients = [*args["To"], *(args.get("Cc") or []), *(args.get("Bcc") or [])]
     notify = args.get("DeliveryNotificationOption")
     try:
         with smtplib.SMTP(str(server), port, timeout=SMTP_TIMEOUT) as client:
@@ -144,7 +177,7 @@ def send_mail_message(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]
                 credential = args["Credential"]
                 client.login(credential.user_name, credential.password.reveal())
             rcpt_options = [f"NOTIFY={notify}"] if notify and client.has_extn("dsn") else []
-            refused = client.send_message(msg, from_addr=args["From"], to_addrs=recipients, rcpt_options=rcpt_options)
+            refused = client.send_message(msg, from_addr=sender, to_addrs=recipients, rcpt_options=rcpt_options)
     except ssl.SSLCertVerificationError as exc:
         raise UserError(f"The remote certificate is invalid according to the validation procedure: "
                         f"{exc.verify_message}.") from None
