@@ -293,13 +293,17 @@ def test_frontend_transport_service_cmdlets_show_and_change_the_servers_frontend
 ODD_VALUES = ['""', "$null", '("x" * 5000)', "-1", "2147483648", '@{Add="x"}', '@{Remove="y"}', "$true", "1.5",
               '"`r`n"', '"*"', "0", '"Unlimited"', '"00:00:00"', '"1.2.3.4"', '"[::1]:25"', "@()", "@(1,2)",
               '"a@b.example"', '"EX01"', "(Get-Date)", '"99999999999999999999"', '"EX01\\Submission"', '"a,b"',
-              '"\u00e9"', '"0.0.0.0:25"']
+              '"\u00e9"', '"0.0.0.0:25"', '"x`0y"']
+# The values that reach furthest into a cmdlet once its other parameters are right (the examples below).
+HOSTILE_VALUES = ['"a`r`nb"', '"x`0y"', '("x" * 5000)', "$null", '"../../x"', '@{Add="x"}']
 _WAITS_OR_PROMPTS = {"Start-Sleep", "Get-Credential", "Read-Host"}
+# Cmdlets whose examples reach the network by name (DNS, SMTP): Send-MailMessage is tried in test_receive.py.
+_NETWORK = {"Send-MailMessage", "Resolve-DnsName", "Test-NetConnection"}
 
 
-def odd_value_failures(home, cmdlets) -> tuple[int, list[str]]:
-    """Run each of ``cmdlets`` with each parameter set to each odd value in one shell session: how many runs,
-    and those whose error was an internal one ("This is a bug", or an operation that failed in the server)."""
+def internal_errors(home, texts) -> tuple[int, list[str]]:
+    """Run each command text in one shell session: how many ran, and those whose error was an internal one
+    ("This is a bug", or an operation that failed in the server)."""
     import io
 
     from mailgate.cli import management_context
@@ -310,20 +314,50 @@ def odd_value_failures(home, cmdlets) -> tuple[int, list[str]]:
     out, err = io.StringIO(), io.StringIO()
     shell = Shell(ctx, out=out, err=err)
     failures, tried = [], 0
-    for cmd in cmdlets:
-        names = {p.name for p in cmd.params}
-        for param in cmd.params:
-            if param.name in ("Follow", "FollowSeconds", "Confirm"):
-                continue
-            for value in [""] if param.switch else ODD_VALUES:
-                text = f"{cmd.name} -{param.name} {value}" + (" -Confirm:$false" if "Confirm" in names else "")
-                before = len(err.getvalue())
-                shell.run_text(text)
-                tried += 1
-                reported = err.getvalue()[before:]
-                if any(sign in reported for sign in ("This is a bug", "Traceback", "internal error")):
-                    failures.append(f"{text}: {reported.splitlines()[0][:200]}")
+    for text in texts:
+        before = len(err.getvalue())
+        shell.run_text(text)
+        tried += 1
+        reported = err.getvalue()[before:]
+        if any(sign in reported for sign in ("This is a bug", "Traceback", "internal error")):
+            failures.append(f"{text[:300]}: {reported.splitlines()[0][:200]}")
     return tried, failures
+
+
+def _confirmed(cmd, text: str) -> str:
+    return text + (" -Confirm:$false" if any(p.name == "Confirm" for p in cmd.params) else "")
+
+
+def odd_value_texts(cmdlets) -> list[str]:
+    """Each of ``cmdlets`` with one parameter set to each odd value."""
+    return [_confirmed(cmd, f"{cmd.name} -{param.name} {value}")
+            for cmd in cmdlets for param in cmd.params if param.name not in ("Follow", "FollowSeconds", "Confirm")
+            for value in ([""] if param.switch else ODD_VALUES)]
+
+
+def example_texts(cmdlets) -> list[str]:
+    """Each cmdlet's own documented examples (those that are one command), with each of its parameters in turn
+    given each hostile value: the other parameters are right, so the value reaches the cmdlet's own work."""
+    import re
+
+    texts = []
+    for cmd in cmdlets:
+        for example in cmd.examples:
+            if not example.lower().startswith(cmd.name.lower() + " ") or any(c in example for c in "|;") \
+                    or "-follow" in example.lower():
+                continue
+            for param in cmd.params:
+                if param.switch or param.name in ("Follow", "FollowSeconds", "Confirm"):
+                    continue
+                given = re.compile(rf"-{re.escape(param.name)}(?::|\s+)(\"[^\"]*\"|'[^']*'|\([^)]*\)|@\{{[^}}]*\}}|\S+)",
+                                   re.IGNORECASE)
+                for value in HOSTILE_VALUES:
+                    if given.search(example):
+                        text = given.sub(lambda m: f"-{param.name} {value}", example, count=1)
+                    else:
+                        text = f"{example} -{param.name} {value}"
+                    texts.append(_confirmed(cmd, text))
+    return texts
 
 
 def test_no_value_of_any_parameter_of_any_cmdlet_is_an_internal_error(home, tmp_path, monkeypatch):
@@ -332,7 +366,22 @@ def test_no_value_of_any_parameter_of_any_cmdlet_is_an_internal_error(home, tmp_
 
     monkeypatch.chdir(tmp_path)   # files that cmdlets write (Out-File "*") land here
     cmdlets = sorted((c for c in registry.all() if c.name not in _WAITS_OR_PROMPTS), key=lambda c: c.name)
-    tried, failures = odd_value_failures(home, cmdlets)
+    tried, failures = internal_errors(home, odd_value_texts(cmdlets))
+    assert tried > 1000 and not failures, "\n".join(failures)
+
+
+def test_no_hostile_value_in_a_cmdlets_own_example_is_an_internal_error(home, tmp_path, monkeypatch):
+    """Each cmdlet's examples with one parameter at a time given a line break, a NUL, 5,000 characters, $null, a
+    path out of the directory or @{Add=...}: the value gets past the other parameters' checks (a value alone,
+    above, mostly meets "missing mandatory parameter" first), and is still a clear error or a result. Found:
+    a CR or LF in Send-MailMessage's headers, a NUL in a certificate's file name, an address added twice with
+    Set-Mailbox -EmailAddresses @{Add=...}."""
+    from mailgate.manage.cmdlets import registry
+
+    monkeypatch.chdir(tmp_path)
+    assert shell(home, "New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com").ok   # what examples name
+    cmdlets = sorted((c for c in registry.all() if c.name not in _WAITS_OR_PROMPTS | _NETWORK), key=lambda c: c.name)
+    tried, failures = internal_errors(home, example_texts(cmdlets))
     assert tried > 1000 and not failures, "\n".join(failures)
 
 
@@ -345,7 +394,7 @@ def test_no_value_given_to_the_queue_cmdlets_is_an_internal_error_in_the_running
     cmdlets = [registry.get(name) for name in ("Get-Queue", "Get-QueueDigest", "Suspend-Queue", "Resume-Queue",
                                                "Retry-Queue", "Get-Message", "Suspend-Message", "Resume-Message",
                                                "Remove-Message", "Export-Message", "Redirect-Message")]
-    tried, failures = odd_value_failures(home, cmdlets)
+    tried, failures = internal_errors(home, odd_value_texts(cmdlets))
     assert tried > 200 and not failures, "\n".join(failures)
     assert "Traceback" not in server.output()
 

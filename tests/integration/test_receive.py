@@ -147,8 +147,9 @@ def test_send_mail_message_tries_a_connector_from_the_shell(home, server, tmp_pa
 
 
 def test_send_mail_message_refuses_line_breaks_and_non_addresses_before_sending(home, server):
-    """A CR or LF in -Subject, -From or -To would write a header or an SMTP command of its own: each is a clear
-    error and nothing is sent; a -To of several comma-separated addresses reaches all of them, as .NET's does."""
+    """A CR or LF in -Subject, -From, -To or an attachment's name would write a header or an SMTP command of its
+    own: each is a clear error and nothing is sent, as is a server name that can't be one; a -To of several
+    comma-separated addresses reaches all of them, as .NET's does."""
     assert shell(home, "New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com\n"
                        "New-Mailbox -Name Kim -PrimarySmtpAddress kim@domain.com").ok
     synced(home)
@@ -159,10 +160,13 @@ def test_send_mail_message_refuses_line_breaks_and_non_addresses_before_sending(
         "-From a@b.example -To \"admin@domain.com>`nDATA\" -Subject hi": "an e-mail address",
         "-From a@b.example -To admin -Subject hi": "an e-mail address",
         "-From a@b.example -To admin@domain.com -Cc \"kim@domain.com`0\" -Subject hi": "an e-mail address",
+        "-From a@b.example -To admin@domain.com -Subject hi -Attachments \"a`r`nb.txt\"": "Illegal characters in path",
     }
     for arguments, error in attempts.items():
         r = shell(home, send + arguments)
         assert not r.ok and error in r.err and "bug" not in r.err, (arguments, r.err)
+    r = shell(home, 'Send-MailMessage -SmtpServer ("x" * 70) -From a@b.example -To admin@domain.com -Subject hi')
+    assert not r.ok and "is not a host name" in r.err, r.err   # (a label over 63 characters: never looked up)
     r = shell(home, send + '-From "Printer <a@b.example>" -To "admin@domain.com, Kim <kim@domain.com>" -Subject both')
     assert r.ok, r.err
     for box in ("admin@domain.com", "kim@domain.com"):

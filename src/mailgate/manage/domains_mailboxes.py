@@ -262,7 +262,7 @@ def _apply_mailbox_changes(mailbox: Mailbox, changes: dict[str, Any], password: 
     entries = changes.pop("EmailAddresses", None)
     if entries is not None:
         if isinstance(entries, MultiValuedChange):
-            entries = entries.apply(list(mailbox.email_addresses))
+            entries = entries.apply_to(list(mailbox.email_addresses), "EmailAddresses")
         primaries = [e for e in entries if e.startswith("SMTP:")]
         if len(primaries) > 1:
             raise InvalidValueError("Only one address can be the primary (SMTP:) address.", parameter="EmailAddresses")

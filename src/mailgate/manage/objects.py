@@ -81,10 +81,7 @@ def apply_changes(obj: T, changes: dict[str, Any]) -> T:
     for exchange, value in changes.items():
         name = field_for(model, exchange)
         if isinstance(value, MultiValuedChange):
-            try:
-                value = value.apply(list(getattr(obj, name)))
-            except ValueError as exc:
-                raise InvalidValueError(f"Cannot change parameter '{exchange}': {exc}.", parameter=exchange) from None
+            value = value.apply_to(list(getattr(obj, name)), exchange)
         data[name] = value
     data["when_changed"] = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     return validate(model, data)

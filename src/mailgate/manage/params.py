@@ -19,6 +19,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from mailgate.config.model import ConfigObject
 from mailgate.config.values import GIVEN, ExchangeEnum, ExchangeFlag
+from mailgate.errors import InvalidValueError
 
 
 @dataclass
@@ -39,6 +40,14 @@ class MultiValuedChange:
                 raise ValueError(f'the value "{item}" is already present')
             result.append(item)
         return result
+
+    def apply_to(self, current: list[Any], parameter: str) -> list[Any]:
+        """``apply`` for a parameter of a cmdlet: a value added twice or removed though absent is the
+        administrator's error, named with the parameter (as Exchange refuses it)."""
+        try:
+            return self.apply(current)
+        except ValueError as exc:
+            raise InvalidValueError(f"Cannot change parameter '{parameter}': {exc}.", parameter=parameter) from None
 
 
 def multi_valued(element: Callable[[Any], Any]) -> Callable[[Any], Any]:

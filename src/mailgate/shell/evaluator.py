@@ -1018,6 +1018,8 @@ def _cmdlet_failure(cmd: Cmdlet, exc: Exception) -> UserError:
     could not reach, or a bug (reported like any error: it doesn't end the administrator's session)."""
     if isinstance(exc, OSError):   # a file the administrator named (Out-File, Export-Csv, Export-Message …)
         return file_error(exc)
+    if isinstance(exc, ValueError) and str(exc) == "embedded null byte":   # a file name with NUL in it: what os says
+        return UserError("Illegal characters in path: a file name can't hold a NUL character.")
     if is_unreachable(exc):
         return UserError(f"{cmd.name} needs the organisation's store, which can't be reached "
                          f"({unreachable_reason(exc)}).")

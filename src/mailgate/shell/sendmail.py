@@ -99,6 +99,10 @@ def _envelope(args: dict[str, Any]) -> tuple[str, list[str]]:
         _addresses(reply_to)
     if any(c in args["Subject"] for c in _LINE_BREAKS):
         raise UserError("The specified string is not in the form required for a subject: it holds a line break.")
+    for path in args.get("Attachments") or []:   # its name goes into a header
+        if any(c in path for c in _LINE_BREAKS):
+            raise InvalidValueError("Illegal characters in path: an attachment's name can't hold a line break or NUL.",
+                                    parameter="Attachments")
     return senders[0], recipients
 
 
@@ -155,6 +159,10 @@ def send_mail_message(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]
     if not server:
         raise InvalidValueError("The SMTP host was not specified. Use -SmtpServer or set $PSEmailServer.",
                                 parameter="SmtpServer")
+    try:
+        str(server).encode("idna")   # what the connection will ask DNS for
+    except UnicodeError:
+        raise InvalidValueError(f'The SMTP host "{str(server)[:200]}" is not a host name.', parameter="SmtpServer") from None
     port = 25 if args.get("Port") is None else args["Port"]
     if not 0 < port < 65536:
         raise InvalidValueError(f"Cannot validate argument on parameter 'Port'. {port} isn't a TCP port (1-65535).",
