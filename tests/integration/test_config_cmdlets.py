@@ -297,7 +297,8 @@ ODD_VALUES = ['""', "$null", '("x" * 5000)', "-1", "2147483648", '@{Add="x"}', '
 # The values that reach furthest into a cmdlet once its other parameters are right (the examples below).
 HOSTILE_VALUES = ['"a`r`nb"', '"x`0y"', '("x" * 5000)', "$null", '"../../x"', '@{Add="x"}']
 _WAITS_OR_PROMPTS = {"Start-Sleep", "Get-Credential", "Read-Host"}
-# Cmdlets whose examples reach the network by name (DNS, SMTP): Send-MailMessage is tried in test_receive.py.
+# Cmdlets that would look names up with the machine's resolver or connect to them (tests stay on loopback):
+# test_network_cmdlets_refuse_names_that_cant_be_looked_up below, and Send-MailMessage in test_receive.py.
 _NETWORK = {"Send-MailMessage", "Resolve-DnsName", "Test-NetConnection"}
 
 
@@ -365,7 +366,7 @@ def test_no_value_of_any_parameter_of_any_cmdlet_is_an_internal_error(home, tmp_
     from mailgate.manage.cmdlets import registry
 
     monkeypatch.chdir(tmp_path)   # files that cmdlets write (Out-File "*") land here
-    cmdlets = sorted((c for c in registry.all() if c.name not in _WAITS_OR_PROMPTS), key=lambda c: c.name)
+    cmdlets = sorted((c for c in registry.all() if c.name not in _WAITS_OR_PROMPTS | _NETWORK), key=lambda c: c.name)
     tried, failures = internal_errors(home, odd_value_texts(cmdlets))
     assert tried > 1000 and not failures, "\n".join(failures)
 
@@ -378,11 +379,26 @@ def test_no_hostile_value_in_a_cmdlets_own_example_is_an_internal_error(home, tm
     Set-Mailbox -EmailAddresses @{Add=...}."""
     from mailgate.manage.cmdlets import registry
 
-    monkeypatch.chdir(tmp_path)
+    workdir = tmp_path / "a" / "b"   # files that cmdlets write land here, and "../../x" in tmp_path
+    workdir.mkdir(parents=True)
+    monkeypatch.chdir(workdir)
     assert shell(home, "New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com").ok   # what examples name
     cmdlets = sorted((c for c in registry.all() if c.name not in _WAITS_OR_PROMPTS | _NETWORK), key=lambda c: c.name)
     tried, failures = internal_errors(home, example_texts(cmdlets))
     assert tried > 1000 and not failures, "\n".join(failures)
+
+
+def test_network_cmdlets_refuse_names_that_cant_be_looked_up(home):
+    """Resolve-DnsName and Test-NetConnection with a name no resolver could be asked for (a NUL, a line break, a
+    label over 63 characters, an empty label): a clear error before any lookup."""
+    for name in ('"x`0y"', '"a`r`nb"', '("x" * 70)', '"a..b"', '""'):
+        for command in (f"Resolve-DnsName {name}", f"Test-NetConnection {name} -Port 25"):
+            r = shell(home, command)
+            refused = not r.ok and ("isn't a DNS name" in r.err or "isn't a computer name" in r.err
+                                    or "Cannot bind argument" in r.err)
+            unresolved = "Name resolution of" in r.err + r.out and "TcpTestSucceeded : False" in r.out
+            assert refused or unresolved, (command, r.out, r.err)
+            assert "bug" not in r.err, (command, r.err)
 
 
 def test_no_value_given_to_the_queue_cmdlets_is_an_internal_error_in_the_running_server(home, server, tmp_path,

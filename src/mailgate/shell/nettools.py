@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import dns.exception
+import dns.name
 import dns.rdatatype
 import dns.resolver
 import dns.reversename
@@ -35,6 +36,11 @@ def _record_type(value: Any) -> str:
         raise ValueError(f'Cannot convert value "{value}" to type "Microsoft.DnsClient.Commands.RecordType". Valid '
                          f"values include: {', '.join(_TYPES)}")
     return text
+
+
+def _shown(name: str) -> str:
+    """A name as an error message quotes it: the first 60 characters, control characters as "?"."""
+    return "".join(c if c.isprintable() else "?" for c in name[:60])
 
 
 def _resolver(servers: list[str]) -> Any:
@@ -82,6 +88,9 @@ def _dns_record(rrset: Any, rdata: Any, section: str) -> Record:
 def _query(resolver: Any, name: str, kind: str) -> list[Record]:
     try:
         answer = asyncio.run(resolver.resolve(name, kind, raise_on_no_answer=False, search=False))
+    except (dns.name.LabelTooLong, dns.name.EmptyLabel, dns.name.NameTooLong, dns.name.BadEscape):
+        raise InvalidValueError(f"'{_shown(name)}' isn't a DNS name (a label is empty or longer than 63 characters).",
+                                parameter="Name") from None
     except dns.resolver.NXDOMAIN:
         raise UserError(f"{name} : DNS name does not exist") from None
     except (dns.resolver.LifetimeTimeout, dns.exception.Timeout):
@@ -108,8 +117,8 @@ def _query(resolver: Any, name: str, kind: str) -> list[Record]:
 def resolve_dns_name(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
     """The name's records of the type; an address (10.0.0.5) is looked up as its PTR record."""
     name, kind = args["Name"].strip(), args.get("Type") or "A_AAAA"
-    if not name or len(name) > 255:
-        raise InvalidValueError(f"'{name[:60]}' isn't a DNS name.", parameter="Name")
+    if not name or len(name) > 255 or not name.isprintable():
+        raise InvalidValueError(f"'{_shown(name)}' isn't a DNS name.", parameter="Name")
     try:
         socket.inet_pton(socket.AF_INET6 if ":" in name else socket.AF_INET, name)
         name = dns.reversename.from_address(name).to_text(omit_final_dot=True)
@@ -135,6 +144,8 @@ def test_net_connection(ctx: ManagementContext, args: dict[str, Any]) -> list[An
     """Connect to the port and report what happened; a port that refuses or doesn't answer is a warning and
     TcpTestSucceeded False, as in Windows. (No ping: give -Port or -CommonTCPPort.)"""
     host = args["ComputerName"].strip()
+    if not host or not host.isprintable():
+        raise InvalidValueError(f"'{_shown(host)}' isn't a computer name or address.", parameter="ComputerName")
     port = args.get("Port")
     if port is None and args.get("CommonTCPPort"):
         port = _COMMON_TCP_PORTS.get(args["CommonTCPPort"].lower())
@@ -148,7 +159,7 @@ def test_net_connection(ctx: ManagementContext, args: dict[str, Any]) -> list[An
     quiet = (args.get("InformationLevel") or "Detailed").lower() == "quiet"
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
+    except (socket.gaierror, UnicodeError):   # UnicodeError: a label too long to look up (IDNA)
         ctx.warnings.append(f"Name resolution of {host} failed")
         return [False] if quiet else [Record("TestNetConnectionResult", {
             "ComputerName": host, "RemoteAddress": None, "RemotePort": port, "SourceAddress": None,
