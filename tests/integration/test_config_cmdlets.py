@@ -293,7 +293,7 @@ def test_frontend_transport_service_cmdlets_show_and_change_the_servers_frontend
 ODD_VALUES = ['""', "$null", '("x" * 5000)', "-1", "2147483648", '@{Add="x"}', '@{Remove="y"}', "$true", "1.5",
               '"`r`n"', '"*"', "0", '"Unlimited"', '"00:00:00"', '"1.2.3.4"', '"[::1]:25"', "@()", "@(1,2)",
               '"a@b.example"', '"EX01"', "(Get-Date)", '"99999999999999999999"', '"EX01\\Submission"', '"a,b"',
-              '"\u00e9"', '"0.0.0.0:25"', '"x`0y"']
+              '"\u00e9"', '"0.0.0.0:25"', '"x`0y"', '"../../x"']
 # The values that reach furthest into a cmdlet once its other parameters are right (the examples below).
 HOSTILE_VALUES = ['"a`r`nb"', '"x`0y"', '("x" * 5000)', "$null", '"../../x"', '@{Add="x"}']
 _WAITS_OR_PROMPTS = {"Start-Sleep", "Get-Credential", "Read-Host"}
@@ -323,6 +323,13 @@ def internal_errors(home, texts) -> tuple[int, list[str]]:
         if any(sign in reported for sign in ("This is a bug", "Traceback", "internal error")):
             failures.append(f"{text[:300]}: {reported.splitlines()[0][:200]}")
     return tried, failures
+
+
+def _work_inside(tmp_path, monkeypatch) -> None:
+    """Files the cmdlets write (Out-File "*", -RequestFile "../../x") land in ``tmp_path``, two levels down."""
+    workdir = tmp_path / "a" / "b"
+    workdir.mkdir(parents=True)
+    monkeypatch.chdir(workdir)
 
 
 def _confirmed(cmd, text: str) -> str:
@@ -365,7 +372,7 @@ def test_no_value_of_any_parameter_of_any_cmdlet_is_an_internal_error(home, tmp_
     """Every cmdlet, every parameter, each odd value: a clear error or a result, never "This is a bug"."""
     from mailgate.manage.cmdlets import registry
 
-    monkeypatch.chdir(tmp_path)   # files that cmdlets write (Out-File "*") land here
+    _work_inside(tmp_path, monkeypatch)
     cmdlets = sorted((c for c in registry.all() if c.name not in _WAITS_OR_PROMPTS | _NETWORK), key=lambda c: c.name)
     tried, failures = internal_errors(home, odd_value_texts(cmdlets))
     assert tried > 1000 and not failures, "\n".join(failures)
@@ -379,9 +386,7 @@ def test_no_hostile_value_in_a_cmdlets_own_example_is_an_internal_error(home, tm
     Set-Mailbox -EmailAddresses @{Add=...}."""
     from mailgate.manage.cmdlets import registry
 
-    workdir = tmp_path / "a" / "b"   # files that cmdlets write land here, and "../../x" in tmp_path
-    workdir.mkdir(parents=True)
-    monkeypatch.chdir(workdir)
+    _work_inside(tmp_path, monkeypatch)
     assert shell(home, "New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com").ok   # what examples name
     cmdlets = sorted((c for c in registry.all() if c.name not in _WAITS_OR_PROMPTS | _NETWORK), key=lambda c: c.name)
     tried, failures = internal_errors(home, example_texts(cmdlets))
@@ -406,7 +411,7 @@ def test_no_value_given_to_the_queue_cmdlets_is_an_internal_error_in_the_running
     """The same with the server running, for the cmdlets that it answers (queues and messages)."""
     from mailgate.manage.cmdlets import registry
 
-    monkeypatch.chdir(tmp_path)
+    _work_inside(tmp_path, monkeypatch)
     cmdlets = [registry.get(name) for name in ("Get-Queue", "Get-QueueDigest", "Suspend-Queue", "Resume-Queue",
                                                "Retry-Queue", "Get-Message", "Suspend-Message", "Resume-Message",
                                                "Remove-Message", "Export-Message", "Redirect-Message")]

@@ -187,8 +187,9 @@ def _check_mailbox(tx: ConfigTransaction, mailbox: Mailbox) -> None:
 
 
 def _alias_from(name: str) -> str:
+    """The alias Exchange makes of a name: spaces become dots, what an address can't hold goes, dots don't repeat."""
     alias = re.sub(r"[^A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.]", "", name.replace(" ", "."))
-    return alias.strip(".") or "mailbox"
+    return re.sub(r"\.{2,}", ".", alias).strip(".") or "mailbox"
 
 
 def _sync_primary(mailbox: Mailbox, primary: str) -> list[str]:
@@ -242,7 +243,11 @@ def new_mailbox(ctx: ManagementContext, args: dict[str, Any]) -> list[Any]:
             if default is None:
                 raise ParameterError("No accepted domain exists: give -PrimarySmtpAddress or create one with "
                                      "New-AcceptedDomain.", parameter="PrimarySmtpAddress")
-            primary = parse_smtp_address(f"{alias}@{default.domain_name.removeprefix('*.')}")
+            try:
+                primary = parse_smtp_address(f"{alias}@{default.domain_name.removeprefix('*.')}")
+            except ValueError as exc:
+                raise InvalidValueError(f"The alias makes no address in {default.domain_name}: {exc}. Give -Alias or "
+                                        "-PrimarySmtpAddress.", parameter="Alias") from None
         mailbox = validate(Mailbox, dict(name=args["Name"], alias=alias, display_name=args.get("DisplayName") or args["Name"],
                                          primary_smtp_address=primary, email_addresses=[f"SMTP:{primary}"]))
         changes = {k: v for k, v in args.items() if k in ("EmailAddresses", "ForwardingSmtpAddress",
