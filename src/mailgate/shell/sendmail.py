@@ -73,7 +73,7 @@ def _tls_context(ctx: ManagementContext) -> ssl.SSLContext:
 _LINE_BREAKS = ("\r", "\n", "\x00")
 
 
-def _addresses(text: str) -> list[str]:
+def _addresses(text: str, parameter: str) -> list[str]:
     """What .NET's MailAddressCollection takes: "user@domain", "Display Name <user@domain>", or several of them
     separated by commas; nothing with CR, LF or NUL (a header or an SMTP command of its own). The addresses alone
     are returned, for the envelope."""
@@ -83,22 +83,25 @@ def _addresses(text: str) -> list[str]:
             raise AddressError("not an address")
         for _, address in parsed:
             parse_mailbox(address, utf8=not address.isascii())
-    except (AddressError, ValueError):
-        raise UserError(f'The specified string is not in the form required for an e-mail address: "{text}".') from None
+    except ValueError:   # AddressError, or a domain parse_mailbox refused
+        raise InvalidValueError(f'The specified string is not in the form required for an e-mail address: "{text}".',
+                                parameter=parameter) from None
     return [address for _, address in parsed]
 
 
 def _envelope(args: dict[str, Any]) -> tuple[str, list[str]]:
     """The envelope's sender and recipients. A parameter that would break a header or the SMTP dialogue is an error
     before anything is sent, as .NET refuses it when it builds the message."""
-    senders = _addresses(args["From"])
+    senders = _addresses(args["From"], "From")
     if len(senders) != 1:
-        raise UserError(f'The specified string is not in the form required for an e-mail address: "{args["From"]}".')
-    recipients = [a for name in ("To", "Cc", "Bcc") for text in (args.get(name) or []) for a in _addresses(text)]
+        raise InvalidValueError(f'The specified string is not in the form required for an e-mail address: '
+                                f'"{args["From"]}".', parameter="From")
+    recipients = [a for name in ("To", "Cc", "Bcc") for text in (args.get(name) or []) for a in _addresses(text, name)]
     for reply_to in args.get("ReplyTo") or []:
-        _addresses(reply_to)
+        _addresses(reply_to, "ReplyTo")
     if any(c in args["Subject"] for c in _LINE_BREAKS):
-        raise UserError("The specified string is not in the form required for a subject: it holds a line break.")
+        raise InvalidValueError("The specified string is not in the form required for a subject: it holds a line "
+                                "break.", parameter="Subject")
     for path in args.get("Attachments") or []:   # its name goes into a header
         if any(c in path for c in _LINE_BREAKS):
             raise InvalidValueError("Illegal characters in path: an attachment's name can't hold a line break or NUL.",
