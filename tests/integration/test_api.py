@@ -143,6 +143,40 @@ def test_every_cmdlet_is_an_authenticated_documented_endpoint(admin_server):
     assert "True" in shell(srv.home, 'Get-ReceiveConnector "Default Frontend EX01" | fl Enabled').out
 
 
+# JSON an API client (or a script gone wrong) may send for any parameter.
+HOSTILE_JSON = [{}, [[]], {"Add": {"x": 1}}, {"Remove": "absent"}, 1e308, 2 ** 70, "a\r\nb", "x" * 5000, "../../x",
+                ["a", 1, None]]
+
+
+def test_no_json_value_of_any_parameter_of_any_cmdlet_is_a_server_error(admin_server):
+    """Each cmdlet of the API, each parameter alone, each hostile JSON value: a 400 with its reason or a result,
+    never a 500 or "a bug in mailgate" (New-Mailbox {"Name": "../../x"} was a 500: no address for its alias)."""
+    srv = admin_server
+    cmdlets = httpx.get(f"{srv.url}/api/cmdlets", timeout=30,
+                        headers={"Authorization": f"Bearer {srv.home.admin_token}"}).json()
+    network = {"Send-MailMessage", "Resolve-DnsName", "Test-NetConnection"}   # shell commands, not the API's
+    failures, tried = [], 0
+    with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {srv.home.admin_token}"}) as client:
+        for cmdlet in cmdlets:
+            if cmdlet["name"] in network:
+                continue
+            for param in cmdlet["parameters"]:
+                if param["name"] in ("Follow", "FollowSeconds", "Confirm"):
+                    continue
+                for value in HOSTILE_JSON:
+                    body = {param["name"]: value, **({"Confirm": False} if param["name"] != "Confirm" else {})}
+                    tried += 1
+                    try:
+                        r = client.post(f"{srv.url}/api/cmdlets/{cmdlet['name']}", json=body)
+                    except httpx.TransportError as exc:   # the server's 500 may end the connection as well
+                        failures.append(f"{cmdlet['name']} {str(body)[:100]}: connection dropped ({exc})")
+                        continue
+                    if r.status_code >= 500 or "bug in mailgate" in r.text:
+                        failures.append(f"{cmdlet['name']} {str(body)[:100]}: {r.status_code} {r.text[:200]}")
+    assert tried > 3000 and not failures, "\n".join(failures)
+    assert "Traceback" not in srv.output()
+
+
 def test_metrics_count_every_worker(admin_server):
     srv = admin_server
     for i in range(6):   # several connections, so that SO_REUSEPORT spreads them over the workers
