@@ -70,7 +70,9 @@ def _tls_context(ctx: ManagementContext) -> ssl.SSLContext:
     return context
 
 
-_LINE_BREAKS = ("\r", "\n", "\x00")
+def _breaks_a_line(text: str) -> bool:
+    """CR, LF or NUL: in a header or a command it would end the line, or the string, early."""
+    return "\r" in text or "\n" in text or "\x00" in text
 
 
 def _addresses(text: str, parameter: str) -> list[str]:
@@ -79,7 +81,7 @@ def _addresses(text: str, parameter: str) -> list[str]:
     are returned, for the envelope."""
     parsed = email.utils.getaddresses([text])
     try:
-        if any(c in text for c in _LINE_BREAKS) or not parsed or not all(address for _, address in parsed):
+        if _breaks_a_line(text) or not parsed or not all(address for _, address in parsed):
             raise AddressError("not an address")
         for _, address in parsed:
             parse_mailbox(address, utf8=not address.isascii())
@@ -99,11 +101,11 @@ def _envelope(args: dict[str, Any]) -> tuple[str, list[str]]:
     recipients = [a for name in ("To", "Cc", "Bcc") for text in (args.get(name) or []) for a in _addresses(text, name)]
     for reply_to in args.get("ReplyTo") or []:
         _addresses(reply_to, "ReplyTo")
-    if any(c in args["Subject"] for c in _LINE_BREAKS):
+    if _breaks_a_line(args["Subject"]):
         raise InvalidValueError("The specified string is not in the form required for a subject: it holds a line "
                                 "break.", parameter="Subject")
     for path in args.get("Attachments") or []:   # its name goes into a header
-        if any(c in path for c in _LINE_BREAKS):
+        if _breaks_a_line(path):
             raise InvalidValueError("Illegal characters in path: an attachment's name can't hold a line break or NUL.",
                                     parameter="Attachments")
     return senders[0], recipients
