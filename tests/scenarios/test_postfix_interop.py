@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 import trustme
-from helpers import Server, free_port, maildir_messages, shell, synced, wait_for
+from helpers import Server, free_port, maildir_messages, protocol_log, shell, synced, tracking_events, wait_for
 from postfix import Postfix, available
 
 pytestmark = pytest.mark.skipif(not available(), reason="Postfix (installed by `make test`) and root are needed")
@@ -95,6 +95,43 @@ New-SendConnector ToPostfix -AddressSpaces postfix.test -SmartHosts 127.0.0.54 -
         refused_at = next(i for i, c in enumerate(commands) if c == "RCPT TO:<nobody@postfix.test>")
         assert commands.index("RCPT TO:<alice@postfix.test>") > commands.index("RSET", refused_at)
         assert "RSET" not in commands[:refused_at]
+    finally:
+        srv.stop()
+        pf.stop()
+
+
+def test_recipients_beyond_postfixs_limit_go_in_further_transactions_at_once(home, ports, tmp_path):
+    """Postfix with smtpd_recipient_limit 2 answers "452 4.5.3 Error: too many recipients" to the third RCPT of a
+    transaction. mailgate sends those recipients in further transactions on the same connection (RFC 5321
+    4.5.3.1.10), not after MessageRetryInterval (ten minutes here): every mailbox has the message at once, and
+    the tracking log has one SEND for the five recipients and no DEFER."""
+    port = free_port("127.0.0.56")
+    boxes = tuple(f"user{n}" for n in range(5))
+    pf = Postfix(tmp_path / "pf", "127.0.0.56", port, mailboxes=boxes, extra={"smtpd_recipient_limit": "2"}).start()
+    r = shell(home, f'''
+New-ReceiveConnector Relay -Bindings 127.0.0.1:{ports["frontend"]} -RemoteIPRanges 127.0.0.2 -Usage Custom `
+    -PermissionGroups AnonymousUsers -TarpitInterval 00:00:00
+Add-ADPermission Relay -User "NT AUTHORITY\\ANONYMOUS LOGON" -ExtendedRights ms-Exch-SMTP-Accept-Any-Recipient
+New-SendConnector ToPostfix -AddressSpaces postfix.test -SmartHosts 127.0.0.56 -Port {port} -ProtocolLoggingLevel Verbose
+Set-TransportService EX01 -MessageRetryInterval 00:10:00
+''', runtime=None)
+    assert r.ok, r.err
+    srv = Server(home).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", ports["frontend"], source_address=("127.0.0.2", 0), timeout=30) as c:
+            assert c.sendmail("app@domain.com", [f"{b}@postfix.test" for b in boxes],
+                              b"Subject: to five\r\n\r\nhello\r\n") == {}
+        wait_for(lambda: all(pf.mailbox(b) for b in boxes), timeout=60, message="the message in all five mailboxes")
+        assert all(len(pf.mailbox(b)) == 1 for b in boxes)
+        # The limit was met: Postfix refused three RCPTs, then one, and one connection carried it all.
+        log = protocol_log(home, "Send", until=["452 4.5.3"])
+        assert log.count("452 4.5.3 Error: too many recipients") == 4 and log.count("MAIL FROM:<app@domain.com>") == 3
+        assert log.count("EHLO ") == 1
+        events = tracking_events(home, "-Sender app@domain.com", until=["RECEIVE", "SEND"])
+        assert events == ["RECEIVE", "SEND"]   # the message's outcomes are recorded once, no recipient deferred
+        count = shell(home, "Get-MessageTrackingLog -EventId SEND | ForEach-Object { $_.RecipientCount }").out.split()
+        assert count == ["5"]
+        assert shell(home, "(Get-Queue | Measure-Object -Property MessageCount -Sum).Sum").out.strip() == "0"
     finally:
         srv.stop()
         pf.stop()

@@ -82,3 +82,51 @@ def test_a_hang_up_at_the_first_or_last_dot(hang_up):
     assert isinstance(error, ConnectionLost)
     assert sorted(results) == list(range(hang_up - 1))
     assert len(peer.messages) == hang_up - 1
+
+
+def test_recipients_a_full_peer_refused_go_at_once_in_a_further_transaction():
+    """RFC 5321 4.5.3.1.10: a peer out of room for recipients answers 452 to the rest; the client sends them in
+    further transactions on the same connection (not after MessageRetryInterval), and reports the message once."""
+    peer = PipeliningPeer(max_recipients=2)
+    five = message(1, *(f"r{n}@peer.test" for n in range(5)))
+    reports: list[int] = []
+    results: dict[int, list[Outcome]] = {}
+
+    def on_result(i: int, outcomes: list[Outcome]) -> None:
+        reports.append(i)
+        results[i] = outcomes
+
+    async def run() -> None:
+        port = await peer.start()
+        conn = await SmtpConnection.open([Host("peer.test", ("127.0.0.1",), port)], SessionSettings(helo_name="mg.test"))
+        await conn.send_many([five, message(2)], on_result)
+        await conn.close()
+        await peer.stop()
+
+    asyncio.run(run())
+    assert sorted(reports) == [0, 1]   # each message reported once
+    assert sorted((o.idx, o.kind) for o in results[0]) == [(n, "delivered") for n in range(5)]
+    assert all(o.reply.startswith("250") for o in results[0])
+    got = sorted((m[0], tuple(m[1])) for m in peer.messages)
+    assert got == [("s1@sender.test", ("r0@peer.test", "r1@peer.test")), ("s1@sender.test", ("r2@peer.test", "r3@peer.test")),
+                   ("s1@sender.test", ("r4@peer.test",)), ("s2@sender.test", ("r2@peer.test",))]
+    assert len(peer.connections) == 1
+
+
+def test_a_452_to_every_recipient_is_reported_for_the_retry_without_another_transaction():
+    peer = PipeliningPeer(max_recipients=0)
+    conn, results, error = asyncio.run(send_all(peer, [message(1, "a@peer.test", "b@peer.test")]))
+    assert error is None
+    assert [(o.kind, o.reply[:9]) for o in results[0]] == [("transient", "452 4.5.3")] * 2
+    assert sum(r.count(b"MAIL FROM") for r in peer.reads) == 1 and not peer.messages
+
+
+def test_a_hang_up_during_the_further_transaction_reports_what_was_delivered():
+    """The first two recipients were delivered: they must not be sent again after the retry, so the message is
+    reported with them delivered and the other two waiting (452), though the connection failed."""
+    peer = PipeliningPeer(max_recipients=2, hang_up_after_dots=2)
+    conn, results, error = asyncio.run(send_all(peer, [message(1, *(f"r{n}@peer.test" for n in range(4)))]))
+    assert isinstance(error, ConnectionLost)
+    assert sorted((o.idx, o.kind, o.reply[:3]) for o in results[0]) == [
+        (0, "delivered", "250"), (1, "delivered", "250"), (2, "transient", "452"), (3, "transient", "452")]
+    assert [m[1] for m in peer.messages] == [["r0@peer.test", "r1@peer.test"]]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import ssl
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from mailgate.routing.dns import Host
@@ -375,26 +376,45 @@ class SmtpConnection:
 
         To a peer that pipelines but doesn't offer CHUNKING, a message's body and its dot go out in the same
         write as the next message's MAIL, RCPT and DATA (RFC 2920 lets the message content open a command
-        group): one round trip per message instead of two."""
+        group): one round trip per message instead of two.
+
+        A peer out of room for recipients answers 452 to the RCPTs beyond its limit (Exchange after
+        MaxRecipientsPerMessage, Postfix after smtpd_recipient_limit); when the same transaction delivered to
+        the others, the refused ones go at once in a further transaction (RFC 5321 4.5.3.1.10), see
+        ``_Transactions``."""
+        plan = _Transactions(msgs, on_result)
+        self.current = 0
+        try:
+            await self._send_planned(plan)
+        except BaseException:
+            plan.report_unfinished()
+            raise
+
+    async def _send_planned(self, plan: "_Transactions") -> None:
         carry = b""                                                    # a body and its dot, not yet written
-        awaiting: tuple[int, list[OutRecipient], list[Outcome], bool] | None = None   # whose reply ends `carry`
-        for i, msg in enumerate(msgs):
-            self.current = i
+        awaiting: _Awaited | None = None                               # whose reply ends `carry`
+        while plan.todo or awaiting is not None:
+            if not plan.todo:   # the last reply may still add a transaction (``_Transactions.report``)
+                await self._end_carried(carry, awaiting, plan)
+                carry, awaiting = b"", None
+                continue
+            i, msg = plan.todo.popleft()
+            self.current = max(self.current, i)
             if self._in_transaction:   # the previous message ended early (no recipient, DATA refused, BDAT failed)
                 if not await self.reset():
                     raise ConnectionLost("the peer refused RSET after an unfinished transaction")
                 self._in_transaction = False
             envelope = self._prepare(msg)
             if isinstance(envelope, list):
-                on_result(i, envelope)
+                plan.report(i, msg, envelope)
                 continue
             chainable = envelope.pipelining and not envelope.use_bdat and not self.settings.lmtp
             body = _in_memory(msg.body) if chainable else None
             if body is None:
                 if awaiting is not None:
-                    await self._end_carried(carry, awaiting, on_result)
+                    await self._end_carried(carry, awaiting, plan)
                     carry, awaiting = b"", None
-                on_result(i, await self._transaction(msg, envelope))
+                plan.report(i, msg, await self._transaction(msg, envelope))
                 continue
             commands = b"".join([envelope.mail, *envelope.rcpts, b"DATA\r\n"])
             self._log_sent(commands)
@@ -402,33 +422,29 @@ class SmtpConnection:
             carry = b""
             await self._drain()
             if awaiting is not None:
-                self._finish(awaiting, [await self._reply()], on_result)
+                self._finish(awaiting, [await self._reply()], plan)
                 awaiting = None
             mail_reply = await self._reply()
             rcpt_replies = [await self._reply() for _ in envelope.rcpts]
             data_reply = await self._reply()
             accepted, outcomes = await self._settle(msg, envelope, mail_reply, rcpt_replies, data_reply)
             if accepted is None:
-                on_result(i, outcomes)
+                plan.report(i, msg, outcomes)
                 continue
             self._log_message(msg)
             stuffer = C.DotStuffer(normalised=msg.lines_normalised)
             carry = stuffer.feed(body) + stuffer.finish()
-            awaiting = (i, accepted, outcomes, envelope.dsn)
+            awaiting = _Awaited(i, msg, accepted, outcomes, envelope.dsn)
             self._in_transaction = False   # the dot in `carry` ends it, whatever the reply
-        if awaiting is not None:
-            await self._end_carried(carry, awaiting, on_result)
 
-    async def _end_carried(self, carry: bytes, awaiting: tuple[int, list[OutRecipient], list[Outcome], bool],
-                           on_result: Callable[[int, list[Outcome]], None]) -> None:
+    async def _end_carried(self, carry: bytes, awaiting: "_Awaited", plan: "_Transactions") -> None:
         self.writer.write(carry)
         await self._drain()
-        self._finish(awaiting, [await self._reply()], on_result)
+        self._finish(awaiting, [await self._reply()], plan)
 
-    def _finish(self, awaiting: tuple[int, list[OutRecipient], list[Outcome], bool], final: list[Reply],
-                on_result: Callable[[int, list[Outcome]], None]) -> None:
-        i, accepted, outcomes, dsn = awaiting
-        on_result(i, outcomes + self._final_outcomes(accepted, final, dsn))
+    def _finish(self, awaiting: "_Awaited", final: list[Reply], plan: "_Transactions") -> None:
+        plan.report(awaiting.i, awaiting.msg,
+                    awaiting.outcomes + self._final_outcomes(awaiting.accepted, final, awaiting.dsn))
 
     def _prepare(self, msg: OutboundMessage) -> "_Envelope | list[Outcome]":
         """The commands of a message's envelope, or its outcomes if this peer can't take it."""
@@ -614,6 +630,51 @@ class _Envelope:
     use_bdat: bool
     pipelining: bool
     dsn: bool
+
+
+@dataclass(slots=True)
+class _Awaited:
+    """A chained message whose body went out with the next envelope: its reply is read after that one's."""
+    i: int
+    msg: OutboundMessage
+    accepted: list[OutRecipient]
+    outcomes: list[Outcome]
+    dsn: bool
+
+
+class _Transactions:
+    """The transactions ``send_many`` has still to make, and the reporting of each message's outcomes.
+
+    A message whose transaction delivered to some recipients while the peer answered 452 to others (it was
+    out of room for recipients) gets a further transaction, made next, for those; its outcomes are reported
+    once, all together, when no recipient is left to try at once. A 452 to every recipient, or in a
+    transaction that delivered nothing, is the peer's trouble, not its limit: reported as it is, for a retry.
+    If the connection fails first, ``report_unfinished`` reports such a message with what is known and the
+    452s (those recipients wait for the retry), so nothing delivered is sent again."""
+
+    def __init__(self, msgs: list[OutboundMessage], on_result: Callable[[int, list[Outcome]], None]) -> None:
+        self.todo: deque[tuple[int, OutboundMessage]] = deque(enumerate(msgs))
+        self._on_result = on_result
+        self._known: dict[int, list[Outcome]] = {}      # outcomes of a message whose further transaction is due
+        self._refused: dict[int, list[Outcome]] = {}    # the 452s that transaction is trying again
+
+    def report(self, i: int, msg: OutboundMessage, outcomes: list[Outcome]) -> None:
+        known = self._known.pop(i, [])
+        self._refused.pop(i, None)
+        refused = [o for o in outcomes if o.reply.startswith("452")]
+        if refused and any(o.kind == "delivered" for o in outcomes):
+            again = {o.idx for o in refused}
+            self._known[i] = known + [o for o in outcomes if o.idx not in again]
+            self._refused[i] = refused
+            self.todo.appendleft((i, replace(msg, recipients=[r for r in msg.recipients if r.idx in again])))
+            return
+        self._on_result(i, known + outcomes)
+
+    def report_unfinished(self) -> None:
+        for i, known in self._known.items():
+            self._on_result(i, known + self._refused[i])
+        self._known.clear()
+        self._refused.clear()
 
 
 def _chunks(body: Any) -> Any:
