@@ -276,12 +276,12 @@ class DeafPeer(_ListeningPeer):
 
 class PipeliningPeer:
     """A scripted SMTP server offering PIPELINING only. It keeps every read as it arrived and the messages
-    it accepted; ``rcpt_reply`` may refuse addresses, ``max_recipients`` answers 452 4.5.3 to the RCPTs of a
-    transaction beyond that many (as Postfix's smtpd_recipient_limit does) and ``hang_up_after_dots`` closes the
-    connection, without replying, once that many bodies have ended."""
+    it accepted; ``rcpt_reply`` may refuse addresses, ``max_recipients`` answers ``limit_reply`` to the RCPTs of
+    a transaction beyond that many (as Postfix's smtpd_recipient_limit does) and ``hang_up_after_dots`` closes
+    the connection, without replying, once that many bodies have ended."""
 
     def __init__(self, rcpt_reply: Callable[[str], str] | None = None, hang_up_after_dots: int | None = None,
-                 max_recipients: int | None = None) -> None:
+                 max_recipients: int | None = None, limit_reply: str = "452 4.5.3 Error: too many recipients") -> None:
         self.reads: list[bytes] = []
         self.connections: list[list[bytes]] = []   # the reads of each connection, in the order they opened
         self.accepted_on: list[int] = []           # for each message taken, the index of its connection
@@ -290,6 +290,7 @@ class PipeliningPeer:
         self.rcpt_reply = rcpt_reply or (lambda address: "250 2.1.5 Ok")
         self.hang_up_after_dots = hang_up_after_dots
         self.max_recipients = max_recipients
+        self.limit_reply = limit_reply
         self.dots = 0
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -353,7 +354,7 @@ class PipeliningPeer:
                         address = command[8:].strip("<>")
                         reply = self.rcpt_reply(address)
                         if self.max_recipients is not None and len(rcpts) >= self.max_recipients:
-                            reply = "452 4.5.3 Error: too many recipients"
+                            reply = self.limit_reply
                         if reply.startswith("250"):
                             rcpts.append(address)
                         out += reply.encode() + b"\r\n"

@@ -84,10 +84,12 @@ def test_a_hang_up_at_the_first_or_last_dot(hang_up):
     assert len(peer.messages) == hang_up - 1
 
 
-def test_recipients_a_full_peer_refused_go_at_once_in_a_further_transaction():
-    """RFC 5321 4.5.3.1.10: a peer out of room for recipients answers 452 to the rest; the client sends them in
-    further transactions on the same connection (not after MessageRetryInterval), and reports the message once."""
-    peer = PipeliningPeer(max_recipients=2)
+@pytest.mark.parametrize("limit_reply", ["452 4.5.3 Error: too many recipients", "552 Too many recipients"])
+def test_recipients_a_full_peer_refused_go_at_once_in_a_further_transaction(limit_reply):
+    """RFC 5321 4.5.3.1.10: a peer out of room for recipients answers 452 to the rest (or 552, as RFC 821 had
+    it); the client sends them in further transactions on the same connection (not after
+    MessageRetryInterval), and reports the message once."""
+    peer = PipeliningPeer(max_recipients=2, limit_reply=limit_reply)
     five = message(1, *(f"r{n}@peer.test" for n in range(5)))
     reports: list[int] = []
     results: dict[int, list[Outcome]] = {}
@@ -130,3 +132,11 @@ def test_a_hang_up_during_the_further_transaction_reports_what_was_delivered():
     assert sorted((o.idx, o.kind, o.reply[:3]) for o in results[0]) == [
         (0, "delivered", "250"), (1, "delivered", "250"), (2, "transient", "452"), (3, "transient", "452")]
     assert [m[1] for m in peer.messages] == [["r0@peer.test", "r1@peer.test"]]
+
+
+def test_a_552_for_a_full_mailbox_is_final_and_gets_no_further_transaction():
+    peer = PipeliningPeer(rcpt_reply=lambda a: "552 5.2.2 Mailbox full" if a.startswith("full") else "250 Ok")
+    conn, results, error = asyncio.run(send_all(peer, [message(1, "a@peer.test", "full@peer.test")]))
+    assert error is None
+    assert sorted((o.idx, o.kind) for o in results[0]) == [(0, "delivered"), (1, "permanent")]
+    assert [m[1] for m in peer.messages] == [["a@peer.test"]]

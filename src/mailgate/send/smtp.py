@@ -53,6 +53,7 @@ class Outcome:
     kind: str          # delivered | transient | permanent
     reply: str
     relayed: bool = False  # accepted by a peer without DSN support (we owe a "relayed" DSN)
+    over_limit: bool = False   # refused as beyond the peer's recipients per transaction (``_over_recipient_limit``)
 
 
 @dataclass
@@ -487,7 +488,7 @@ class SmtpConnection:
             return None, self._all(msg, mail_reply)
         self._in_transaction = True
         accepted = [r for r, reply in zip(msg.recipients, rcpt_replies) if reply.code in (250, 251)]
-        outcomes = [Outcome(r.idx, _kind(reply), str(reply)) for r, reply in zip(msg.recipients, rcpt_replies)
+        outcomes = [_rcpt_outcome(r, reply) for r, reply in zip(msg.recipients, rcpt_replies)
                     if reply.code not in (250, 251)]
         if not accepted:
             if data_reply is not None and data_reply.code == 354:
@@ -645,8 +646,8 @@ class _Awaited:
 class _Transactions:
     """The transactions ``send_many`` has still to make, and the reporting of each message's outcomes.
 
-    A message whose transaction delivered to some recipients while the peer answered 452 to others (it was
-    out of room for recipients) gets a further transaction, made next, for those; its outcomes are reported
+    A message whose transaction delivered to some recipients while the peer refused others as over its limit
+    (``Outcome.over_limit``) gets a further transaction, made next, for those; its outcomes are reported
     once, all together, when no recipient is left to try at once. A 452 to every recipient, or in a
     transaction that delivered nothing, is the peer's trouble, not its limit: reported as it is, for a retry.
     If the connection fails first, ``report_unfinished`` reports such a message with what is known and the
@@ -661,7 +662,7 @@ class _Transactions:
     def report(self, i: int, msg: OutboundMessage, outcomes: list[Outcome]) -> None:
         known = self._known.pop(i, [])
         self._refused.pop(i, None)
-        refused = [o for o in outcomes if o.reply.startswith("452")]
+        refused = [o for o in outcomes if o.over_limit]
         if refused and any(o.kind == "delivered" for o in outcomes):
             again = {o.idx for o in refused}
             self._known[i] = known + [o for o in outcomes if o.idx not in again]
@@ -684,6 +685,20 @@ def _chunks(body: Any) -> Any:
 def _in_memory(body: Any) -> bytes | None:
     """The whole body, unless it is large enough to be read from its file piece by piece."""
     return body if isinstance(body, bytes) else None if body.large else body.read()
+
+
+def _over_recipient_limit(reply: Reply) -> bool:
+    """A RCPT refused because the transaction has as many recipients as the peer takes: 452 (RFC 5321
+    4.5.3.1.10), or the 552 "too many recipients" of RFC 821, which RFC 5321 says to take as 452."""
+    if reply.code == 452:
+        return True
+    return reply.code == 552 and (reply.enhanced == "5.5.3" or "too many recipients" in " ".join(reply.lines).lower())
+
+
+def _rcpt_outcome(recipient: OutRecipient, reply: Reply) -> Outcome:
+    if _over_recipient_limit(reply):
+        return Outcome(recipient.idx, "transient", str(reply), over_limit=True)
+    return Outcome(recipient.idx, _kind(reply), str(reply))
 
 
 def _kind(reply: Reply) -> str:
