@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from helpers import ROOT, bind_ports, cli, free_port, make_home, shell, synced, wait_for
+from helpers import ROOT, Server, bind_ports, cli, free_port, maildir_messages, make_home, shell, synced, wait_for
 
 
 def serve(home, workers: int) -> subprocess.Popen[str]:
@@ -367,3 +367,75 @@ def test_a_binding_held_by_another_program_is_taken_as_soon_as_it_is_free(home, 
     finally:
         held.close()
         stop(proc)
+
+
+class _Client:
+    """A raw SMTP client that stops wherever the test wants."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+        self.file = self.sock.makefile("rb")
+        assert self.reply().startswith(b"220 ")
+
+    def reply(self) -> bytes:
+        lines = []
+        while True:
+            line = self.file.readline()
+            lines.append(line)
+            if line[3:4] != b"-":
+                return b"".join(lines)
+
+    def command(self, line: bytes) -> bytes:
+        self.sock.sendall(line + b"\r\n")
+        return self.reply()
+
+    def into_data(self, recipient: bytes) -> None:
+        assert self.command(b"EHLO client.test").startswith(b"250")
+        assert self.command(b"MAIL FROM:<app@client.test>").startswith(b"250")
+        assert self.command(b"RCPT TO:<" + recipient + b">").startswith(b"250")
+        assert self.command(b"DATA").startswith(b"354")
+
+
+def test_sigterm_lets_a_message_being_sent_finish_and_turns_the_rest_away(home, ports):
+    """SPEC: serve drains gracefully on SIGTERM. Listening stops at once; a session between messages gets
+    421 4.3.2 at once; one whose message body is arriving may finish it and gets its 250 (the message is kept
+    and delivered), then 421 at its next command; a body still unfinished after the 10 s grace is cut off
+    unanswered (the sender tries again: nothing it was told is taken is lost)."""
+    assert shell(home, "New-Mailbox -Name Admin -PrimarySmtpAddress admin@domain.com").ok
+    srv = Server(home)
+    srv.ports = ports
+    srv.start()
+    port = ports["frontend"]
+    idle, in_envelope, finishing, stalled = (_Client(port) for _ in range(4))
+    assert idle.command(b"EHLO client.test").startswith(b"250")
+    assert in_envelope.command(b"EHLO client.test").startswith(b"250")
+    assert in_envelope.command(b"MAIL FROM:<app@client.test>").startswith(b"250")
+    finishing.into_data(b"admin@domain.com")
+    finishing.sock.sendall(b"Subject: sent while the server stops\r\n\r\nfirst half\r\n")
+    stalled.into_data(b"admin@domain.com")
+    stalled.sock.sendall(b"Subject: never finished\r\n\r\nstarted\r\n")
+    started = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    assert idle.reply() == b"421 4.3.2 Service not available\r\n"
+    assert in_envelope.reply() == b"421 4.3.2 Service not available\r\n"
+    wait_for(lambda: _refused(port), timeout=5, message="the listener to close")
+    time.sleep(1)
+    end = finishing.command(b"second half\r\n.")
+    assert end.startswith(b"250 2.6.0"), end
+    assert finishing.command(b"MAIL FROM:<app@client.test>") == b"421 4.3.2 Service not available\r\n"
+    assert stalled.file.read() == b""   # closed at the end of the grace, the body never answered
+    assert srv.proc.wait(30) == 0
+    assert 9 < time.monotonic() - started < 25
+    srv.stop()
+    srv.start()
+    got = wait_for(lambda: maildir_messages(home, "admin@domain.com"), timeout=20, message="the finished message")
+    assert len(got) == 1 and b"sent while the server stops" in got[0] and b"second half" in got[0]
+    srv.stop()
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False

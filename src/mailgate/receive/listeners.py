@@ -224,16 +224,15 @@ class ReceiveServer:
         self.listeners.clear()
 
     async def drain(self, grace: float) -> None:
-        """Let sessions finish what they are doing, then end the rest with 421."""
+        """End each session with 421 once it is between messages; a message whose body is arriving or being
+        committed may finish first, within ``grace`` seconds; what is left then is cut off unanswered."""
         deadline = self.loop.time() + grace
         for session in list(self.sessions):
-            if not session._blocked:
-                session.shutdown()
+            session.shutdown()
         while self.sessions and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
             for session in list(self.sessions):
-                if not session._blocked:
-                    session.shutdown()
+                session.shutdown()
         for session in list(self.sessions):
             if session.transport is not None:
                 session.transport.abort()

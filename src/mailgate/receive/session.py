@@ -62,6 +62,7 @@ class SmtpSession(asyncio.Protocol):
         self._out: list[bytes] = []
         self._blocked = False
         self._closing = False
+        self._draining = False                    # the server is stopping: the next command gets 421
         self._reading_paused = False
         self._write_paused = False
         self.authenticated: str | None = None     # the mailbox's primary address
@@ -194,13 +195,18 @@ class SmtpSession(asyncio.Protocol):
             self.transport.close()
 
     def shutdown(self) -> None:
-        """The server is stopping: end the session now unless a message is being committed."""
+        """The server is stopping: end the session with 421 now, unless a message's body is arriving or being
+        committed. That message may still be taken (``ReceiveServer.drain`` waits for it, within its grace):
+        the client is answered, and its next command gets the 421 (``_process``)."""
         if self._closing:
             return
-        if not self._blocked:
-            self._write(self.machine.reply(RP.SERVICE_NOT_AVAILABLE) if hasattr(self, "machine")
-                        else RP.SERVICE_NOT_AVAILABLE.encode())
-            self._close()
+        self._draining = True
+        machine = getattr(self, "machine", None)
+        if self._blocked or (machine is not None and machine.state in S.BODY_STATES):
+            return
+        self._write(machine.reply(RP.SERVICE_NOT_AVAILABLE) if machine is not None
+                    else RP.SERVICE_NOT_AVAILABLE.encode())
+        self._close()
 
     # -- timers ------------------------------------------------------------------------
     def _arm_timer(self) -> None:
@@ -239,6 +245,9 @@ class SmtpSession(asyncio.Protocol):
             while not self._blocked and not self._closing:
                 event = machine.next_event()
                 if event is S.NEED_DATA:
+                    break
+                if self._draining and machine.state not in S.BODY_STATES:   # a command after the last message
+                    self._reply(RP.SERVICE_NOT_AVAILABLE)
                     break
                 self._dispatch(event)
         except Exception:  # noqa: BLE001 - a bug must end this session, not the server

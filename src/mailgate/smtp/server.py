@@ -60,6 +60,10 @@ class State(Enum):
     CLOSED = auto()
 
 
+# A message's body is arriving (or, in BDAT_WAIT, more chunks of it are due).
+BODY_STATES = frozenset({State.DATA, State.BDAT, State.BDAT_WAIT})
+
+
 class _NeedData:
     def __repr__(self) -> str:
         return "NEED_DATA"
