@@ -389,6 +389,10 @@ class _Client:
         self.sock.sendall(line + b"\r\n")
         return self.reply()
 
+    def chunk(self, data: bytes, *, last: bool = False) -> bytes:
+        self.sock.sendall(b"BDAT %d%s\r\n" % (len(data), b" LAST" if last else b"") + data)
+        return self.reply()
+
     def into_data(self, recipient: bytes) -> None:
         assert self.command(b"EHLO client.test").startswith(b"250")
         assert self.command(b"MAIL FROM:<app@client.test>").startswith(b"250")
@@ -414,6 +418,11 @@ def test_sigterm_lets_a_message_being_sent_finish_and_turns_the_rest_away(home, 
     finishing.sock.sendall(b"Subject: sent while the server stops\r\n\r\nfirst half\r\n")
     stalled.into_data(b"admin@domain.com")
     stalled.sock.sendall(b"Subject: never finished\r\n\r\nstarted\r\n")
+    chunked = _Client(port)   # BDAT: between two chunks of its message when the server is told to stop
+    assert chunked.command(b"EHLO client.test").startswith(b"250")
+    assert chunked.command(b"MAIL FROM:<app@client.test>").startswith(b"250")
+    assert chunked.command(b"RCPT TO:<admin@domain.com>").startswith(b"250")
+    assert chunked.chunk(b"Subject: sent in chunks\r\n\r\n").startswith(b"250")
     started = time.monotonic()
     srv.proc.send_signal(signal.SIGTERM)
     assert idle.reply() == b"421 4.3.2 Service not available\r\n"
@@ -423,13 +432,17 @@ def test_sigterm_lets_a_message_being_sent_finish_and_turns_the_rest_away(home, 
     end = finishing.command(b"second half\r\n.")
     assert end.startswith(b"250 2.6.0"), end
     assert finishing.command(b"MAIL FROM:<app@client.test>") == b"421 4.3.2 Service not available\r\n"
+    assert chunked.chunk(b"the last chunk\r\n", last=True).startswith(b"250 2.6.0")
+    assert chunked.command(b"NOOP") == b"421 4.3.2 Service not available\r\n"
     assert stalled.file.read() == b""   # closed at the end of the grace, the body never answered
     assert srv.proc.wait(30) == 0
     assert 9 < time.monotonic() - started < 25
     srv.stop()
     srv.start()
-    got = wait_for(lambda: maildir_messages(home, "admin@domain.com"), timeout=20, message="the finished message")
-    assert len(got) == 1 and b"sent while the server stops" in got[0] and b"second half" in got[0]
+    got = wait_for(lambda: len(got := maildir_messages(home, "admin@domain.com")) == 2 and got, timeout=20,
+                   message="both finished messages")
+    assert [b"sent while the server stops" in m and b"second half" in m for m in got].count(True) == 1
+    assert [b"sent in chunks" in m and b"the last chunk" in m for m in got].count(True) == 1
     srv.stop()
 
 
