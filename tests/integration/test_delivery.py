@@ -269,6 +269,25 @@ def test_mail_delayed_past_delay_notification_timeout_gives_its_sender_one_delay
         peer.stop()
 
 
+def test_mail_to_a_unicode_domain_reaches_a_peer_without_smtputf8_in_a_labels(home, org, dns_server, peer_port):
+    """A client sends with SMTPUTF8 to kate@bücher.example; the MX, which doesn't offer SMTPUTF8, is found under
+    the domain's A-label name and gets the address in A-labels, as Postfix would send it; no NDR."""
+    dns_server.add("xn--bcher-kva.example", "MX", "10 mx1.xn--bcher-kva.example.")
+    dns_server.add("mx1.xn--bcher-kva.example", "A", "127.0.0.20")
+    peer = PipeliningPeer().start_in_thread("127.0.0.20", peer_port)
+    try:
+        with smtplib.SMTP("127.0.0.1", org.ports["frontend"], source_address=(RELAY_SOURCE, 0), timeout=30) as c:
+            c.ehlo("app.local")
+            assert c.sendmail("sender@domain.com", ["kate@bücher.example"], b"Subject: idn\r\n\r\nx\r\n",
+                              mail_options=["SMTPUTF8"]) == {}
+        sender, rcpts, _ = wait_for(lambda: peer.messages, timeout=30, message="delivery to the IDN domain's MX")[0]
+        assert (sender, rcpts) == ("sender@domain.com", ["kate@xn--bcher-kva.example"])
+        assert b"SMTPUTF8" not in b"".join(peer.reads)
+        assert not ndrs(home)
+    finally:
+        peer.stop_thread()
+
+
 def test_a_5xx_for_one_of_three_recipients_gives_one_ndr_for_that_one(home, org, dns_server, peer_port):
     dns_server.add("remote.example", "MX", "10 mx1.remote.example.")
     dns_server.add("mx1.remote.example", "A", "127.0.0.20")

@@ -140,3 +140,18 @@ def test_a_552_for_a_full_mailbox_is_final_and_gets_no_further_transaction():
     assert error is None
     assert sorted((o.idx, o.kind) for o in results[0]) == [(0, "delivered"), (1, "permanent")]
     assert [m[1] for m in peer.messages] == [["a@peer.test"]]
+
+
+def test_a_unicode_domain_goes_in_a_labels_to_a_peer_without_smtputf8():
+    """The peer doesn't offer SMTPUTF8: an address whose only non-ASCII part is its domain is written with the
+    domain in A-labels (as Postfix does, and as DNS routing looked it up); one with a non-ASCII local part
+    can't be written at all and fails, 553 5.6.7, without a transaction."""
+    peer = PipeliningPeer()
+    idn = message(1, "kate@bücher.example", "lee@straße.example")
+    utf8_local = message(2, "jörg@bücher.example")
+    conn, results, error = asyncio.run(send_all(peer, [idn, utf8_local]))
+    assert error is None
+    assert [o.kind for o in results[0]] == ["delivered", "delivered"]
+    assert [m[1] for m in peer.messages] == [["kate@xn--bcher-kva.example", "lee@xn--strae-oqa.example"]]
+    assert [(o.kind, o.reply[:9]) for o in results[1]] == [("permanent", "553 5.6.7")]
+    assert sum(r.count(b"MAIL FROM") for r in peer.reads) == 1

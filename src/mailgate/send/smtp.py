@@ -15,6 +15,9 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+import dns.exception
+import dns.name
+
 from mailgate.routing.dns import Host
 from mailgate.smtp import client as C
 from mailgate.smtp import exps
@@ -454,10 +457,15 @@ class SmtpConnection:
         if size_limit.isdigit() and int(size_limit) and msg.size > int(size_limit):
             return [Outcome(r.idx, "permanent", f"552 5.3.4 Message size exceeds fixed maximum message size of the "
                                                 f"peer ({int(size_limit):,} bytes)") for r in msg.recipients]
-        needs_utf8 = not msg.sender.isascii() or any(not r.address.isascii() for r in msg.recipients)
+        sender, recipients = msg.sender, [r.address for r in msg.recipients]
+        needs_utf8 = not sender.isascii() or not all(a.isascii() for a in recipients)
         if needs_utf8 and "SMTPUTF8" not in ext:
-            return [Outcome(r.idx, "permanent", "553 5.6.7 The peer doesn't support SMTPUTF8, which the addresses "
-                                                "of this message need") for r in msg.recipients]
+            # Only a domain in Unicode can be written for such a peer: in A-labels, as Postfix does (RFC 5890).
+            ascii_sender, ascii_recipients = _in_a_labels(sender), [_in_a_labels(a) for a in recipients]
+            if ascii_sender is None or None in ascii_recipients:
+                return [Outcome(r.idx, "permanent", "553 5.6.7 The peer doesn't support SMTPUTF8, which the "
+                                                    "addresses of this message need") for r in msg.recipients]
+            sender, recipients, needs_utf8 = ascii_sender, ascii_recipients, False
         binary = msg.body_type == "BINARYMIME"
         if binary and not ("BINARYMIME" in ext and "CHUNKING" in ext):
             return [Outcome(r.idx, "permanent", "554 5.6.3 The message is BINARYMIME and the peer doesn't support "
@@ -465,11 +473,11 @@ class SmtpConnection:
         dsn = "DSN" in ext
         body = msg.body_type if msg.body_type in ("8BITMIME", "BINARYMIME") and msg.body_type in ext else None
         try:
-            mail = C.mail_command(msg.sender, size=msg.size if "SIZE" in ext else None, body=body,
+            mail = C.mail_command(sender, size=msg.size if "SIZE" in ext else None, body=body,
                                   smtputf8=needs_utf8 and msg.smtputf8, ret=msg.ret if dsn else None,
                                   envid=msg.envid if dsn else None)
-            rcpts = [C.rcpt_command(r.address, notify=tuple(r.notify.split(",")) if dsn and r.notify else None,
-                                    orcpt=r.orcpt if dsn else None) for r in msg.recipients]
+            rcpts = [C.rcpt_command(address, notify=tuple(r.notify.split(",")) if dsn and r.notify else None,
+                                    orcpt=r.orcpt if dsn else None) for r, address in zip(msg.recipients, recipients)]
         except ValueError as exc:
             return [Outcome(r.idx, "permanent", f"550 5.1.3 {exc}") for r in msg.recipients]
         # Like Exchange, the body goes as BDAT whenever the peer offers CHUNKING (LMTP keeps DATA, whose
@@ -685,6 +693,20 @@ def _chunks(body: Any) -> Any:
 def _in_memory(body: Any) -> bytes | None:
     """The whole body, unless it is large enough to be read from its file piece by piece."""
     return body if isinstance(body, bytes) else None if body.large else body.read()
+
+
+def _in_a_labels(address: str) -> str | None:
+    """``address`` with its domain in A-labels (``xn--``), or None when its local part isn't ASCII (nothing can
+    stand for it without SMTPUTF8) or its domain isn't a valid internationalised name."""
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii():
+        return None
+    try:
+        return f"{local}@{dns.name.from_text(domain).to_text(omit_final_dot=True)}"
+    except (dns.exception.DNSException, UnicodeError, ValueError):
+        return None
 
 
 def _over_recipient_limit(reply: Reply) -> bool:
