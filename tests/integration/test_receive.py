@@ -77,6 +77,30 @@ def test_anonymous_mail_to_a_mailbox_is_delivered_with_audit_headers(home, serve
     assert "Message-ID: <" in head  # added when the client sent none
 
 
+def test_an_internationalised_domain_takes_mail_in_either_form(home, server):
+    """A domain in Unicode reaches its mailboxes whether a sender writes it in A-labels (``xn--``, a sender
+    without SMTPUTF8, or Postfix downgrading for one) or in U-labels with SMTPUTF8, whichever form the accepted
+    domain and the mailbox were given in; an unknown name there is 550 5.1.10, not a relay refusal."""
+    r = shell(home, '''New-AcceptedDomain -Name Buecher -DomainName "bücher.example"
+New-Mailbox -Name Kate -PrimarySmtpAddress "kate@bücher.example"
+New-AcceptedDomain -Name Mueller -DomainName xn--mller-kva.example
+New-Mailbox -Name Lee -PrimarySmtpAddress lee@xn--mller-kva.example''')
+    assert r.ok, r.err
+    synced(home)
+    with smtp(server.ports["frontend"]) as c:
+        c.ehlo("client.example")
+        for rcpt, options in [("kate@xn--bcher-kva.example", []), ("KATE@XN--BCHER-KVA.EXAMPLE", []),
+                              ("kate@bücher.example", ["SMTPUTF8"]), ("lee@müller.example", ["SMTPUTF8"]),
+                              ("lee@xn--mller-kva.example", [])]:
+            assert c.sendmail("a@b.example", [rcpt], f"Subject: to {rcpt}\r\n\r\nx\r\n".encode(),
+                              mail_options=options) == {}, rcpt
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            c.sendmail("a@b.example", ["nobody@xn--bcher-kva.example"], b"Subject: x\r\n\r\nx\r\n")
+        assert refused.value.recipients["nobody@xn--bcher-kva.example"][1].startswith(b"5.1.10")
+    wait_for(lambda: len(maildir_messages(home, "kate@bücher.example")) == 3, message="Kate's three messages")
+    wait_for(lambda: len(maildir_messages(home, "lee@xn--mller-kva.example")) == 2, message="Lee's two messages")
+
+
 def test_audit_headers_are_each_clients_own(home, ports):
     """The audit headers are built once per client address and session state and kept by the connector's policy;
     with one worker every session meets the same cache: another client, the first over TLS, and the first again

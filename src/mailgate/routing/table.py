@@ -16,6 +16,7 @@ from typing import Any
 
 from mailgate.config.model import EXCHANGE_RECIPIENT_LOCAL_PART, AcceptedDomain, Mailbox, SendConnector, TransportConfig
 from mailgate.config.values import AuthMechanism, DomainType, PermissionGroups
+from mailgate.smtp.address import idn_forms
 
 # Queue keys. Delivery queues are created per next hop, as Exchange does.
 SUBMISSION = "Submission"
@@ -95,18 +96,27 @@ class RoutingTable:
             return self._domain_cache[domain]
         except KeyError:
             pass
-        found = next((d for d in self.domains if not d.domain_name.startswith("*.") and d.matches(domain)), None) \
-            or next((d for d in self.domains if d.matches(domain)), None)
+        found = self._find_domain(domain)
+        if found is None and (forms := idn_forms(domain)) is not None:   # configured in the other form
+            found = self._find_domain(forms[1] if forms[0] == domain else forms[0])
         if len(self._domain_cache) >= 10_000:   # clients choose the domains: the cache must not grow without end
             self._domain_cache.clear()
         self._domain_cache[domain] = found
         return found
+
+    def _find_domain(self, domain: str) -> AcceptedDomain | None:
+        return next((d for d in self.domains if not d.domain_name.startswith("*.") and d.matches(domain)), None) \
+            or next((d for d in self.domains if d.matches(domain)), None)
 
     def resolve(self, address: str) -> Resolution:
         local, _, domain = address.rpartition("@")
         address = f"{local}@{domain.lower()}"
         accepted = self.accepted_domain(domain)
         box = self.mailboxes.get(address.lower())
+        if box is None and accepted is not None and (forms := idn_forms(domain)) is not None:
+            # An internationalised domain arrives in A-labels from a sender without SMTPUTF8, or in U-labels
+            # from one with it, whichever form its mailboxes' addresses were given in.
+            box = self.mailboxes.get(f"{local}@{forms[0]}".lower()) or self.mailboxes.get(f"{local}@{forms[1]}".lower())
         if accepted is None:
             return Resolution("external", address)
         if box is not None and accepted.domain_type is not DomainType.ExternalRelay:

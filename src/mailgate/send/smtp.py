@@ -15,12 +15,10 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-import dns.exception
-import dns.name
-
 from mailgate.routing.dns import Host
 from mailgate.smtp import client as C
 from mailgate.smtp import exps
+from mailgate.smtp.address import idn_forms
 from mailgate.smtp.replies import Reply
 
 EXPS_FAILED = "454 4.7.3 Cannot achieve Exchange Server authentication"
@@ -701,12 +699,8 @@ def _in_a_labels(address: str) -> str | None:
     if address.isascii():
         return address
     local, at, domain = address.rpartition("@")
-    if not at or not local.isascii():
-        return None
-    try:
-        return f"{local}@{dns.name.from_text(domain).to_text(omit_final_dot=True)}"
-    except (dns.exception.DNSException, UnicodeError, ValueError):
-        return None
+    forms = idn_forms(domain) if at and local.isascii() else None
+    return f"{local}@{forms[0]}" if forms is not None else None
 
 
 def _over_recipient_limit(reply: Reply) -> bool:

@@ -6,6 +6,9 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+import dns.exception
+import dns.name
+
 MAX_PATH = 256
 MAX_LOCAL = 64
 MAX_DOMAIN = 255
@@ -53,6 +56,19 @@ class Address:
 
     def lower(self) -> str:
         return str(self).lower()
+
+
+def idn_forms(domain: str) -> tuple[str, str] | None:
+    """An internationalised domain name's two forms, ``(A-labels, U-labels)`` — ``xn--bcher-kva.example`` and
+    ``bücher.example`` — lower-cased (IDNA 2008, as DNS routing looks names up); None for a plain ASCII name
+    or one that isn't a valid IDN."""
+    if domain.isascii() and "xn--" not in domain.lower():
+        return None
+    try:
+        name = dns.name.from_text(domain)
+        return name.to_text(omit_final_dot=True).lower(), name.to_unicode(omit_final_dot=True).lower()
+    except (dns.exception.DNSException, UnicodeError, ValueError):
+        return None
 
 
 def parse_domain(text: str, *, utf8: bool = False) -> str:
