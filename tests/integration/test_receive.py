@@ -84,14 +84,20 @@ def test_an_internationalised_domain_takes_mail_in_either_form(home, server):
     r = shell(home, '''New-AcceptedDomain -Name Buecher -DomainName "bücher.example"
 New-Mailbox -Name Kate -PrimarySmtpAddress "kate@bücher.example"
 New-AcceptedDomain -Name Mueller -DomainName xn--mller-kva.example
-New-Mailbox -Name Lee -PrimarySmtpAddress lee@xn--mller-kva.example''')
+New-Mailbox -Name Lee -PrimarySmtpAddress lee@xn--mller-kva.example
+New-Mailbox -Name Max -PrimarySmtpAddress max@müller.example''')
     assert r.ok, r.err
+    # One domain, so one accepted domain and one owner per address, in either form.
+    twice = shell(home, '''New-AcceptedDomain -Name Again -DomainName müller.example
+New-Mailbox -Name Kate2 -PrimarySmtpAddress kate@xn--bcher-kva.example''')
+    assert 'The domain müller.example is already the accepted domain "Mueller"' in twice.err
+    assert 'The address kate@xn--bcher-kva.example is already used by mailbox "Kate"' in twice.err
     synced(home)
     with smtp(server.ports["frontend"]) as c:
         c.ehlo("client.example")
         for rcpt, options in [("kate@xn--bcher-kva.example", []), ("KATE@XN--BCHER-KVA.EXAMPLE", []),
                               ("kate@bücher.example", ["SMTPUTF8"]), ("lee@müller.example", ["SMTPUTF8"]),
-                              ("lee@xn--mller-kva.example", [])]:
+                              ("lee@xn--mller-kva.example", []), ("max@xn--mller-kva.example", [])]:
             assert c.sendmail("a@b.example", [rcpt], f"Subject: to {rcpt}\r\n\r\nx\r\n".encode(),
                               mail_options=options) == {}, rcpt
         with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
@@ -99,6 +105,7 @@ New-Mailbox -Name Lee -PrimarySmtpAddress lee@xn--mller-kva.example''')
         assert refused.value.recipients["nobody@xn--bcher-kva.example"][1].startswith(b"5.1.10")
     wait_for(lambda: len(maildir_messages(home, "kate@bücher.example")) == 3, message="Kate's three messages")
     wait_for(lambda: len(maildir_messages(home, "lee@xn--mller-kva.example")) == 2, message="Lee's two messages")
+    wait_for(lambda: len(maildir_messages(home, "max@müller.example")) == 1, message="Max's message")
 
 
 def test_audit_headers_are_each_clients_own(home, ports):

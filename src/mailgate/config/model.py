@@ -48,6 +48,7 @@ from mailgate.config.values import (
     is_domain,
     parse_lmtp_target,
 )
+from mailgate.smtp.address import domain_key
 
 
 def _now() -> dt.datetime:
@@ -369,8 +370,8 @@ class AcceptedDomain(ConfigObject):
                 raise RuleViolation("LmtpTarget", str(exc)) from None
 
     def matches(self, domain: str) -> bool:
-        domain = domain.lower()
-        own = self.domain_name.lower()
+        domain = domain_key(domain)   # an internationalised name matches in A-labels or U-labels alike
+        own = domain_key(self.domain_name)
         if own.startswith("*."):
             suffix = own[2:]
             return domain == suffix or domain.endswith("." + suffix)

@@ -18,6 +18,7 @@ from mailgate.manage.params import (MultiValuedChange, first_results, multi_valu
                                     to_str)
 from mailgate.manage.present import present
 from mailgate.manage.psvalues import wildcard_match
+from mailgate.smtp.address import address_key, domain_key
 
 # ---------------------------------------------------------------------------
 # Accepted domains
@@ -46,7 +47,7 @@ def _check_domain_unique(tx: ConfigTransaction, domain: AcceptedDomain) -> None:
         if other.name.lower() == domain.name.lower():
             raise ConflictError(f'An accepted domain named "{domain.name}" already exists.', parameter="Name",
                                 exception_name="ADObjectAlreadyExistsException")
-        if other.domain_name == domain.domain_name:
+        if domain_key(other.domain_name) == domain_key(domain.domain_name):
             raise ConflictError(f'The domain {domain.domain_name} is already the accepted domain "{other.name}".',
                                 parameter="DomainName", exception_name="ADObjectAlreadyExistsException")
 
@@ -180,9 +181,10 @@ def _check_mailbox(tx: ConfigTransaction, mailbox: Mailbox) -> None:
         if other.alias.lower() == mailbox.alias.lower():
             raise ConflictError(f'The alias "{mailbox.alias}" is already used by mailbox "{other.name}".',
                                 parameter="Alias", exception_name="ADObjectAlreadyExistsException")
-        clash = set(other.addresses()) & set(mailbox.addresses())
+        theirs = {address_key(a) for a in other.addresses()}
+        clash = [a for a in mailbox.addresses() if address_key(a) in theirs]
         if clash:
-            raise ConflictError(f'The address {clash.pop()} is already used by mailbox "{other.name}".',
+            raise ConflictError(f'The address {clash[0]} is already used by mailbox "{other.name}".',
                                 parameter="EmailAddresses", exception_name="ProxyAddressExistsException")
 
 

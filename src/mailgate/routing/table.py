@@ -16,7 +16,7 @@ from typing import Any
 
 from mailgate.config.model import EXCHANGE_RECIPIENT_LOCAL_PART, AcceptedDomain, Mailbox, SendConnector, TransportConfig
 from mailgate.config.values import AuthMechanism, DomainType, PermissionGroups
-from mailgate.smtp.address import idn_forms
+from mailgate.smtp.address import address_key
 
 # Queue keys. Delivery queues are created per next hop, as Exchange does.
 SUBMISSION = "Submission"
@@ -69,7 +69,7 @@ class RoutingTable:
         self.mailboxes: dict[str, Mailbox] = {}
         for box in snapshot.get("Mailbox", []):
             for address in box.addresses():
-                self.mailboxes[address] = box
+                self.mailboxes[address_key(address)] = box
         self.connectors: list[SendConnector] = [c for c in snapshot.get("SendConnector", []) if c.enabled]
         org = next(iter(snapshot.get("TransportConfig", [])), None) or TransportConfig()
         self.org_max_receive, self.org_max_send = org.max_receive_size, org.max_send_size
@@ -82,7 +82,7 @@ class RoutingTable:
         self.exchange_recipient_reply: Mailbox | None = next(
             (m for m in snapshot.get("Mailbox", []) if reply_name and m.name.lower() == reply_name), None)
         if self.exchange_recipient_reply is not None and self.default_domain:
-            self.mailboxes[f"{EXCHANGE_RECIPIENT_LOCAL_PART}@{self.default_domain}".lower()] = \
+            self.mailboxes[address_key(f"{EXCHANGE_RECIPIENT_LOCAL_PART}@{self.default_domain}")] = \
                 self.exchange_recipient_reply
         self._route_cache: dict[str, Route | Failure] = {}
         self._domain_cache: dict[str, AcceptedDomain | None] = {}
@@ -96,27 +96,20 @@ class RoutingTable:
             return self._domain_cache[domain]
         except KeyError:
             pass
-        found = self._find_domain(domain)
-        if found is None and (forms := idn_forms(domain)) is not None:   # configured in the other form
-            found = self._find_domain(forms[1] if forms[0] == domain else forms[0])
+        found = next((d for d in self.domains if not d.domain_name.startswith("*.") and d.matches(domain)), None) \
+            or next((d for d in self.domains if d.matches(domain)), None)
         if len(self._domain_cache) >= 10_000:   # clients choose the domains: the cache must not grow without end
             self._domain_cache.clear()
         self._domain_cache[domain] = found
         return found
 
-    def _find_domain(self, domain: str) -> AcceptedDomain | None:
-        return next((d for d in self.domains if not d.domain_name.startswith("*.") and d.matches(domain)), None) \
-            or next((d for d in self.domains if d.matches(domain)), None)
-
     def resolve(self, address: str) -> Resolution:
         local, _, domain = address.rpartition("@")
         address = f"{local}@{domain.lower()}"
         accepted = self.accepted_domain(domain)
-        box = self.mailboxes.get(address.lower())
-        if box is None and accepted is not None and (forms := idn_forms(domain)) is not None:
-            # An internationalised domain arrives in A-labels from a sender without SMTPUTF8, or in U-labels
-            # from one with it, whichever form its mailboxes' addresses were given in.
-            box = self.mailboxes.get(f"{local}@{forms[0]}".lower()) or self.mailboxes.get(f"{local}@{forms[1]}".lower())
+        # An internationalised domain arrives in A-labels from a sender without SMTPUTF8 and in U-labels from
+        # one with it, whichever form the mailbox's address was given in: the key is the same.
+        box = self.mailboxes.get(address_key(address))
         if accepted is None:
             return Resolution("external", address)
         if box is not None and accepted.domain_type is not DomainType.ExternalRelay:

@@ -71,6 +71,18 @@ def idn_forms(domain: str) -> tuple[str, str] | None:
         return None
 
 
+def domain_key(domain: str) -> str:
+    """The one spelling of a domain that comparisons use: lower-cased, an internationalised name in A-labels."""
+    forms = idn_forms(domain)
+    return forms[0] if forms is not None else domain.lower()
+
+
+def address_key(address: str) -> str:
+    """The one spelling of an address that lookups use: lower-cased, its domain as ``domain_key`` has it."""
+    local, at, domain = address.rpartition("@")
+    return f"{local.lower()}@{domain_key(domain)}" if at else address.lower()
+
+
 def parse_domain(text: str, *, utf8: bool = False) -> str:
     if not text or len(text) > MAX_DOMAIN:
         raise AddressError("invalid domain")
