@@ -181,3 +181,19 @@ def test_a_value_beyond_its_types_limits_is_refused_when_given_and_still_loads_w
     assert FieldConverter(TransportServer, "max_outbound_connections")("2147483647").value == 2147483647
     with pytest.raises(ValueError):
         TimeSpan.parse(float("inf"), given=False)   # never a time span, stored or given
+
+
+def test_an_internationalised_domain_is_routed_as_one_domain_in_either_form():
+    """A send connector's address space matches an IDN in A-labels or U-labels, and both forms of a recipient's
+    domain go to one queue (named in A-labels, as DNS has it)."""
+    from mailgate.config.model import SendConnector
+    from mailgate.routing.table import RoutingTable
+
+    wild, exact = AddressSpace.parse("*.bücher.example"), AddressSpace.parse("xn--bcher-kva.example")
+    assert wild.match_length("mx.xn--bcher-kva.example") > 0 and wild.match_length("mx.bücher.example") > 0
+    assert exact.match_length("bücher.example") > wild.match_length("bücher.example") > 0
+    assert exact.match_length("BÜCHER.example") > 0 and exact.match_length("bucher.example") == -1
+    table = RoutingTable({"SendConnector": [SendConnector(name="Books", address_spaces=["bücher.example"]),
+                                            SendConnector(name="Out", address_spaces=["*"])]}, "EX01")
+    routes = {table.route(a).queue for a in ("kate@bücher.example", "lee@XN--BCHER-KVA.example")}
+    assert routes == {"dns:books:xn--bcher-kva.example"}

@@ -17,6 +17,8 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer, ValidationInfo
 
+from mailgate.smtp.address import domain_key
+
 # ---------------------------------------------------------------------------
 # Sizes
 
@@ -457,16 +459,17 @@ class AddressSpace:
         """
         if self.type != "SMTP":
             return -1
-        domain = normalise_domain(domain)
         if self.domain == "*":
             return 0
-        if self.domain.startswith("*."):
-            suffix = self.domain[2:]
+        # An internationalised name matches in A-labels or U-labels alike; lengths count the A-label form.
+        domain, own = domain_key(normalise_domain(domain)), domain_key(self.domain)
+        if own.startswith("*."):
+            suffix = own[2:]
             if domain == suffix or domain.endswith("." + suffix):
                 return 2 * len(suffix)  # exact match of the same text still wins below
             return -1
-        if domain == self.domain:
-            return 2 * len(self.domain) + 1
+        if domain == own:
+            return 2 * len(own) + 1
         return -1
 
 

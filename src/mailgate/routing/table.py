@@ -16,7 +16,7 @@ from typing import Any
 
 from mailgate.config.model import EXCHANGE_RECIPIENT_LOCAL_PART, AcceptedDomain, Mailbox, SendConnector, TransportConfig
 from mailgate.config.values import AuthMechanism, DomainType, PermissionGroups
-from mailgate.smtp.address import address_key
+from mailgate.smtp.address import address_key, domain_key
 
 # Queue keys. Delivery queues are created per next hop, as Exchange does.
 SUBMISSION = "Submission"
@@ -145,8 +145,7 @@ class RoutingTable:
             return Route("mailbox", "SmtpDeliveryToMailbox", db, None, "Internal")
         if res.kind == "unknown":
             return Failure("5.1.1", RECIPIENT_NOT_FOUND)
-        domain = address.rpartition("@")[2].lower()
-        return self.route_domain(domain, size)
+        return self.route_domain(domain_key(address.rpartition("@")[2]), size)   # one queue per IDN, in A-labels
 
     def candidates(self, domain: str) -> list[tuple[int, int, str, SendConnector]]:
         """Connectors matching ``domain``: (-specificity, cost, name, connector), best first."""
