@@ -288,6 +288,27 @@ def test_mail_to_a_unicode_domain_reaches_a_peer_without_smtputf8_in_a_labels(ho
         peer.stop_thread()
 
 
+def test_smtputf8_asked_for_by_the_sender_goes_on_to_a_peer_that_offers_it(home, org, dns_server, peer_port):
+    """An ASCII envelope with a UTF-8 header, sent with SMTPUTF8 (RFC 6532): the next hop offers SMTPUTF8, so
+    the MAIL command says it too and the header arrives as it was; without SMTPUTF8 from the sender, none."""
+    dns_server.add("remote.example", "MX", "10 mx1.remote.example.")
+    dns_server.add("mx1.remote.example", "A", "127.0.0.20")
+    peer = SmtpPeer("127.0.0.20", peer_port)
+    try:
+        with smtplib.SMTP("127.0.0.1", org.ports["frontend"], source_address=(RELAY_SOURCE, 0), timeout=30) as c:
+            c.ehlo("app.local")
+            assert c.sendmail("sender@domain.com", ["kate@remote.example"], "Subject: Grüße\r\n\r\nx\r\n".encode(),
+                              mail_options=["SMTPUTF8"]) == {}
+            assert c.sendmail("sender@domain.com", ["lee@remote.example"], b"Subject: plain\r\n\r\nx\r\n") == {}
+        wait_for(lambda: len(peer.received) == 2, timeout=30, message="both messages at the next hop")
+        by_rcpt = {r.rcpt_tos[0]: r for r in peer.received}
+        assert "SMTPUTF8" in by_rcpt["kate@remote.example"].mail_options
+        assert "Subject: Grüße".encode() in by_rcpt["kate@remote.example"].data
+        assert "SMTPUTF8" not in by_rcpt["lee@remote.example"].mail_options
+    finally:
+        peer.stop()
+
+
 def test_a_5xx_for_one_of_three_recipients_gives_one_ndr_for_that_one(home, org, dns_server, peer_port):
     dns_server.add("remote.example", "MX", "10 mx1.remote.example.")
     dns_server.add("mx1.remote.example", "A", "127.0.0.20")

@@ -471,8 +471,10 @@ class SmtpConnection:
         dsn = "DSN" in ext
         body = msg.body_type if msg.body_type in ("8BITMIME", "BINARYMIME") and msg.body_type in ext else None
         try:
+            # SMTPUTF8 goes with an envelope that needs it, and whenever the sender asked for it (its header may
+            # hold UTF-8 with an ASCII envelope, RFC 6532) and the peer offers it, as Postfix passes it on.
             mail = C.mail_command(sender, size=msg.size if "SIZE" in ext else None, body=body,
-                                  smtputf8=needs_utf8 and msg.smtputf8, ret=msg.ret if dsn else None,
+                                  smtputf8=(needs_utf8 or msg.smtputf8) and "SMTPUTF8" in ext, ret=msg.ret if dsn else None,
                                   envid=msg.envid if dsn else None)
             rcpts = [C.rcpt_command(address, notify=tuple(r.notify.split(",")) if dsn and r.notify else None,
                                     orcpt=r.orcpt if dsn else None) for r, address in zip(msg.recipients, recipients)]
