@@ -61,11 +61,17 @@ def _path(sender: str) -> str:
 class RateCounter:
     """Messages per second over the last minute (Get-Queue IncomingRate/OutgoingRate)."""
 
+    __slots__ = ("_buckets",)
+
     def __init__(self) -> None:
-        self._buckets: collections.deque[tuple[int, int]] = collections.deque()
+        # Made at the first message: a queue per next hop has two counters, and a server may hold thousands of
+        # next hops that never deliver (an empty deque is ≈ 0.6 KB).
+        self._buckets: collections.deque[tuple[int, int]] | None = None
 
     def add(self, n: int = 1) -> None:
         second = int(time.monotonic())
+        if self._buckets is None:
+            self._buckets = collections.deque()
         if self._buckets and self._buckets[-1][0] == second:
             self._buckets[-1] = (second, self._buckets[-1][1] + n)
         else:
@@ -77,6 +83,8 @@ class RateCounter:
             self._buckets.popleft()
 
     def rate(self) -> float:
+        if self._buckets is None:
+            return 0.0
         self._trim(int(time.monotonic()))
         return round(sum(n for _, n in self._buckets) / 60.0, 2)
 
