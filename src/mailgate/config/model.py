@@ -370,14 +370,17 @@ class AcceptedDomain(ConfigObject):
                 raise RuleViolation("LmtpTarget", str(exc)) from None
 
     def matches(self, domain: str) -> bool:
-        domain = domain_key(domain)   # an internationalised name matches in A-labels or U-labels alike
-        own = domain_key(self.domain_name)
+        # An internationalised name matches in A-labels or U-labels alike: both sides as ``domain_key`` has them.
+        return self.matches_key(domain_key(domain), domain_key(self.domain_name))
+
+    def matches_key(self, key: str, own: str) -> bool:
+        """``matches`` for a domain and this domain's name already keyed (the routing table keeps ``own``)."""
         if own.startswith("*."):
             suffix = own[2:]
-            return domain == suffix or domain.endswith("." + suffix)
-        if domain == own:
+            return key == suffix or key.endswith("." + suffix)
+        if key == own:
             return True
-        return self.match_sub_domains and domain.endswith("." + own)
+        return self.match_sub_domains and key.endswith("." + own)
 
 
 class Mailbox(ConfigObject):

@@ -66,6 +66,7 @@ class RoutingTable:
         self.server = server
         self.domains: list[AcceptedDomain] = list(snapshot.get("AcceptedDomain", []))
         self.domains.sort(key=lambda d: -len(d.domain_name))  # most specific first
+        self._domain_keys = [(domain_key(d.domain_name), d) for d in self.domains]
         self.mailboxes: dict[str, Mailbox] = {}
         for box in snapshot.get("Mailbox", []):
             for address in box.addresses():
@@ -96,8 +97,9 @@ class RoutingTable:
             return self._domain_cache[domain]
         except KeyError:
             pass
-        found = next((d for d in self.domains if not d.domain_name.startswith("*.") and d.matches(domain)), None) \
-            or next((d for d in self.domains if d.matches(domain)), None)
+        key = domain_key(domain)
+        found = next((d for own, d in self._domain_keys if not own.startswith("*.") and d.matches_key(key, own)), None) \
+            or next((d for own, d in self._domain_keys if d.matches_key(key, own)), None)
         if len(self._domain_cache) >= 10_000:   # clients choose the domains: the cache must not grow without end
             self._domain_cache.clear()
         self._domain_cache[domain] = found
