@@ -13,7 +13,8 @@ import time
 
 import aiosmtplib
 import pytest
-from helpers import PeakRss, Server, free_port, maildir_messages, server_rss_kb, shell, synced, wait_for
+from helpers import (PeakRss, Server, free_port, maildir_messages, server_rss_kb, shell, synced, tracking_events,
+                     wait_for)
 
 from mailgate.receive.pickup import POLL_SECONDS
 
@@ -106,6 +107,10 @@ New-Mailbox -Name Kate2 -PrimarySmtpAddress kate@xn--bcher-kva.example''')
     wait_for(lambda: len(maildir_messages(home, "kate@bücher.example")) == 3, message="Kate's three messages")
     wait_for(lambda: len(maildir_messages(home, "lee@xn--mller-kva.example")) == 2, message="Lee's two messages")
     wait_for(lambda: len(maildir_messages(home, "max@müller.example")) == 1, message="Max's message")
+    # Message tracking finds Kate's three messages by her address in either form.
+    for form in ("kate@bücher.example", "kate@xn--bcher-kva.example"):
+        assert tracking_events(home, f'-Recipients "{form}" -EventId RECEIVE', until=["RECEIVE"] * 3).count(
+            "RECEIVE") == 3, form
 
 
 def test_audit_headers_are_each_clients_own(home, ports):

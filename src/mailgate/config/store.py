@@ -33,6 +33,7 @@ from sqlalchemy import event
 
 from mailgate.config.model import ALL_KINDS, ConfigObject
 from mailgate.errors import is_damaged_sqlite
+from mailgate.smtp.address import address_key
 from mailgate.utctext import SecondText
 
 T = TypeVar("T", bound=ConfigObject)
@@ -252,7 +253,7 @@ class ConfigStore:
             conn.exec_driver_sql(f"INSERT INTO message_tracking (id, {', '.join(_TRACKING_INSERT_COLUMNS)}) VALUES "
                                  f"({', '.join([mark] * (len(_TRACKING_INSERT_COLUMNS) + 1))})",
                                  [(tracking_id, *v) for tracking_id, v in zip(ids, values)])
-            recipient_rows = [(tracking_id, address.lower())
+            recipient_rows = [(tracking_id, address_key(address))   # an IDN's two forms: one key
                               for tracking_id, addresses in zip(ids, recipients) for address in addresses]
             if recipient_rows:
                 conn.exec_driver_sql(f"INSERT INTO message_tracking_recipient (tracking_id, address) "
@@ -286,7 +287,8 @@ class ConfigStore:
             q = q.where(sa.func.lower(t.c.sender) == sender.lower())
         if recipients:
             sub = sa.select(message_tracking_recipient.c.tracking_id).where(
-                message_tracking_recipient.c.address.in_([r.lower() for r in recipients]))
+                # The key, and the lower-cased address that rows written before keys were kept.
+                message_tracking_recipient.c.address.in_(sorted({k for r in recipients for k in (r.lower(), address_key(r))})))
             q = q.where(t.c.id.in_(sub))
         if message_id:
             q = q.where(t.c.message_id == message_id)
