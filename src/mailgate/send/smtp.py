@@ -18,7 +18,7 @@ from typing import Any, Callable
 from mailgate.routing.dns import Host
 from mailgate.smtp import client as C
 from mailgate.smtp import exps
-from mailgate.smtp.address import idn_forms
+from mailgate.smtp.address import a_labels
 from mailgate.smtp.replies import Reply
 
 EXPS_FAILED = "454 4.7.3 Cannot achieve Exchange Server authentication"
@@ -701,8 +701,8 @@ def _in_a_labels(address: str) -> str | None:
     if address.isascii():
         return address
     local, at, domain = address.rpartition("@")
-    forms = idn_forms(domain) if at and local.isascii() else None
-    return f"{local}@{forms[0]}" if forms is not None else None
+    ascii_domain = a_labels(domain) if at and local.isascii() else None
+    return f"{local}@{ascii_domain}" if ascii_domain is not None else None
 
 
 def _over_recipient_limit(reply: Reply) -> bool:

@@ -58,23 +58,21 @@ class Address:
         return str(self).lower()
 
 
-def idn_forms(domain: str) -> tuple[str, str] | None:
-    """An internationalised domain name's two forms, ``(A-labels, U-labels)`` — ``xn--bcher-kva.example`` and
-    ``bücher.example`` — lower-cased (IDNA 2008, as DNS routing looks names up); None for a plain ASCII name
-    or one that isn't a valid IDN."""
+def a_labels(domain: str) -> str | None:
+    """An internationalised domain name in A-labels, lower-cased — ``xn--bcher-kva.example`` for
+    ``bücher.example`` or ``XN--BCHER-KVA.example`` (IDNA 2008, as DNS routing looks names up); None for a
+    plain ASCII name or one that isn't a valid IDN."""
     if domain.isascii() and "xn--" not in domain.lower():
         return None
     try:
-        name = dns.name.from_text(domain)
-        return name.to_text(omit_final_dot=True).lower(), name.to_unicode(omit_final_dot=True).lower()
+        return dns.name.from_text(domain).to_text(omit_final_dot=True).lower()
     except (dns.exception.DNSException, UnicodeError, ValueError):
         return None
 
 
 def domain_key(domain: str) -> str:
     """The one spelling of a domain that comparisons use: lower-cased, an internationalised name in A-labels."""
-    forms = idn_forms(domain)
-    return forms[0] if forms is not None else domain.lower()
+    return a_labels(domain) or domain.lower()
 
 
 def address_key(address: str) -> str:
